@@ -1,0 +1,129 @@
+"""Shared fixtures: the local cluster (or a real one), a namespace per test, an S3 bucket.
+
+Tests under tests/unit are marked `unit`, tests under tests/cluster `cluster`, by directory.
+Point the cluster tests at a real cluster and S3 store instead with MEDFORGE_TEST_KUBECONFIG
+plus MEDFORGE_TEST_S3_ENDPOINT, MEDFORGE_TEST_S3_ACCESS_KEY and MEDFORGE_TEST_S3_SECRET_KEY.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "unit" in parts:
+            item.add_marker(pytest.mark.unit)
+        elif "cluster" in parts:
+            item.add_marker(pytest.mark.cluster)
+
+
+@dataclass(frozen=True)
+class ClusterAccess:
+    kubeconfig: Path
+    kubectl_path: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    state_dir: Path | None  # None for an external cluster
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [self.kubectl_path, f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"
+            )
+        return proc
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterAccess]:
+    if external := os.environ.get("MEDFORGE_TEST_KUBECONFIG"):
+        yield ClusterAccess(
+            Path(external),
+            shutil.which("kubectl") or "kubectl",
+            os.environ["MEDFORGE_TEST_S3_ENDPOINT"],
+            os.environ["MEDFORGE_TEST_S3_ACCESS_KEY"],
+            os.environ["MEDFORGE_TEST_S3_SECRET_KEY"],
+            None,
+        )
+        return
+    from medforge_localcluster.cluster import LocalCluster
+
+    state = Path(tempfile.mkdtemp(prefix="medforge-test-cluster-"))
+    lc = LocalCluster(state)
+    try:
+        lc.up(log=False)
+        creds = lc.s3_credentials()
+        yield ClusterAccess(
+            lc.kubeconfig,
+            str(lc.kubectl()),
+            lc.s3_endpoint(),
+            creds["access_key"],
+            creds["secret_key"],
+            state,
+        )
+    finally:
+        lc.down(purge=True)
+
+
+@pytest.fixture
+def namespace(cluster: ClusterAccess, request: pytest.FixtureRequest) -> Iterator[str]:
+    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{base}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    # Pods need the namespace's default ServiceAccount, which a controller creates.
+    for _ in range(100):
+        if (
+            cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode
+            == 0
+        ):
+            break
+        import time
+
+        time.sleep(0.1)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    name: str
+    endpoint: str
+    access_key: str
+    secret_key: str
+    client: Any
+
+
+@pytest.fixture
+def s3_bucket(cluster: ClusterAccess) -> Iterator[Bucket]:
+    from medforge_localcluster.s3 import client
+
+    s3 = client(cluster.s3_endpoint, cluster.s3_access_key, cluster.s3_secret_key)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    yield Bucket(name, cluster.s3_endpoint, cluster.s3_access_key, cluster.s3_secret_key, s3)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket=name, Key=obj["Key"])
+    s3.delete_bucket(Bucket=name)
