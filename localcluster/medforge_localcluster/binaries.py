@@ -37,6 +37,21 @@ class Component:
     module_dir: str
     packages: dict[str, str]  # binary name -> Go package path ("." for the wrapper's own main)
     min_go: tuple[int, int]
+    ldflags: str = ""
+
+
+def _k8s_version_flags(version: str) -> str:
+    """Stamp the version the way Kubernetes' own build does (it is read from git otherwise)."""
+    major, minor = version.lstrip("v").split(".")[:2]
+    flags = []
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+        ]
+    return " ".join(flags)
 
 
 COMPONENTS = (
@@ -50,6 +65,7 @@ COMPONENTS = (
             "kubectl": "k8s.io/kubernetes/cmd/kubectl",
         },
         (1, 25),
+        _k8s_version_flags(KUBERNETES_VERSION),
     ),
     Component("etcd", ETCD_VERSION, "etcd", {"etcd": "."}, (1, 26)),
     Component(
@@ -61,7 +77,9 @@ COMPONENTS = (
     ),
 )
 BINARIES = {b: c for c in COMPONENTS for b in c.packages}
-VERSIONED = {"kube-apiserver", "kube-controller-manager"}
+# Binaries whose version is checked before use: the control plane must be >= 1.34, and kubectl
+# within the supported skew of it (a machine's older kubectl on PATH is passed over).
+VERSIONED = {"kube-apiserver", "kube-controller-manager", "kubectl"}
 
 
 def cache_root() -> Path:
@@ -79,7 +97,11 @@ def _kubernetes_version_ok(path: Path) -> bool:
     """True when the binary reports Kubernetes >= MIN_KUBERNETES."""
     try:
         out = subprocess.run(
-            [str(path), "--version"], capture_output=True, text=True, timeout=30, check=False
+            [str(path), *(["version", "--client"] if path.name == "kubectl" else ["--version"])],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -163,7 +185,8 @@ def build(component: Component, log: bool = True) -> Path:
     env = dict(os.environ, GOTOOLCHAIN="local", CGO_ENABLED="0")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
         pkgs = list(component.packages.values())
-        cmd = [go, "build", "-trimpath", "-ldflags=-s -w", "-o", tmp + "/", *pkgs]
+        ldflags = f"-s -w {component.ldflags}".strip()
+        cmd = [go, "build", "-trimpath", f"-ldflags={ldflags}", "-o", tmp + "/", *pkgs]
         proc = subprocess.run(
             cmd, cwd=GO_DIR / component.module_dir, env=env, capture_output=True, text=True
         )
@@ -183,6 +206,7 @@ def build(component: Component, log: bool = True) -> Path:
                 raise SetupError(f"the build of {component.name} produced no {binary}")
         if target.exists():
             shutil.rmtree(target)
+        Path(tmp).chmod(0o755)
         Path(tmp).rename(target)
         # The TemporaryDirectory context would remove the renamed directory's old name only.
         Path(tmp).mkdir()

@@ -373,6 +373,7 @@ class LocalCluster:
         argv = [
             str(versitygw),
             f"--port=127.0.0.1:{st.ports['s3']}",
+            "--quiet",
             "posix",
             str(root),
         ]
