@@ -41,8 +41,13 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
         for line in exports.splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = shlex.split(value)[0]
-        nodes = subprocess.run(["kubectl", "get", "nodes", "-o", "name"], env=env,
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        nodes = subprocess.run(
+            ["kubectl", "get", "nodes", "-o", "name"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert nodes.stdout.strip() == "node/medforge-local", nodes.stderr
         assert run("status", f"--state-dir={state}").returncode == 0
     finally:

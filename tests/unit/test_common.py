@@ -60,8 +60,12 @@ def test_manifest_round_trip_and_verification(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["adapter.bin", "model.PT", "weights.pkl", "x.ckpt"])
 def test_pickle_files_are_refused_with_the_reason(name: str) -> None:
-    doc = {"schema_version": 1, "kind": "contribution", "base_model_digest": "d",
-           "files": [{"name": name, "sha256": "0" * 64, "size": 1}]}  # fmt: skip
+    doc = {
+        "schema_version": 1,
+        "kind": "contribution",
+        "base_model_digest": "d",
+        "files": [{"name": name, "sha256": "0" * 64, "size": 1}],
+    }
     with pytest.raises(mf.ManifestError) as err:
         mf.Manifest.from_json(json.dumps(doc))
     assert name in str(err.value) and "safetensors" in str(err.value)

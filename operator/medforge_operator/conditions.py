@@ -1,0 +1,59 @@
+"""metav1.Condition bookkeeping, kstatus style: lastTransitionTime moves only on a flip."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    status: bool | None  # None for Unknown
+    reason: str
+    message: str = ""
+
+
+def _status_word(status: bool | None) -> str:
+    return "Unknown" if status is None else ("True" if status else "False")
+
+
+def merge_conditions(
+    old: list[JSON] | None, new: list[Cond], generation: int, at: str | None = None
+) -> list[JSON]:
+    """The new condition list: the same order as `new`, keeping each condition's
+    lastTransitionTime when its status did not change."""
+    previous = {c.get("type"): c for c in old or []}
+    stamp = at or now()
+    out = []
+    for c in new:
+        word = _status_word(c.status)
+        prev = previous.get(c.type)
+        since = prev["lastTransitionTime"] if prev and prev.get("status") == word else stamp
+        out.append(
+            {
+                "type": c.type,
+                "status": word,
+                "reason": c.reason,
+                "message": c.message[:32768],
+                "observedGeneration": generation,
+                "lastTransitionTime": since,
+            }
+        )
+    return out
+
+
+def get(conditions: list[JSON] | None, ctype: str) -> JSON | None:
+    return next((c for c in conditions or [] if c.get("type") == ctype), None)
+
+
+def is_true(conditions: list[JSON] | None, ctype: str) -> bool:
+    c = get(conditions, ctype)
+    return bool(c and c.get("status") == "True")

@@ -1,0 +1,239 @@
+"""LoRAContribution: the training Job's config and manifest, and the status (pure functions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from medforge_common.result import read_result
+from medforge_common.uris import PvcUri, S3Uri, parse_uri
+from medforge_operator import jobs, names
+from medforge_operator.conditions import Cond, merge_conditions
+from medforge_operator.settings import Settings
+
+JSON = dict[str, Any]
+OUTPUT_FILES = ("adapter.safetensors", "manifest.json", "distilled.safetensors")
+DATA_MOUNT = "/data"
+
+
+def output_prefix(bucket: str, namespace: str, name: str, generation: int) -> S3Uri:
+    return S3Uri(bucket, f"contributions/{namespace}/{name}/{generation}/")
+
+
+def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]]:
+    """(dataset config, env, volumes, volume mounts) for the dataset: S3 credentials go through
+    secretKeyRef env vars (the operator never reads them), a PVC is mounted read-only."""
+    ds = spec["dataset"]
+    uri = parse_uri(ds["uri"], "spec.dataset.uri")
+    cfg: JSON = {"uri": ds["uri"], "validationFraction": ds.get("validationFraction", 0.2)}
+    env: list[JSON] = []
+    volumes: list[JSON] = []
+    mounts: list[JSON] = []
+    if isinstance(uri, PvcUri):
+        volumes.append(
+            {"name": "dataset", "persistentVolumeClaim": {"claimName": uri.claim, "readOnly": True}}
+        )
+        mounts.append({"name": "dataset", "mountPath": DATA_MOUNT, "readOnly": True})
+        cfg["path"] = f"{DATA_MOUNT}/{uri.path}".rstrip("/")
+    else:
+        if ds.get("endpoint"):
+            cfg["endpoint"] = ds["endpoint"]
+        ref = ds.get("credentialsSecretRef")
+        if ref:
+            for var, key in (
+                ("DATASET_AWS_ACCESS_KEY_ID", ref.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID")),
+                (
+                    "DATASET_AWS_SECRET_ACCESS_KEY",
+                    ref.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"),
+                ),
+            ):
+                env.append(
+                    {"name": var, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": key}}}
+                )
+            cfg["credentialsFromEnv"] = True
+    return cfg, env, volumes, mounts
+
+
+def train_config(
+    obj: JSON, base_files: list[JSON], outputs: dict[str, str], output_uri: S3Uri
+) -> JSON:
+    spec = obj["spec"]
+    meta = obj["metadata"]
+    dataset, _, _, _ = dataset_wiring(spec)
+    return {
+        "kind": "train",
+        "contribution": {
+            "namespace": meta["namespace"],
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "generation": meta["generation"],
+        },
+        "baseModel": {**spec["baseModel"], "files": base_files},
+        "task": spec["task"],
+        "dataset": dataset,
+        "lora": spec.get("lora", {}),
+        "training": spec.get("training", {}),
+        "distillation": spec.get("distillation", {}),
+        "output": {"uri": str(output_uri), "files": outputs},
+    }
+
+
+def training_job(obj: JSON, settings: Settings, config: JSON) -> JSON:
+    spec = obj["spec"]
+    meta = obj["metadata"]
+    _, env, volumes, mounts = dataset_wiring(spec)
+    return jobs.job_manifest(
+        name=names.training_job_name(meta["name"], meta["generation"]),
+        namespace=meta["namespace"],
+        owner=obj,
+        component="train",
+        image=settings.trainer_image,
+        command=list(settings.trainer_command),
+        config=config,
+        env=env,
+        labels={jobs.LABEL_OWNER: meta["name"], jobs.LABEL_GENERATION: str(meta["generation"])},
+        resources=spec.get("resources") or {},
+        volumes=volumes,
+        volume_mounts=mounts,
+        backoff_limit=int(spec.get("backoffLimit", 2)),
+        active_deadline=spec.get("activeDeadlineSeconds"),
+        ttl_seconds=settings.job_ttl_seconds,
+    )
+
+
+@dataclass
+class Observation:
+    """What the operator saw this round; the status is a pure function of it."""
+
+    generation: int
+    job_name: str
+    job: JSON | None
+    pods: list[JSON] = field(default_factory=list)
+    store_error: str | None = None  # the store could not be reached
+    build_error: str | None = None  # the spec cannot become a Job (names the field)
+    verified: JSON | None = None  # {"artifact": ..., "metrics": ...} once verification passed
+    verify_error: tuple[str, str] | None = None  # (reason, message)
+
+
+def compute_status(old: JSON, o: Observation) -> JSON:
+    """The new status of a LoRAContribution."""
+    job = o.job
+    pods = jobs.pod_summary(o.pods)
+    state = jobs.job_state(job)
+    conds: list[Cond]
+    status: JSON = {"observedGeneration": o.generation}
+    if job is not None:
+        js = job.get("status", {})
+        status["job"] = {
+            k: v
+            for k, v in {
+                "name": o.job_name,
+                "attempts": max(
+                    pods["attempts"],
+                    int(js.get("failed", 0))
+                    + int(js.get("succeeded", 0))
+                    + int(js.get("active", 0)),
+                ),
+                "startTime": js.get("startTime"),
+                "completionTime": js.get("completionTime"),
+            }.items()
+            if v is not None
+        }
+
+    def stalled(
+        reason: str,
+        message: str,
+        phase: str,
+        trained: bool | None = False,
+        verified: bool | None = None,
+    ) -> list[Cond]:
+        status["phase"] = phase
+        return [
+            Cond("Ready", False, reason, message),
+            Cond("Reconciling", False, reason, ""),
+            Cond("Stalled", True, reason, message),
+            Cond("Trained", trained, reason, ""),
+            Cond(
+                "ArtifactVerified",
+                verified,
+                reason if verified is False else "NotYet",
+                message if verified is False else "",
+            ),
+        ]
+
+    if o.build_error:
+        # Not terminal: the base model may be uploaded later; the timer retries.
+        conds = stalled("InvalidInput", o.build_error + "; retrying", "Pending")
+    elif o.store_error and job is None:
+        conds = stalled("StoreUnreachable", o.store_error + "; retrying", "Pending")
+    elif state == "Failed":
+        reason, message = jobs.job_failure(job or {})
+        detail = pods["failure_message"] or message
+        conds = stalled(
+            reason,
+            f"training failed after {status['job']['attempts']} attempt(s): {detail}".strip(),
+            "Failed",
+        )
+    elif state == "Complete":
+        if o.verify_error:
+            reason, message = o.verify_error
+            if reason == "StoreUnreachable":
+                status["phase"] = "Training"
+                conds = [
+                    Cond("Ready", False, reason, message),
+                    Cond("Reconciling", True, "Verifying", message + "; retrying"),
+                    Cond("Stalled", False, "Verifying", ""),
+                    Cond("Trained", True, "JobComplete", ""),
+                    Cond("ArtifactVerified", None, reason, message),
+                ]
+            else:
+                conds = stalled(reason, message, "Failed", trained=True, verified=False)
+        elif o.verified:
+            status["phase"] = "Succeeded"
+            status["artifact"] = o.verified["artifact"]
+            status["metrics"] = o.verified.get("metrics", {})
+            msg = f"adapter {o.verified['artifact']['digest'][:19]}... verified"
+            conds = [
+                Cond("Ready", True, "Verified", msg),
+                Cond("Reconciling", False, "Done", ""),
+                Cond("Stalled", False, "Done", ""),
+                Cond("Trained", True, "JobComplete", ""),
+                Cond("ArtifactVerified", True, "DigestsMatch", msg),
+            ]
+        else:
+            status["phase"] = "Training"
+            conds = [
+                Cond("Ready", False, "Verifying", "checking the uploaded files' digests"),
+                Cond("Reconciling", True, "Verifying", ""),
+                Cond("Stalled", False, "Verifying", ""),
+                Cond("Trained", True, "JobComplete", ""),
+                Cond("ArtifactVerified", None, "Verifying", ""),
+            ]
+    elif pods["config_error"]:
+        conds = stalled("CreateContainerConfigError", pods["config_error"], "Pending", trained=None)
+    else:
+        running = pods["running"]
+        status["phase"] = "Training" if running else "Pending"
+        reason = "Training" if running else ("JobCreated" if job is not None else "CreatingJob")
+        msg = f"Job {o.job_name} " + ("is training" if running else "is waiting for a node")
+        conds = [
+            Cond("Ready", False, reason, msg),
+            Cond("Reconciling", True, reason, msg),
+            Cond("Stalled", False, reason, ""),
+            Cond("Trained", None, reason, ""),
+            Cond("ArtifactVerified", None, "NotYet", ""),
+        ]
+    status["conditions"] = merge_conditions(old.get("conditions"), conds, o.generation)
+    return status
+
+
+def success_result(pods: list[JSON]) -> JSON | None:
+    """The result JSON the trainer wrote to its termination message."""
+    message = jobs.pod_summary(pods)["success_message"]
+    return read_result(message) if message else None
+
+
+def status_changed(old: JSON, new: JSON) -> bool:
+    """Compare ignoring kopf's own bookkeeping in status."""
+    keys = set(new) | (set(old) - {"kopf"})
+    return any(old.get(k) != new.get(k) for k in keys)

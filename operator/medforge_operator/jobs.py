@@ -1,0 +1,196 @@
+"""Pure builders of the batch/v1 Jobs the operator creates (plain dicts, as the API takes them)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from medforge_operator import GROUP, VERSION
+
+JSON = dict[str, Any]
+MANAGED_BY = "medforge-operator"
+LABEL_COMPONENT = "medforge.io/component"
+LABEL_OWNER = "medforge.io/owner"
+LABEL_OWNER_NS = "medforge.io/owner-namespace"
+LABEL_GENERATION = "medforge.io/generation"
+LABEL_REVISION = "medforge.io/revision"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+
+def owner_reference(obj: JSON) -> JSON:
+    meta = obj["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": obj["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def restricted_pod(container: JSON, resources: JSON, volumes: list[JSON]) -> JSON:
+    """A pod spec that meets the `restricted` Pod Security level."""
+    pod: JSON = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "scratch", "emptyDir": {}}, *volumes],
+    }
+    if resources.get("nodeSelector"):
+        pod["nodeSelector"] = dict(resources["nodeSelector"])
+    if resources.get("tolerations"):
+        pod["tolerations"] = list(resources["tolerations"])
+    if resources.get("priorityClassName"):
+        pod["priorityClassName"] = resources["priorityClassName"]
+    return pod
+
+
+def container_resources(resources: JSON) -> JSON:
+    limits: JSON = {}
+    requests: JSON = {}
+    for key in ("cpu", "memory"):
+        if resources.get(key) is not None:
+            limits[key] = requests[key] = str(resources[key])
+    if int(resources.get("gpus") or 0) > 0:
+        limits["nvidia.com/gpu"] = str(int(resources["gpus"]))
+    out: JSON = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def job_manifest(
+    *,
+    name: str,
+    namespace: str,
+    owner: JSON,
+    component: str,
+    image: str,
+    command: list[str],
+    config: JSON,
+    env: list[JSON],
+    labels: dict[str, str],
+    resources: JSON,
+    volumes: list[JSON],
+    volume_mounts: list[JSON],
+    backoff_limit: int,
+    active_deadline: int | None,
+    ttl_seconds: int,
+) -> JSON:
+    all_labels = {
+        "app.kubernetes.io/name": "medforge",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_COMPONENT: component,
+        **labels,
+    }
+    container = {
+        "name": component,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(command),
+        "env": [
+            {"name": "MEDFORGE_JOB_CONFIG", "value": json.dumps(config, sort_keys=True)},
+            {"name": "HOME", "value": "/scratch"},
+            {"name": "TMPDIR", "value": "/scratch/tmp"},
+            *env,
+        ],
+        "resources": container_resources(resources),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}, *volume_mounts],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    job_labels = dict(all_labels)
+    if resources.get("queueName"):
+        job_labels[KUEUE_QUEUE] = resources["queueName"]
+    spec: JSON = {
+        "backoffLimit": backoff_limit,
+        "ttlSecondsAfterFinished": ttl_seconds,
+        "template": {
+            "metadata": {"labels": all_labels},
+            "spec": restricted_pod(container, resources, volumes),
+        },
+    }
+    if active_deadline:
+        spec["activeDeadlineSeconds"] = active_deadline
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": spec,
+    }
+
+
+def job_state(job: JSON | None) -> str:
+    """Active, Complete, Failed or Missing, from the Job's conditions."""
+    if job is None:
+        return "Missing"
+    for c in job.get("status", {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+            return str(c["type"])
+    return "Active"
+
+
+def job_failure(job: JSON) -> tuple[str, str]:
+    for c in job.get("status", {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") == "Failed":
+            return str(c.get("reason") or "JobFailed"), str(c.get("message") or "")
+    return "JobFailed", ""
+
+
+def pod_summary(pods: list[JSON]) -> JSON:
+    """What the pods of a Job say: a container config error, whether one runs, the newest
+    termination message of a succeeded and of a failed container."""
+    out: JSON = {
+        "attempts": len(pods),
+        "running": False,
+        "config_error": None,
+        "success_message": None,
+        "failure_message": None,
+    }
+    ordered = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+    for i, pod in enumerate(ordered):
+        newest = i == len(ordered) - 1
+        phase = pod.get("status", {}).get("phase")
+        if phase == "Running":
+            out["running"] = True
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            waiting = state.get("waiting") or {}
+            if newest and waiting.get("reason") in (
+                "CreateContainerConfigError",
+                "CreateContainerError",
+                "ImagePullBackOff",
+                "ErrImagePull",
+                "InvalidImageName",
+            ):
+                out["config_error"] = (
+                    f"{waiting['reason']} in pod {pod['metadata']['name']}: "
+                    f"{waiting.get('message', '')}"
+                )
+            term = state.get("terminated")
+            if term:
+                key = "success_message" if term.get("exitCode") == 0 else "failure_message"
+                out[key] = term.get("message", "")
+    return out

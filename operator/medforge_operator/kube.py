@@ -1,0 +1,114 @@
+"""Kubernetes API access for the operator (the `kubernetes` client, plain dicts in and out)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from medforge_operator import GROUP, VERSION
+
+JSON = dict[str, Any]
+
+
+def load_config() -> None:
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def _data(resp: Any) -> JSON:
+    out: JSON = json.loads(resp.data)
+    return out
+
+
+class Kube:
+    def __init__(self, pool_size: int = 32) -> None:
+        cfg = client.Configuration.get_default_copy()
+        cfg.connection_pool_maxsize = pool_size
+        api = client.ApiClient(cfg)
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    # ----- Jobs and pods -----
+    def get_job(self, namespace: str, name: str) -> JSON | None:
+        try:
+            return _data(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_job(self, job: JSON) -> JSON:
+        """Create the Job, or return the one that already exists under its name."""
+        ns = job["metadata"]["namespace"]
+        try:
+            resp = self.batch.create_namespaced_job(ns, job, _preload_content=False)  # type: ignore[arg-type]
+            return _data(resp)
+        except ApiException as exc:
+            if exc.status == 409:
+                existing = self.get_job(ns, job["metadata"]["name"])
+                if existing is not None:
+                    return existing
+            raise
+
+    def list_jobs(self, namespace: str, selector: str) -> list[JSON]:
+        resp = self.batch.list_namespaced_job(
+            namespace, label_selector=selector, _preload_content=False
+        )
+        items: list[JSON] = _data(resp)["items"]
+        return items
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def job_pods(self, namespace: str, job_name: str) -> list[JSON]:
+        resp = self.core.list_namespaced_pod(
+            namespace, label_selector=f"job-name={job_name}", _preload_content=False
+        )
+        items: list[JSON] = _data(resp)["items"]
+        return items
+
+    # ----- custom objects -----
+    def patch_status(self, plural: str, namespace: str, name: str, status: JSON) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report on
+                raise
+
+    def get_object(self, plural: str, namespace: str, name: str) -> JSON | None:
+        try:
+            obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            return cast(JSON, obj)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_objects(
+        self, plural: str, namespace: str | None = None, selector: str = ""
+    ) -> list[JSON]:
+        if namespace:
+            resp = self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, label_selector=selector
+            )
+        else:
+            resp = self.custom.list_cluster_custom_object(
+                GROUP, VERSION, plural, label_selector=selector
+            )
+        return cast(list[JSON], cast(JSON, resp)["items"])
+
+    def namespaces(self, selector: str) -> set[str]:
+        resp = self.core.list_namespace(label_selector=selector, _preload_content=False)
+        return {n["metadata"]["name"] for n in _data(resp)["items"]}

@@ -1,0 +1,144 @@
+"""One reconcile round of a LoRAContribution: observe, act (create or retire Jobs, verify the
+artifact), then write the status computed by `contribution.compute_status`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from medforge_common.uris import UriError
+from medforge_operator import CONTRIBUTIONS, contribution, jobs, names
+from medforge_operator.kube import Kube
+from medforge_operator.metrics import JOBS_CREATED, VERIFICATIONS
+from medforge_operator.settings import Settings
+from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed, s3_uri
+
+JSON = dict[str, Any]
+EventFn = Callable[[JSON, str, str, str], None]
+log = logging.getLogger("medforge.contribution")
+
+
+def base_model_files(store: ForgeStore, spec: JSON) -> list[JSON]:
+    """Presigned GET URLs for every file of the base model."""
+    prefix = s3_uri(spec["baseModel"]["uri"], "spec.baseModel.uri")
+    names_ = store.list_names(prefix)
+    if "manifest.json" not in names_:
+        raise VerificationFailed(f"spec.baseModel.uri: {prefix} holds no manifest.json")
+    return [{"name": n, "url": store.presign_get(prefix.join(n))} for n in names_ if "/" not in n]
+
+
+def settled(obj: JSON) -> bool:
+    """Nothing left to do for this generation."""
+    st = obj.get("status") or {}
+    return st.get("observedGeneration") == obj["metadata"].get("generation") and st.get(
+        "phase"
+    ) in ("Succeeded", "Failed")
+
+
+def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn) -> JSON:
+    """Returns the status written (or the unchanged one)."""
+    meta = obj["metadata"]
+    ns, name, gen = meta["namespace"], meta["name"], int(meta["generation"])
+    old = obj.get("status") or {}
+    if settled(obj) and old.get("phase") == "Succeeded":
+        return old
+    job_name = names.training_job_name(name, gen)
+    o = contribution.Observation(generation=gen, job_name=job_name, job=None)
+
+    # A spec change retires the Jobs of older generations.
+    for stale in kube.list_jobs(ns, f"{jobs.LABEL_OWNER}={name},{jobs.LABEL_COMPONENT}=train"):
+        if stale["metadata"]["name"] != job_name:
+            kube.delete_job(ns, stale["metadata"]["name"])
+            event(
+                obj,
+                "Normal",
+                "RetiredJob",
+                f"deleted Job {stale['metadata']['name']} of an older spec",
+            )
+
+    o.job = kube.get_job(ns, job_name)
+    if o.job is None and not (settled(obj) and old.get("phase") == "Failed"):
+        try:
+            output = contribution.output_prefix(store.bucket, ns, name, gen)
+            outputs = {f: store.presign_put(output.join(f)) for f in contribution.OUTPUT_FILES}
+            config = contribution.train_config(
+                obj, base_model_files(store, obj["spec"]), outputs, output
+            )
+            o.job = kube.create_job(contribution.training_job(obj, s, config))
+            JOBS_CREATED.labels("train").inc()
+            event(obj, "Normal", "JobCreated", f"created training Job {job_name}")
+        except StoreUnreachable as exc:
+            o.store_error = str(exc)
+        except (UriError, VerificationFailed) as exc:
+            o.build_error = str(exc)
+    if o.job is not None:
+        o.pods = kube.job_pods(ns, job_name)
+        if jobs.job_state(o.job) == "Complete":
+            verify(obj, o, store)
+    new = contribution.compute_status(old, o)
+    if contribution.status_changed(old, new):
+        patch = dict(new)
+        for key in set(old) - set(new) - {"kopf"}:
+            patch[key] = None  # a merge patch removes keys only when told to
+        kube.patch_status(CONTRIBUTIONS, ns, name, patch)
+        if old.get("phase") != new.get("phase") or old.get("observedGeneration") != gen:
+            ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+            kind = (
+                "Warning"
+                if new.get("phase") == "Failed"
+                or ready["reason"] in ("CreateContainerConfigError", "StoreUnreachable")
+                else "Normal"
+            )
+            event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
+    return new
+
+
+def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
+    """Check the uploaded files against the manifest before the contribution becomes Ready."""
+    spec = obj["spec"]
+    result = contribution.success_result(o.pods)
+    if result is None or "artifact" not in result:
+        o.verify_error = (
+            "NoResult",
+            "the training Job succeeded but wrote no result JSON to its termination message",
+        )
+        return
+    art = result["artifact"]
+    prefix = contribution.output_prefix(
+        store.bucket, obj["metadata"]["namespace"], obj["metadata"]["name"], o.generation
+    )
+    try:
+        manifest = store.verify_artifact(prefix, str(art.get("digest", "")))
+    except StoreUnreachable as exc:
+        o.verify_error = ("StoreUnreachable", str(exc))
+        return
+    except VerificationFailed as exc:
+        VERIFICATIONS.labels("failed").inc()
+        o.verify_error = ("DigestMismatch", str(exc))
+        return
+    if manifest.base_model_digest != spec["baseModel"]["digest"]:
+        VERIFICATIONS.labels("failed").inc()
+        o.verify_error = (
+            "BaseModelMismatch",
+            f"the adapter was trained for base model "
+            f"{manifest.base_model_digest[:19]}..., not spec.baseModel.digest "
+            f"{spec['baseModel']['digest'][:19]}...",
+        )
+        return
+    VERIFICATIONS.labels("ok").inc()
+    meta = manifest.meta
+    artifact: JSON = {
+        "uri": str(prefix),
+        "digest": art["digest"],
+        "sizeBytes": sum(f.size for f in manifest.files),
+        "files": [f.name for f in manifest.files],
+        "rank": meta.get("rank", spec.get("lora", {}).get("rank")),
+        "targetModules": meta.get("targetModules", spec.get("lora", {}).get("targetModules")),
+        "baseModelDigest": manifest.base_model_digest,
+        "task": spec["task"]["name"],
+    }
+    if "distilled.safetensors" in artifact["files"]:
+        d = next(f for f in manifest.files if f.name == "distilled.safetensors")
+        artifact["distilled"] = {"uri": str(prefix.join(d.name)), "digest": "sha256:" + d.sha256}
+    o.verified = {"artifact": artifact, "metrics": result.get("metrics") or meta.get("metrics", {})}

@@ -1,0 +1,126 @@
+"""Operator settings, from environment variables with command-line flags on top."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    store_endpoint: str
+    store_bucket: str
+    store_access_key: str = field(repr=False)
+    store_secret_key: str = field(repr=False)
+    # The endpoint Jobs see in presigned URLs (an in-cluster Service name, say); defaults to
+    # store_endpoint.
+    store_public_endpoint: str = ""
+    store_region: str = "us-east-1"
+    namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide install)
+    presign_expiry_seconds: int = 6 * 3600
+    trainer_image: str = "ghcr.io/medforge/trainer:0.1.0"
+    merger_image: str = "ghcr.io/medforge/merger:0.1.0"
+    trainer_command: tuple[str, ...] = ("medforge-train",)
+    merger_command: tuple[str, ...] = ("medforge-merge",)
+    concurrency: int = 16
+    job_ttl_seconds: int = 7 * 24 * 3600
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    requeue_seconds: float = 20.0
+
+    @property
+    def presign_endpoint(self) -> str:
+        return self.store_public_endpoint or self.store_endpoint
+
+
+ENV = {
+    "store_endpoint": "MEDFORGE_STORE_ENDPOINT",
+    "store_bucket": "MEDFORGE_STORE_BUCKET",
+    "store_access_key": "MEDFORGE_STORE_ACCESS_KEY_ID",
+    "store_secret_key": "MEDFORGE_STORE_SECRET_ACCESS_KEY",
+    "store_public_endpoint": "MEDFORGE_STORE_PUBLIC_ENDPOINT",
+    "store_region": "MEDFORGE_STORE_REGION",
+    "namespaces": "MEDFORGE_NAMESPACES",
+    "presign_expiry_seconds": "MEDFORGE_PRESIGN_EXPIRY_SECONDS",
+    "trainer_image": "MEDFORGE_TRAINER_IMAGE",
+    "merger_image": "MEDFORGE_MERGER_IMAGE",
+    "trainer_command": "MEDFORGE_TRAINER_COMMAND",
+    "merger_command": "MEDFORGE_MERGER_COMMAND",
+    "concurrency": "MEDFORGE_CONCURRENCY",
+    "job_ttl_seconds": "MEDFORGE_JOB_TTL_SECONDS",
+    "metrics_port": "MEDFORGE_METRICS_PORT",
+}
+REQUIRED = ("store_endpoint", "store_bucket", "store_access_key", "store_secret_key")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medforge-operator",
+        description="MedForge operator. Every flag can also be set by the environment variable "
+        "named in its help.",
+    )
+    for name, env in ENV.items():
+        if name in ("store_access_key", "store_secret_key"):
+            continue  # credentials come from the environment only, never from argv
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=f"(env {env})")
+    return p
+
+
+def _command(value: str, what: str) -> tuple[str, ...]:
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{what}: not a JSON list ({exc})") from exc
+        if not (isinstance(parsed, list) and parsed and all(isinstance(a, str) for a in parsed)):
+            raise SettingsError(f"{what}: expected a non-empty JSON list of strings")
+        return tuple(parsed)
+    return tuple(value.split())
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    args = vars(parser().parse_args(argv))
+    raw: dict[str, str] = {}
+    for name, var in ENV.items():
+        value = args.get(name) or env.get(var)
+        if value:
+            raw[name] = value
+    # Plain AWS variables are accepted for the store credentials too.
+    raw.setdefault("store_access_key", env.get("AWS_ACCESS_KEY_ID", ""))
+    raw.setdefault("store_secret_key", env.get("AWS_SECRET_ACCESS_KEY", ""))
+    missing = [ENV[k] for k in REQUIRED if not raw.get(k)]
+    if missing:
+        raise SettingsError(
+            f"missing settings: {', '.join(missing)} (set them in the "
+            "environment; the Helm chart does)"
+        )
+    out: dict[str, object] = {}
+    for name, value in raw.items():
+        what = f"{ENV[name]}"
+        if name == "namespaces":
+            out[name] = tuple(n.strip() for n in value.split(",") if n.strip())
+        elif name in ("trainer_command", "merger_command"):
+            out[name] = _command(value, what)
+        elif name in ("presign_expiry_seconds", "concurrency", "job_ttl_seconds", "metrics_port"):
+            try:
+                out[name] = int(value)
+            except ValueError as exc:
+                raise SettingsError(f"{what}: {value!r} is not an integer") from exc
+        else:
+            out[name] = value
+    s = Settings(**out)  # type: ignore[arg-type]
+    if not 60 <= s.presign_expiry_seconds <= 7 * 24 * 3600:
+        raise SettingsError(
+            "MEDFORGE_PRESIGN_EXPIRY_SECONDS: must be between 60 and 604800 (SigV4's limit)"
+        )
+    if s.concurrency < 1:
+        raise SettingsError("MEDFORGE_CONCURRENCY: must be at least 1")
+    return s

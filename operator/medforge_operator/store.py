@@ -1,0 +1,156 @@
+"""The forge store as the operator uses it: presigned URLs for Jobs, and verification of what
+Jobs uploaded. Jobs never receive the store's credentials."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from medforge_common.manifest import Manifest, ManifestError
+from medforge_common.uris import S3Uri, UriError, parse_uri
+from medforge_operator.settings import Settings
+
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+class StoreUnreachable(Exception):
+    """The store could not be reached or refused the operator's credentials."""
+
+
+class VerificationFailed(Exception):
+    """What was uploaded does not match what the Job reported."""
+
+
+def _client(endpoint: str, s: Settings) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=s.store_access_key,
+        aws_secret_access_key=s.store_secret_key,
+        region_name=s.store_region,
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=5,
+            read_timeout=30,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=32,
+        ),
+    )
+
+
+def s3_uri(value: str, field: str) -> S3Uri:
+    uri = parse_uri(value, field)
+    if not isinstance(uri, S3Uri):
+        raise UriError(f"{field}: must be an s3:// URI in the forge store")
+    return uri
+
+
+class ForgeStore:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.bucket = settings.store_bucket
+        self._api = _client(settings.store_endpoint, settings)
+        # Presigning is local computation; URLs name the endpoint the Jobs reach.
+        self._signer = _client(settings.presign_endpoint, settings)
+
+    def uri(self, key: str) -> S3Uri:
+        return S3Uri(self.bucket, key)
+
+    def presign_get(self, uri: S3Uri) -> str:
+        return str(
+            self._signer.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": uri.bucket, "Key": uri.key},
+                ExpiresIn=self.s.presign_expiry_seconds,
+            )
+        )
+
+    def presign_put(self, uri: S3Uri) -> str:
+        return str(
+            self._signer.generate_presigned_url(
+                "put_object",
+                Params={"Bucket": uri.bucket, "Key": uri.key},
+                ExpiresIn=self.s.presign_expiry_seconds,
+            )
+        )
+
+    def read(self, uri: S3Uri, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+        try:
+            obj = self._api.get_object(Bucket=uri.bucket, Key=uri.key)
+            body: bytes = obj["Body"].read(limit + 1)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise VerificationFailed(f"{uri} does not exist") from exc
+            raise StoreUnreachable(f"the forge store refused reading {uri}: {code}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnreachable(
+                f"the forge store at {self.s.store_endpoint} is unreachable: {exc}"
+            ) from exc
+        if len(body) > limit:
+            raise VerificationFailed(f"{uri} is larger than {limit} bytes")
+        return body
+
+    def sha256(self, uri: S3Uri) -> tuple[str, int]:
+        """Stream an object and hash it (constant memory)."""
+        try:
+            obj = self._api.get_object(Bucket=uri.bucket, Key=uri.key)
+            h = hashlib.sha256()
+            size = 0
+            for chunk in obj["Body"].iter_chunks(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise VerificationFailed(f"{uri} was not uploaded") from exc
+            raise StoreUnreachable(f"the forge store refused reading {uri}: {code}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnreachable(f"the forge store is unreachable: {exc}") from exc
+        return h.hexdigest(), size
+
+    def list_names(self, prefix: S3Uri) -> list[str]:
+        key = prefix.key if prefix.key.endswith("/") or not prefix.key else prefix.key + "/"
+        try:
+            pages = self._api.get_paginator("list_objects_v2").paginate(
+                Bucket=prefix.bucket, Prefix=key
+            )
+            return sorted(o["Key"][len(key) :] for p in pages for o in p.get("Contents", []))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                raise VerificationFailed(
+                    f"{prefix}: the bucket {prefix.bucket!r} does not exist in the forge store"
+                ) from exc
+            raise StoreUnreachable(f"the forge store refused listing {prefix}: {code}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnreachable(
+                f"the forge store at {self.s.store_endpoint} is unreachable: {exc}"
+            ) from exc
+
+    def verify_artifact(self, prefix: S3Uri, digest: str) -> Manifest:
+        """Check manifest.json against the reported digest, then every file it lists against
+        its sha256 and size. Returns the manifest."""
+        raw = self.read(prefix.join("manifest.json"))
+        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if actual != digest:
+            raise VerificationFailed(
+                f"manifest.json has digest {actual[:19]}..., the Job reported {digest[:19]}..."
+            )
+        try:
+            manifest = Manifest.from_json(raw.decode(), str(prefix.join("manifest.json")))
+        except (ManifestError, UnicodeDecodeError) as exc:
+            raise VerificationFailed(str(exc)) from exc
+        for entry in manifest.files:
+            sha, size = self.sha256(prefix.join(entry.name))
+            if sha != entry.sha256 or size != entry.size:
+                raise VerificationFailed(
+                    f"{entry.name}: sha256 {sha[:12]}... ({size} bytes) does not match the "
+                    f"manifest's {entry.sha256[:12]}... ({entry.size} bytes)"
+                )
+        return manifest

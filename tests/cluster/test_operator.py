@@ -1,0 +1,273 @@
+"""The operator against the local cluster: real kubectl, real Jobs through the process kubelet,
+a real S3 store, stand-in trainer and merger programs that honour the job contract."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.cluster.conftest import Forge, OperatorProcess
+from tests.conftest import ClusterAccess
+from tests.helpers import get_json, wait_until
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+
+def contribution(name: str, base: tuple[str, str], task: str = "breakhis", **spec: Any) -> str:
+    doc = {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "LoRAContribution",
+        "metadata": {"name": name, "labels": {"medforge.io/test": "yes"}},
+        "spec": {
+            "baseModel": {"uri": base[0], "digest": base[1]},
+            "task": {"name": task, "classes": ["benign", "malignant"]},
+            "dataset": {"uri": "s3://hospital-data/breakhis/"},
+            **spec,
+        },
+    }
+    return json.dumps(doc)
+
+
+def status(cluster: ClusterAccess, kind: str, ns: str, name: str) -> dict[str, Any]:
+    st: dict[str, Any] = get_json(cluster, kind, name, "-n", ns).get("status") or {}
+    return st
+
+
+def condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
+
+
+def wait_phase(
+    cluster: ClusterAccess,
+    ns: str,
+    name: str,
+    phase: str,
+    timeout: float = 90,
+    op: OperatorProcess | None = None,
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        st = status(cluster, "lorac", ns, name)
+        return st if st.get("phase") == phase else None
+
+    return wait_until(check, timeout, what=f"{ns}/{name} phase {phase}")
+
+
+@pytest.fixture(scope="module")
+def base(forge: Forge) -> tuple[str, str]:
+    return forge.upload_base_model("clip-tiny")
+
+
+def test_contribution_trains_verifies_and_reports(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=contribution("breakhis", base))
+    assert "loracontribution.medforge.io/breakhis created" in out.stdout
+    st = wait_phase(cluster, namespace, "breakhis", "Succeeded")
+    assert st["observedGeneration"] == 1
+    for ctype in ("Ready", "Trained", "ArtifactVerified"):
+        assert condition(st, ctype)["status"] == "True", st
+    assert condition(st, "Reconciling")["status"] == "False"
+    assert condition(st, "Stalled")["status"] == "False"
+    assert st["job"]["name"] == "breakhis-train-g1" and st["job"]["attempts"] == 1
+    art = st["artifact"]
+    assert art["uri"].endswith(f"/contributions/{namespace}/breakhis/1/")
+    assert art["digest"].startswith("sha256:") and art["baseModelDigest"] == base[1]
+    assert st["metrics"]["accuracy"] == pytest.approx(0.81)
+
+    table = cluster.kubectl("get", "lorac", "-n", namespace).stdout
+    assert table.split("\n")[0].split()[:4] == ["NAME", "PHASE", "READY", "TASK"]
+    assert "Succeeded" in table and "True" in table and "0.81" in table
+    assert "breakhis" in cluster.kubectl("get", "medforge", "-n", namespace).stdout
+
+    job = get_json(cluster, "job", "breakhis-train-g1", "-n", namespace)
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "LoRAContribution" and owner["controller"] is True
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    c = pod["containers"][0]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    cfg = json.loads(next(e["value"] for e in c["env"] if e["name"] == "MEDFORGE_JOB_CONFIG"))
+    assert all("X-Amz-Signature" in u for u in cfg["output"]["files"].values())
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(c["env"])  # no store credentials in the Job
+
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.kind=LoRAContribution"
+    ).stdout
+    assert "JobCreated" in events and "Verified" in events
+    # kopf keeps nothing in annotations on the user's object.
+    obj = get_json(cluster, "lorac", "breakhis", "-n", namespace)
+    assert not any("kopf" in k for k in (obj["metadata"].get("annotations") or {}))
+
+
+def test_spec_change_starts_a_new_job_and_retires_the_old(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=contribution("lung", base))
+    wait_phase(cluster, namespace, "lung", "Succeeded")
+    cluster.kubectl(
+        "patch",
+        "lorac",
+        "lung",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"training": {"epochs": 5}}}',
+    )
+
+    def regenerated() -> dict[str, Any] | None:
+        st = status(cluster, "lorac", namespace, "lung")
+        return st if st.get("observedGeneration") == 2 and st.get("phase") == "Succeeded" else None
+
+    st = wait_until(regenerated, 90, what="generation 2 trained")
+    assert st["job"]["name"] == "lung-train-g2"
+    assert st["artifact"]["uri"].endswith("/lung/2/")
+    wait_until(
+        lambda: (
+            cluster.kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()
+            == ["job.batch/lung-train-g2"]
+        ),
+        60,
+        what="the generation-1 Job to be retired",
+    )
+
+
+def test_missing_secret_is_reported_then_recovers(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    doc = contribution(
+        "colon",
+        base,
+        dataset={
+            "uri": "s3://hospital-data/colon/",
+            "credentialsSecretRef": {"name": "data-creds"},
+        },
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=doc)
+
+    def stalled() -> dict[str, Any] | None:
+        st = status(cluster, "lorac", namespace, "colon")
+        return (
+            st if condition(st, "Stalled").get("reason") == "CreateContainerConfigError" else None
+        )
+
+    st = wait_until(stalled, 60, what="CreateContainerConfigError on the status")
+    assert st["phase"] == "Pending"
+    assert 'secret "data-creds" not found' in condition(st, "Stalled")["message"]
+    assert condition(st, "Ready")["status"] == "False"
+
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "data-creds",
+        "-n",
+        namespace,
+        "--from-literal=AWS_ACCESS_KEY_ID=a",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=b",
+    )
+    st = wait_phase(cluster, namespace, "colon", "Succeeded", 120)
+    assert condition(st, "Stalled")["status"] == "False"
+
+
+def test_job_failing_backoff_limit_times(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=contribution("broken", base, task="fail-data", backoffLimit=1),
+    )
+    st = wait_phase(cluster, namespace, "broken", "Failed", 120)
+    stalled = condition(st, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "BackoffLimitExceeded"
+    assert "no class folders" in stalled["message"] and "2 attempt(s)" in stalled["message"]
+    assert st["job"]["attempts"] == 2
+
+
+def test_digest_mismatch_is_never_ready(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=contribution("tampered", base, task="corrupt-upload"),
+    )
+    st = wait_phase(cluster, namespace, "tampered", "Failed")
+    verified = condition(st, "ArtifactVerified")
+    assert verified["status"] == "False" and verified["reason"] == "DigestMismatch"
+    assert "adapter.safetensors" in verified["message"]
+    assert condition(st, "Ready")["status"] == "False" and "artifact" not in st
+
+
+def test_missing_base_model_is_reported(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=contribution("nobase", ("s3://no-such-bucket/models/x/", base[1])),
+    )
+
+    def reported() -> dict[str, Any] | None:
+        st = status(cluster, "lorac", namespace, "nobase")
+        return st if condition(st, "Stalled").get("status") == "True" else None
+
+    st = wait_until(reported, 60, what="a stalled status")
+    assert condition(st, "Stalled")["reason"] == "InvalidInput"
+    assert "no-such-bucket" in condition(st, "Stalled")["message"]
+
+
+def test_bad_specs_are_refused_by_the_api_server(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    bad = contribution("bad", base, lora={"rank": 0})
+    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=bad, check=False)
+    assert out.returncode != 0 and "spec.lora.rank" in out.stderr
+    bad = contribution(
+        "bad", base, dataset={"uri": "pvc://claim/x", "credentialsSecretRef": {"name": "s"}}
+    )
+    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=bad, check=False)
+    assert "credentialsSecretRef applies to s3:// datasets only" in out.stderr
+    comp = {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "CompositeModel",
+        "metadata": {"name": "c"},
+        "spec": {"baseModel": {"uri": base[0], "digest": base[1]}, "strategy": {"type": "svd"}},
+    }
+    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(comp), check=False)
+    assert "spec.strategy.rank is required" in out.stderr
+
+
+def test_operator_restart_leaves_no_duplicate_job(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str], operator: OperatorProcess
+) -> None:
+    docs = "\n---\n".join(contribution(f"site-{i}", base) for i in range(8))
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=docs)
+    time.sleep(0.7)  # mid-reconcile: some Jobs exist, some not yet
+    operator.stop(signal.SIGKILL)
+    operator.start()
+    for i in range(8):
+        wait_phase(cluster, namespace, f"site-{i}", "Succeeded", 120)
+    jobs = get_json(cluster, "jobs", "-n", namespace)["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == [f"site-{i}-train-g1" for i in range(8)]
+    for i in range(8):
+        assert status(cluster, "lorac", namespace, f"site-{i}")["job"]["attempts"] == 1

@@ -1,0 +1,75 @@
+"""Stand-in trainer: checks the base model through its presigned URLs, uploads an adapter and a
+manifest through presigned PUT URLs, writes the result JSON to the termination message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+from medforge_common.manifest import FileEntry, Manifest
+
+TERM = Path("/dev/termination-log")
+
+
+def fail(reason: str) -> None:
+    TERM.write_text(reason)
+    print(reason, file=sys.stderr)
+    sys.exit(1)
+
+
+def put(url: str, data: bytes) -> None:
+    req = urllib.request.Request(url, data=data, method="PUT")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+
+
+def main() -> None:
+    cfg = json.loads(os.environ["MEDFORGE_JOB_CONFIG"])
+    task = cfg["task"]["name"]
+    if task.startswith("fail"):
+        fail("dataset unreadable: s3://hospital/data/ holds no class folders")
+    base = {f["name"]: f["url"] for f in cfg["baseModel"]["files"]}
+    with urllib.request.urlopen(base["manifest.json"], timeout=30) as r:
+        raw = r.read()
+    if "sha256:" + hashlib.sha256(raw).hexdigest() != cfg["baseModel"]["digest"]:
+        fail("base model digest mismatch")
+    if cfg["dataset"].get("credentialsFromEnv"):
+        assert (
+            os.environ["DATASET_AWS_ACCESS_KEY_ID"] and os.environ["DATASET_AWS_SECRET_ACCESS_KEY"]
+        )
+    c = cfg["contribution"]
+    adapter = (
+        hashlib.sha256(f"{c['namespace']}/{c['name']}/{c['generation']}".encode()).digest() * 64
+    )
+    manifest = Manifest(
+        "contribution",
+        cfg["baseModel"]["digest"],
+        [FileEntry("adapter.safetensors", hashlib.sha256(adapter).hexdigest(), len(adapter))],
+        {
+            "task": task,
+            "rank": cfg["lora"].get("rank"),
+            "targetModules": cfg["lora"].get("targetModules"),
+        },
+    )
+    body = manifest.to_json().encode()
+    out = cfg["output"]["files"]
+    put(out["adapter.safetensors"], adapter[::-1] if task.startswith("corrupt") else adapter)
+    put(out["manifest.json"], body)
+    print(f"trained {task}: uploaded {len(adapter)} bytes")
+    result = {
+        "artifact": {
+            "uri": cfg["output"]["uri"],
+            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+            "sizeBytes": len(adapter),
+        },
+        "metrics": {"accuracy": 0.81, "f1": 0.8, "auc": 0.88, "samples": 120},
+    }
+    TERM.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
