@@ -55,8 +55,8 @@ def _reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: Eve
     ns, name, gen = meta["namespace"], meta["name"], int(meta["generation"])
     old = obj.get("status") or {}
     status = dict(old)
-    if old.get("observedGeneration") not in (None, gen):
-        status.pop("excluded", None)  # a spec change gives excluded inputs another chance
+    # Exclusions are kept per adapter digest: a retrained contribution (a new digest) gets a new
+    # chance, a pause or a gate edit does not re-run a rejected adapter.
     problem: tuple[str, str] | None = None
     running: JSON | None = None
     extra: JSON = {}

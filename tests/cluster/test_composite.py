@@ -1,0 +1,168 @@
+"""CompositeModel revisions: asynchronous arrivals, base-model mismatch, the regression gate,
+pause, and deletion of an input."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.conftest import Forge
+from tests.cluster.test_operator import condition, contribution, status, wait_phase
+from tests.conftest import ClusterAccess
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+
+@pytest.fixture
+def institutions(cluster: ClusterAccess) -> Iterator[tuple[str, list[str]]]:
+    """A label value and two institution namespaces carrying it."""
+    tag = uuid.uuid4().hex[:6]
+    spaces = [f"hospital-{tag}-{i}" for i in range(2)]
+    for ns in spaces:
+        cluster.kubectl("create", "namespace", ns)
+        cluster.kubectl("label", "namespace", ns, f"medforge.io/forge={tag}")
+    yield tag, spaces
+    for ns in spaces:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def composite_doc(base: tuple[str, str], tag: str, **spec: Any) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "medforge.io/v1alpha1",
+            "kind": "CompositeModel",
+            "metadata": {"name": "forge"},
+            "spec": {
+                "baseModel": {"uri": base[0], "digest": base[1]},
+                "contributions": {"namespaceSelector": {"matchLabels": {"medforge.io/forge": tag}}},
+                "gate": {"maxRegression": 0.1},
+                **spec,
+            },
+        }
+    )
+
+
+def revision_state(cluster: ClusterAccess, ns: str, revision: int, state: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        st = status(cluster, "cmodel", ns, "forge")
+        hist = st.get("history") or []
+        return (
+            st if hist and hist[0]["revision"] == revision and hist[0]["state"] == state else None
+        )
+
+    try:
+        return wait_until(check, 90, what=f"revision {revision} {state}")
+    except AssertionError as exc:
+        st = status(cluster, "cmodel", ns, "forge")
+        raise AssertionError(f"{exc}; status: {json.dumps(st, indent=1)[:3000]}") from None
+
+
+def test_revisions_follow_contributions(
+    cluster: ClusterAccess, namespace: str, forge: Forge, institutions: tuple[str, list[str]]
+) -> None:
+    tag, (a, b) = institutions
+    base = forge.upload_base_model("clip-forge")
+    other = forge.upload_base_model("other-model", config=b'{"model_type": "vit"}')
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=composite_doc(base, tag, minContributions=1)
+    )
+    wait_until(lambda: status(cluster, "cmodel", namespace, "forge").get("phase") == "Waiting", 60)
+
+    # First arrival: revision 1.
+    cluster.kubectl("apply", "-n", a, "-f", "-", input=contribution("breakhis", base))
+    st = revision_state(cluster, namespace, 1, "Accepted")
+    assert st["current"]["revision"] == 1 and st["current"]["inputCount"] == 1
+    assert (
+        condition(st, "Ready")["status"] == "True" and condition(st, "Accepted")["status"] == "True"
+    )
+    first_digest = st["current"]["digest"]
+
+    # Second arrival, another institution: revision 2, merged into revision 1 (incremental).
+    cluster.kubectl("apply", "-n", b, "-f", "-", input=contribution("lung", base, task="lung"))
+    st = revision_state(cluster, namespace, 2, "Accepted")
+    assert st["current"]["inputCount"] == 2
+    assert {(i["namespace"], i["state"]) for i in st["inputs"]} == {
+        (a, "Included"),
+        (b, "Included"),
+    }
+    table = cluster.kubectl("get", "cmodel", "-n", namespace).stdout
+    assert "Ready" in table and " 2 " in table
+
+    # A contribution for another base model is excluded, with the reason.
+    cluster.kubectl("apply", "-n", b, "-f", "-", input=contribution("stranger", other))
+    wait_phase(cluster, b, "stranger", "Succeeded")
+
+    def excluded() -> dict[str, Any] | None:
+        st = status(cluster, "cmodel", namespace, "forge")
+        i = next((i for i in st.get("inputs") or [] if i["name"] == "stranger"), None)
+        return i if i and i["state"] == "Excluded" else None
+
+    assert wait_until(excluded, 60)["reason"].startswith("BaseModelMismatch")
+
+    # A revision that regresses a task beyond the gate is not accepted.
+    cluster.kubectl(
+        "apply", "-n", a, "-f", "-", input=contribution("noisy", base, task="regress-colon")
+    )
+    st = revision_state(cluster, namespace, 3, "Rejected")
+    accepted = condition(st, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "RegressionOverGate"
+    assert "regress-colon regressed by 0.300" in accepted["message"]
+    assert st["current"]["revision"] == 2  # still serving the last accepted revision
+    noisy = next(i for i in st["inputs"] if i["name"] == "noisy")
+    assert noisy["state"] == "Excluded" and noisy["reason"].startswith("RejectedByGate")
+
+    # Paused: a new contribution waits.
+    cluster.kubectl(
+        "patch",
+        "cmodel",
+        "forge",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"paused": true}}',
+    )
+    wait_until(lambda: status(cluster, "cmodel", namespace, "forge").get("phase") == "Paused", 60)
+    cluster.kubectl("apply", "-n", b, "-f", "-", input=contribution("late", base, task="late"))
+    wait_phase(cluster, b, "late", "Succeeded")
+
+    def queued() -> dict[str, Any] | None:
+        st = status(cluster, "cmodel", namespace, "forge")
+        i = next((i for i in st.get("inputs") or [] if i["name"] == "late"), None)
+        return st if i and i["state"] == "Pending" else None
+
+    st = wait_until(queued, 60)
+    assert st["revision"] == 3 and st["phase"] == "Paused"
+
+    # Deleting an included contribution leaves the current revision as it is.
+    current = st["current"]
+    cluster.kubectl("delete", "lorac", "breakhis", "-n", a)
+    wait_until(
+        lambda: all(
+            i["name"] != "breakhis" for i in status(cluster, "cmodel", namespace, "forge")["inputs"]
+        ),
+        60,
+    )
+    after = status(cluster, "cmodel", namespace, "forge")
+    assert after["current"] == current and after["current"]["digest"] != first_digest
+
+    # Unpaused: the queued contribution becomes revision 4.
+    cluster.kubectl(
+        "patch",
+        "cmodel",
+        "forge",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"paused": false}}',
+    )
+    st = revision_state(cluster, namespace, 4, "Accepted")
+    assert st["current"]["revision"] == 4 and len(st["history"]) == 4
+    events = cluster.kubectl("get", "events", "-n", namespace).stdout
+    assert "RevisionAccepted" in events and "RevisionRejected" in events
