@@ -1,11 +1,12 @@
-"""kopf handlers: thin. Every trigger (the object, its Jobs, their pods, a timer) leads to the
-same idempotent reconcile round, so that a missed or repeated event changes nothing."""
+"""kopf handlers: thin. Every trigger (an object's events, its Jobs', their pods', a timer) only
+queues the object; a pool of workers runs one idempotent reconcile round per queued object,
+so a burst of events costs one round and a missed event changes nothing."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ from medforge_operator.kube import Kube
 from medforge_operator.metrics import RECONCILE_SECONDS, RECONCILES
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
+from medforge_operator.workqueue import WorkQueue
 
 JSON = dict[str, Any]
 log = logging.getLogger("medforge.operator")
@@ -28,6 +30,7 @@ class Runtime:
     settings: Settings
     kube: Kube
     store: ForgeStore
+    queue: WorkQueue | None = None
 
 
 RUNTIME: Runtime | None = None
@@ -39,36 +42,47 @@ def rt() -> Runtime:
     return RUNTIME
 
 
-def plain(body: Any) -> JSON:
-    out: JSON = json.loads(json.dumps(dict(body)))
-    return out
+def enqueue(plural: str, namespace: str, name: str) -> None:
+    queue = rt().queue
+    if queue is not None:
+        queue.add((plural, namespace, name))
 
 
-def event(obj: JSON, etype: str, reason: str, message: str) -> None:
-    kopf.event(cast(Any, obj), type=etype, reason=reason, message=message[:1024])
+def _event(obj: JSON, etype: str, reason: str, message: str) -> None:
+    try:
+        rt().kube.post_event(obj, etype, reason, message)
+    except Exception:  # an Event is best effort; the status carries the same facts
+        log.warning("could not post event %s for %s", reason, obj["metadata"].get("name"))
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Progress and diff-base live in status, never in annotations on the user's object.
-    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
-    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
-    settings.posting.level = logging.WARNING  # our own Events say what happened
-    settings.execution.max_workers = rt().settings.concurrency
-    settings.batching.worker_limit = None
-    settings.batching.idle_timeout = 30.0
-    settings.watching.server_timeout = 270
-    settings.watching.client_timeout = 300
-    settings.networking.request_timeout = 60
-
-
-def _run(kind: str, fn: Any, obj: JSON) -> Any:
+def _composites() -> None:
+    """A contribution changed: let every composite that may select it look again."""
     r = rt()
+    for ns in r.settings.namespaces or (None,):
+        for c in r.kube.list_objects(COMPOSITES, ns):
+            enqueue(COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
+
+
+def work(key: Hashable) -> None:
+    """One reconcile round for a queued (plural, namespace, name)."""
+    plural, ns, name = cast(tuple[str, str, str], key)
+    r = rt()
+    obj = r.kube.get_object(plural, ns, name)
+    if obj is None:
+        return
+    kind = "contribution" if plural == CONTRIBUTIONS else "composite"
     t0 = time.monotonic()
     try:
-        out = fn(obj, r.kube, r.store, r.settings, event)
+        if plural == CONTRIBUTIONS:
+            if rcon.settled(obj):
+                return
+            before = (obj.get("status") or {}).get("phase")
+            new = rcon.reconcile(obj, r.kube, r.store, r.settings, _event)
+            if new.get("phase") != before and new.get("phase") in ("Succeeded", "Failed"):
+                _composites()
+        else:
+            rcomp.reconcile(obj, r.kube, r.store, r.settings, _event)
         RECONCILES.labels(kind, "ok").inc()
-        return out
     except Exception:
         RECONCILES.labels(kind, "error").inc()
         raise
@@ -76,76 +90,86 @@ def _run(kind: str, fn: Any, obj: JSON) -> Any:
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - t0)
 
 
-def _composites_for(namespace: str) -> None:
-    """A contribution changed: let every composite that may select it look again."""
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Progress and diff-base live in status, never in annotations on the user's object.
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.networking.request_timeout = 60
     r = rt()
-    spaces = r.settings.namespaces or (None,)
-    for ns in spaces:
-        for c in r.kube.list_objects(COMPOSITES, ns):
-            _run("composite", rcomp.reconcile, c)
+    if r.queue is None:
+        r.queue = WorkQueue(work, r.settings.concurrency)
 
 
-def _contribution(obj: JSON) -> None:
-    before = (obj.get("status") or {}).get("phase")
-    new = _run("contribution", rcon.reconcile, obj)
-    if new.get("phase") != before and new.get("phase") in ("Succeeded", "Failed"):
-        _composites_for(obj["metadata"]["namespace"])
+@kopf.on.cleanup()
+def stop(**_: Any) -> None:
+    if RUNTIME is not None and RUNTIME.queue is not None:
+        RUNTIME.queue.stop()
 
 
-# ----- LoRAContribution -----
+def _meta(body: kopf.Body) -> tuple[str, str, JSON]:
+    meta = body["metadata"]
+    return meta["namespace"], meta["name"], dict(meta.get("labels") or {})
+
+
+# ----- LoRAContribution and its Jobs and pods -----
 
 
 @kopf.on.event(GROUP, VERSION, CONTRIBUTIONS)
 def contribution_event(type: str, body: kopf.Body, **_: Any) -> None:
+    ns, name, _labels = _meta(body)
     if type == "DELETED":
-        _composites_for(body["metadata"]["namespace"])
+        _composites()
         return
-    obj = plain(body)
-    if rcon.settled(obj):
-        return
-    _contribution(obj)
+    status = body.get("status") or {}
+    # A status that already describes this generation was written by us: its Job's and pods'
+    # events (and the timer) drive what happens next, so our own write does not re-trigger.
+    if status.get("observedGeneration") != body["metadata"].get("generation"):
+        enqueue(CONTRIBUTIONS, ns, name)
 
 
-def _unsettled(body: kopf.Body, **_: Any) -> bool:
-    return not rcon.settled(plain(body))
-
-
-@kopf.timer(GROUP, VERSION, CONTRIBUTIONS, interval=20, initial_delay=20, when=_unsettled)
+@kopf.timer(GROUP, VERSION, CONTRIBUTIONS, interval=20, initial_delay=20)
 def contribution_timer(body: kopf.Body, **_: Any) -> None:
-    _contribution(plain(body))
+    status = body.get("status") or {}
+    if status.get("phase") not in ("Succeeded", "Failed") or status.get(
+        "observedGeneration"
+    ) != body["metadata"].get("generation"):
+        ns, name, _labels = _meta(body)
+        enqueue(CONTRIBUTIONS, ns, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_COMPONENT: "train"})
 @kopf.on.event("", "v1", "pods", labels={jobs.LABEL_COMPONENT: "train"})
-def training_child_event(type: str, body: kopf.Body, **_: Any) -> None:
-    labels = body["metadata"].get("labels") or {}
-    owner = labels.get(jobs.LABEL_OWNER)
-    if not owner:
-        return
-    obj = rt().kube.get_object(CONTRIBUTIONS, body["metadata"]["namespace"], owner)
-    if obj is not None and not rcon.settled(obj):
-        _contribution(obj)
+def training_child_event(body: kopf.Body, **_: Any) -> None:
+    ns, _name, labels = _meta(body)
+    if body.get("kind") == "Job" and not body.get("status"):
+        return  # a Job just created (by us) has nothing to report yet
+    if owner := labels.get(jobs.LABEL_OWNER):
+        enqueue(CONTRIBUTIONS, ns, owner)
 
 
-# ----- CompositeModel -----
+# ----- CompositeModel and its Jobs and pods -----
 
 
 @kopf.on.event(GROUP, VERSION, COMPOSITES)
 def composite_event(type: str, body: kopf.Body, **_: Any) -> None:
     if type != "DELETED":
-        _run("composite", rcomp.reconcile, plain(body))
+        ns, name, _labels = _meta(body)
+        enqueue(COMPOSITES, ns, name)
 
 
 @kopf.timer(GROUP, VERSION, COMPOSITES, interval=30, initial_delay=30)
 def composite_timer(body: kopf.Body, **_: Any) -> None:
-    _run("composite", rcomp.reconcile, plain(body))
+    ns, name, _labels = _meta(body)
+    enqueue(COMPOSITES, ns, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_COMPONENT: "merge"})
 @kopf.on.event("", "v1", "pods", labels={jobs.LABEL_COMPONENT: "merge"})
-def merge_child_event(type: str, body: kopf.Body, **_: Any) -> None:
-    owner = (body["metadata"].get("labels") or {}).get(jobs.LABEL_OWNER)
-    if owner:
-        obj = rt().kube.get_object(COMPOSITES, body["metadata"]["namespace"], owner)
-        if obj is not None:
-            _run("composite", rcomp.reconcile, obj)
+def merge_child_event(body: kopf.Body, **_: Any) -> None:
+    ns, _name, labels = _meta(body)
+    if owner := labels.get(jobs.LABEL_OWNER):
+        enqueue(COMPOSITES, ns, owner)

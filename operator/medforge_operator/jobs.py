@@ -129,6 +129,9 @@ def job_manifest(
     }
     if active_deadline:
         spec["activeDeadlineSeconds"] = active_deadline
+    if resources.get("queueName"):
+        # Kueue admits queued Jobs by unsuspending them; created suspended, none starts early.
+        spec["suspend"] = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any, cast
 
@@ -108,6 +109,35 @@ class Kube:
                 GROUP, VERSION, plural, label_selector=selector
             )
         return cast(list[JSON], cast(JSON, resp)["items"])
+
+    def post_event(self, obj: JSON, etype: str, reason: str, message: str) -> None:
+        """A core/v1 Event about one of our objects (what `kubectl describe` shows)."""
+        meta = obj["metadata"]
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
+                "kind": obj.get("kind", ""),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid", ""),
+            },
+            "type": etype,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "medforge-operator"},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)  # type: ignore[arg-type]
+        except ApiException as exc:
+            if exc.status not in (403, 404):
+                raise
 
     def namespaces(self, selector: str) -> set[str]:
         resp = self.core.list_namespace(label_selector=selector, _preload_content=False)

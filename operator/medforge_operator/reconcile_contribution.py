@@ -4,6 +4,7 @@ artifact), then write the status computed by `contribution.compute_status`."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +20,20 @@ EventFn = Callable[[JSON, str, str, str], None]
 log = logging.getLogger("medforge.contribution")
 
 
+_listing_cache: dict[str, tuple[float, list[str]]] = {}
+LISTING_TTL = 30.0
+
+
 def base_model_files(store: ForgeStore, spec: JSON) -> list[JSON]:
-    """Presigned GET URLs for every file of the base model."""
+    """Presigned GET URLs for every file of the base model. The listing is cached briefly:
+    a burst of contributions for one model lists it once, not once each."""
     prefix = s3_uri(spec["baseModel"]["uri"], "spec.baseModel.uri")
-    names_ = store.list_names(prefix)
+    cached = _listing_cache.get(str(prefix))
+    if cached and time.monotonic() - cached[0] < LISTING_TTL:
+        names_ = cached[1]
+    else:
+        names_ = store.list_names(prefix)
+        _listing_cache[str(prefix)] = (time.monotonic(), names_)
     if "manifest.json" not in names_:
         raise VerificationFailed(f"spec.baseModel.uri: {prefix} holds no manifest.json")
     return [{"name": n, "url": store.presign_get(prefix.join(n))} for n in names_ if "/" not in n]
@@ -46,8 +57,13 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: Even
     job_name = names.training_job_name(name, gen)
     o = contribution.Observation(generation=gen, job_name=job_name, job=None)
 
-    # A spec change retires the Jobs of older generations.
-    for stale in kube.list_jobs(ns, f"{jobs.LABEL_OWNER}={name},{jobs.LABEL_COMPONENT}=train"):
+    # A spec change retires the Jobs of older generations (generation 1 has none).
+    older = (
+        kube.list_jobs(ns, f"{jobs.LABEL_OWNER}={name},{jobs.LABEL_COMPONENT}=train")
+        if gen > 1
+        else []
+    )
+    for stale in older:
         if stale["metadata"]["name"] != job_name:
             kube.delete_job(ns, stale["metadata"]["name"])
             event(
@@ -57,7 +73,9 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: Even
                 f"deleted Job {stale['metadata']['name']} of an older spec",
             )
 
-    o.job = kube.get_job(ns, job_name)
+    # Before the first status, the Job cannot exist yet unless an earlier round was cut short;
+    # create_job returns the existing Job on a name conflict either way.
+    o.job = kube.get_job(ns, job_name) if old.get("observedGeneration") == gen else None
     if o.job is None and not (settled(obj) and old.get("phase") == "Failed"):
         try:
             output = contribution.output_prefix(store.bucket, ns, name, gen)
@@ -67,12 +85,11 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: Even
             )
             o.job = kube.create_job(contribution.training_job(obj, s, config))
             JOBS_CREATED.labels("train").inc()
-            event(obj, "Normal", "JobCreated", f"created training Job {job_name}")
         except StoreUnreachable as exc:
             o.store_error = str(exc)
         except (UriError, VerificationFailed) as exc:
             o.build_error = str(exc)
-    if o.job is not None:
+    if o.job is not None and o.job.get("status"):
         o.pods = kube.job_pods(ns, job_name)
         if jobs.job_state(o.job) == "Complete":
             verify(obj, o, store)
