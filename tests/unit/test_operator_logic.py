@@ -1,0 +1,217 @@
+"""The operator's pure logic: names, conditions, Job manifests, status, input selection, gate."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from medforge_operator import composite, contribution, jobs, names
+from medforge_operator.conditions import Cond, merge_conditions
+from medforge_operator.settings import Settings, SettingsError, load
+
+SETTINGS = Settings("http://s3", "forge", "ak", "sk")
+DIGEST = "sha256:" + "a" * 64
+
+
+def lorac(gen: int = 1, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "LoRAContribution",
+        "metadata": {"name": "breakhis", "namespace": "hospital-a", "uid": "u1", "generation": gen},
+        "spec": {
+            "baseModel": {"uri": "s3://forge/models/clip/", "digest": DIGEST},
+            "task": {"name": "breakhis", "classes": ["a", "b"]},
+            "dataset": {"uri": "s3://data/breakhis/"},
+            **spec,
+        },
+    }
+
+
+def test_job_names_are_deterministic_and_fit() -> None:
+    assert names.training_job_name("breakhis", 3) == "breakhis-train-g3"
+    long = names.training_job_name("x" * 80, 12)
+    assert len(long) <= 63 and long.endswith("-train-g12")
+    assert long == names.training_job_name("x" * 80, 12)
+    assert long != names.training_job_name("x" * 79 + "y", 12)
+
+
+def test_conditions_keep_transition_time_until_status_flips() -> None:
+    first = merge_conditions(None, [Cond("Ready", False, "Training")], 1, at="t1")
+    same = merge_conditions(first, [Cond("Ready", False, "Verifying")], 1, at="t2")
+    assert same[0]["lastTransitionTime"] == "t1" and same[0]["reason"] == "Verifying"
+    flipped = merge_conditions(same, [Cond("Ready", True, "Verified")], 1, at="t3")
+    assert flipped[0]["lastTransitionTime"] == "t3" and flipped[0]["status"] == "True"
+
+
+def test_training_job_is_restricted_and_carries_the_contract() -> None:
+    obj = lorac(
+        resources={
+            "gpus": 2,
+            "nodeSelector": {"gpu": "a100"},
+            "queueName": "research",
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "priorityClassName": "high",
+        },
+        dataset={"uri": "s3://data/x/", "credentialsSecretRef": {"name": "creds"}},
+    )
+    job = contribution.training_job(obj, SETTINGS, {"kind": "train"})
+    assert job["metadata"]["name"] == "breakhis-train-g1"
+    assert (
+        job["metadata"]["labels"][jobs.KUEUE_QUEUE] == "research" and job["spec"]["suspend"] is True
+    )
+    pod = job["spec"]["template"]["spec"]
+    assert (
+        pod["securityContext"]["runAsNonRoot"]
+        and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["nodeSelector"] == {"gpu": "a100"} and pod["priorityClassName"] == "high"
+    c = pod["containers"][0]
+    assert c["command"] == ["medforge-train"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert refs["DATASET_AWS_SECRET_ACCESS_KEY"] == {
+        "name": "creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+
+
+def test_pvc_dataset_is_mounted_read_only() -> None:
+    cfg, env, volumes, mounts = contribution.dataset_wiring(
+        lorac(dataset={"uri": "pvc://scans/breakhis/v2"})["spec"]
+    )
+    assert volumes == [
+        {"name": "dataset", "persistentVolumeClaim": {"claimName": "scans", "readOnly": True}}
+    ]
+    assert mounts[0]["readOnly"] is True and cfg["path"] == "/data/breakhis/v2" and env == []
+
+
+def pod(
+    phase: str, waiting: str = "", message: str = "", code: int | None = None
+) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if waiting:
+        state = {"waiting": {"reason": waiting, "message": message}}
+    if code is not None:
+        state = {"terminated": {"exitCode": code, "message": message}}
+    return {
+        "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"phase": phase, "containerStatuses": [{"state": state}]},
+    }
+
+
+def test_status_for_a_missing_secret_a_failure_and_a_success() -> None:
+    job = {"status": {"active": 1}}
+    o = contribution.Observation(
+        1, "j", job, [pod("Pending", "CreateContainerConfigError", 'secret "s" not found')]
+    )
+    st = contribution.compute_status({}, o)
+    stalled = next(c for c in st["conditions"] if c["type"] == "Stalled")
+    assert (
+        st["phase"] == "Pending"
+        and stalled["status"] == "True"
+        and 'secret "s"' in stalled["message"]
+    )
+
+    failed = {
+        "status": {
+            "failed": 3,
+            "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+        }
+    }
+    o = contribution.Observation(
+        1, "j", failed, [pod("Failed", code=1, message="class mismatch: tumour")]
+    )
+    st = contribution.compute_status({}, o)
+    assert st["phase"] == "Failed" and "class mismatch" in st["conditions"][0]["message"]
+
+    done = {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    o = contribution.Observation(
+        1, "j", done, [], verified={"artifact": {"digest": DIGEST}, "metrics": {"accuracy": 0.9}}
+    )
+    st = contribution.compute_status({}, o)
+    assert st["phase"] == "Succeeded" and st["metrics"]["accuracy"] == 0.9
+    assert all(
+        c["status"] == ("False" if c["type"] in ("Reconciling", "Stalled") else "True")
+        for c in st["conditions"]
+    )
+
+
+def test_selector_strings() -> None:
+    sel = {
+        "matchLabels": {"a": "1"},
+        "matchExpressions": [
+            {"key": "tier", "operator": "In", "values": ["x", "y"]},
+            {"key": "gone", "operator": "DoesNotExist"},
+        ],
+    }
+    assert composite.selector_string(sel) == "a=1,tier in (x,y),!gone"
+
+
+def ready_contribution(
+    ns: str, name: str, digest: str, base: str = DIGEST, since: str = "t1"
+) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": ns, "name": name, "generation": 1},
+        "status": {
+            "observedGeneration": 1,
+            "phase": "Succeeded",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": since}],
+            "artifact": {"digest": digest, "baseModelDigest": base},
+        },
+    }
+
+
+def test_inputs_and_revision_plan() -> None:
+    comp: dict[str, Any] = {
+        "metadata": {"name": "f", "namespace": "forge"},
+        "spec": {
+            "baseModel": {"digest": DIGEST},
+            "minContributions": 2,
+            "integration": "incremental",
+        },
+        "status": {},
+    }
+    a = ready_contribution("h1", "a", "sha256:1", since="t2")
+    b = ready_contribution("h2", "b", "sha256:2", since="t1")
+    other = ready_contribution("h3", "c", "sha256:3", base="sha256:" + "b" * 64)
+    inputs, candidates = composite.evaluate_inputs(comp, [a, b, other])
+    assert [c["metadata"]["name"] for c in candidates] == ["b", "a"]  # arrival order
+    assert next(i for i in inputs if i["name"] == "c")["reason"].startswith("BaseModelMismatch")
+    plan = composite.plan_revision(comp, candidates, [a, b, other])
+    assert plan is not None and plan.revision == 1 and len(plan.all_inputs) == 2
+    assert composite.plan_revision(comp, candidates[:1], [a]) is None  # below minContributions
+    comp["spec"]["paused"] = True
+    assert composite.plan_revision(comp, candidates, [a, b]) is None
+
+
+def test_gate() -> None:
+    ok, _ = composite.gate({"regression": {"lung": 0.01}}, 0.05)
+    assert ok
+    ok, why = composite.gate({"regression": {"lung": 0.01, "colon": 0.2}}, 0.05)
+    assert not ok and "colon regressed by 0.200" in why
+
+
+def test_settings_from_env_and_flags() -> None:
+    env = {
+        "MEDFORGE_STORE_ENDPOINT": "http://s3",
+        "MEDFORGE_STORE_BUCKET": "forge",
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "MEDFORGE_NAMESPACES": "h1, h2",
+        "MEDFORGE_TRAINER_COMMAND": json.dumps(["python", "-m", "t"]),
+    }
+    s = load(["--concurrency", "4"], env)
+    assert (
+        s.namespaces == ("h1", "h2")
+        and s.concurrency == 4
+        and s.trainer_command == ("python", "-m", "t")
+    )
+    assert "s3cr3t-value" not in repr(s)  # credentials never show in logs
+    with pytest.raises(SettingsError, match="MEDFORGE_STORE_BUCKET"):
+        load([], {"MEDFORGE_STORE_ENDPOINT": "http://s3"})
+    with pytest.raises(SettingsError, match="PRESIGN_EXPIRY"):
+        load(["--presign-expiry-seconds", "10"], env)
