@@ -55,6 +55,10 @@ class ClusterAccess:
             )
         return proc
 
+    def apply(self, namespace: str, document: str) -> subprocess.CompletedProcess[str]:
+        """`kubectl apply -n NAMESPACE -f -` of a YAML or JSON document, as a user types it."""
+        return self.kubectl("apply", "-n", namespace, "-f", "-", input=document)
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ClusterAccess]:

@@ -61,23 +61,20 @@ class ForgeStore:
     def uri(self, key: str) -> S3Uri:
         return S3Uri(self.bucket, key)
 
-    def presign_get(self, uri: S3Uri) -> str:
+    def _presign(self, operation: str, uri: S3Uri) -> str:
         return str(
             self._signer.generate_presigned_url(
-                "get_object",
+                operation,
                 Params={"Bucket": uri.bucket, "Key": uri.key},
                 ExpiresIn=self.s.presign_expiry_seconds,
             )
         )
 
+    def presign_get(self, uri: S3Uri) -> str:
+        return self._presign("get_object", uri)
+
     def presign_put(self, uri: S3Uri) -> str:
-        return str(
-            self._signer.generate_presigned_url(
-                "put_object",
-                Params={"Bucket": uri.bucket, "Key": uri.key},
-                ExpiresIn=self.s.presign_expiry_seconds,
-            )
-        )
+        return self._presign("put_object", uri)
 
     def read(self, uri: S3Uri, limit: int = MAX_MANIFEST_BYTES) -> bytes:
         try:

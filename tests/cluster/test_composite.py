@@ -68,13 +68,11 @@ def test_revisions_follow_contributions(
     tag, (a, b) = institutions
     base = forge.upload_base_model("clip-forge")
     other = forge.upload_base_model("other-model", config=b'{"model_type": "vit"}')
-    cluster.kubectl(
-        "apply", "-n", namespace, "-f", "-", input=composite_doc(base, tag, minContributions=1)
-    )
+    cluster.apply(namespace, composite_doc(base, tag, minContributions=1))
     wait_until(lambda: status(cluster, "cmodel", namespace, "forge").get("phase") == "Waiting", 60)
 
     # First arrival: revision 1.
-    cluster.kubectl("apply", "-n", a, "-f", "-", input=contribution("breakhis", base))
+    cluster.apply(a, contribution("breakhis", base))
     st = revision_state(cluster, namespace, 1, "Accepted")
     assert st["current"]["revision"] == 1 and st["current"]["inputCount"] == 1
     assert (
@@ -83,7 +81,7 @@ def test_revisions_follow_contributions(
     first_digest = st["current"]["digest"]
 
     # Second arrival, another institution: revision 2, merged into revision 1 (incremental).
-    cluster.kubectl("apply", "-n", b, "-f", "-", input=contribution("lung", base, task="lung"))
+    cluster.apply(b, contribution("lung", base, task="lung"))
     st = revision_state(cluster, namespace, 2, "Accepted")
     assert st["current"]["inputCount"] == 2
     assert {(i["namespace"], i["state"]) for i in st["inputs"]} == {
@@ -94,7 +92,7 @@ def test_revisions_follow_contributions(
     assert "Ready" in table and " 2 " in table
 
     # A contribution for another base model is excluded, with the reason.
-    cluster.kubectl("apply", "-n", b, "-f", "-", input=contribution("stranger", other))
+    cluster.apply(b, contribution("stranger", other))
     wait_phase(cluster, b, "stranger", "Succeeded")
 
     def excluded() -> dict[str, Any] | None:
@@ -105,9 +103,7 @@ def test_revisions_follow_contributions(
     assert wait_until(excluded, 60)["reason"].startswith("BaseModelMismatch")
 
     # A revision that regresses a task beyond the gate is not accepted.
-    cluster.kubectl(
-        "apply", "-n", a, "-f", "-", input=contribution("noisy", base, task="regress-colon")
-    )
+    cluster.apply(a, contribution("noisy", base, task="regress-colon"))
     st = revision_state(cluster, namespace, 3, "Rejected")
     accepted = condition(st, "Accepted")
     assert accepted["status"] == "False" and accepted["reason"] == "RegressionOverGate"
@@ -128,7 +124,7 @@ def test_revisions_follow_contributions(
         '{"spec": {"paused": true}}',
     )
     wait_until(lambda: status(cluster, "cmodel", namespace, "forge").get("phase") == "Paused", 60)
-    cluster.kubectl("apply", "-n", b, "-f", "-", input=contribution("late", base, task="late"))
+    cluster.apply(b, contribution("late", base, task="late"))
     wait_phase(cluster, b, "late", "Succeeded")
 
     def queued() -> dict[str, Any] | None:

@@ -98,7 +98,7 @@ def test_crd_and_custom_resources_are_validated(cluster: ClusterAccess, namespac
         what="CRD established",
     )
     good = "apiVersion: test.medforge.io/v1\nkind: Widget\nmetadata: {name: ok}\nspec: {size: 3}\n"
-    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=good)
+    out = cluster.apply(namespace, good)
     assert "widget.test.medforge.io/ok created" in out.stdout
     assert get_json(cluster, "widget", "ok", "-n", namespace)["spec"]["size"] == 3
 
@@ -126,14 +126,7 @@ def test_job_completes_through_the_process_kubelet(cluster: ClusterAccess, names
         "volumeMounts": [{"name": "scratch", "mountPath": "/scratch-medforge"}],
     }
     spec = {"volumes": [{"name": "scratch", "emptyDir": {}}]}
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=job("hello", script, extra_container=container, extra_spec=spec),
-    )
+    cluster.apply(namespace, job("hello", script, extra_container=container, extra_spec=spec))
     assert wait_until(lambda: job_condition(cluster, namespace, "hello"), 90) == "Complete"
 
     (pod,) = pods_of(cluster, namespace, "hello")
@@ -152,7 +145,7 @@ def test_failing_job_fails_after_backoff_limit(cluster: ClusterAccess, namespace
         pathlib.Path("/dev/termination-log").write_text("bad input: no data")
         sys.exit(3)
     """
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=job("fails", script, backoff=1))
+    cluster.apply(namespace, job("fails", script, backoff=1))
     assert wait_until(lambda: job_condition(cluster, namespace, "fails"), 120) == "Failed"
     j = get_json(cluster, "job", "fails", "-n", namespace)
     failed = next(c for c in j["status"]["conditions"] if c["type"] == "Failed")
@@ -176,14 +169,7 @@ def test_missing_secret_shows_create_container_config_error(
         ]
     }
     script = "import os; assert os.environ['TOKEN'] == 's3cr3t'"
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=job("needs-secret", script, extra_container=container),
-    )
+    cluster.apply(namespace, job("needs-secret", script, extra_container=container))
 
     def waiting() -> dict[str, Any] | None:
         pods = pods_of(cluster, namespace, "needs-secret")
@@ -251,13 +237,8 @@ def test_restricted_pod_security_is_enforced(cluster: ClusterAccess, namespace: 
     container = {
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     }
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=job("compliant", "print('ok')", extra_container=container, extra_spec=restricted),
+    cluster.apply(
+        namespace, job("compliant", "print('ok')", extra_container=container, extra_spec=restricted)
     )
     assert wait_until(lambda: job_condition(cluster, namespace, "compliant"), 90) == "Complete"
 
@@ -278,7 +259,7 @@ def test_deleting_the_owner_garbage_collects_the_job(
             "blockOwnerDeletion": True,
         }
     ]
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(owned))
+    cluster.apply(namespace, json.dumps(owned))
     wait_until(
         lambda: any(
             p["status"].get("phase") == "Running" for p in pods_of(cluster, namespace, "owned")
@@ -315,7 +296,7 @@ def test_pod_active_deadline_kills_the_process(cluster: ClusterAccess, namespace
             },
         }
     )
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pod)
+    cluster.apply(namespace, pod)
 
     def failed() -> dict[str, Any] | None:
         p = get_json(cluster, "pod", "sleeper", "-n", namespace)
@@ -330,13 +311,8 @@ def test_pod_active_deadline_kills_the_process(cluster: ClusterAccess, namespace
 def test_node_selector_that_does_not_match_stays_pending(
     cluster: ClusterAccess, namespace: str
 ) -> None:
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=job("gpu-node", "print(1)", extra_spec={"nodeSelector": {"gpu": "a100"}}),
+    cluster.apply(
+        namespace, job("gpu-node", "print(1)", extra_spec={"nodeSelector": {"gpu": "a100"}})
     )
 
     def unschedulable() -> dict[str, Any] | None:

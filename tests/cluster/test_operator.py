@@ -64,7 +64,7 @@ def base(forge: Forge) -> tuple[str, str]:
 def test_contribution_trains_verifies_and_reports(
     cluster: ClusterAccess, namespace: str, base: tuple[str, str]
 ) -> None:
-    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=contribution("breakhis", base))
+    out = cluster.apply(namespace, contribution("breakhis", base))
     assert "loracontribution.medforge.io/breakhis created" in out.stdout
     st = wait_phase(cluster, namespace, "breakhis", "Succeeded")
     assert st["observedGeneration"] == 1
@@ -111,7 +111,7 @@ def test_contribution_trains_verifies_and_reports(
 def test_spec_change_starts_a_new_job_and_retires_the_old(
     cluster: ClusterAccess, namespace: str, base: tuple[str, str]
 ) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=contribution("lung", base))
+    cluster.apply(namespace, contribution("lung", base))
     wait_phase(cluster, namespace, "lung", "Succeeded")
     cluster.kubectl(
         "patch",
@@ -152,7 +152,7 @@ def test_missing_secret_is_reported_then_recovers(
             "credentialsSecretRef": {"name": "data-creds"},
         },
     )
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=doc)
+    cluster.apply(namespace, doc)
 
     def stalled() -> dict[str, Any] | None:
         st = status(cluster, "lorac", namespace, "colon")
@@ -182,14 +182,7 @@ def test_missing_secret_is_reported_then_recovers(
 def test_job_failing_backoff_limit_times(
     cluster: ClusterAccess, namespace: str, base: tuple[str, str]
 ) -> None:
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=contribution("broken", base, task="fail-data", backoffLimit=1),
-    )
+    cluster.apply(namespace, contribution("broken", base, task="fail-data", backoffLimit=1))
     st = wait_phase(cluster, namespace, "broken", "Failed", 120)
     stalled = condition(st, "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "BackoffLimitExceeded"
@@ -200,14 +193,7 @@ def test_job_failing_backoff_limit_times(
 def test_digest_mismatch_is_never_ready(
     cluster: ClusterAccess, namespace: str, base: tuple[str, str]
 ) -> None:
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=contribution("tampered", base, task="corrupt-upload"),
-    )
+    cluster.apply(namespace, contribution("tampered", base, task="corrupt-upload"))
     st = wait_phase(cluster, namespace, "tampered", "Failed")
     verified = condition(st, "ArtifactVerified")
     assert verified["status"] == "False" and verified["reason"] == "DigestMismatch"
@@ -218,14 +204,7 @@ def test_digest_mismatch_is_never_ready(
 def test_missing_base_model_is_reported(
     cluster: ClusterAccess, namespace: str, base: tuple[str, str]
 ) -> None:
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=contribution("nobase", ("s3://no-such-bucket/models/x/", base[1])),
-    )
+    cluster.apply(namespace, contribution("nobase", ("s3://no-such-bucket/models/x/", base[1])))
 
     def reported() -> dict[str, Any] | None:
         st = status(cluster, "lorac", namespace, "nobase")
@@ -261,7 +240,7 @@ def test_operator_restart_leaves_no_duplicate_job(
     cluster: ClusterAccess, namespace: str, base: tuple[str, str], operator: OperatorProcess
 ) -> None:
     docs = "\n---\n".join(contribution(f"site-{i}", base) for i in range(8))
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=docs)
+    cluster.apply(namespace, docs)
     time.sleep(0.7)  # mid-reconcile: some Jobs exist, some not yet
     operator.stop(signal.SIGKILL)
     operator.start()
