@@ -21,6 +21,8 @@ from medforge_localcluster.errors import SetupError
 KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.6.16"
 VERSITYGW_VERSION = "v1.8.0"
+HELM_VERSION = "v3.22.0"
+HELM_K8S_MINOR = "37"  # the k8s.io modules helm v3.22.0 is built with (client-go v0.37)
 MIN_KUBERNETES = (1, 34)
 # Free space a cold build needs: module downloads plus Go's build cache (measured ~3 GiB).
 BUILD_DISK_BYTES = 5 * 1024**3
@@ -74,6 +76,21 @@ COMPONENTS = (
         "s3",
         {"versitygw": "github.com/versity/versitygw/cmd/versitygw"},
         (1, 25),
+    ),
+    # helm renders and lints the chart in the tests, as a user would install it.
+    Component(
+        "helm",
+        HELM_VERSION,
+        "helm",
+        {"helm": "helm.sh/helm/v3/cmd/helm"},
+        (1, 26),
+        # As helm's own build stamps them; otherwise it assumes Kubernetes 1.20 when rendering.
+        f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION} "
+        + " ".join(
+            f"-X helm.sh/helm/v3/pkg/{pkg}.k8sVersion{part}={value}"
+            for pkg in ("lint/rules", "chartutil")
+            for part, value in (("Major", "1"), ("Minor", HELM_K8S_MINOR))
+        ),
     ),
 )
 BINARIES = {b: c for c in COMPONENTS for b in c.packages}

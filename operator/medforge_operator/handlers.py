@@ -4,7 +4,9 @@ so a burst of events costs one round and a missed event changes nothing."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -42,10 +44,10 @@ def rt() -> Runtime:
     return RUNTIME
 
 
-def enqueue(plural: str, namespace: str, name: str) -> None:
+def enqueue(plural: str, namespace: str, name: str, body: JSON | None = None) -> None:
     queue = rt().queue
     if queue is not None:
-        queue.add((plural, namespace, name))
+        queue.add((plural, namespace, name), body)
 
 
 def _event(obj: JSON, etype: str, reason: str, message: str) -> None:
@@ -63,11 +65,12 @@ def _composites() -> None:
             enqueue(COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
 
 
-def work(key: Hashable) -> None:
-    """One reconcile round for a queued (plural, namespace, name)."""
+def work(key: Hashable, body: JSON | None) -> None:
+    """One reconcile round for a queued (plural, namespace, name); `body` is the object as its
+    own watch event delivered it, when that event queued it."""
     plural, ns, name = cast(tuple[str, str, str], key)
     r = rt()
-    obj = r.kube.get_object(plural, ns, name)
+    obj = body if body is not None else r.kube.get_object(plural, ns, name)
     if obj is None:
         return
     kind = "contribution" if plural == CONTRIBUTIONS else "composite"
@@ -102,12 +105,36 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     r = rt()
     if r.queue is None:
         r.queue = WorkQueue(work, r.settings.concurrency)
+        threading.Thread(target=resync, name="resync", daemon=True).start()
+
+
+def resync() -> None:
+    """The safety net behind the events: every interval, one list per kind queues every
+    contribution still in flight and every composite (a retry after a failed round, a store
+    that came back). One list each is far cheaper than a timer per object."""
+    r = rt()
+    while True:
+        time.sleep(r.settings.requeue_seconds)
+        try:
+            for ns in r.settings.namespaces or (None,):
+                for c in r.kube.list_objects(CONTRIBUTIONS, ns):
+                    if not rcon.settled(c):
+                        enqueue(CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
+                for c in r.kube.list_objects(COMPOSITES, ns):
+                    enqueue(COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
+        except Exception:
+            log.exception("resync failed; trying again in %s s", r.settings.requeue_seconds)
 
 
 @kopf.on.cleanup()
 def stop(**_: Any) -> None:
     if RUNTIME is not None and RUNTIME.queue is not None:
         RUNTIME.queue.stop()
+
+
+def plain(body: Any) -> JSON:
+    out: JSON = json.loads(json.dumps(dict(body)))
+    return out
 
 
 def _meta(body: kopf.Body) -> tuple[str, str, JSON]:
@@ -128,17 +155,7 @@ def contribution_event(type: str, body: kopf.Body, **_: Any) -> None:
     # A status that already describes this generation was written by us: its Job's and pods'
     # events (and the timer) drive what happens next, so our own write does not re-trigger.
     if status.get("observedGeneration") != body["metadata"].get("generation"):
-        enqueue(CONTRIBUTIONS, ns, name)
-
-
-@kopf.timer(GROUP, VERSION, CONTRIBUTIONS, interval=20, initial_delay=20)
-def contribution_timer(body: kopf.Body, **_: Any) -> None:
-    status = body.get("status") or {}
-    if status.get("phase") not in ("Succeeded", "Failed") or status.get(
-        "observedGeneration"
-    ) != body["metadata"].get("generation"):
-        ns, name, _labels = _meta(body)
-        enqueue(CONTRIBUTIONS, ns, name)
+        enqueue(CONTRIBUTIONS, ns, name, plain(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_COMPONENT: "train"})
@@ -159,12 +176,6 @@ def composite_event(type: str, body: kopf.Body, **_: Any) -> None:
     if type != "DELETED":
         ns, name, _labels = _meta(body)
         enqueue(COMPOSITES, ns, name)
-
-
-@kopf.timer(GROUP, VERSION, COMPOSITES, interval=30, initial_delay=30)
-def composite_timer(body: kopf.Body, **_: Any) -> None:
-    ns, name, _labels = _meta(body)
-    enqueue(COMPOSITES, ns, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_COMPONENT: "merge"})

@@ -32,6 +32,7 @@ class Settings:
     concurrency: int = 16
     job_ttl_seconds: int = 7 * 24 * 3600
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    health_port: int = 0  # 0: no liveness endpoint
     requeue_seconds: float = 20.0
 
     @property
@@ -55,6 +56,7 @@ ENV = {
     "concurrency": "MEDFORGE_CONCURRENCY",
     "job_ttl_seconds": "MEDFORGE_JOB_TTL_SECONDS",
     "metrics_port": "MEDFORGE_METRICS_PORT",
+    "health_port": "MEDFORGE_HEALTH_PORT",
 }
 REQUIRED = ("store_endpoint", "store_bucket", "store_access_key", "store_secret_key")
 
@@ -109,7 +111,13 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             out[name] = tuple(n.strip() for n in value.split(",") if n.strip())
         elif name in ("trainer_command", "merger_command"):
             out[name] = _command(value, what)
-        elif name in ("presign_expiry_seconds", "concurrency", "job_ttl_seconds", "metrics_port"):
+        elif name in (
+            "presign_expiry_seconds",
+            "concurrency",
+            "job_ttl_seconds",
+            "metrics_port",
+            "health_port",
+        ):
             try:
                 out[name] = int(value)
             except ValueError as exc:

@@ -11,13 +11,16 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import Any
 
 log = logging.getLogger("medforge.workqueue")
 
 
 class WorkQueue:
-    def __init__(self, handler: Callable[[Hashable], None], workers: int) -> None:
+    def __init__(self, handler: Callable[[Hashable, Any], None], workers: int) -> None:
         self._handler = handler
+        # The newest object seen with a trigger, if the trigger carried one (saves a read).
+        self._bodies: dict[Hashable, Any] = {}
         self._cv = threading.Condition()
         self._waiting: OrderedDict[Hashable, None] = OrderedDict()
         self._active: set[Hashable] = set()
@@ -30,8 +33,12 @@ class WorkQueue:
         for t in self._threads:
             t.start()
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, body: Any = None) -> None:
         with self._cv:
+            if body is not None:
+                self._bodies[key] = body
+            else:
+                self._bodies.pop(key, None)  # a bare trigger: the worker reads the object fresh
             if key in self._active:
                 self._again.add(key)
             elif key not in self._waiting:
@@ -46,9 +53,10 @@ class WorkQueue:
                 if self._stopped:
                     return
                 key, _ = self._waiting.popitem(last=False)
+                body = self._bodies.pop(key, None)
                 self._active.add(key)
             try:
-                self._handler(key)
+                self._handler(key, body)
             except Exception:
                 log.exception("reconcile of %s failed; it runs again on the next trigger", key)
             finally:

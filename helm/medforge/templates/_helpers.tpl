@@ -1,0 +1,35 @@
+{{- define "medforge.name" -}}medforge-operator{{- end -}}
+{{- define "medforge.labels" -}}
+app.kubernetes.io/name: medforge
+app.kubernetes.io/component: operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+{{- define "medforge.selector" -}}
+app.kubernetes.io/name: medforge
+app.kubernetes.io/component: operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+{{/* The permissions the operator needs, and nothing more: it never reads Secrets. */}}
+{{- define "medforge.rules" -}}
+- apiGroups: [medforge.io]
+  resources: [loracontributions, compositemodels]
+  verbs: [get, list, watch]
+- apiGroups: [medforge.io]
+  resources: [loracontributions/status, compositemodels/status]
+  verbs: [get, patch, update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

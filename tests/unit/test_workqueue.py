@@ -1,0 +1,60 @@
+"""The coalescing work queue: a burst of triggers for one object is one round (plus one more if
+a trigger arrives while it runs); different objects run in parallel."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+from typing import Any
+
+from medforge_operator.workqueue import WorkQueue
+
+
+def test_bursts_coalesce_and_nothing_is_missed() -> None:
+    calls: list[tuple[Hashable, Any]] = []
+    gate = threading.Event()
+    started = threading.Event()
+
+    def handler(key: Hashable, body: Any) -> None:
+        calls.append((key, body))
+        if key == "a" and len(calls) == 1:
+            started.set()
+            gate.wait(5)
+
+    q = WorkQueue(handler, workers=2)
+    try:
+        q.add("a", {"v": 1})
+        assert started.wait(5)
+        for i in range(50):  # while "a" runs: these collapse into one more round
+            q.add("a", {"v": i})
+        q.add("b")
+        gate.set()
+        deadline = time.monotonic() + 5
+        while q.depth() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        a_calls = [body for key, body in calls if key == "a"]
+        assert a_calls == [{"v": 1}, {"v": 49}]  # the newest body of the burst
+        assert [key for key, _ in calls].count("b") == 1
+    finally:
+        q.stop()
+
+
+def test_a_failing_round_does_not_stop_the_workers() -> None:
+    seen: list[Hashable] = []
+
+    def handler(key: Hashable, body: Any) -> None:
+        seen.append(key)
+        if key == "bad":
+            raise RuntimeError("boom")
+
+    q = WorkQueue(handler, workers=1)
+    try:
+        q.add("bad")
+        q.add("good")
+        deadline = time.monotonic() + 5
+        while "good" not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == ["bad", "good"]
+    finally:
+        q.stop()
