@@ -76,6 +76,17 @@ class Kube:
         out: JSON = json.loads(resp.data) if resp.data else {}
         return out
 
+    def list_metadata(self, path: str, **params: Any) -> list[JSON]:
+        """A list of only the objects' metadata (PartialObjectMetadataList): cheap to poll."""
+        url = self.server + path + (("?" + urlencode(params)) if params else "")
+        headers = dict(self._headers)
+        headers["Accept"] = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+        resp = self.http.request("GET", url, headers=headers, timeout=30.0)
+        if resp.status >= 400:
+            raise ApiError(resp.status, resp.data.decode(errors="replace"))
+        items: list[JSON] = json.loads(resp.data)["items"]
+        return items
+
     def get(self, path: str, **params: Any) -> JSON:
         return self.request("GET", path, params=params or None)
 

@@ -1,5 +1,5 @@
-"""kopf handlers: thin. Every trigger (an object's events, its Jobs', their pods', a timer) only
-queues the object; a pool of workers runs one idempotent reconcile round per queued object,
+"""kopf handlers: thin. Every trigger (an object's events; its Jobs' and pods' events, from
+label-selected watches in childwatch.py; a periodic resync) only queues the object; a pool of workers runs one idempotent reconcile round per queued object,
 so a burst of events costs one round and a missed event changes nothing."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import kopf
 from medforge_operator import COMPOSITES, CONTRIBUTIONS, GROUP, VERSION, jobs
 from medforge_operator import reconcile_composite as rcomp
 from medforge_operator import reconcile_contribution as rcon
+from medforge_operator.childwatch import ChildWatch
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import RECONCILE_SECONDS, RECONCILES
 from medforge_operator.settings import Settings
@@ -36,6 +37,7 @@ class Runtime:
 
 
 RUNTIME: Runtime | None = None
+STOPPING = threading.Event()
 
 
 def rt() -> Runtime:
@@ -106,6 +108,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     if r.queue is None:
         r.queue = WorkQueue(work, r.settings.concurrency)
         threading.Thread(target=resync, name="resync", daemon=True).start()
+        selector = f"app.kubernetes.io/managed-by={jobs.MANAGED_BY}"
+        for ns in r.settings.namespaces or (None,):
+            for kind in ("Job", "Pod"):
+                ChildWatch(r.kube, kind, ns, selector, child_event, STOPPING).start()
 
 
 def resync() -> None:
@@ -128,6 +134,7 @@ def resync() -> None:
 
 @kopf.on.cleanup()
 def stop(**_: Any) -> None:
+    STOPPING.set()
     if RUNTIME is not None and RUNTIME.queue is not None:
         RUNTIME.queue.stop()
 
@@ -158,16 +165,6 @@ def contribution_event(type: str, body: kopf.Body, **_: Any) -> None:
         enqueue(CONTRIBUTIONS, ns, name, plain(body))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_COMPONENT: "train"})
-@kopf.on.event("", "v1", "pods", labels={jobs.LABEL_COMPONENT: "train"})
-def training_child_event(body: kopf.Body, **_: Any) -> None:
-    ns, _name, labels = _meta(body)
-    if body.get("kind") == "Job" and not body.get("status"):
-        return  # a Job just created (by us) has nothing to report yet
-    if owner := labels.get(jobs.LABEL_OWNER):
-        enqueue(CONTRIBUTIONS, ns, owner)
-
-
 # ----- CompositeModel and its Jobs and pods -----
 
 
@@ -178,9 +175,13 @@ def composite_event(type: str, body: kopf.Body, **_: Any) -> None:
         enqueue(COMPOSITES, ns, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_COMPONENT: "merge"})
-@kopf.on.event("", "v1", "pods", labels={jobs.LABEL_COMPONENT: "merge"})
-def merge_child_event(body: kopf.Body, **_: Any) -> None:
-    ns, _name, labels = _meta(body)
-    if owner := labels.get(jobs.LABEL_OWNER):
-        enqueue(COMPOSITES, ns, owner)
+def child_event(kind: str, namespace: str, labels: dict[str, str], obj: JSON) -> None:
+    """A Job or pod of ours changed: queue its owner."""
+    if kind == "Job" and not obj.get("status"):
+        return  # a Job just created (by us) has nothing to report yet
+    owner = labels.get(jobs.LABEL_OWNER)
+    component = labels.get(jobs.LABEL_COMPONENT)
+    if owner and component == "train":
+        enqueue(CONTRIBUTIONS, namespace, owner)
+    elif owner and component == "merge":
+        enqueue(COMPOSITES, namespace, owner)
