@@ -1,0 +1,1 @@
+"""medforge-merge: merges verified LoRA contributions into a composite revision."""
