@@ -1,0 +1,233 @@
+"""`medforge-merge` run by hand on adapters on disk: verification before any math, exact
+results, and a one-line reason on failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medforge_merger.adapters import StreamingWriter
+from tests.merge_helpers import BASE, MODULES, dense, files, make_adapter
+
+
+def run_merge(tmp: Path, cfg: dict[str, Any], out: str = "out") -> tuple[int, str, Path]:
+    (tmp / "job.json").write_text(json.dumps(cfg))
+    term = tmp / "termination-log"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medforge_merger",
+            "--config",
+            str(tmp / "job.json"),
+            "--output-dir",
+            str(tmp / out),
+            "--termination-log",
+            str(term),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return proc.returncode, term.read_text(), tmp / out
+
+
+def config(inputs: list[dict[str, Any]], **strategy: Any) -> dict[str, Any]:
+    return {
+        "kind": "merge",
+        "baseModel": {"digest": BASE, "files": []},
+        "integration": "full",
+        "strategy": {"type": "linear", **strategy},
+        "inputs": inputs,
+    }
+
+
+def entry(name: str, digest: str, directory: Path) -> dict[str, Any]:
+    return {"namespace": "h", "name": name, "digest": digest, "files": files(directory)}
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def test_linear_merge_of_mixed_ranks_is_exact(tmp_path: Path) -> None:
+    specs = [(4, 1, 8.0), (8, 2, 16.0), (16, 3, 16.0)]
+    made = [
+        make_adapter(tmp_path / f"a{i}", r, seed, alpha) for i, (r, seed, alpha) in enumerate(specs)
+    ]
+    weights = {"h/a0": 0.5, "a1": -1.0}  # by namespace/name and by name; a2 gets 1
+    cfg = config(
+        [entry(f"a{i}", d, tmp_path / f"a{i}") for i, (d, _) in enumerate(made)], weights=weights
+    )
+    code, term, out = run_merge(tmp_path, cfg)
+    assert code == 0, term
+    result = json.loads(term)
+    assert [i["coefficient"] for i in result["inputs"]] == [0.5, -1.0, 1.0]
+    merged = load(out / "adapter.safetensors")
+    for m in MODULES:
+        ref = torch.stack(
+            [
+                w * dense(t, m, alpha / r)
+                for (_, t), (r, _, alpha), w in zip(made, specs, [0.5, -1.0, 1.0], strict=True)
+            ]
+        ).sum(0)
+        ours = merged[f"{m}.lora_B.weight"].double() @ merged[f"{m}.lora_A.weight"].double()
+        assert merged[f"{m}.lora_A.weight"].shape[0] == 28  # cat of ranks 4 + 8 + 16
+        assert rel(ours, ref) < 1e-5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["meta"]["strategy"] == "linear" and manifest["base_model_digest"] == BASE
+
+
+def test_svd_merge_is_the_best_low_rank_approximation(tmp_path: Path) -> None:
+    made = [make_adapter(tmp_path / f"a{i}", r, i) for i, r in enumerate([4, 8, 16])]
+    cfg = config(
+        [entry(f"a{i}", d, tmp_path / f"a{i}") for i, (d, _) in enumerate(made)], type="svd", rank=6
+    )
+    code, term, out = run_merge(tmp_path, cfg)
+    assert code == 0, term
+    merged = load(out / "adapter.safetensors")
+    for m in MODULES:
+        ref = torch.stack(
+            [dense(t, m, 16.0 / r) for (_, t), r in zip(made, [4, 8, 16], strict=True)]
+        ).sum(0)
+        u, s, vh = torch.linalg.svd(ref)
+        best = (u[:, :6] * s[:6]) @ vh[:6]
+        ours = merged[f"{m}.lora_B.weight"].double() @ merged[f"{m}.lora_A.weight"].double()
+        assert merged[f"{m}.lora_A.weight"].shape == (6, ref.shape[1])
+        assert rel(ours, best) < 1e-4  # float32 storage
+
+
+def test_bad_inputs_are_excluded_with_reasons_and_the_merge_goes_on(tmp_path: Path) -> None:
+    good = [make_adapter(tmp_path / f"good{i}", 4, i) for i in range(2)]
+    inputs = [entry(f"good{i}", d, tmp_path / f"good{i}") for i, (d, _) in enumerate(good)]
+
+    d_corrupt, _ = make_adapter(tmp_path / "corrupt", 4, 10)
+    raw = bytearray((tmp_path / "corrupt" / "adapter.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "corrupt" / "adapter.safetensors").write_bytes(bytes(raw))
+    inputs.append(entry("corrupt", d_corrupt, tmp_path / "corrupt"))
+
+    d_other, _ = make_adapter(tmp_path / "other", 4, 11, base="sha256:" + "c" * 64)
+    inputs.append(entry("other", d_other, tmp_path / "other"))
+
+    d_nan, t_nan = make_adapter(tmp_path / "nan", 4, 12)
+    t_nan[f"{MODULES[0]}.lora_A.weight"][0, 0] = float("nan")
+    save_file(t_nan, str(tmp_path / "nan" / "adapter.safetensors"))
+    from medforge_common.manifest import Manifest
+
+    m = Manifest("contribution", BASE, meta={"rank": 4, "alpha": 16})
+    m.add_file(tmp_path / "nan" / "adapter.safetensors")
+    (tmp_path / "nan" / "manifest.json").write_text(m.to_json())
+    import hashlib
+
+    d_nan = (
+        "sha256:" + hashlib.sha256((tmp_path / "nan" / "manifest.json").read_bytes()).hexdigest()
+    )
+    inputs.append(entry("nan", d_nan, tmp_path / "nan"))
+
+    d_wide, _ = make_adapter(tmp_path / "wide", 4, 13, d=40)
+    inputs.append(entry("wide", d_wide, tmp_path / "wide"))
+
+    inputs.append(
+        {
+            "namespace": "h",
+            "name": "pickled",
+            "digest": d_other,
+            "files": [
+                {"name": "adapter.bin", "path": str(tmp_path / "good0" / "adapter.safetensors")}
+            ],
+        }
+    )
+    inputs.append(
+        {**entry("lying", good[0][0], tmp_path / "other")}
+    )  # announced digest != manifest
+
+    code, term, _ = run_merge(tmp_path, config(inputs))
+    assert code == 0, term
+    reasons = {i["name"]: i.get("reason", "") for i in json.loads(term)["inputs"]}
+    states = {i["name"]: i["state"] for i in json.loads(term)["inputs"]}
+    assert states == {
+        "good0": "Included",
+        "good1": "Included",
+        "corrupt": "Excluded",
+        "other": "Excluded",
+        "nan": "Excluded",
+        "wide": "Excluded",
+        "pickled": "Excluded",
+        "lying": "Excluded",
+    }
+    assert "adapter.safetensors: sha256" in reasons["corrupt"]
+    assert "trained for base model" in reasons["other"]
+    assert "NaN or Inf" in reasons["nan"]
+    assert "incompatible target module" in reasons["wide"]
+    assert "pickle" in reasons["pickled"] and "safetensors" in reasons["pickled"]
+    assert "digest" in reasons["lying"]
+
+
+def test_no_usable_input_fails_with_one_line(tmp_path: Path) -> None:
+    d, _ = make_adapter(tmp_path / "other", 4, 1, base="sha256:" + "c" * 64)
+    code, term, out = run_merge(tmp_path, config([entry("other", d, tmp_path / "other")]))
+    assert (
+        code == 1
+        and "\n" not in term
+        and term.startswith("merge failed: no input passed verification")
+    )
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_searched_strategies_say_they_are_not_available(tmp_path: Path) -> None:
+    d, _ = make_adapter(tmp_path / "a", 4, 1)
+    code, term, _ = run_merge(tmp_path, config([entry("a", d, tmp_path / "a")], type="fusion"))
+    assert code == 1 and "fusion needs the coefficient search" in term
+
+
+def test_incremental_merge_adds_to_the_current_revision(tmp_path: Path) -> None:
+    first = [make_adapter(tmp_path / f"a{i}", 4, i) for i in range(2)]
+    code, term, rev1 = run_merge(
+        tmp_path,
+        config([entry(f"a{i}", d, tmp_path / f"a{i}") for i, (d, _) in enumerate(first)]),
+        "rev1",
+    )
+    assert code == 0, term
+    new_digest, new = make_adapter(tmp_path / "late", 8, 7)
+    cfg = config([entry("late", new_digest, tmp_path / "late")])
+    cfg["integration"] = "incremental"
+    cfg["current"] = {
+        "revision": 1,
+        "digest": json.loads(term)["artifact"]["digest"],
+        "files": files(rev1),
+    }
+    code, term, rev2 = run_merge(tmp_path, cfg, "rev2")
+    assert code == 0, term
+    merged = load(rev2 / "adapter.safetensors")
+    for m in MODULES:
+        ref = sum(dense(t, m, 4.0) for _, t in first) + dense(new, m, 2.0)
+        ours = merged[f"{m}.lora_B.weight"].double() @ merged[f"{m}.lora_A.weight"].double()
+        assert rel(ours, ref) < 1e-5
+
+
+def test_streaming_writer_round_trips_and_aborts_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    w = StreamingWriter(path, [("a", (2, 3)), ("b", (4,))])
+    w.write("a", torch.arange(6.0).reshape(2, 3))
+    w.write("b", torch.ones(4))
+    w.close()
+    got = load(path)
+    assert torch.equal(got["a"], torch.arange(6.0).reshape(2, 3)) and torch.equal(
+        got["b"], torch.ones(4)
+    )
+    w = StreamingWriter(path, [("a", (2, 3))])
+    w.abort()
+    assert not path.exists()  # nothing half-written is left
