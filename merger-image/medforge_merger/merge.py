@@ -58,11 +58,7 @@ def merge_to_file(
 ) -> int:
     """Write the composite to `path`; returns its largest rank (0 for dense strategies)."""
     if s.type in SEARCHED:
-        raise st.MergeError(
-            f"strategy {s.type} needs the coefficient search on distilled sets, "
-            "which this version of medforge-merge does not ship yet; use linear, "
-            "cat, svd, ties, dare-linear or dare-ties"
-        )
+        raise st.MergeError(f"strategy {s.type} is searched (medforge_merger.search), not streamed")
     if s.type == "svd" and not s.rank:
         raise st.MergeError("strategy svd needs spec.strategy.rank")
     plan = layout(adapters, weights, s)

@@ -12,7 +12,12 @@ from medforge_operator.conditions import Cond, is_true, merge_conditions
 from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
-OUTPUT_FILES = ("adapter.safetensors", "manifest.json", "mixture.safetensors")
+OUTPUT_FILES = (
+    "adapter.safetensors",
+    "manifest.json",
+    "mixture.safetensors",
+    "tasks.safetensors",
+)
 
 
 def selector_string(sel: JSON | None) -> str:
@@ -161,6 +166,9 @@ def merge_config(
         "gate": spec.get("gate", {}),
         "output": {"uri": str(output_uri), "files": outputs},
     }
+    if current is not None:
+        # Regressions are measured against the revision this one replaces, in either mode.
+        cfg["previous"] = {"revision": current["revision"], "metrics": current.get("metrics", {})}
     if incremental and current is not None and current_files is not None:
         cfg["current"] = {
             "revision": current["revision"],

@@ -12,7 +12,12 @@ from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
-OUTPUT_FILES = ("adapter.safetensors", "manifest.json", "distilled.safetensors")
+OUTPUT_FILES = (
+    "adapter.safetensors",
+    "head.safetensors",
+    "manifest.json",
+    "distilled.safetensors",
+)
 DATA_MOUNT = "/data"
 
 

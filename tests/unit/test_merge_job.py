@@ -187,10 +187,10 @@ def test_no_usable_input_fails_with_one_line(tmp_path: Path) -> None:
     assert not (out / "adapter.safetensors").exists()
 
 
-def test_searched_strategies_say_they_are_not_available(tmp_path: Path) -> None:
+def test_searched_strategies_need_the_base_model(tmp_path: Path) -> None:
     d, _ = make_adapter(tmp_path / "a", 4, 1)
     code, term, _ = run_merge(tmp_path, config([entry("a", d, tmp_path / "a")], type="fusion"))
-    assert code == 1 and "fusion needs the coefficient search" in term
+    assert code == 1 and "fusion searches on the base model: baseModel.files is empty" in term
 
 
 def test_incremental_merge_adds_to_the_current_revision(tmp_path: Path) -> None:

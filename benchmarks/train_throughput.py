@@ -1,0 +1,223 @@
+"""Training throughput of `medforge-train` against a plain peft + torch loop, in one run.
+
+Both train the same LoRA (rank 16, alpha 16, q_proj and v_proj of the vision tower) on the same
+CLIP-style model (built from a config: nothing is downloaded), the same batch size, epochs and
+generated images, with the CLIP-prompt head. Each side runs as its own process, alternating
+(ours, plain, ours, plain, ...), and counts images per second from its first training step to its
+last, so the shared machine's noise hits both alike. The plain loop is what a researcher writes:
+get_peft_model, AdamW, cross-entropy, loss.item() each step.
+
+    .venv/bin/python benchmarks/train_throughput.py [--rounds 3] [--per-class 128] [--epochs 2]
+
+Writes benchmarks/results/train_throughput.json (with the device: CPU, or the GPU's name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CLASSES = ["adenocarcinoma", "benign", "squamous"]
+
+PLAIN = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+from PIL import Image
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, CLIPModel
+
+base, data, batch, epochs, lr = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+classes = json.loads(sys.argv[6])
+torch.manual_seed(0)
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+clip = CLIPModel.from_pretrained(base, use_safetensors=True)
+tok = AutoTokenizer.from_pretrained(base)
+size = clip.config.vision_config.image_size
+mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1) * 255
+std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) * 255
+xs, ys = [], []
+for label, c in enumerate(classes):
+    for p in sorted((data / c).glob("*.png")):
+        im = Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        xs.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1))
+        ys.append(label)
+x_all, y_all = torch.stack(xs), torch.tensor(ys)
+with torch.no_grad():
+    t = tok([f"a photo of {c}" for c in classes], padding=True, return_tensors="pt")
+    text = torch.nn.functional.normalize(clip.text_projection(clip.text_model(**t).pooler_output), dim=-1)
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
+        self.register_buffer("text", text)
+        self.scale = float(clip.logit_scale.exp())
+    def forward(self, x):
+        f = self.visual_projection(self.vision_model(pixel_values=x).pooler_output)
+        return self.scale * torch.nn.functional.normalize(f, dim=-1) @ self.text.T
+
+net = get_peft_model(Net(), LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+net.to(dev).train()
+bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr)
+g = torch.Generator().manual_seed(0)
+seen, start = 0, time.perf_counter()
+for epoch in range(epochs):
+    order = torch.randperm(len(y_all), generator=g)
+    for i in range(0, len(order), batch):
+        idx = order[i:i + batch]
+        x = (x_all[idx].to(dev).float() - mean.to(dev)) / std.to(dev)
+        y = y_all[idx].to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+        seen += len(idx)
+if dev.type == "cuda":
+    torch.cuda.synchronize()
+print(json.dumps({"imagesPerSecond": seen / (time.perf_counter() - start)}))
+"""
+
+
+def build(
+    root: Path, per_class: int, width: int, layers: int, image: int
+) -> tuple[Path, str, Path]:
+    from tests.train_helpers import make_dataset, prepare, tiny_clip
+
+    base = tiny_clip(root / "clip", image_size=image)
+    # Widen the vision tower to something closer to real work than the unit tests' toy.
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig.from_pretrained(str(base))
+    vision: Any = cfg.vision_config
+    vision.hidden_size = width
+    vision.intermediate_size = 4 * width
+    vision.num_hidden_layers = layers
+    vision.num_attention_heads = max(1, width // 64)
+    vision.patch_size = 16
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(str(base))
+    digest = prepare(base)
+    data = make_dataset(root / "data", CLASSES, per_class, size=image, seed=0)
+    return base, digest, data
+
+
+def run_ours(
+    root: Path, base: Path, digest: str, data: Path, batch: int, epochs: int
+) -> tuple[float, int]:
+    cfg = {
+        "baseModel": {"digest": digest, "path": str(base)},
+        "task": {"name": "bench", "classes": CLASSES, "head": "clip-prompt"},
+        # The smallest split the trainer allows, so both sides train on nearly the same images.
+        "dataset": {"uri": str(data), "validationFraction": 0.05},
+        "lora": {"rank": 16, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
+        "training": {"epochs": epochs, "batchSize": batch, "learningRate": 1e-4, "seed": 0},
+    }
+    (root / "job.json").write_text(json.dumps(cfg))
+    out = root / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medforge_trainer",
+            "--config",
+            str(root / "job.json"),
+            "--output-dir",
+            str(out),
+            "--termination-log",
+            str(root / "term"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    meta = json.loads((out / "manifest.json").read_text())["meta"]
+    return float(meta["training"]["imagesPerSecond"]), int(meta["samples"]["train"])
+
+
+def run_plain(base: Path, data: Path, batch: int, epochs: int) -> float:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PLAIN,
+            str(base),
+            str(data),
+            str(batch),
+            str(epochs),
+            "1e-4",
+            json.dumps(CLASSES),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["imagesPerSecond"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--per-class", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--image", type=int, default=96)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    args = p.parse_args()
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="medforge-train-bench-") as tmp:
+        root = Path(tmp)
+        base, digest, data = build(root, args.per_class, args.width, args.layers, args.image)
+        ours, plain, ratios = [], [], []
+        for r in range(args.rounds):
+            a, _ = run_ours(root, base, digest, data, args.batch, args.epochs)
+            b = run_plain(base, data, args.batch, args.epochs)
+            ours.append(a)
+            plain.append(b)
+            ratios.append(a / b)
+            print(
+                f"round {r + 1}: medforge-train {a:.1f} img/s, plain peft loop {b:.1f} img/s, ratio {a / b:.3f}",
+                flush=True,
+            )
+    result: dict[str, Any] = {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "model": f"CLIP vision tower width {args.width}, {args.layers} layers, {args.image}px, patch 16",
+        "batch": args.batch,
+        "epochs": args.epochs,
+        "images": args.per_class * len(CLASSES),
+        "medforge_train_images_per_s": ours,
+        "plain_peft_images_per_s": plain,
+        "ratios": ratios,
+        "median_ratio": statistics.median(ratios),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

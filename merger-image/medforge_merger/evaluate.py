@@ -1,0 +1,82 @@
+"""Scoring a composite on each task's distilled set: the base model with the composite's weight
+updates added in place (and restored exactly afterwards), each task's own head on top."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medforge_common.metrics import classification_metrics
+from medforge_merger.tasks import Task
+from medforge_trainer import model
+
+Deltas = dict[str, torch.Tensor]  # module name (as in the base model) -> dense update (d x k)
+
+
+class EvaluationError(Exception):
+    pass
+
+
+class Evaluator:
+    def __init__(self, base_dir: Path) -> None:
+        self.base, self.tokenizer, _ = model.load_base(base_dir)
+        self._classifiers: dict[str, model.Classifier] = {}
+
+    def classifier(self, task: Task) -> model.Classifier:
+        clf = self._classifiers.get(task.name)
+        if clf is None:
+            clf = model.Classifier(self.base, task.head, tuple(task.classes), self.tokenizer)
+            if task.head == "linear":
+                if not task.head_weights:
+                    raise EvaluationError(
+                        f"task {task.name}: a linear head but no head.safetensors"
+                    )
+                clf.head.load_state_dict(task.head_weights)
+            clf.eval()
+            self._classifiers[task.name] = clf
+        return clf
+
+    def _module(self, name: str) -> nn.Linear:
+        try:
+            mod = self.base.get_submodule(name)
+        except AttributeError as exc:
+            raise EvaluationError(f"the base model has no module {name}") from exc
+        if not isinstance(mod, nn.Linear):
+            raise EvaluationError(f"{name} is not a linear layer of the base model")
+        return mod
+
+    @contextlib.contextmanager
+    def applied(self, deltas: Deltas) -> Iterator[None]:
+        saved: list[tuple[nn.Linear, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for name, delta in deltas.items():
+                    mod = self._module(name)
+                    if tuple(delta.shape) != tuple(mod.weight.shape):
+                        raise EvaluationError(
+                            f"{name}: update {tuple(delta.shape)} does not fit the base "
+                            f"weight {tuple(mod.weight.shape)}"
+                        )
+                    saved.append((mod, mod.weight.detach().clone()))
+                    mod.weight += delta.to(mod.weight.dtype)
+            yield
+        finally:
+            with torch.no_grad():
+                for mod, original in saved:
+                    mod.weight.copy_(original)
+
+    @torch.no_grad()
+    def logits(self, task: Task, deltas: Deltas, batch: int = 128) -> torch.Tensor:
+        clf = self.classifier(task)
+        with self.applied(deltas):
+            out = [clf(task.images[i : i + batch]) for i in range(0, len(task.images), batch)]
+        return torch.cat(out).float()
+
+    def metrics(self, task: Task, deltas: Deltas) -> dict[str, Any]:
+        probs = torch.softmax(self.logits(task, deltas), dim=-1)
+        return classification_metrics(task.labels, probs)

@@ -1,0 +1,173 @@
+"""MedForge-Fusion and MedForge-Mixture: coefficients found by a gradient-free search (nevergrad
+NGOpt) that minimises cross-entropy on the distilled sets of the tasks merged so far, plus an L1
+penalty on the coefficients.
+
+- fusion (as published): theta <- a*theta + b*phi for every lora_A and lora_B tensor. The update
+  is then (aB1 + bB2)(aA1 + bA2), which carries the cross terms a*b*(B1 A2 + B2 A1).
+- fusion-exact: the same search over a*dW_theta + b*dW_phi, kept exactly as stacked factors
+  ([aB1 | bB2] and [A1; A2]): no cross terms, the rank grows with each step.
+- mixture: output level, p <- a*p + b*q_new, where q_j are the class probabilities of the model
+  with adapter j alone; only the newest pair is searched, on all tasks so far.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medforge_merger.evaluate import Deltas, Evaluator
+from medforge_merger.strategies import Factors, MergeError
+from medforge_merger.tasks import Task
+
+FactorMap = dict[str, Factors]  # module -> (B with the scale folded in, A)
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    budget: int = 40
+    l1: float = 0.05
+    seed: int = 0
+    init: float = 0.5
+    bound: float = 1.5
+
+
+def search_pair(
+    loss: Callable[[float, float], float], s: SearchSettings, step: int
+) -> tuple[float, float, float]:
+    """(a, b, loss) minimising loss(a, b) + l1 * mean(|a|, |b|) with NGOpt, seeded per step."""
+    import nevergrad as ng
+
+    # NGOpt's COBYLA stage warns about its own default tolerance on every call.
+    warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
+    param = ng.p.Array(init=np.array([s.init, s.init])).set_bounds(-s.bound, s.bound)
+    param.random_state.seed(s.seed + step)
+    opt = ng.optimizers.NGOpt(parametrization=param, budget=s.budget)
+
+    def objective(x: np.ndarray) -> float:
+        a, b = float(x[0]), float(x[1])
+        value = loss(a, b) + s.l1 * (abs(a) + abs(b)) / 2
+        return value if math.isfinite(value) else 1e9
+
+    rec = opt.minimize(objective)
+    a, b = (float(v) for v in rec.value)
+    return a, b, objective(np.array([a, b]))
+
+
+def dense(f: FactorMap) -> Deltas:
+    return {m: x.B @ x.A for m, x in f.items()}
+
+
+def combine(theta: FactorMap, phi: FactorMap, a: float, b: float, exact: bool) -> FactorMap:
+    out: FactorMap = {}
+    for m in sorted(set(theta) | set(phi)):
+        t, p = theta.get(m), phi.get(m)
+        if t is None or p is None:  # a module only one side adapts: the other adds nothing
+            one, w = (t, a) if t is not None else (p, b)
+            assert one is not None
+            out[m] = Factors(one.B * w, one.A) if exact else Factors(one.B * w, one.A * w)
+            continue
+        if exact:
+            out[m] = Factors(torch.cat([a * t.B, b * p.B], dim=1), torch.cat([t.A, p.A], dim=0))
+        else:
+            if t.A.shape != p.A.shape:
+                raise MergeError(
+                    f"fusion combines lora_A and lora_B tensors directly, so {m} needs the same "
+                    f"rank in every adapter (got {t.A.shape[0]} and {p.A.shape[0]}); "
+                    "use fusion-exact for adapters of different ranks"
+                )
+            out[m] = Factors(a * t.B + b * p.B, a * t.A + b * p.A)
+    return out
+
+
+def task_loss(ev: Evaluator, tasks: Sequence[Task], deltas: Deltas) -> float:
+    losses = [float(nn.functional.cross_entropy(ev.logits(t, deltas), t.labels)) for t in tasks]
+    return sum(losses) / len(losses)
+
+
+@dataclass
+class FusionStep:
+    a: float
+    b: float
+    loss: float
+
+
+def fusion(
+    ev: Evaluator,
+    theta: FactorMap,
+    arrivals: Sequence[tuple[FactorMap, Task | None]],
+    tasks_so_far: list[Task],
+    s: SearchSettings,
+    exact: bool,
+    log: Callable[[str], None] = print,
+) -> tuple[FactorMap, list[FusionStep]]:
+    """Fold each arriving adapter into theta; the tasks list grows as tasks arrive."""
+    steps = []
+    for i, (phi, task) in enumerate(arrivals):
+        if task is not None:
+            tasks_so_far.append(task)
+        if not tasks_so_far:
+            raise MergeError("fusion needs at least one distilled set to search on")
+
+        def loss(a: float, b: float, theta: FactorMap = theta, phi: FactorMap = phi) -> float:
+            return task_loss(ev, tasks_so_far, dense(combine(theta, phi, a, b, exact)))
+
+        a, b, value = search_pair(loss, s, i)
+        log(
+            f"fusion step {i + 1}: a={a:.4f} b={b:.4f} loss={value:.4f} on {len(tasks_so_far)} task(s)"
+        )
+        theta = combine(theta, phi, a, b, exact)
+        steps.append(FusionStep(a, b, value))
+    return theta, steps
+
+
+def mixture_probs(
+    q: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], task: str
+) -> torch.Tensor:
+    p = sum((w * qj[task] for w, qj in zip(weights, q, strict=True)), torch.zeros_like(q[0][task]))
+    p = p.clamp_min(EPS)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+def mixture(
+    q: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    tasks: Sequence[Task],
+    s: SearchSettings,
+    first_step: int,
+    log: Callable[[str], None] = print,
+) -> tuple[list[float], list[FusionStep]]:
+    """Extend `weights` (for q[:len(weights)]) to every adapter in q, one searched pair per new
+    adapter. With no weights yet, the first pair (a0, b0) covers the first two adapters."""
+    steps = []
+    weights = list(weights)
+    if not weights:
+        if len(q) == 1:
+            return [1.0], []
+        weights = [1.0]
+    for j in range(len(weights), len(q)):
+
+        def loss(a: float, b: float, j: int = j, prev: list[float] = weights) -> float:
+            w = [a * x for x in prev] + [b]
+            total = 0.0
+            for t in tasks:
+                p = mixture_probs(q[: j + 1], w, t.name)
+                total += float(nn.functional.nll_loss(p.log(), t.labels))
+            return total / len(tasks)
+
+        a, b, value = search_pair(loss, s, first_step + j)
+        log(f"mixture step {j}: a={a:.4f} b={b:.4f} loss={value:.4f}")
+        weights = [a * x for x in weights] + [b]
+        steps.append(FusionStep(a, b, value))
+    return weights, steps
+
+
+@torch.no_grad()
+def adapter_probs(ev: Evaluator, deltas: Deltas, tasks: Sequence[Task]) -> dict[str, torch.Tensor]:
+    return {t.name: torch.softmax(ev.logits(t, deltas), dim=-1) for t in tasks}

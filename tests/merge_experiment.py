@@ -1,0 +1,171 @@
+"""The synthetic three-institution setup: one tiny CLIP, three hospitals with their own tasks
+(2, 3 and 2 classes whose visual cues overlap), adapters trained by medforge-train with distilled
+sets, merged by medforge-merge, scored on held-out images nobody trained or searched on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medforge_common.manifest import Manifest
+from medforge_merger.__main__ import main as merge_main
+from medforge_merger.evaluate import Evaluator
+from medforge_merger.mixture import MIXTURE_FILE, Mixture
+from medforge_merger.search import dense
+from medforge_merger.strategies import Factors
+from medforge_merger.tasks import Task
+from medforge_trainer import dataset, model
+from medforge_trainer.__main__ import main as train_main
+from tests.train_helpers import job_config, make_dataset, prepare, tiny_clip
+
+INSTITUTIONS = [
+    ("breakhis", ["benign", "malignant"], 0),
+    ("lung", ["adenocarcinoma", "benign tissue", "squamous"], 1),
+    ("colon", ["normal", "tumor"], 2),
+]
+
+
+@dataclass
+class Setup:
+    base: Path
+    digest: str
+    adapters: list[Path]
+    heldout: list[Task]
+
+
+def build(
+    root: Path,
+    seed: int = 0,
+    per_class: int = 40,
+    ipc: int = 5,
+    iters: int = 60,
+) -> Setup:
+    base = tiny_clip(root / "clip", seed=seed)
+    digest = prepare(base)
+    size, mean, std = model.image_settings(
+        base, {"model_type": "clip", "vision_config": {"image_size": 32}}
+    )
+    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    adapters, heldout = [], []
+    for i, (task, classes, style) in enumerate(INSTITUTIONS):
+        data = make_dataset(
+            root / task / "data", classes, per_class, seed=100 * seed + i, style=style
+        )
+        cfg = job_config(
+            base,
+            digest,
+            data,
+            classes,
+            task={"name": task, "classes": classes},
+            training={"seed": seed, "epochs": 4},
+            distillation={"imagesPerClass": ipc, "iterations": iters},
+        )
+        (root / task / "job.json").write_text(json.dumps(cfg))
+        out = root / task / "adapter"
+        rc = train_main(
+            [
+                "--config",
+                str(root / task / "job.json"),
+                "--output-dir",
+                str(out),
+                "--termination-log",
+                str(root / task / "term"),
+            ]
+        )
+        assert rc == 0, (root / task / "term").read_text()
+        adapters.append(out)
+        held = make_dataset(
+            root / task / "heldout", classes, 30, seed=100 * seed + 50 + i, style=style
+        )
+        loaded = dataset.load(held, tuple(classes), size, 0.5, 0, 0.0)
+        imgs = torch.cat([loaded.train.images, loaded.validation.images]).float()
+        labels = torch.cat([loaded.train.labels, loaded.validation.labels])
+        heldout.append(Task(task, classes, "clip-prompt", (imgs - m) / s, labels))
+    return Setup(base, digest, adapters, heldout)
+
+
+def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str) -> Path:
+    inputs = []
+    for i, d in enumerate(setup.adapters):
+        raw = (d / "manifest.json").read_text()
+        files = [{"name": f.name, "path": str(d / f.name)} for f in Manifest.from_json(raw).files]
+        files.append({"name": "manifest.json", "path": str(d / "manifest.json")})
+        inputs.append(
+            {
+                "namespace": f"hospital-{i}",
+                "name": INSTITUTIONS[i][0],
+                "digest": Manifest.from_json(raw).digest(),
+                "files": files,
+            }
+        )
+    cfg = {
+        "kind": "merge",
+        "baseModel": {"digest": setup.digest, "path": str(setup.base)},
+        "strategy": strategy,
+        "integration": "full",
+        "inputs": inputs,
+        "output": {},
+    }
+    (root / f"{name}.json").write_text(json.dumps(cfg))
+    out = root / name
+    rc = merge_main(
+        [
+            "--config",
+            str(root / f"{name}.json"),
+            "--output-dir",
+            str(out),
+            "--termination-log",
+            str(root / f"{name}.term"),
+        ]
+    )
+    assert rc == 0, (root / f"{name}.term").read_text()
+    return out
+
+
+def heldout_scores(setup: Setup, composite: Path) -> list[float]:
+    """Accuracy per task on the held-out images."""
+    ev = Evaluator(setup.base)
+    scores = []
+    if (composite / MIXTURE_FILE).is_file():
+        mix = Mixture.load(composite / MIXTURE_FILE)
+        for t in setup.heldout:
+            scores.append(float((mix.probabilities(ev, t).argmax(1) == t.labels).double().mean()))
+        return scores
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(composite / "adapter.safetensors"))
+    factors = {
+        k[: -len(".lora_A.weight")]: Factors(
+            tensors[k[: -len("lora_A.weight")] + "lora_B.weight"], v
+        )
+        for k, v in tensors.items()
+        if k.endswith(".lora_A.weight")
+    }
+    deltas = dense(factors)
+    for t in setup.heldout:
+        scores.append(float((ev.logits(t, deltas).argmax(1) == t.labels).double().mean()))
+    return scores
+
+
+def experiment(root: Path, seed: int = 0) -> dict[str, Any]:
+    setup = build(root, seed)
+    uniform = {f"hospital-{i}/{t[0]}": 1 / 3 for i, t in enumerate(INSTITUTIONS)}
+    strategies = {
+        "uniform": {"type": "linear", "weights": uniform},
+        "fusion": {"type": "fusion", "search": {"seed": seed}},
+        "fusion-exact": {"type": "fusion-exact", "search": {"seed": seed}},
+        "mixture": {"type": "mixture", "search": {"seed": seed}},
+    }
+    out: dict[str, Any] = {}
+    for name, strat in strategies.items():
+        scores = heldout_scores(setup, merge(setup, root, strat, name))
+        out[name] = {
+            "per_task": [round(x, 4) for x in scores],
+            "mean": round(sum(scores) / len(scores), 4),
+        }
+    return out

@@ -1,0 +1,232 @@
+"""`medforge-train`: job config in; the base model and dataset verified; a LoRA adapter trained
+and evaluated; optionally a distilled summary set; safetensors plus manifest.json out (presigned
+PUT URLs, or a directory by hand); the result JSON in the termination message. Any failure:
+non-zero exit and a one-line reason there."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from medforge_common.manifest import FileEntry, Manifest, sha256_file
+from medforge_common.result import DEFAULT_PATH, encode_result, failure_line
+from medforge_trainer import VERSION, config, dataset, distill, model, sources, train
+from medforge_trainer.errors import ConfigError, TrainFailed
+
+JSON = dict[str, Any]
+ADAPTER_FILE = "adapter.safetensors"
+HEAD_FILE = "head.safetensors"
+DISTILLED_FILE = "distilled.safetensors"
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
+    torch.manual_seed(cfg.training.seed)
+    rt = train.pick_runtime(cfg.training.precision)
+    base_dir = sources.fetch_base_model(cfg, work / "base")
+    log(f"base model {cfg.base_digest[:19]}... verified")
+    base, tokenizer, base_config = model.load_base(base_dir)
+    size, mean, std = model.image_settings(base_dir, base_config)
+    root = sources.materialize_dataset(cfg.dataset, work / "data")
+    data = dataset.load(
+        root,
+        cfg.classes,
+        size,
+        cfg.dataset.validation_fraction,
+        cfg.training.seed,
+        cfg.dataset.max_corrupt_fraction,
+    )
+    log(
+        f"dataset: {len(data.train.labels)} train / {len(data.validation.labels)} validation "
+        f"images, {len(cfg.classes)} classes, {data.corrupt} corrupt skipped"
+    )
+    clf = model.add_lora(model.Classifier(base, cfg.head, cfg.classes, tokenizer), cfg.lora)
+    clf.to(rt.device)
+    norm = train.normalizer(mean, std, rt.device)
+    log(
+        f"training on {rt.device.type}"
+        + (f" with {rt.autocast_dtype} autocast" if rt.autocast_dtype else " in fp32")
+    )
+    stats = train.train(clf, data.train, cfg.training, rt, norm, log)
+    metrics = train.evaluate(clf, data.validation, rt, norm)
+    log("validation: " + json.dumps(metrics))
+
+    out: list[Path] = []
+    adapter_path = work / ADAPTER_FILE
+    save_file(model.adapter_state(clf), str(adapter_path), metadata={"format": "pt"})
+    out.append(adapter_path)
+    head = model.head_state(clf)
+    if head:
+        save_file(head, str(work / HEAD_FILE), metadata={"format": "pt"})
+        out.append(work / HEAD_FILE)
+    if cfg.distillation.images_per_class > 0:
+        for param in clf.parameters():
+            param.requires_grad_(False)
+        images, labels = distill.distill(
+            clf.features,
+            data.train,
+            len(cfg.classes),
+            cfg.distillation,
+            norm,
+            cfg.training.seed,
+            rt.device,
+            log,
+        )
+        save_file(
+            {"images": images.contiguous(), "labels": labels},
+            str(work / DISTILLED_FILE),
+            metadata={
+                "classes": json.dumps(list(cfg.classes)),
+                "task": cfg.task,
+                "space": "normalized",
+                "image_mean": json.dumps(list(mean)),
+                "image_std": json.dumps(list(std)),
+            },
+        )
+        out.append(work / DISTILLED_FILE)
+
+    manifest = Manifest(
+        "contribution",
+        cfg.base_digest,
+        [],
+        {
+            "task": cfg.task,
+            "classes": list(cfg.classes),
+            "head": cfg.head,
+            "rank": cfg.lora.rank,
+            "alpha": cfg.lora.alpha,
+            "dropout": cfg.lora.dropout,
+            "targetModules": list(cfg.lora.target_modules),
+            "metrics": metrics,
+            "datasetFingerprint": data.fingerprint,
+            "samples": {"train": len(data.train.labels), "validation": len(data.validation.labels)},
+            "corruptSkipped": data.corrupt,
+            "seed": cfg.training.seed,
+            "training": {
+                "epochs": cfg.training.epochs,
+                "batchSize": cfg.training.batch_size,
+                "learningRate": cfg.training.learning_rate,
+                "device": rt.device.type,
+                "imagesPerSecond": round(stats["imagesPerSecond"], 2),
+            },
+            "distillation": {
+                "imagesPerClass": cfg.distillation.images_per_class,
+                "iterations": cfg.distillation.iterations,
+            },
+            "baseModelType": base_config.get("model_type"),
+            "tool": f"medforge-train {VERSION}",
+        },
+    )
+    entries = [manifest.add_file(p) for p in out]
+    manifest_path = work / "manifest.json"
+    manifest_path.write_text(manifest.to_json())
+    for p in [*out, manifest_path]:
+        sources.upload(p.name, p, cfg, output_dir)
+    return {
+        "artifact": {
+            "uri": cfg.output_uri or (str(output_dir) if output_dir else ""),
+            "digest": manifest.digest(),
+            "sizeBytes": sum(e.size for e in entries),
+        },
+        "metrics": metrics,
+    }
+
+
+def prepare_base_model(directory: Path) -> int:
+    """Write manifest.json for a save_pretrained directory and print its digest."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != "manifest.json")
+    for p in files:
+        sources.check_base_file_name(p.name)
+    entries = [FileEntry(p.name, *sha256_file(p)) for p in files]
+    manifest = Manifest("base-model", "", entries, {"tool": f"medforge-train {VERSION}"})
+    (directory / "manifest.json").write_text(manifest.to_json())
+    print(manifest.digest())
+    return 0
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="medforge-train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="job config JSON file (default: $MEDFORGE_JOB_CONFIG)")
+    p.add_argument("--output-dir", help="write the outputs here instead of the config's URLs")
+    p.add_argument(
+        "--termination-log", default=os.environ.get("MEDFORGE_TERMINATION_LOG", str(DEFAULT_PATH))
+    )
+    p.add_argument(
+        "--prepare-base-model",
+        metavar="DIR",
+        help="write manifest.json for a save_pretrained directory, print its digest, and exit",
+    )
+    args = p.parse_args(argv)
+    if args.prepare_base_model:
+        try:
+            return prepare_base_model(Path(args.prepare_base_model))
+        except (OSError, TrainFailed) as exc:
+            print(failure_line(str(exc)), file=sys.stderr)
+            return 1
+    term = Path(args.termination_log)
+
+    def finish(text: str, code: int) -> int:
+        with contextlib.suppress(OSError):  # by hand there may be no termination-message path
+            term.write_text(text)
+        print(text, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+        return code
+
+    try:
+        raw = Path(args.config).read_text() if args.config else os.environ["MEDFORGE_JOB_CONFIG"]
+        cfg = config.parse(json.loads(raw))
+    except (KeyError, OSError, json.JSONDecodeError) as exc:
+        return finish(
+            failure_line(
+                f"no readable job config ({exc}); pass --config or set MEDFORGE_JOB_CONFIG"
+            ),
+            2,
+        )
+    except ConfigError as exc:
+        return finish(failure_line(f"invalid job config: {exc}"), 2)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if os.environ.get("TMPDIR"):  # the Job's scratch emptyDir: the root filesystem is read-only
+        Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="medforge-train-") as tmp:
+        try:
+            result = run(cfg, Path(tmp), out_dir)
+        except TrainFailed as exc:
+            return finish(failure_line(f"training failed: {exc}"), 1)
+        except (MemoryError, RuntimeError) as exc:
+            if not is_oom(exc):
+                raise
+            return finish(
+                failure_line(
+                    f"training failed: out of memory at batch size {cfg.training.batch_size}; "
+                    "lower spec.training.batchSize or give the Job more memory"
+                ),
+                1,
+            )
+    log(f"done in {time.monotonic() - started:.1f} s")
+    return finish(encode_result(result), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

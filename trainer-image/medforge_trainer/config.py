@@ -1,0 +1,211 @@
+"""The job config (see design.md, "Job contract"), checked and typed before any work starts.
+
+The operator writes it from a LoRAContribution's spec; by hand, a hospital writes the same JSON
+with local paths (`baseModel.path`, `dataset.path`, `--output-dir`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from medforge_trainer.errors import ConfigError
+
+JSON = dict[str, Any]
+HEADS = ("clip-prompt", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    seed: int = 0
+    precision: str = "auto"
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    images_per_class: int = 0
+    iterations: int = 1000
+    learning_rate: float = 10.0
+    real_batch: int = 64
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    uri: str  # s3://bucket/prefix/ or a local directory
+    validation_fraction: float = 0.2
+    endpoint: str | None = None
+    credentials_from_env: bool = False
+    max_corrupt_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str
+    classes: tuple[str, ...]
+    head: str
+    base_digest: str
+    base_files: tuple[JSON, ...]  # [{name, url} | {name, path}]
+    base_path: str | None
+    dataset: DatasetSettings
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    distillation: DistillSettings = field(default_factory=DistillSettings)
+    output_uri: str = ""
+    output_files: dict[str, str] = field(default_factory=dict)
+    contribution: JSON = field(default_factory=dict)
+
+
+def _obj(cfg: JSON, key: str, path: str) -> JSON:
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}{key}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _num(
+    section: JSON,
+    key: str,
+    path: str,
+    default: float,
+    lo: float,
+    hi: float,
+    integer: bool = False,
+    lo_open: bool = False,
+) -> Any:
+    value = section.get(key, default)
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{path}.{key}: expected {kind}, got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise ConfigError(f"{path}.{key}: {value!r} is outside {left}{lo}, {hi}]")
+    return int(value) if integer else float(value)
+
+
+def parse(cfg: Any) -> TrainConfig:
+    """Check the whole config and return it typed, or raise ConfigError naming the field."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("the job config must be a JSON object")
+    task = _obj(cfg, "task", "")
+    name = task.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("task.name: a task name is required")
+    classes = task.get("classes")
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+    ):
+        raise ConfigError("task.classes: list at least two class names (the dataset's folders)")
+    if len(set(classes)) != len(classes):
+        raise ConfigError("task.classes: class names must be unique")
+    head = task.get("head", "clip-prompt")
+    if head not in HEADS:
+        raise ConfigError(f"task.head: {head!r} is not one of {', '.join(HEADS)}")
+
+    base = _obj(cfg, "baseModel", "")
+    digest = base.get("digest")
+    if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
+        raise ConfigError("baseModel.digest: expected sha256:<64 hex digits> of its manifest.json")
+    files = base.get("files") or []
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and ("url" in f or "path" in f)
+        for f in files
+    ):
+        raise ConfigError("baseModel.files: expected a list of {name, url} or {name, path}")
+    base_path = base.get("path")
+    if not files and not isinstance(base_path, str):
+        raise ConfigError(
+            "baseModel: give files (presigned URLs, set by the operator) or path (a local "
+            "directory holding the model and its manifest.json)"
+        )
+
+    ds = _obj(cfg, "dataset", "")
+    uri = ds.get("path") or ds.get("uri")
+    if not isinstance(uri, str) or not uri:
+        raise ConfigError("dataset.uri: an s3://bucket/prefix/ or a local directory is required")
+    if uri.startswith("pvc://"):
+        raise ConfigError(
+            "dataset.path: a pvc:// dataset is read from its mount; the operator sets "
+            "dataset.path, by hand give the local directory"
+        )
+    dataset = DatasetSettings(
+        uri=uri,
+        validation_fraction=_num(ds, "validationFraction", "dataset", 0.2, 0.0, 0.9, lo_open=True),
+        endpoint=ds.get("endpoint") or None,
+        credentials_from_env=bool(ds.get("credentialsFromEnv")),
+        max_corrupt_fraction=_num(ds, "maxCorruptFraction", "dataset", 0.05, 0.0, 1.0),
+    )
+
+    lo = _obj(cfg, "lora", "")
+    targets = lo.get("targetModules", ["q_proj", "v_proj"])
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ConfigError(
+            "lora.targetModules: list the module names to adapt, e.g. [q_proj, v_proj]"
+        )
+    lora = LoraSettings(
+        rank=_num(lo, "rank", "lora", 16, 1, 1024, integer=True),
+        alpha=_num(lo, "alpha", "lora", 16.0, 0.0, 4096.0, lo_open=True),
+        dropout=_num(lo, "dropout", "lora", 0.1, 0.0, 0.9),
+        target_modules=tuple(targets),
+    )
+    tr = _obj(cfg, "training", "")
+    precision = tr.get("precision", "auto")
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"training.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
+    training = TrainingSettings(
+        epochs=_num(tr, "epochs", "training", 3, 1, 1000, integer=True),
+        batch_size=_num(tr, "batchSize", "training", 32, 1, 4096, integer=True),
+        learning_rate=_num(tr, "learningRate", "training", 1e-4, 0.0, 1.0, lo_open=True),
+        seed=_num(tr, "seed", "training", 0, 0, 2**32 - 1, integer=True),
+        precision=precision,
+        weight_decay=_num(tr, "weightDecay", "training", 0.0, 0.0, 1.0),
+    )
+    di = _obj(cfg, "distillation", "")
+    distillation = DistillSettings(
+        images_per_class=_num(di, "imagesPerClass", "distillation", 0, 0, 1000, integer=True),
+        iterations=_num(di, "iterations", "distillation", 1000, 1, 100000, integer=True),
+        learning_rate=_num(di, "learningRate", "distillation", 10.0, 0.0, 1000.0, lo_open=True),
+        real_batch=_num(di, "realBatch", "distillation", 64, 1, 4096, integer=True),
+    )
+    out = _obj(cfg, "output", "")
+    out_files = out.get("files") or {}
+    if not isinstance(out_files, dict):
+        raise ConfigError("output.files: expected a map of file name to presigned PUT URL")
+    return TrainConfig(
+        task=name,
+        classes=tuple(classes),
+        head=head,
+        base_digest=digest,
+        base_files=tuple(files),
+        base_path=base_path if isinstance(base_path, str) else None,
+        dataset=dataset,
+        lora=lora,
+        training=training,
+        distillation=distillation,
+        output_uri=str(out.get("uri") or ""),
+        output_files={str(k): str(v) for k, v in out_files.items()},
+        contribution=_obj(cfg, "contribution", ""),
+    )
