@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from medforge_common.manifest import Manifest
 from medforge_merger.__main__ import main as merge_main
@@ -41,8 +42,8 @@ def build(
     root: Path,
     seed: int = 0,
     per_class: int = 40,
-    ipc: int = 5,
-    iters: int = 60,
+    ipc: int = 10,
+    iters: int = 300,
 ) -> Setup:
     base = tiny_clip(root / "clip", seed=seed)
     digest = prepare(base)
@@ -89,7 +90,7 @@ def build(
     return Setup(base, digest, adapters, heldout)
 
 
-def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str) -> Path:
+def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str, **extra: Any) -> Path:
     inputs = []
     for i, d in enumerate(setup.adapters):
         raw = (d / "manifest.json").read_text()
@@ -110,6 +111,7 @@ def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str) -> Path
         "integration": "full",
         "inputs": inputs,
         "output": {},
+        **extra,
     }
     (root / f"{name}.json").write_text(json.dumps(cfg))
     out = root / name
@@ -127,33 +129,55 @@ def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str) -> Path
     return out
 
 
-def heldout_scores(setup: Setup, composite: Path) -> list[float]:
-    """Accuracy per task on the held-out images."""
-    ev = Evaluator(setup.base)
-    scores = []
-    if (composite / MIXTURE_FILE).is_file():
-        mix = Mixture.load(composite / MIXTURE_FILE)
-        for t in setup.heldout:
-            scores.append(float((mix.probabilities(ev, t).argmax(1) == t.labels).double().mean()))
-        return scores
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(composite / "adapter.safetensors"))
-    factors = {
-        k[: -len(".lora_A.weight")]: Factors(
-            tensors[k[: -len("lora_A.weight")] + "lora_B.weight"], v
+def read_factors(path: Path, scale: float = 1.0) -> dict[str, Factors]:
+    tensors = load_file(str(path))
+    return {
+        k.removesuffix(".lora_A.weight"): Factors(
+            tensors[k.removesuffix("lora_A.weight") + "lora_B.weight"] * scale, v
         )
         for k, v in tensors.items()
         if k.endswith(".lora_A.weight")
     }
+
+
+def averaged_ab(setup: Setup) -> dict[str, Factors]:
+    """The research code's averaging baseline: lora_A and lora_B tensors averaged separately
+    (as peft's linear combination does), cross terms included."""
+    maps = []
+    for d in setup.adapters:
+        meta = Manifest.from_json((d / "manifest.json").read_text()).meta
+        maps.append(read_factors(d / "adapter.safetensors", meta["alpha"] / meta["rank"]))
+    return {
+        m: Factors(
+            torch.stack([f[m].B for f in maps]).mean(0), torch.stack([f[m].A for f in maps]).mean(0)
+        )
+        for m in maps[0]
+    }
+
+
+def heldout_scores(setup: Setup, composite: Path | dict[str, Factors]) -> list[float]:
+    """Accuracy per task on the held-out images."""
+    ev = Evaluator(setup.base)
+    if isinstance(composite, Path) and (composite / MIXTURE_FILE).is_file():
+        mix = Mixture.load(composite / MIXTURE_FILE)
+        return [
+            float((mix.probabilities(ev, t).argmax(1) == t.labels).double().mean())
+            for t in setup.heldout
+        ]
+    factors = (
+        read_factors(composite / "adapter.safetensors")
+        if isinstance(composite, Path)
+        else composite
+    )
     deltas = dense(factors)
-    for t in setup.heldout:
-        scores.append(float((ev.logits(t, deltas).argmax(1) == t.labels).double().mean()))
-    return scores
+    return [
+        float((ev.logits(t, deltas).argmax(1) == t.labels).double().mean()) for t in setup.heldout
+    ]
 
 
-def experiment(root: Path, seed: int = 0) -> dict[str, Any]:
-    setup = build(root, seed)
+def experiment(root: Path, seed: int = 0, setup: Setup | None = None) -> dict[str, Any]:
+    """Held-out accuracy per task and its mean for each way of combining the three adapters."""
+    setup = setup or build(root, seed)
     uniform = {f"hospital-{i}/{t[0]}": 1 / 3 for i, t in enumerate(INSTITUTIONS)}
     strategies = {
         "uniform": {"type": "linear", "weights": uniform},
@@ -162,8 +186,11 @@ def experiment(root: Path, seed: int = 0) -> dict[str, Any]:
         "mixture": {"type": "mixture", "search": {"seed": seed}},
     }
     out: dict[str, Any] = {}
+    composites: dict[str, Path | dict[str, Factors]] = {"average-ab": averaged_ab(setup)}
     for name, strat in strategies.items():
-        scores = heldout_scores(setup, merge(setup, root, strat, name))
+        composites[name] = merge(setup, root, strat, name)
+    for name, composite in composites.items():
+        scores = heldout_scores(setup, composite)
         out[name] = {
             "per_task": [round(x, 4) for x in scores],
             "mean": round(sum(scores) / len(scores), 4),

@@ -24,6 +24,7 @@ from medforge_common.manifest import (
     Manifest,
     ManifestError,
     check_safe_name,
+    sha256_file,
     verify_dir,
 )
 from medforge_common.metrics import classification_metrics
@@ -124,6 +125,22 @@ def _load_current(
         None,
         tasks,
     )
+
+
+def _evaluation_task(spec: JSON, task: Task, d: Path) -> Task:
+    """An evaluation set given in the config: a safetensors file in the distilled sets' format
+    (`images` normalised for the base model, `labels`), scored with `task`'s head."""
+    files = spec.get("files") or []
+    if len(files) != 1 or not str(files[0].get("name", "")).endswith(".safetensors"):
+        raise JobFailed(f"evaluation for {task.name}: give exactly one .safetensors file")
+    d.mkdir()
+    fetch(files[0], d)
+    path = d / files[0]["name"]
+    if "sha256" in files[0] and sha256_file(path)[0] != files[0]["sha256"]:
+        raise JobFailed(f"evaluation for {task.name}: {path.name} does not match its sha256")
+    with safe_open(str(path), framework="pt") as f:
+        images, labels = f.get_tensor("images").float(), f.get_tensor("labels").long()
+    return Task(task.name, task.classes, task.head, images, labels, task.head_weights)
 
 
 def _round(m: JSON) -> JSON:
@@ -296,6 +313,17 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
             metrics[t.name] = _round(score) | (
                 {"solo": t.solo["accuracy"]} if "accuracy" in t.solo else {}
             )
+        for i, spec in enumerate(cfg.get("evaluation") or []):
+            name = spec.get("task")
+            task = next((t for t in tasks_so_far if t.name == name), None)
+            if task is None:
+                raise JobFailed(f"evaluation[{i}].task: {name!r} is not among the merged tasks")
+            held = _evaluation_task(spec, task, work / f"evaluation-{i}")
+            if s.type == "mixture":
+                score = classification_metrics(held.labels, mix.probabilities(ev, held))
+            else:
+                score = ev.metrics(held, deltas or {})
+            metrics[task.name]["evaluation"] = _round(score)
     previous = (cfg.get("previous") or cfg.get("current") or {}).get("metrics") or {}
     regression = {
         name: round(float(prev["accuracy"]) - float(metrics[name]["accuracy"]), 4)
@@ -391,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("TMPDIR"):  # the Job's scratch emptyDir: the root filesystem is read-only
+        Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medforge-merge-") as tmp:
         try:
             result = run(cfg, Path(tmp), out_dir)

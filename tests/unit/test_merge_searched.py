@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 from medforge_common.manifest import Manifest
 from medforge_merger.__main__ import main as merge_main
 from medforge_merger.tasks import TASKS_FILE, load_bundle
-from tests.merge_experiment import INSTITUTIONS, Setup, build, heldout_scores, merge
+from tests.merge_experiment import (
+    INSTITUTIONS,
+    Setup,
+    build,
+    experiment,
+    heldout_scores,
+    merge,
+)
 
 INSTITUTIONS_BY_NAME = {name: classes for name, classes, _ in INSTITUTIONS}
 
@@ -49,7 +56,7 @@ def test_searched_strategies_merge_all_three_tasks(
     assert sorted(res["metrics"]) == sorted(names)
     for name in names:
         m = res["metrics"][name]
-        assert 0 <= m["accuracy"] <= 1 and m["samples"] == 5 * len(
+        assert 0 <= m["accuracy"] <= 1 and m["samples"] == 10 * len(
             dict((t[0], t[1]) for t in INSTITUTIONS)[name]
         )
         # Each adapter alone recognises its own distilled set well above chance.
@@ -160,3 +167,40 @@ def test_fusion_refuses_adapters_of_different_ranks(setup: Setup, tmp_path: Path
     with pytest.raises(AssertionError, match="use fusion-exact for adapters of different ranks"):
         merge(mixed, tmp_path, {"type": "fusion"}, "mixed")
     merge(mixed, tmp_path, {"type": "fusion-exact"}, "mixed-exact")  # exact handles them
+
+
+def test_three_institutions_against_averaging(setup: Setup, tmp_path: Path) -> None:
+    """Held-out mean accuracy (seed 0; benchmarks/three_institutions.py runs more seeds).
+    MedForge-Fusion and -Mixture beat the research code's averaging of lora_A and lora_B;
+    fusion-exact also beats exact uniform task arithmetic. (Fusion and Mixture do not beat the
+    exact uniform average on this setup: see the README's table.)"""
+    r = experiment(tmp_path, 0, setup)
+    mean = {k: v["mean"] for k, v in r.items()}
+    assert mean["fusion"] >= mean["average-ab"], mean
+    assert mean["mixture"] >= mean["average-ab"], mean
+    assert mean["fusion-exact"] >= mean["uniform"], mean
+
+
+@pytest.mark.parametrize("strategy", ["svd", "mixture"])
+def test_evaluation_sets_given_in_the_config_are_scored(
+    setup: Setup, tmp_path: Path, strategy: str
+) -> None:
+    from safetensors.torch import save_file
+
+    held = setup.heldout[1]
+    save_file(
+        {"images": held.images, "labels": held.labels}, str(tmp_path / "lung-test.safetensors")
+    )
+    spec = {
+        "task": "lung",
+        "files": [
+            {"name": "lung-test.safetensors", "path": str(tmp_path / "lung-test.safetensors")}
+        ],
+    }
+    out = merge(setup, tmp_path, {"type": strategy, "rank": 8}, "ev", evaluation=[spec])
+    scored = result(tmp_path, "ev")["metrics"]["lung"]["evaluation"]
+    assert scored["samples"] == len(held.labels)
+    assert scored["accuracy"] == pytest.approx(heldout_scores(setup, out)[1], abs=1e-4)
+    spec["task"] = "cardiology"
+    with pytest.raises(AssertionError, match=r"evaluation\[0\]\.task: 'cardiology' is not among"):
+        merge(setup, tmp_path, {"type": strategy, "rank": 8}, "ev2", evaluation=[spec])

@@ -215,3 +215,25 @@ def test_settings_from_env_and_flags() -> None:
         load([], {"MEDFORGE_STORE_ENDPOINT": "http://s3"})
     with pytest.raises(SettingsError, match="PRESIGN_EXPIRY"):
         load(["--presign-expiry-seconds", "10"], env)
+
+
+def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
+    current = {"revision": 3, "digest": "sha256:c", "metrics": {"lung": {"accuracy": 0.9}}}
+    comp: dict[str, Any] = {
+        "metadata": {"name": "f", "namespace": "forge"},
+        "spec": {"baseModel": {"digest": DIGEST}, "integration": "full"},
+        "status": {"current": current},
+    }
+    plan = composite.Plan(4, [], [])
+    base = [{"name": "manifest.json", "url": "u"}]
+    uri = composite.output_prefix("b", "forge", "f", 4)
+    full = composite.merge_config(comp, plan, base, [], None, {}, uri)
+    assert full["previous"] == {"revision": 3, "metrics": current["metrics"]}
+    assert full["integration"] == "full" and "current" not in full
+    comp["spec"]["integration"] = "incremental"
+    files = [{"name": "adapter.safetensors", "url": "v"}]
+    inc = composite.merge_config(comp, plan, base, [], files, {}, uri)
+    assert inc["integration"] == "incremental" and inc["current"]["files"] == files
+    assert inc["previous"]["metrics"] == current["metrics"]
+    assert "tasks.safetensors" in composite.OUTPUT_FILES
+    assert "head.safetensors" in contribution.OUTPUT_FILES

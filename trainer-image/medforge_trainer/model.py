@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from medforge_trainer.config import LoraSettings
@@ -159,6 +158,9 @@ def target_pattern(model: Classifier, targets: tuple[str, ...]) -> str:
 
 
 def add_lora(model: Classifier, lora: LoraSettings) -> Classifier:
+    # Imported here: the merger scores composites with this module and never needs peft.
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, takes floats

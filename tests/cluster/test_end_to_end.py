@@ -1,0 +1,173 @@
+"""The whole MedForge loop with the real programs: three hospitals train LoRA contributions with
+`medforge-train` on data in their own S3 buckets (credentials in their own Secrets), and a
+CompositeModel merges them with MedForge-Fusion through `medforge-merge`, revision after revision,
+scored on the distilled sets; everything driven by the operator through the process kubelet."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.conftest import Forge, OperatorProcess
+from tests.cluster.test_composite import composite_doc, revision_state
+from tests.cluster.test_operator import condition, wait_phase
+from tests.conftest import ClusterAccess
+from tests.merge_experiment import INSTITUTIONS
+from tests.train_helpers import make_dataset, prepare, tiny_clip
+
+
+@pytest.fixture
+def real_operator(
+    cluster: ClusterAccess,
+    crds: None,
+    forge: Forge,
+    operator: OperatorProcess,
+    tmp_path: Path,
+) -> Iterator[OperatorProcess]:
+    # The shared operator runs the stand-in programs; two operators must not reconcile the same
+    # objects, so it pauses while this one runs the real trainer and merger.
+    operator.stop()
+    op = OperatorProcess(
+        cluster,
+        forge,
+        tmp_path / "operator.log",
+        MEDFORGE_TRAINER_COMMAND=json.dumps(["medforge-train"]),
+        MEDFORGE_MERGER_COMMAND=json.dumps(["medforge-merge"]),
+    )
+    op.start()
+    yield op
+    op.stop()
+    operator.start()
+
+
+def contribution_doc(
+    task: str, classes: list[str], base: tuple[str, str], data: str, endpoint: str
+) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "medforge.io/v1alpha1",
+            "kind": "LoRAContribution",
+            "metadata": {"name": task},
+            "spec": {
+                "baseModel": {"uri": base[0], "digest": base[1]},
+                "task": {"name": task, "classes": classes, "head": "clip-prompt"},
+                "dataset": {
+                    "uri": data,
+                    "endpoint": endpoint,
+                    "credentialsSecretRef": {"name": "imaging-data"},
+                    "validationFraction": 0.25,
+                },
+                "lora": {
+                    "rank": 4,
+                    "alpha": 8,
+                    "dropout": 0,
+                    "targetModules": ["q_proj", "v_proj"],
+                },
+                "training": {"epochs": 4, "batchSize": 16, "learningRate": 0.005},
+                "distillation": {"imagesPerClass": 4, "iterations": 60},
+            },
+        }
+    )
+
+
+def test_three_hospitals_build_a_composite_with_fusion(
+    cluster: ClusterAccess,
+    namespace: str,
+    forge: Forge,
+    real_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    from medforge_localcluster.s3 import client
+
+    s3 = client(forge.endpoint, forge.access_key, forge.secret_key)
+    base_dir = tiny_clip(tmp_path / "clip")
+    digest = prepare(base_dir)
+    for p in sorted(base_dir.iterdir()):
+        s3.put_object(Bucket=forge.bucket, Key=f"models/clip-e2e/{p.name}", Body=p.read_bytes())
+    base = (f"s3://{forge.bucket}/models/clip-e2e/", digest)
+
+    tag = uuid.uuid4().hex[:6]
+    spaces = []
+    for i, (task, classes, style) in enumerate(INSTITUTIONS):
+        ns = f"hospital-{tag}-{i}"
+        spaces.append(ns)
+        cluster.kubectl("create", "namespace", ns)
+        cluster.kubectl("label", "namespace", ns, f"medforge.io/forge={tag}")
+        cluster.kubectl(
+            "-n",
+            ns,
+            "create",
+            "secret",
+            "generic",
+            "imaging-data",
+            f"--from-literal=AWS_ACCESS_KEY_ID={forge.access_key}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={forge.secret_key}",
+        )
+        bucket = f"{ns}-imaging"
+        s3.create_bucket(Bucket=bucket)
+        data = make_dataset(tmp_path / task, classes, 24, seed=i, style=style)
+        for p in sorted(data.rglob("*.png")):
+            s3.put_object(
+                Bucket=bucket, Key=f"{task}/{p.relative_to(data).as_posix()}", Body=p.read_bytes()
+            )
+
+    doc = composite_doc(
+        base,
+        tag,
+        strategy={"type": "fusion", "search": {"budget": 20, "seed": 1}},
+        integration="incremental",
+        minContributions=2,
+        gate={"maxRegression": 1.0},
+    )
+    cluster.apply(namespace, doc)
+    try:
+        for i in range(2):
+            task, classes, _ = INSTITUTIONS[i]
+            cluster.apply(
+                spaces[i],
+                contribution_doc(
+                    task, classes, base, f"s3://{spaces[i]}-imaging/{task}/", forge.endpoint
+                ),
+            )
+        for i in range(2):
+            st = wait_phase(cluster, spaces[i], INSTITUTIONS[i][0], "Succeeded", timeout=240)
+            assert condition(st, "ArtifactVerified")["status"] == "True"
+            assert st["metrics"]["accuracy"] > 0.5, st["metrics"]
+            assert st["artifact"]["distilled"]["digest"].startswith("sha256:")
+
+        st = revision_state(cluster, namespace, 1, "Accepted")
+        cur = st["current"]
+        assert sorted(cur["metrics"]) == ["breakhis", "lung"]
+        assert all(0 <= m["accuracy"] <= 1 and "solo" in m for m in cur["metrics"].values())
+        assert sorted(i["state"] for i in st["inputs"]) == ["Included", "Included"]
+
+        task, classes, _ = INSTITUTIONS[2]
+        cluster.apply(
+            spaces[2],
+            contribution_doc(
+                task, classes, base, f"s3://{spaces[2]}-imaging/{task}/", forge.endpoint
+            ),
+        )
+        st = revision_state(cluster, namespace, 2, "Accepted")
+        cur = st["current"]
+        assert sorted(cur["metrics"]) == ["breakhis", "colon", "lung"]
+        listed = cluster.kubectl("-n", namespace, "get", "cmodel", "forge").stdout
+        assert "forge" in listed and str(st["current"].get("score", ""))[:3] in listed
+        manifest = json.loads(
+            s3.get_object(
+                Bucket=forge.bucket,
+                Key=cur["uri"].split(f"{forge.bucket}/", 1)[1] + "manifest.json",
+            )["Body"].read()
+        )
+        assert manifest["meta"]["strategy"] == "fusion" and len(manifest["meta"]["steps"]) == 1
+        assert manifest["meta"]["tasks"] == ["breakhis", "lung", "colon"]
+    except AssertionError:
+        print(real_operator.tail(80))
+        raise
+    finally:
+        for ns in spaces:
+            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
