@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -77,6 +76,21 @@ def read_floor(root: Path) -> float:
     return time.perf_counter() - t0
 
 
+# The child reports its own high-water mark (VmHWM starts afresh at exec). ru_maxrss from wait4
+# would not do: Linux carries the forked parent's resident size across exec into it.
+PEAK = (
+    "import atexit, re, sys\n"
+    "def _peak():\n"
+    "    kb = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+    "    open({path!r}, 'w').write(kb)\n"
+    "atexit.register(_peak)\n"
+)
+
+
+def child_peak_mib(path: Path) -> float:
+    return int(path.read_text()) / 1024
+
+
 def run_merger(
     root: Path, inputs: list[dict[str, Any]], strategy: dict[str, Any], out: str
 ) -> tuple[float, float, float]:
@@ -92,11 +106,15 @@ def run_merger(
     log = root / f"{out}.log"
     t0 = time.perf_counter()
     with log.open("w") as stdout:
+        script = PEAK.format(path=str(root / f"{out}.peak")) + (
+            "import runpy; sys.argv[0] = 'medforge-merge'\n"
+            "runpy.run_module('medforge_merger', run_name='__main__')\n"
+        )
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "medforge_merger",
+                "-c",
+                script,
                 "--config",
                 str(root / f"{out}.json"),
                 "--output-dir",
@@ -106,19 +124,20 @@ def run_merger(
             ],
             stdout=stdout,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        status = proc.wait()
     elapsed = time.perf_counter() - t0
     if status != 0:
         raise RuntimeError((root / f"{out}.term").read_text())
     m = re.search(r"with \S+ in ([0-9.]+) s", log.read_text())
-    return float(m.group(1)) if m else float("nan"), elapsed, usage.ru_maxrss / 1024
+    return float(m.group(1)) if m else float("nan"), elapsed, child_peak_mib(root / f"{out}.peak")
 
 
-def import_baseline_rss() -> float:
-    """Peak RSS of a process that only imports the merger (torch's CUDA build is large)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import medforge_merger.__main__"])
-    _, _, usage = os.wait4(proc.pid, 0)
-    return usage.ru_maxrss / 1024
+def import_baseline_rss(root: Path) -> float:
+    """Peak RSS of a process that only imports the merger."""
+    path = root / "import.peak"
+    script = PEAK.format(path=str(path)) + "import medforge_merger.__main__\n"
+    subprocess.run([sys.executable, "-c", script], check=True)
+    return child_peak_mib(path)
 
 
 def dense_linear(root: Path, layers: int) -> float:
@@ -201,7 +220,7 @@ def main() -> int:
             / 2**20
         )
         floor = read_floor(root)
-        baseline = import_baseline_rss()
+        baseline = import_baseline_rss(root)
         svd_s, svd_total, svd_rss = run_merger(root, inputs, {"type": "svd", "rank": RANK}, "svd")
         lin_s, lin_total, lin_rss = run_merger(root, inputs, {"type": "linear"}, "linear")
         dense_s = dense_linear(root, args.layers)
@@ -235,6 +254,8 @@ def main() -> int:
             "svd_speedup_vs_peft_whole_process": round(peft_full / svd_total, 1),
             "svd_max_relative_difference_vs_peft": max(errs),
             "rss_above_import_over_inputs_svd": round((svd_rss - baseline) / input_mib, 2),
+            "peak_rss_over_inputs_svd": round(svd_rss / input_mib, 2),
+            "peak_rss_over_inputs_linear": round(lin_rss / input_mib, 2),
             "threads": torch.get_num_threads(),
         }
     print(json.dumps(result, indent=2))

@@ -15,38 +15,27 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
-
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from medforge_common.manifest import (
     Manifest,
     ManifestError,
     check_safe_name,
-    sha256_file,
     verify_dir,
 )
-from medforge_common.metrics import classification_metrics
 from medforge_common.result import DEFAULT_PATH, encode_result, failure_line
 from medforge_merger.adapters import (
     ADAPTER_FILE,
-    SUFFIX_A,
-    SUFFIX_B,
-    SUFFIX_DELTA,
     Adapter,
     InputRejected,
     check_compatible,
     load_adapter,
 )
-from medforge_merger.evaluate import Deltas, EvaluationError, Evaluator
 from medforge_merger.merge import SEARCHED, Strategy, merge_to_file
-from medforge_merger.mixture import MIXTURE_FILE, Mixture
-from medforge_merger.search import FactorMap, SearchSettings, adapter_probs, dense, fusion, mixture
 from medforge_merger.strategies import MergeError
-from medforge_merger.tasks import TASKS_FILE, Task, from_contribution, load_bundle, save_bundle
-from medforge_trainer.errors import TrainFailed
-from medforge_trainer.sources import fetch_model_dir
+
+if TYPE_CHECKING:
+    from medforge_merger.scoring import Scorer
 
 JSON = dict[str, Any]
 VERSION = "0.1.0"
@@ -85,29 +74,12 @@ def weight_for(item: JSON, weights: JSON) -> float:
     return 1.0
 
 
-def _factor_map(ad: Adapter) -> FactorMap:
-    return {m: ad.factors(m) for m in sorted(ad.shapes)}
+MIXTURE_FILE = "mixture.safetensors"  # written by medforge_merger.mixture
 
 
-def _composite_deltas(path: Path) -> Deltas:
-    """Dense updates of a composite file written by merge_to_file (factors or deltas)."""
-    out: Deltas = {}
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        for k in sorted(keys):
-            if k.endswith(SUFFIX_DELTA):
-                out[k[: -len(SUFFIX_DELTA)]] = f.get_tensor(k).float()
-            elif k.endswith(SUFFIX_A):
-                m = k[: -len(SUFFIX_A)]
-                out[m] = f.get_tensor(m + SUFFIX_B).float() @ f.get_tensor(k).float()
-    return out
-
-
-def _load_current(
-    item: JSON, d: Path, base_digest: str
-) -> tuple[Adapter | None, Mixture | None, list[Task]]:
-    """The current revision: a factor composite (an adapter with scale 1) or a mixture bundle,
-    plus the distilled sets of the tasks it already holds."""
+def _load_current(item: JSON, d: Path, base_digest: str) -> Adapter | None:
+    """The current revision, verified: a factor composite (an adapter with scale 1), or None
+    for a mixture bundle (which only the torch side reads)."""
     for f in item["files"]:
         fetch(f, d)
     raw = (d / "manifest.json").read_bytes()
@@ -117,34 +89,9 @@ def _load_current(
     verify_dir(d, manifest)
     if manifest.base_model_digest != base_digest:
         raise InputRejected("the current revision was merged for another base model")
-    tasks = load_bundle(d / TASKS_FILE) if (d / TASKS_FILE).is_file() else []
     if (d / MIXTURE_FILE).is_file():
-        return None, Mixture.load(d / MIXTURE_FILE), tasks
-    return (
-        load_adapter(d, f"revision-{item.get('revision', '?')}", item["digest"], base_digest),
-        None,
-        tasks,
-    )
-
-
-def _evaluation_task(spec: JSON, task: Task, d: Path) -> Task:
-    """An evaluation set given in the config: a safetensors file in the distilled sets' format
-    (`images` normalised for the base model, `labels`), scored with `task`'s head."""
-    files = spec.get("files") or []
-    if len(files) != 1 or not str(files[0].get("name", "")).endswith(".safetensors"):
-        raise JobFailed(f"evaluation for {task.name}: give exactly one .safetensors file")
-    d.mkdir()
-    fetch(files[0], d)
-    path = d / files[0]["name"]
-    if "sha256" in files[0] and sha256_file(path)[0] != files[0]["sha256"]:
-        raise JobFailed(f"evaluation for {task.name}: {path.name} does not match its sha256")
-    with safe_open(str(path), framework="pt") as f:
-        images, labels = f.get_tensor("images").float(), f.get_tensor("labels").long()
-    return Task(task.name, task.classes, task.head, images, labels, task.head_weights)
-
-
-def _round(m: JSON) -> JSON:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+        return None
+    return load_adapter(d, f"revision-{item.get('revision', '?')}", item["digest"], base_digest)
 
 
 def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
@@ -158,29 +105,30 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
         float(strat.get("density", 1.0)),
         int(search_cfg.get("seed", 0)),
     )
-    search = SearchSettings(
-        budget=int(search_cfg.get("budget", 40)),
-        l1=float(search_cfg.get("l1", 0.05)),
-        seed=s.seed,
-    )
+    # torch and the base model only when something needs them: an exact merge without a base
+    # model to score on stays numpy-only.
+    scorer: Scorer | None = None
+    if s.type in SEARCHED or base.get("files") or base.get("path"):
+        from medforge_merger.scoring import Scorer
+
+        scorer = Scorer(base, base_digest, work, fetch)
     report: list[JSON] = []
     loaded: list[tuple[Adapter, float, JSON]] = []
-    current_adapter: Adapter | None = None
-    current_mixture: Mixture | None = None
-    tasks_so_far: list[Task] = []
+    current: Adapter | None = None
     if cfg.get("current"):
-        cur = cfg["current"]
         d = work / "current"
         d.mkdir()
         try:
-            current_adapter, current_mixture, tasks_so_far = _load_current(cur, d, base_digest)
+            current = _load_current(cfg["current"], d, base_digest)
         except (InputRejected, ManifestError, OSError, KeyError) as exc:
             raise JobFailed(f"the current revision cannot be read: {exc}") from exc
-        if (current_mixture is not None) != (s.type == "mixture"):
+        if (current is None) != (s.type == "mixture"):
             raise JobFailed(
                 f"the current revision was merged with another strategy than {s.type}; "
                 "use integration: full to rebuild it"
             )
+        if scorer is not None:
+            scorer.load_current(d)
     for i, item in enumerate(cfg.get("inputs") or []):
         key = f"{item['namespace']}/{item['name']}".lstrip("/")
         entry = {"namespace": item["namespace"], "name": item["name"], "digest": item["digest"]}
@@ -195,10 +143,9 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
             print(f"excluded {key}: {exc}", flush=True)
             continue
         loaded.append((ad, weight_for(item, strat.get("weights") or {}), entry))
-    everything = [a for a, _, _ in loaded] + ([current_adapter] if current_adapter else [])
-    _, rejected = check_compatible(everything)
-    if current_adapter is not None and current_adapter.key in rejected:
-        raise JobFailed(f"the current revision cannot be used: {rejected[current_adapter.key]}")
+    _, rejected = check_compatible([a for a, _, _ in loaded] + ([current] if current else []))
+    if current is not None and current.key in rejected:
+        raise JobFailed(f"the current revision cannot be used: {rejected[current.key]}")
     for ad, _, entry in loaded:
         if ad.key in rejected:
             report.append(entry | {"state": "Excluded", "reason": rejected[ad.key]})
@@ -208,137 +155,57 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
             "no input passed verification: " + "; ".join(r.get("reason", "") for r in report)
         )
 
-    # The base model, for scoring (and for the searched strategies, which need it).
-    ev: Evaluator | None = None
-    if base.get("files") or base.get("path"):
-        try:
-            base_dir = fetch_model_dir(
-                base_digest, list(base.get("files") or []), base.get("path"), work / "base"
-            )
-            ev = Evaluator(base_dir)
-        except TrainFailed as exc:
-            raise JobFailed(str(exc)) from exc
-    elif s.type in SEARCHED:
-        raise JobFailed(f"strategy {s.type} searches on the base model: baseModel.files is empty")
-
-    new_tasks: list[Task | None] = []
-    for ad, _, _ in use:
-        t = from_contribution(ad.path.parent, ad.meta)
-        if t is not None and ev is not None:
-            t.solo = _round(ev.metrics(t, dense(_factor_map(ad))))
-        new_tasks.append(t)
-
-    files: list[Path] = []
-    coefficients: list[float] = [w for _, w, _ in use]
-    meta_extra: JSON = {}
     t0 = time.monotonic()
-    deltas: Deltas | None = None
+    files: list[Path] = []
+    coefficients = [w for _, w, _ in use]
     rank = 0
-    if s.type in ("fusion", "fusion-exact"):
-        assert ev is not None
-        exact = s.type == "fusion-exact"
-        arrivals = [(_factor_map(a), t) for (a, _, _), t in zip(use, new_tasks, strict=True)]
-        if current_adapter is not None:
-            theta = _factor_map(current_adapter)
-        else:
-            theta, first_task = arrivals.pop(0)
-            if first_task is not None:
-                tasks_so_far.append(first_task)
-        theta, steps = fusion(ev, theta, arrivals, tasks_so_far, search, exact)
-        # Each input's effective weight on its own update (exact for fusion-exact).
-        weights = [] if current_adapter is not None else [1.0]
-        for st_ in steps:
-            weights = [st_.a * w for w in weights] + [st_.b]
-        coefficients = weights
-        meta_extra["steps"] = [
-            {"a": round(x.a, 6), "b": round(x.b, 6), "loss": round(x.loss, 6)} for x in steps
-        ]
-        tensors = {}
-        for m, f in theta.items():
-            tensors[m + SUFFIX_A] = f.A.contiguous()
-            tensors[m + SUFFIX_B] = f.B.contiguous()
-            rank = max(rank, f.rank)
-        save_file(
-            tensors,
-            str(work / ADAPTER_FILE),
-            metadata={"format": "medforge-composite", "strategy": s.type},
+    meta_extra: JSON = {}
+    if s.type in SEARCHED:
+        from medforge_merger.search import SearchSettings
+
+        assert scorer is not None
+        search = SearchSettings(
+            budget=int(search_cfg.get("budget", 40)),
+            l1=float(search_cfg.get("l1", 0.05)),
+            seed=s.seed,
         )
-        files.append(work / ADAPTER_FILE)
-        deltas = dense(theta)
-    elif s.type == "mixture":
-        assert ev is not None
-        tasks_so_far += [t for t in new_tasks if t is not None]
-        if not tasks_so_far:
-            raise JobFailed("mixture needs at least one distilled set to search on")
-        adapters = (current_mixture.adapters if current_mixture else []) + [
-            _factor_map(a) for a, _, _ in use
-        ]
-        sources = (current_mixture.sources if current_mixture else []) + [
-            e["namespace"] + "/" + e["name"] for _, _, e in use
-        ]
-        q = [adapter_probs(ev, dense(f), tasks_so_far) for f in adapters]
-        start = current_mixture.coefficients if current_mixture else []
-        weights, steps = mixture(q, start, tasks_so_far, search, len(start))
-        mix = Mixture(adapters, weights, sources)
-        mix.save(work / MIXTURE_FILE)
-        files.append(work / MIXTURE_FILE)
-        coefficients = weights[len(start) :]
-        meta_extra["coefficients"] = [round(w, 6) for w in weights]
-        meta_extra["sources"] = sources
-        meta_extra["steps"] = [
-            {"a": round(x.a, 6), "b": round(x.b, 6), "loss": round(x.loss, 6)} for x in steps
-        ]
+        named = [(a, f"{e['namespace']}/{e['name']}") for a, _, e in use]
+        scored = scorer.searched(s.type, current, named, search, work)
+        files += scored.files
+        coefficients = scored.coefficients or coefficients
+        rank = scored.rank
+        meta_extra = scored.meta | {
+            "search": {"budget": search.budget, "l1": search.l1, "seed": search.seed}
+        }
     else:
         merged = [a for a, _, _ in use]
-        ws = [w for _, w, _ in use]
-        if current_adapter is not None:
-            merged.insert(0, current_adapter)
-            ws.insert(0, 1.0)
-        rank = merge_to_file(merged, ws, s, work / ADAPTER_FILE)
+        weights = [w for _, w, _ in use]
+        if current is not None:
+            merged.insert(0, current)
+            weights.insert(0, 1.0)
+        rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)
         files.append(work / ADAPTER_FILE)
-        tasks_so_far += [t for t in new_tasks if t is not None]
-        if ev is not None and tasks_so_far:
-            deltas = _composite_deltas(work / ADAPTER_FILE)
+        if scorer is not None:
+            scorer.exact([a for a, _, _ in use], work / ADAPTER_FILE)
     print(f"merged {len(use)} input(s) with {s.type} in {time.monotonic() - t0:.2f} s", flush=True)
 
-    # Scores of the composite on every task's distilled set, and regressions against the
-    # revision it replaces.
-    metrics: JSON = {}
-    if ev is not None:
-        for t in tasks_so_far:
-            if s.type == "mixture":
-                score = classification_metrics(t.labels, mix.probabilities(ev, t))
-            else:
-                score = ev.metrics(t, deltas or {})
-            metrics[t.name] = _round(score) | (
-                {"solo": t.solo["accuracy"]} if "accuracy" in t.solo else {}
-            )
-        for i, spec in enumerate(cfg.get("evaluation") or []):
-            name = spec.get("task")
-            task = next((t for t in tasks_so_far if t.name == name), None)
-            if task is None:
-                raise JobFailed(f"evaluation[{i}].task: {name!r} is not among the merged tasks")
-            held = _evaluation_task(spec, task, work / f"evaluation-{i}")
-            if s.type == "mixture":
-                score = classification_metrics(held.labels, mix.probabilities(ev, held))
-            else:
-                score = ev.metrics(held, deltas or {})
-            metrics[task.name]["evaluation"] = _round(score)
+    # Scores on every task's distilled set, and regressions against the revision replaced.
+    metrics: JSON = scorer.metrics(cfg.get("evaluation") or [], work) if scorer else {}
+    if cfg.get("evaluation") and scorer is None:
+        raise JobFailed("evaluation sets need the base model: baseModel.files is empty")
     previous = (cfg.get("previous") or cfg.get("current") or {}).get("metrics") or {}
     regression = {
         name: round(float(prev["accuracy"]) - float(metrics[name]["accuracy"]), 4)
         for name, prev in previous.items()
         if isinstance(prev, dict) and "accuracy" in prev and name in metrics
     }
-    if tasks_so_far:
-        save_bundle(tasks_so_far, work / TASKS_FILE)
-        files.append(work / TASKS_FILE)
+    bundle = scorer.save_tasks(work) if scorer else None
+    if bundle is not None:
+        files.append(bundle)
 
     included = [
         e | {"state": "Included", "coefficient": round(c, 6)}
-        for (_, _, e), c in zip(
-            use, coefficients[-len(use) :] if coefficients else [1.0] * len(use), strict=True
-        )
+        for (_, _, e), c in zip(use, coefficients[-len(use) :], strict=True)
     ]
     manifest = Manifest(
         "composite",
@@ -350,13 +217,10 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
             "maxRank": rank or None,
             "density": s.density,
             "seed": s.seed,
-            "search": {"budget": search.budget, "l1": search.l1, "seed": search.seed}
-            if s.type in SEARCHED
-            else None,
             "integration": cfg.get("integration", "full"),
             "inputs": included,
             "metrics": metrics,
-            "tasks": [t.name for t in tasks_so_far],
+            "tasks": list(metrics),
             "tool": f"medforge-merge {VERSION}",
             **meta_extra,
         },
@@ -372,7 +236,6 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
             put(outputs[path.name], path)
         else:
             raise JobFailed(f"the job config has no output URL for {path.name}")
-    scores = [float(m["accuracy"]) for m in metrics.values()]
     result: JSON = {
         "artifact": {
             "uri": (cfg.get("output") or {}).get("uri", str(output_dir)),
@@ -384,7 +247,8 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
         "regression": regression,
         "integration": cfg.get("integration", "full"),
     }
-    if scores:
+    if metrics:
+        scores = [float(m["accuracy"]) for m in metrics.values()]
         result["score"] = round(sum(scores) / len(scores), 4)
     return result
 
@@ -424,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="medforge-merge-") as tmp:
         try:
             result = run(cfg, Path(tmp), out_dir)
-        except (JobFailed, MergeError, ManifestError, EvaluationError, KeyError) as exc:
+        except (JobFailed, MergeError, ManifestError, KeyError) as exc:
             return finish(failure_line(f"merge failed: {exc}"), 1)
         except MemoryError:
             return finish(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from safetensors import safe_open
 
 from medforge_common.manifest import Manifest, ManifestError, verify_dir
@@ -49,11 +49,11 @@ class Adapter:
     norm: float = 0.0
 
     def factors(self, module: str) -> Factors:
-        """One module's factors (scale folded into B), read on demand in float32."""
-        with safe_open(str(self.path), framework="pt") as f:
-            a = f.get_tensor(module + SUFFIX_A).float()
-            b = f.get_tensor(module + SUFFIX_B).float()
-        return Factors(b * self.scale, a)
+        """One module's factors (scale folded into B), read on demand in float32 (numpy)."""
+        with safe_open(str(self.path), framework="np") as f:
+            a = f.get_tensor(module + SUFFIX_A).astype(np.float32, copy=False)
+            b = f.get_tensor(module + SUFFIX_B).astype(np.float32, copy=False)
+        return Factors(b * np.float32(self.scale), a)
 
 
 def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Adapter:
@@ -83,7 +83,7 @@ def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Ad
     shapes: dict[str, tuple[int, int, int]] = {}
     sq_norm = 0.0
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:
             keys = set(f.keys())
             modules = sorted({k[: -len(SUFFIX_A)] for k in keys if k.endswith(SUFFIX_A)})
             stray = sorted(k for k in keys if not k.endswith((SUFFIX_A, SUFFIX_B)))
@@ -94,16 +94,17 @@ def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Ad
             for m in modules:
                 if m + SUFFIX_B not in keys:
                     raise InputRejected(f"{m}: lora_A without lora_B")
-                a, b = f.get_tensor(m + SUFFIX_A).double(), f.get_tensor(m + SUFFIX_B).double()
+                a = f.get_tensor(m + SUFFIX_A).astype(np.float64)
+                b = f.get_tensor(m + SUFFIX_B).astype(np.float64)
                 if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                     raise InputRejected(
                         f"{m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not pair"
                     )
-                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                if not (np.isfinite(a).all() and np.isfinite(b).all()):
                     raise InputRejected(f"{m}: NaN or Inf values")
                 shapes[m] = (int(b.shape[0]), int(a.shape[0]), int(a.shape[1]))
                 # ||B A||_F^2 = trace((B^T B)(A A^T)): exact, and only r x r work.
-                sq_norm += float(torch.trace((b.T @ b) @ (a @ a.T)))
+                sq_norm += float(np.trace((b.T @ b) @ (a @ a.T)))
     except InputRejected:
         raise
     except Exception as exc:  # a corrupt or non-safetensors file
@@ -161,12 +162,7 @@ def check_compatible(adapters: list[Adapter]) -> tuple[list[Adapter], dict[str, 
     return kept, rejected
 
 
-_DTYPES = {
-    torch.float32: ("F32", 4),
-    torch.float16: ("F16", 2),
-    torch.bfloat16: ("BF16", 2),
-    torch.float64: ("F64", 8),
-}
+_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64"}
 
 
 class StreamingWriter:
@@ -177,10 +173,10 @@ class StreamingWriter:
         self,
         path: Path,
         layout: list[tuple[str, tuple[int, ...]]],
-        dtype: torch.dtype = torch.float32,
+        dtype: str = "float32",
         metadata: dict[str, str] | None = None,
     ) -> None:
-        code, size = _DTYPES[dtype]
+        code, size = _DTYPES[dtype], np.dtype(dtype).itemsize
         header: dict[str, Any] = {"__metadata__": metadata or {}}
         offset = 0
         self._order = []
@@ -196,18 +192,17 @@ class StreamingWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
         self.dtype = dtype
+        self._le = np.dtype(dtype).newbyteorder("<")  # safetensors stores little-endian
         self._f = path.open("wb")
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: np.ndarray[Any, Any]) -> None:
         expected, shape = self._order[self._next]
         if name != expected or tuple(tensor.shape) != shape:
             raise ValueError(f"expected {expected} {shape}, got {name} {tuple(tensor.shape)}")
-        self._f.write(
-            tensor.detach().to(self.dtype).contiguous().cpu().view(torch.uint8).numpy().tobytes()
-        )
+        self._f.write(np.ascontiguousarray(tensor, dtype=self._le).tobytes())
         self._next += 1
 
     def abort(self) -> None:

@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from medforge_common.metrics import classification_metrics
+from medforge_merger.strategies import MergeError
 from medforge_merger.tasks import Task
 from medforge_trainer import model
 
 Deltas = dict[str, torch.Tensor]  # module name (as in the base model) -> dense update (d x k)
 
 
-class EvaluationError(Exception):
-    pass
+class EvaluationError(MergeError):
+    """The base model and a composite or task that do not fit together."""
 
 
 class Evaluator:

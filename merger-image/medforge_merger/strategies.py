@@ -15,24 +15,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 
-Tensor = torch.Tensor
+# The exact strategies run on numpy, so that a merge pod never imports torch (whose CUDA build
+# alone holds about half a gigabyte of RSS); the searched strategies use the same Factors with
+# torch tensors.
+Array = np.ndarray[Any, Any]
 
 
 @dataclass(frozen=True)
 class Factors:
-    """dW = B @ A, scale folded into B."""
+    """dW = B @ A, scale folded into B (numpy arrays, or torch tensors in the search)."""
 
-    B: Tensor  # d x r
-    A: Tensor  # r x k
+    B: Any  # d x r
+    A: Any  # r x k
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
 
-    def dense(self) -> Tensor:
+    def dense(self) -> Any:
         return self.B @ self.A
 
 
@@ -57,8 +61,8 @@ def _check(layers: Sequence[Factors], weights: Sequence[float]) -> None:
 def stack(layers: Sequence[Factors], weights: Sequence[float]) -> Factors:
     """sum_i w_i B_i A_i as one pair of stacked factors (exact; rank sum r_i)."""
     _check(layers, weights)
-    B = torch.cat([w * f.B for f, w in zip(layers, weights, strict=True)], dim=1)
-    A = torch.cat([f.A for f in layers], dim=0)
+    B = np.concatenate([w * f.B for f, w in zip(layers, weights, strict=True)], axis=1)
+    A = np.concatenate([f.A for f in layers], axis=0)
     return Factors(B, A)
 
 
@@ -70,72 +74,91 @@ def cat(layers: Sequence[Factors], weights: Sequence[float]) -> Factors:
     return stack(layers, weights)
 
 
+def _orthonormal_part(x: Array) -> tuple[Array, Array]:
+    """For a tall x (n x R): (P, F) with x = Q F and Q = x P orthonormal (n x R'), from the
+    eigendecomposition of the small Gram matrix x^T x. Directions with eigenvalues below 1e-12
+    of the largest (singular values below 1e-6 of it) are dropped: stacked adapters are often
+    rank deficient (the same adapter twice, say), which a QR would carry as noise."""
+    lam, v = np.linalg.eigh(x.T @ x)
+    keep = lam > lam.max(initial=0.0) * 1e-12
+    lam, v = lam[keep], v[:, keep]
+    root = np.sqrt(lam)
+    return v / root, (v * root).T
+
+
 def svd(layers: Sequence[Factors], weights: Sequence[float], rank: int) -> Factors:
     """Best rank-`rank` approximation (Eckart-Young) of sum_i w_i B_i A_i.
 
-    With B = Q_b R_b and A^T = Q_a R_a, B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small core
-    C = R_b R_a^T = U S V^T gives B A = (Q_b U) S (Q_a V)^T: cost O((d + k) R^2 + R^3), R = sum r_i.
+    With B = Q_b F_b and A^T = Q_a F_a (Q orthonormal, F small), B A = Q_b (F_b F_a^T) Q_a^T, so
+    the SVD of the small core C = F_b F_a^T = U S V^T gives B A = (Q_b U) S (Q_a V)^T. The Q's
+    come from R x R Gram matrices in float64 (R = sum r_i), never from a d x k matrix: cost
+    O((d + k) R^2 + R^3), a few GEMMs per layer.
     """
     s = stack(layers, weights)
-    work = torch.float64 if s.B.dtype == torch.float64 else torch.float32
-    qb, rb = torch.linalg.qr(s.B.to(work))
-    qa, ra = torch.linalg.qr(s.A.to(work).T)
-    u, sv, vh = torch.linalg.svd(rb @ ra.T)
-    r = min(rank, int(sv.shape[0]))
-    B = (qb @ u[:, :r]) * sv[:r]
-    A = vh[:r] @ qa.T
-    return Factors(B.to(s.B.dtype), A.to(s.A.dtype))
+    b64, a64 = s.B.astype(np.float64), s.A.astype(np.float64)
+    r = min(rank, s.rank)  # the composite's rank, whatever the numerical rank turns out to be
+    B = np.zeros((b64.shape[0], r))
+    A = np.zeros((r, a64.shape[1]))
+    pb, fb = _orthonormal_part(b64)
+    pa, fa = _orthonormal_part(a64.T)
+    if pb.shape[1] and pa.shape[1]:  # else every input is zero here
+        u, sv, vh = np.linalg.svd(fb @ fa.T)
+        n = min(r, int(sv.shape[0]))  # fewer when the stack is rank deficient: zeros fill up
+        B[:, :n] = b64 @ (pb @ (u[:, :n] * sv[:n]))
+        A[:n] = (vh[:n] @ pa.T) @ a64
+    return Factors(B.astype(s.B.dtype), A.astype(s.A.dtype))
 
 
-def trim(delta: Tensor, density: float) -> Tensor:
+def trim(delta: Array, density: float) -> Array:
     """Keep the `density` fraction of entries with the largest magnitude (TIES step 1)."""
     if not 0 < density <= 1:
         raise MergeError(f"density must be in (0, 1], got {density}")
-    k = round(density * delta.numel())
-    if k >= delta.numel():
-        return delta.clone()
+    k = round(density * delta.size)
+    if k >= delta.size:
+        return delta.copy()
     if k == 0:
-        return torch.zeros_like(delta)
-    flat = delta.abs().flatten()
-    threshold = torch.topk(flat, k, sorted=True).values[-1]
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+        return np.zeros_like(delta)
+    magnitude = np.abs(delta)
+    threshold = np.partition(magnitude.ravel(), delta.size - k)[delta.size - k]
+    return np.where(magnitude >= threshold, delta, 0).astype(delta.dtype, copy=False)
 
 
-def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+def disjoint_merge(deltas: Sequence[Array], weights: Sequence[float]) -> Array:
     """TIES steps 2 and 3: elect each entry's sign by the sign of the weighted sum, then average
     the weighted values that agree with it (entries that disagree or are zero do not count)."""
-    stacked = torch.stack([w * t for t, w in zip(deltas, weights, strict=True)])
-    sign = torch.sign(stacked.sum(dim=0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    total = (stacked * agree).sum(dim=0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return total / count
+    stacked = np.stack([w * t for t, w in zip(deltas, weights, strict=True)])
+    sign = np.sign(stacked.sum(axis=0))
+    agree = (np.sign(stacked) == sign) & (stacked != 0)
+    total = (stacked * agree).sum(axis=0)
+    count = np.maximum(agree.sum(axis=0), 1)
+    out: Array = (total / count).astype(deltas[0].dtype, copy=False)
+    return out
 
 
-def ties(deltas: Sequence[Tensor], weights: Sequence[float], density: float) -> Tensor:
+def ties(deltas: Sequence[Array], weights: Sequence[float], density: float) -> Array:
     return disjoint_merge([trim(d, density) for d in deltas], weights)
 
 
-def dare(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+def dare(delta: Array, density: float, rng: np.random.Generator) -> Array:
     """DARE: drop each entry with probability 1 - density, rescale the rest by 1 / density."""
     if not 0 < density <= 1:
         raise MergeError(f"density must be in (0, 1], got {density}")
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < density
-    return torch.where(keep, delta / density, torch.zeros_like(delta))
+    keep = rng.random(delta.shape) < density
+    return np.where(keep, delta / density, 0).astype(delta.dtype, copy=False)
 
 
 def dare_linear(
-    deltas: Sequence[Tensor], weights: Sequence[float], density: float, seed: int
-) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return sum(
-        (w * dare(d, density, g) for d, w in zip(deltas, weights, strict=True)),
-        torch.zeros_like(deltas[0]),
-    )
+    deltas: Sequence[Array], weights: Sequence[float], density: float, seed: int
+) -> Array:
+    rng = np.random.default_rng(seed)
+    out = np.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):
+        out += w * dare(d, density, rng)
+    return out
 
 
 def dare_ties(
-    deltas: Sequence[Tensor], weights: Sequence[float], density: float, seed: int
-) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return disjoint_merge([dare(d, density, g) for d in deltas], weights)
+    deltas: Sequence[Array], weights: Sequence[float], density: float, seed: int
+) -> Array:
+    rng = np.random.default_rng(seed)
+    return disjoint_merge([dare(d, density, rng) for d in deltas], weights)

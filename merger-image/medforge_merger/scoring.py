@@ -1,0 +1,230 @@
+"""Everything in a merge that needs torch and the base model: the searched strategies (fusion,
+fusion-exact, mixture), the composite's scores on each task's distilled set (and any evaluation
+set given), and the task bundle a composite carries. `medforge-merge` imports this module only
+when the job gives a base model or asks for a searched strategy, so an exact merge never loads
+torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medforge_common.manifest import sha256_file
+from medforge_common.metrics import classification_metrics
+from medforge_merger.adapters import ADAPTER_FILE, SUFFIX_A, SUFFIX_B, SUFFIX_DELTA, Adapter
+from medforge_merger.evaluate import Deltas, Evaluator
+from medforge_merger.mixture import MIXTURE_FILE, Mixture
+from medforge_merger.search import (
+    FactorMap,
+    FusionStep,
+    SearchSettings,
+    adapter_probs,
+    dense,
+    fusion,
+    mixture,
+)
+from medforge_merger.strategies import Factors, MergeError
+from medforge_merger.tasks import TASKS_FILE, Task, from_contribution, load_bundle, save_bundle
+from medforge_trainer.errors import TrainFailed
+from medforge_trainer.sources import fetch_model_dir
+
+JSON = dict[str, Any]
+
+
+class ScoringFailed(MergeError):
+    """A revision that cannot be scored or searched; the message says why."""
+
+
+def factor_map(ad: Adapter) -> FactorMap:
+    """An adapter's factors as torch tensors (the exact path reads them as numpy)."""
+    out = {}
+    for m in sorted(ad.shapes):
+        f = ad.factors(m)
+        out[m] = Factors(torch.from_numpy(f.B), torch.from_numpy(f.A))
+    return out
+
+
+def composite_deltas(path: Path) -> Deltas:
+    """Dense updates of a composite written by the exact strategies (factors or deltas)."""
+    out: Deltas = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in sorted(f.keys()):
+            if k.endswith(SUFFIX_DELTA):
+                out[k.removesuffix(SUFFIX_DELTA)] = f.get_tensor(k).float()
+            elif k.endswith(SUFFIX_A):
+                m = k.removesuffix(SUFFIX_A)
+                out[m] = f.get_tensor(m + SUFFIX_B).float() @ f.get_tensor(k).float()
+    return out
+
+
+def _round(m: JSON) -> JSON:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+
+
+def _steps(steps: list[FusionStep]) -> list[JSON]:
+    return [{"a": round(x.a, 6), "b": round(x.b, 6), "loss": round(x.loss, 6)} for x in steps]
+
+
+@dataclass
+class Scored:
+    """What the torch side adds to a revision."""
+
+    files: list[Path] = field(default_factory=list)
+    coefficients: list[float] | None = None  # per new input, for the searched strategies
+    rank: int = 0
+    meta: JSON = field(default_factory=dict)
+    metrics: JSON = field(default_factory=dict)
+
+
+class Scorer:
+    def __init__(self, base: JSON, base_digest: str, work: Path, fetch: Any) -> None:
+        self.ev: Evaluator | None = None
+        self.fetch = fetch
+        if base.get("files") or base.get("path"):
+            try:
+                directory = fetch_model_dir(
+                    base_digest, list(base.get("files") or []), base.get("path"), work / "base"
+                )
+            except TrainFailed as exc:
+                raise ScoringFailed(str(exc)) from exc
+            self.ev = Evaluator(directory)
+        self.tasks: list[Task] = []
+        self.current_mixture: Mixture | None = None
+        self.mix: Mixture | None = None  # the new revision, for mixture
+        self.deltas: Deltas = {}  # the new revision's updates, for the other strategies
+
+    def load_current(self, directory: Path) -> None:
+        if (directory / TASKS_FILE).is_file():
+            self.tasks = load_bundle(directory / TASKS_FILE)
+        if (directory / MIXTURE_FILE).is_file():
+            self.current_mixture = Mixture.load(directory / MIXTURE_FILE)
+
+    def new_tasks(self, adapters: list[Adapter]) -> list[Task | None]:
+        """Each input's distilled set, with the input's own score on it (`solo`)."""
+        out: list[Task | None] = []
+        for ad in adapters:
+            t = from_contribution(ad.path.parent, ad.meta)
+            if t is not None and self.ev is not None:
+                t.solo = _round(self.ev.metrics(t, dense(factor_map(ad))))
+            out.append(t)
+        return out
+
+    def searched(
+        self,
+        kind: str,
+        current: Adapter | None,
+        adapters: list[tuple[Adapter, str]],
+        search: SearchSettings,
+        work: Path,
+    ) -> Scored:
+        ev = self.ev
+        if ev is None:
+            raise ScoringFailed(
+                f"strategy {kind} searches on the base model: baseModel.files is empty"
+            )
+        new = self.new_tasks([a for a, _ in adapters])
+        out = Scored()
+        if kind == "mixture":
+            self.tasks += [t for t in new if t is not None]
+            if not self.tasks:
+                raise ScoringFailed("mixture needs at least one distilled set to search on")
+            cur = self.current_mixture
+            maps = (cur.adapters if cur else []) + [factor_map(a) for a, _ in adapters]
+            sources = (cur.sources if cur else []) + [name for _, name in adapters]
+            q = [adapter_probs(ev, dense(f), self.tasks) for f in maps]
+            start = cur.coefficients if cur else []
+            weights, steps = mixture(q, start, self.tasks, search, len(start))
+            self.mix = Mixture(maps, weights, sources)
+            self.mix.save(work / MIXTURE_FILE)
+            out.files.append(work / MIXTURE_FILE)
+            out.coefficients = weights[len(start) :]
+            out.meta = {"coefficients": [round(w, 6) for w in weights], "sources": sources}
+        else:
+            arrivals = [(factor_map(a), t) for (a, _), t in zip(adapters, new, strict=True)]
+            if current is not None:
+                theta = factor_map(current)
+            else:
+                theta, first_task = arrivals.pop(0)
+                if first_task is not None:
+                    self.tasks.append(first_task)
+            theta, steps = fusion(ev, theta, arrivals, self.tasks, search, kind == "fusion-exact")
+            # Each input's effective weight on its own update (exact for fusion-exact).
+            weights = [] if current is not None else [1.0]
+            for st in steps:
+                weights = [st.a * w for w in weights] + [st.b]
+            out.coefficients = weights
+            tensors = {}
+            for m, f in theta.items():
+                tensors[m + SUFFIX_A] = f.A.contiguous()
+                tensors[m + SUFFIX_B] = f.B.contiguous()
+                out.rank = max(out.rank, f.rank)
+            save_file(
+                tensors,
+                str(work / ADAPTER_FILE),
+                metadata={"format": "medforge-composite", "strategy": kind},
+            )
+            out.files.append(work / ADAPTER_FILE)
+            self.deltas = dense(theta)
+        out.meta["steps"] = _steps(steps)
+        return out
+
+    def exact(self, adapters: list[Adapter], composite: Path) -> None:
+        """After an exact merge: collect the tasks, and the composite's updates for scoring."""
+        self.tasks += [t for t in self.new_tasks(adapters) if t is not None]
+        if self.ev is not None and self.tasks:
+            self.deltas = composite_deltas(composite)
+
+    def _score(self, task: Task) -> JSON:
+        assert self.ev is not None
+        if self.mix is not None:
+            return classification_metrics(task.labels, self.mix.probabilities(self.ev, task))
+        return self.ev.metrics(task, self.deltas)
+
+    def metrics(self, evaluation: list[JSON], work: Path) -> JSON:
+        """Per task: the composite's scores on its distilled set, its solo score, and the scores
+        on any evaluation set given."""
+        if self.ev is None:
+            return {}
+        out: JSON = {}
+        for t in self.tasks:
+            out[t.name] = _round(self._score(t)) | (
+                {"solo": t.solo["accuracy"]} if "accuracy" in t.solo else {}
+            )
+        for i, spec in enumerate(evaluation):
+            task = next((t for t in self.tasks if t.name == spec.get("task")), None)
+            if task is None:
+                raise ScoringFailed(
+                    f"evaluation[{i}].task: {spec.get('task')!r} is not among the merged tasks"
+                )
+            out[task.name]["evaluation"] = _round(
+                self._score(self._evaluation_task(spec, task, work / f"evaluation-{i}"))
+            )
+        return out
+
+    def _evaluation_task(self, spec: JSON, task: Task, d: Path) -> Task:
+        """An evaluation set: a safetensors file in the distilled sets' format (`images`
+        normalised for the base model, `labels`), scored with `task`'s head."""
+        files = spec.get("files") or []
+        if len(files) != 1 or not str(files[0].get("name", "")).endswith(".safetensors"):
+            raise ScoringFailed(f"evaluation for {task.name}: give exactly one .safetensors file")
+        d.mkdir()
+        self.fetch(files[0], d)
+        path = d / files[0]["name"]
+        if "sha256" in files[0] and sha256_file(path)[0] != files[0]["sha256"]:
+            raise ScoringFailed(
+                f"evaluation for {task.name}: {path.name} does not match its sha256"
+            )
+        with safe_open(str(path), framework="pt") as f:
+            images, labels = f.get_tensor("images").float(), f.get_tensor("labels").long()
+        return Task(task.name, task.classes, task.head, images, labels, task.head_weights)
+
+    def save_tasks(self, work: Path) -> Path | None:
+        if not self.tasks:
+            return None
+        save_bundle(self.tasks, work / TASKS_FILE)
+        return work / TASKS_FILE
