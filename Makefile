@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 .PHONY: help venv binaries up down env status demo lint unit cluster test clean
 
 help:
-	@echo "make demo    bring up the local cluster and S3 server and run a job through them"
+	@echo "make demo    bring up the local cluster and S3 server, run a job, then train and merge contributions"
 	@echo "make test    lint, type-check, unit tests, then cluster tests (builds what it needs)"
 	@echo "make up|down|env|status   drive the local cluster by hand"
 

@@ -1,4 +1,5 @@
-"""`make demo`: bring up the local cluster and show a Job and the S3 store working through it.
+"""`make demo`: bring up the local cluster, show a Job and the S3 store working through it, then
+the MedForge loop itself (`forge_demo`): contributions trained and merged by the operator.
 
 The demo leaves the cluster running so that you can explore it with kubectl; stop it with
 `make down`.
@@ -125,6 +126,19 @@ def main() -> int:
         )
         body = s3.get_object(Bucket=DEFAULT_BUCKET, Key=key)["Body"].read()
         step(f"read back from S3 with the store's credentials: {body.decode()!r}")
+
+        from medforge_localcluster import forge_demo
+
+        forge_demo.run(
+            k,
+            s3,
+            DEFAULT_BUCKET,
+            env["MEDFORGE_S3_ENDPOINT"],
+            creds,
+            cluster.kubeconfig,
+            cluster.logs,
+            step,
+        )
     except (SetupError, RuntimeError, TimeoutError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

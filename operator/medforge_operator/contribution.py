@@ -217,7 +217,10 @@ def compute_status(old: JSON, o: Observation) -> JSON:
     elif pods["config_error"]:
         conds = stalled("CreateContainerConfigError", pods["config_error"], "Pending", trained=None)
     else:
-        running = pods["running"]
+        # A pod that already ended (the Job controller has not caught up yet, or a retry is
+        # due) still means training is under way: the phase must not flap back to Pending.
+        ended = pods["success_message"] is not None or pods["failure_message"] is not None
+        running = pods["running"] or ended
         status["phase"] = "Training" if running else "Pending"
         reason = "Training" if running else ("JobCreated" if job is not None else "CreatingJob")
         msg = f"Job {o.job_name} " + ("is training" if running else "is waiting for a node")

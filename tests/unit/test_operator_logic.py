@@ -237,3 +237,19 @@ def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
     assert inc["previous"]["metrics"] == current["metrics"]
     assert "tasks.safetensors" in composite.OUTPUT_FILES
     assert "head.safetensors" in contribution.OUTPUT_FILES
+
+
+def test_a_finished_pod_before_the_job_completes_is_still_training() -> None:
+    pod = {
+        "metadata": {"name": "p", "creationTimestamp": "t1"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [{"state": {"terminated": {"exitCode": 0, "message": "{}"}}}],
+        },
+    }
+    job = {"metadata": {"name": "j"}, "status": {"active": 0}}
+    o = contribution.Observation(generation=1, job_name="j", job=job, pods=[pod])
+    st = contribution.compute_status({}, o)
+    assert st["phase"] == "Training"
+    o = contribution.Observation(generation=1, job_name="j", job=job, pods=[])
+    assert contribution.compute_status({}, o)["phase"] == "Pending"
