@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,14 +139,25 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
             for f in item["files"]:
                 fetch(f, d)
             ad = load_adapter(d, key, item["digest"], base_digest)
-        except (InputRejected, ManifestError, OSError) as exc:
+        except (InputRejected, ManifestError, OSError, KeyError) as exc:
             report.append(entry | {"state": "Excluded", "reason": str(exc)})
             print(f"excluded {key}: {exc}", flush=True)
             continue
         loaded.append((ad, weight_for(item, strat.get("weights") or {}), entry))
-    _, rejected = check_compatible([a for a, _, _ in loaded] + ([current] if current else []))
-    if current is not None and current.key in rejected:
-        raise JobFailed(f"the current revision cannot be used: {rejected[current.key]}")
+    # The outlier test is for contributions: a composite's norm grows with every revision.
+    _, rejected = check_compatible([a for a, _, _ in loaded])
+    if current is not None:
+        for ad, _, _ in loaded:
+            clash = next(
+                (
+                    m
+                    for m, (d_, _, k_) in current.shapes.items()
+                    if m in ad.shapes and (ad.shapes[m][0], ad.shapes[m][2]) != (d_, k_)
+                ),
+                None,
+            )
+            if clash and ad.key not in rejected:
+                rejected[ad.key] = f"target module {clash} does not fit the current revision's"
     for ad, _, entry in loaded:
         if ad.key in rejected:
             report.append(entry | {"state": "Excluded", "reason": rejected[ad.key]})
@@ -294,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             return finish(
                 failure_line("merge failed: out of memory; give the merge Job more memory"), 1
             )
+        except Exception as exc:  # one line for the operator, never a bare traceback
+            traceback.print_exc()
+            return finish(failure_line(f"merge failed: {type(exc).__name__}: {exc}"), 1)
     return finish(encode_result(result), 0)
 
 

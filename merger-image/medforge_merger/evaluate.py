@@ -15,6 +15,7 @@ from medforge_common.metrics import classification_metrics
 from medforge_merger.strategies import MergeError
 from medforge_merger.tasks import Task
 from medforge_trainer import model
+from medforge_trainer.errors import TrainFailed
 
 Deltas = dict[str, torch.Tensor]  # module name (as in the base model) -> dense update (d x k)
 
@@ -31,13 +32,22 @@ class Evaluator:
     def classifier(self, task: Task) -> model.Classifier:
         clf = self._classifiers.get(task.name)
         if clf is None:
-            clf = model.Classifier(self.base, task.head, tuple(task.classes), self.tokenizer)
+            try:
+                clf = model.Classifier(self.base, task.head, tuple(task.classes), self.tokenizer)
+            except TrainFailed as exc:
+                raise EvaluationError(f"task {task.name}: {exc}") from exc
             if task.head == "linear":
                 if not task.head_weights:
                     raise EvaluationError(
                         f"task {task.name}: a linear head but no head.safetensors"
                     )
-                clf.head.load_state_dict(task.head_weights)
+                try:
+                    clf.head.load_state_dict(task.head_weights)
+                except RuntimeError as exc:
+                    raise EvaluationError(
+                        f"task {task.name}: head.safetensors does not fit "
+                        f"{len(task.classes)} classes ({exc})".splitlines()[0]
+                    ) from exc
             clf.eval()
             self._classifiers[task.name] = clf
         return clf

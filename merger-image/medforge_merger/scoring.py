@@ -90,9 +90,9 @@ class Scorer:
                 directory = fetch_model_dir(
                     base_digest, list(base.get("files") or []), base.get("path"), work / "base"
                 )
-            except TrainFailed as exc:
+                self.ev = Evaluator(directory)
+            except TrainFailed as exc:  # the trainer's loader names what is wrong
                 raise ScoringFailed(str(exc)) from exc
-            self.ev = Evaluator(directory)
         self.tasks: list[Task] = []
         self.current_mixture: Mixture | None = None
         self.mix: Mixture | None = None  # the new revision, for mixture
@@ -105,12 +105,27 @@ class Scorer:
             self.current_mixture = Mixture.load(directory / MIXTURE_FILE)
 
     def new_tasks(self, adapters: list[Adapter]) -> list[Task | None]:
-        """Each input's distilled set, with the input's own score on it (`solo`)."""
+        """Each input's distilled set, with the input's own score on it (`solo`). Two hospitals
+        may contribute the same task: the second one's set is named `<task>@<namespace/name>`
+        so that sets, heads and scores never mix."""
         out: list[Task | None] = []
+        taken = {t.name for t in self.tasks}
         for ad in adapters:
-            t = from_contribution(ad.path.parent, ad.meta)
-            if t is not None and self.ev is not None:
-                t.solo = _round(self.ev.metrics(t, dense(factor_map(ad))))
+            try:
+                t = from_contribution(ad.path.parent, ad.meta)
+                if t is not None:
+                    if t.name in taken:
+                        t.name = f"{t.name}@{ad.key}"
+                    taken.add(t.name)
+                    n = len(t.classes)
+                    if t.images.ndim != 4 or len(t.images) != len(t.labels):
+                        raise ScoringFailed("images must be n x 3 x H x W with one label each")
+                    if n < 2 or int(t.labels.min()) < 0 or int(t.labels.max()) >= n:
+                        raise ScoringFailed(f"labels must index the {n} classes of its manifest")
+                    if self.ev is not None:
+                        t.solo = _round(self.ev.metrics(t, dense(factor_map(ad))))
+            except Exception as exc:  # a bad set fails with its owner named, never a traceback
+                raise ScoringFailed(f"{ad.key}: its distilled set cannot be used ({exc})") from exc
             out.append(t)
         return out
 

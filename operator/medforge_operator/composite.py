@@ -116,6 +116,17 @@ class Plan:
     all_inputs: list[JSON]  # contributions the merge reads (new ones, or all for `full`)
 
 
+# TIES and DARE composites hold dense updates, which cannot be merged into again as factors: their
+# revisions always merge every input afresh.
+DENSE_STRATEGIES = ("ties", "dare-linear", "dare-ties")
+
+
+def effective_integration(spec: JSON) -> str:
+    if (spec.get("strategy") or {}).get("type") in DENSE_STRATEGIES:
+        return "full"
+    return str(spec.get("integration", "incremental"))
+
+
 def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON]) -> Plan | None:
     """The next revision to start, if any."""
     spec, status = composite["spec"], composite.get("status") or {}
@@ -125,7 +136,7 @@ def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON])
     if current is None and len(candidates) < int(spec.get("minContributions", 1)):
         return None
     revision = int(status.get("revision") or 0) + 1
-    if current is not None and spec.get("integration", "incremental") == "full":
+    if current is not None and effective_integration(spec) == "full":
         merged = {i["digest"] for i in current.get("inputs") or []}
         included = [
             c
@@ -151,7 +162,7 @@ def merge_config(
 ) -> JSON:
     spec, status = composite["spec"], composite.get("status") or {}
     current = status.get("current")
-    incremental = spec.get("integration", "incremental") == "incremental" and current is not None
+    incremental = effective_integration(spec) == "incremental" and current is not None
     cfg: JSON = {
         "kind": "merge",
         "composite": {

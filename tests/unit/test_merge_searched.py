@@ -204,3 +204,31 @@ def test_evaluation_sets_given_in_the_config_are_scored(
     spec["task"] = "cardiology"
     with pytest.raises(AssertionError, match=r"evaluation\[0\]\.task: 'cardiology' is not among"):
         merge(setup, tmp_path, {"type": strategy, "rank": 8}, "ev2", evaluation=[spec])
+
+
+def test_two_hospitals_with_the_same_task_are_scored_apart(setup: Setup, tmp_path: Path) -> None:
+    twice = Setup(setup.base, setup.digest, [setup.adapters[0], setup.adapters[0]], setup.heldout)
+    merge(twice, tmp_path, {"type": "mixture", "search": {"budget": 10}}, "same")
+    metrics = result(tmp_path, "same")["metrics"]
+    assert sorted(metrics) == ["breakhis", "breakhis@hospital-1/lung"]
+    assert metrics["breakhis"]["solo"] == metrics["breakhis@hospital-1/lung"]["solo"]
+
+
+def test_a_broken_distilled_set_names_its_contribution(setup: Setup, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from medforge_common.manifest import FileEntry, sha256_file
+
+    d = tmp_path / "broken"
+    shutil.copytree(setup.adapters[1], d)
+    sets = load_file(str(d / "distilled.safetensors"))
+    sets["labels"] = sets["labels"] + 5  # no such classes
+    save_file(sets, str(d / "distilled.safetensors"))
+    m = manifest(d)
+    m.files = [FileEntry(f.name, *sha256_file(d / f.name)) for f in m.files]
+    (d / "manifest.json").write_text(m.to_json())
+    broken = Setup(setup.base, setup.digest, [setup.adapters[0], d], setup.heldout)
+    with pytest.raises(AssertionError, match="hospital-1/lung: its distilled set cannot be used"):
+        merge(broken, tmp_path, {"type": "linear"}, "broken")

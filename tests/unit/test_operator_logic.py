@@ -253,3 +253,19 @@ def test_a_finished_pod_before_the_job_completes_is_still_training() -> None:
     assert st["phase"] == "Training"
     o = contribution.Observation(generation=1, job_name="j", job=job, pods=[])
     assert contribution.compute_status({}, o)["phase"] == "Pending"
+
+
+def test_dense_strategies_always_merge_in_full() -> None:
+    current = {"revision": 1, "digest": "sha256:c", "inputs": [], "metrics": {}}
+    comp: dict[str, Any] = {
+        "metadata": {"name": "f", "namespace": "forge"},
+        "spec": {"baseModel": {"digest": DIGEST}, "strategy": {"type": "ties"}},
+        "status": {"current": current},
+    }
+    assert composite.effective_integration(comp["spec"]) == "full"
+    files = [{"name": "adapter.safetensors", "url": "v"}]
+    uri = composite.output_prefix("b", "forge", "f", 2)
+    cfg = composite.merge_config(comp, composite.Plan(2, [], []), [], [], files, {}, uri)
+    assert cfg["integration"] == "full" and "current" not in cfg  # dense deltas are not factors
+    comp["spec"]["strategy"] = {"type": "svd", "rank": 4}
+    assert composite.effective_integration(comp["spec"]) == "incremental"

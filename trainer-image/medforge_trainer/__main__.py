@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -214,16 +215,18 @@ def main(argv: list[str] | None = None) -> int:
             result = run(cfg, Path(tmp), out_dir)
         except TrainFailed as exc:
             return finish(failure_line(f"training failed: {exc}"), 1)
-        except (MemoryError, RuntimeError) as exc:
-            if not is_oom(exc):
-                raise
-            return finish(
-                failure_line(
-                    f"training failed: out of memory at batch size {cfg.training.batch_size}; "
-                    "lower spec.training.batchSize or give the Job more memory"
-                ),
-                1,
-            )
+        except Exception as exc:  # one line for the operator, never a bare traceback
+            if is_oom(exc):
+                return finish(
+                    failure_line(
+                        f"training failed: out of memory at batch size "
+                        f"{cfg.training.batch_size}; lower spec.training.batchSize or give the "
+                        "Job more memory"
+                    ),
+                    1,
+                )
+            traceback.print_exc()
+            return finish(failure_line(f"training failed: {type(exc).__name__}: {exc}"), 1)
     log(f"done in {time.monotonic() - started:.1f} s")
     return finish(encode_result(result), 0)
 

@@ -67,7 +67,12 @@ def image_settings(
     )
     pre = directory / "preprocessor_config.json"
     if pre.is_file():
-        data = json.loads(pre.read_text())
+        try:
+            data = json.loads(pre.read_text())
+        except ValueError as exc:
+            raise TrainFailed(
+                f"base model preprocessor_config.json is not valid JSON ({exc})"
+            ) from exc
         mean = tuple(data.get("image_mean") or mean)
         std = tuple(data.get("image_std") or std)
     return size, mean, std
@@ -145,7 +150,8 @@ def target_pattern(model: Classifier, targets: tuple[str, ...]) -> str:
     names = "|".join(re.escape(t) for t in targets)
     scope = r"(vision_model\.(.*\.)?|)" if model.is_clip else r"backbone\.(.*\.)?"
     pattern = f"{scope}({names})"
-    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    # Linear layers only: the merger combines 2-D factors (a convolution's would be 4-D).
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     matched = [n for n in linear if re.fullmatch(pattern, n)]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in matched):

@@ -106,15 +106,19 @@ def _check_manifest(raw: bytes, digest: str) -> Manifest:
         return Manifest.from_json(raw.decode(), "base model manifest.json")
     except (ManifestError, UnicodeDecodeError) as exc:
         # Base manifests may list tokenizer .txt files, which the artifact name check refuses.
-        data = json.loads(raw)
-        if not isinstance(data, dict) or "files" not in data:
+        try:
+            data = json.loads(raw)
+            return Manifest(
+                str(data.get("kind", "base-model")),
+                str(data.get("base_model_digest", "")),
+                [
+                    FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"]))
+                    for f in data["files"]
+                ],
+                dict(data.get("meta") or {}),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise TrainFailed(f"base model manifest.json: {exc}") from exc
-        return Manifest(
-            str(data.get("kind", "base-model")),
-            str(data.get("base_model_digest", "")),
-            [FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"])) for f in data["files"]],
-            dict(data.get("meta") or {}),
-        )
 
 
 def _verify(path: Path, entry: Any) -> None:
@@ -161,10 +165,12 @@ def materialize_dataset(ds: DatasetSettings, dest: Path) -> Path:
     try:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix) :]
+                rel = obj["Key"][len(prefix) :].lstrip("/")
                 if not rel or rel.endswith("/") or ".." in rel.split("/"):
                     continue
                 target = dest / rel
+                if not target.resolve().is_relative_to(dest.resolve()):
+                    continue  # a key that would land outside the dataset folder
                 target.parent.mkdir(parents=True, exist_ok=True)
                 s3.download_file(bucket, obj["Key"], str(target))
                 count += 1
@@ -193,8 +199,8 @@ def upload(name: str, source: Path, cfg: TrainConfig, output_dir: Path | None) -
                     raise TrainFailed(f"upload of {name} answered HTTP {r.status}")
         except urllib.error.HTTPError as exc:
             raise TrainFailed(f"upload of {name} answered HTTP {exc.code} (expired URL?)") from exc
-        except urllib.error.URLError as exc:
-            raise TrainFailed(f"upload of {name} failed ({exc.reason})") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrainFailed(f"upload of {name} failed ({exc})") from exc
         return
     if cfg.output_uri.startswith("s3://"):
         bucket, _, prefix = cfg.output_uri[len("s3://") :].partition("/")
@@ -204,7 +210,10 @@ def upload(name: str, source: Path, cfg: TrainConfig, output_dir: Path | None) -
             os.environ.get("AWS_ACCESS_KEY_ID"),
             os.environ.get("AWS_SECRET_ACCESS_KEY"),
         )
-        s3.upload_file(str(source), bucket, key)
+        try:
+            s3.upload_file(str(source), bucket, key)
+        except Exception as exc:  # boto3's transfer errors have no common base
+            raise TrainFailed(f"upload of {name} to {cfg.output_uri} failed ({exc})") from exc
         return
     raise TrainFailed(
         f"output: no URL for {name}; run with --output-dir DIR or give output.uri s3://..."
