@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,32 @@ def read_result(message: str) -> dict[str, Any] | None:
     except (json.JSONDecodeError, TypeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def finish(path: Path, text: str, code: int) -> int:
+    """Write the result (or failure line) to the termination-message path and echo it; returns
+    the exit code. Run by hand there may be no such path: the echo then says it all."""
+    with contextlib.suppress(OSError):
+        path.write_text(text)
+    print(text, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+    return code
+
+
+class JobConfigError(ValueError):
+    pass
+
+
+def read_job_config(path: str | None) -> Any:
+    """The job config from `--config PATH` or $MEDFORGE_JOB_CONFIG, parsed; JobConfigError
+    says how to give one. Also creates $TMPDIR: in a Job it lies on the scratch emptyDir, the
+    root filesystem being read-only."""
+    try:
+        raw = Path(path).read_text() if path else os.environ["MEDFORGE_JOB_CONFIG"]
+        cfg = json.loads(raw)
+    except (KeyError, OSError, json.JSONDecodeError) as exc:
+        raise JobConfigError(
+            f"no readable job config ({exc}); pass --config or set MEDFORGE_JOB_CONFIG"
+        ) from exc
+    if os.environ.get("TMPDIR"):
+        Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    return cfg

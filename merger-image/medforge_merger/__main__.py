@@ -5,9 +5,7 @@ termination message. Any failure: non-zero exit and a one-line reason there."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -24,7 +22,14 @@ from medforge_common.manifest import (
     check_safe_name,
     verify_dir,
 )
-from medforge_common.result import DEFAULT_PATH, encode_result, failure_line
+from medforge_common.result import (
+    DEFAULT_PATH,
+    JobConfigError,
+    encode_result,
+    failure_line,
+    read_job_config,
+)
+from medforge_common.result import finish as report
 from medforge_merger.adapters import (
     ADAPTER_FILE,
     Adapter,
@@ -276,27 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     term = Path(args.termination_log)
 
     def finish(text: str, code: int) -> int:
-        # Run by hand there may be no termination-message path: stdout says it all.
-        with contextlib.suppress(OSError):
-            term.write_text(text)
-        print(text, file=sys.stdout if code == 0 else sys.stderr)
-        return code
+        return report(term, text, code)
 
     try:
-        raw = Path(args.config).read_text() if args.config else os.environ["MEDFORGE_JOB_CONFIG"]
-        cfg = json.loads(raw)
-    except (KeyError, OSError, json.JSONDecodeError) as exc:
-        return finish(
-            failure_line(
-                f"no readable job config ({exc}); pass --config or set MEDFORGE_JOB_CONFIG"
-            ),
-            2,
-        )
+        cfg = read_job_config(args.config)
+    except JobConfigError as exc:
+        return finish(failure_line(str(exc)), 2)
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("TMPDIR"):  # the Job's scratch emptyDir: the root filesystem is read-only
-        Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medforge-merge-") as tmp:
         try:
             result = run(cfg, Path(tmp), out_dir)

@@ -6,7 +6,6 @@ non-zero exit and a one-line reason there."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -20,7 +19,14 @@ import torch
 from safetensors.torch import save_file
 
 from medforge_common.manifest import FileEntry, Manifest, sha256_file
-from medforge_common.result import DEFAULT_PATH, encode_result, failure_line
+from medforge_common.result import (
+    DEFAULT_PATH,
+    JobConfigError,
+    encode_result,
+    failure_line,
+    read_job_config,
+)
+from medforge_common.result import finish as report
 from medforge_trainer import VERSION, config, dataset, distill, model, sources, train
 from medforge_trainer.errors import ConfigError, TrainFailed
 
@@ -189,26 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     term = Path(args.termination_log)
 
     def finish(text: str, code: int) -> int:
-        with contextlib.suppress(OSError):  # by hand there may be no termination-message path
-            term.write_text(text)
-        print(text, file=sys.stdout if code == 0 else sys.stderr, flush=True)
-        return code
+        return report(term, text, code)
 
     try:
-        raw = Path(args.config).read_text() if args.config else os.environ["MEDFORGE_JOB_CONFIG"]
-        cfg = config.parse(json.loads(raw))
-    except (KeyError, OSError, json.JSONDecodeError) as exc:
-        return finish(
-            failure_line(
-                f"no readable job config ({exc}); pass --config or set MEDFORGE_JOB_CONFIG"
-            ),
-            2,
-        )
+        cfg = config.parse(read_job_config(args.config))
+    except JobConfigError as exc:
+        return finish(failure_line(str(exc)), 2)
     except ConfigError as exc:
         return finish(failure_line(f"invalid job config: {exc}"), 2)
     out_dir = Path(args.output_dir) if args.output_dir else None
-    if os.environ.get("TMPDIR"):  # the Job's scratch emptyDir: the root filesystem is read-only
-        Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medforge-train-") as tmp:
         try:
