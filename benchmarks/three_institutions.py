@@ -42,6 +42,11 @@ def main() -> None:
     margins_ab = {
         n: round(summary[n] - summary["average-ab"], 4) for n in names if n != "average-ab"
     }
+    margins_mix = {
+        n: round(summary[n] - summary["uniform-mixture"], 4)
+        for n in names
+        if n != "uniform-mixture"
+    }
     wins = {
         n: sum(r[n]["mean"] >= r["uniform"]["mean"] for r in runs.values())
         for n in names
@@ -52,6 +57,7 @@ def main() -> None:
         "mean_heldout_accuracy": summary,
         "margin_vs_uniform": margins,
         "margin_vs_average_ab": margins_ab,
+        "margin_vs_uniform_mixture": margins_mix,
         "seeds_at_least_uniform": wins,
         "date": time.strftime("%Y-%m-%d"),
     }

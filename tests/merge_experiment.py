@@ -143,10 +143,7 @@ def read_factors(path: Path, scale: float = 1.0) -> dict[str, Factors]:
 def averaged_ab(setup: Setup) -> dict[str, Factors]:
     """The research code's averaging baseline: lora_A and lora_B tensors averaged separately
     (as peft's linear combination does), cross terms included."""
-    maps = []
-    for d in setup.adapters:
-        meta = Manifest.from_json((d / "manifest.json").read_text()).meta
-        maps.append(read_factors(d / "adapter.safetensors", meta["alpha"] / meta["rank"]))
+    maps = [scaled_factors(d) for d in setup.adapters]
     return {
         m: Factors(
             torch.stack([f[m].B for f in maps]).mean(0), torch.stack([f[m].A for f in maps]).mean(0)
@@ -155,11 +152,16 @@ def averaged_ab(setup: Setup) -> dict[str, Factors]:
     }
 
 
-def heldout_scores(setup: Setup, composite: Path | dict[str, Factors]) -> list[float]:
+Composite = Path | dict[str, Factors] | Mixture
+
+
+def heldout_scores(setup: Setup, composite: Composite) -> list[float]:
     """Accuracy per task on the held-out images."""
     ev = Evaluator(setup.base)
     if isinstance(composite, Path) and (composite / MIXTURE_FILE).is_file():
-        mix = Mixture.load(composite / MIXTURE_FILE)
+        composite = Mixture.load(composite / MIXTURE_FILE)
+    if isinstance(composite, Mixture):
+        mix = composite
         return [
             float((mix.probabilities(ev, t).argmax(1) == t.labels).double().mean())
             for t in setup.heldout
@@ -175,6 +177,17 @@ def heldout_scores(setup: Setup, composite: Path | dict[str, Factors]) -> list[f
     ]
 
 
+def scaled_factors(adapter: Path) -> dict[str, Factors]:
+    """An adapter's factors with its alpha/rank scale folded into B."""
+    meta = Manifest.from_json((adapter / "manifest.json").read_text()).meta
+    return read_factors(adapter / "adapter.safetensors", meta["alpha"] / meta["rank"])
+
+
+def single_adapter_scores(setup: Setup, i: int) -> list[float]:
+    """Held-out accuracy per task of hospital i's adapter alone."""
+    return heldout_scores(setup, scaled_factors(setup.adapters[i]))
+
+
 def experiment(root: Path, seed: int = 0, setup: Setup | None = None) -> dict[str, Any]:
     """Held-out accuracy per task and its mean for each way of combining the three adapters."""
     setup = setup or build(root, seed)
@@ -186,7 +199,12 @@ def experiment(root: Path, seed: int = 0, setup: Setup | None = None) -> dict[st
         "mixture": {"type": "mixture", "search": {"seed": seed}},
     }
     out: dict[str, Any] = {}
-    composites: dict[str, Path | dict[str, Factors]] = {"average-ab": averaged_ab(setup)}
+    maps = [scaled_factors(d) for d in setup.adapters]
+    composites: dict[str, Composite] = {
+        "average-ab": averaged_ab(setup),
+        # The output-level counterpart of uniform averaging: every adapter's probabilities 1/3.
+        "uniform-mixture": Mixture(maps, [1 / 3] * 3, [t[0] for t in INSTITUTIONS]),
+    }
     for name, strat in strategies.items():
         composites[name] = merge(setup, root, strat, name)
     for name, composite in composites.items():
@@ -195,4 +213,11 @@ def experiment(root: Path, seed: int = 0, setup: Setup | None = None) -> dict[st
             "per_task": [round(x, 4) for x in scores],
             "mean": round(sum(scores) / len(scores), 4),
         }
+    # The best single hospital's adapter, used alone for every task.
+    alone = [single_adapter_scores(setup, i) for i in range(len(setup.adapters))]
+    best = max(alone, key=sum)
+    out["best-single"] = {
+        "per_task": [round(x, 4) for x in best],
+        "mean": round(sum(best) / len(best), 4),
+    }
     return out

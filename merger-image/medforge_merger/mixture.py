@@ -61,6 +61,7 @@ class Mixture:
 
     @torch.no_grad()
     def probabilities(self, ev: Evaluator, task: Task) -> torch.Tensor:
-        """Class probabilities of the mixture for `task`'s images (the inference helper)."""
+        """Class probabilities of the mixture for `task`'s images (the inference helper): the
+        softmax of the weighted sum of every adapter's class probabilities, as searched."""
         q = [{task.name: torch.softmax(ev.logits(task, dense(f)), dim=-1)} for f in self.adapters]
         return mixture_probs(q, self.coefficients, task.name)

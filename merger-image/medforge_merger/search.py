@@ -6,8 +6,11 @@ penalty on the coefficients.
   is then (aB1 + bB2)(aA1 + bA2), which carries the cross terms a*b*(B1 A2 + B2 A1).
 - fusion-exact: the same search over a*dW_theta + b*dW_phi, kept exactly as stacked factors
   ([aB1 | bB2] and [A1; A2]): no cross terms, the rank grows with each step.
-- mixture: output level, p <- a*p + b*q_new, where q_j are the class probabilities of the model
-  with adapter j alone; only the newest pair is searched, on all tasks so far.
+- mixture: output level, s <- a*s + b*q_new, where q_j are the class probabilities of the model
+  with adapter j alone; only the newest pair is searched, on all tasks so far. As published, the
+  weighted sum s is scored as logits (cross-entropy of softmax(s)) and the L1 penalty covers every
+  adapter's resulting weight, so that the scale of the weights matters: a normalised mixture
+  would be blind to it and the penalty would only shrink all weights towards zero.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from medforge_merger.strategies import Factors, MergeError
 from medforge_merger.tasks import Task
 
 FactorMap = dict[str, Factors]  # module -> (B with the scale folded in, A)
-EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,13 @@ class SearchSettings:
 
 
 def search_pair(
-    loss: Callable[[float, float], float], s: SearchSettings, step: int
+    loss: Callable[[float, float], float],
+    s: SearchSettings,
+    step: int,
+    penalised: Callable[[float, float], list[float]] | None = None,
 ) -> tuple[float, float, float]:
-    """(a, b, loss) minimising loss(a, b) + l1 * mean(|a|, |b|) with NGOpt, seeded per step."""
+    """(a, b, loss) minimising loss(a, b) + l1 * mean(|w|) with NGOpt, seeded per step, where
+    w are the weights `penalised(a, b)` (by default a and b themselves)."""
     import nevergrad as ng
 
     # NGOpt's COBYLA stage warns about its own default tolerance on every call.
@@ -52,7 +58,8 @@ def search_pair(
 
     def objective(x: np.ndarray) -> float:
         a, b = float(x[0]), float(x[1])
-        value = loss(a, b) + s.l1 * (abs(a) + abs(b)) / 2
+        w = penalised(a, b) if penalised else [a, b]
+        value = loss(a, b) + s.l1 * sum(abs(v) for v in w) / len(w)
         return value if math.isfinite(value) else 1e9
 
     rec = opt.minimize(objective)
@@ -127,12 +134,19 @@ def fusion(
     return theta, steps
 
 
+def mixture_logits(
+    q: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], task: str
+) -> torch.Tensor:
+    """sum_j w_j * q_j for `task`'s images: the mixture's scores, one per class."""
+    return sum(
+        (w * qj[task] for w, qj in zip(weights, q, strict=True)), torch.zeros_like(q[0][task])
+    )
+
+
 def mixture_probs(
     q: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], task: str
 ) -> torch.Tensor:
-    p = sum((w * qj[task] for w, qj in zip(weights, q, strict=True)), torch.zeros_like(q[0][task]))
-    p = p.clamp_min(EPS)
-    return p / p.sum(dim=1, keepdim=True)
+    return torch.softmax(mixture_logits(q, weights, task), dim=-1)
 
 
 def mixture(
@@ -153,17 +167,20 @@ def mixture(
         weights = [1.0]
     for j in range(len(weights), len(q)):
 
-        def loss(a: float, b: float, j: int = j, prev: list[float] = weights) -> float:
-            w = [a * x for x in prev] + [b]
+        def resulting(a: float, b: float, prev: list[float] = weights) -> list[float]:
+            return [a * x for x in prev] + [b]
+
+        def loss(a: float, b: float, j: int = j) -> float:
+            w = resulting(a, b)
             total = 0.0
             for t in tasks:
-                p = mixture_probs(q[: j + 1], w, t.name)
-                total += float(nn.functional.nll_loss(p.log(), t.labels))
+                logits = mixture_logits(q[: j + 1], w, t.name)
+                total += float(nn.functional.cross_entropy(logits, t.labels))
             return total / len(tasks)
 
-        a, b, value = search_pair(loss, s, first_step + j)
+        a, b, value = search_pair(loss, s, first_step + j, resulting)
         log(f"mixture step {j}: a={a:.4f} b={b:.4f} loss={value:.4f}")
-        weights = [a * x for x in weights] + [b]
+        weights = resulting(a, b)
         steps.append(FusionStep(a, b, value))
     return weights, steps
 
