@@ -155,6 +155,18 @@ def job_state(job: JSON | None) -> str:
     return "Active"
 
 
+def never_started(job: JSON) -> bool:
+    """A suspended Job that has not started (queued, not yet admitted) has no pods to list."""
+    st = job.get("status") or {}
+    return bool((job.get("spec") or {}).get("suspend")) and not (
+        st.get("startTime")
+        or st.get("active")
+        or st.get("succeeded")
+        or st.get("failed")
+        or st.get("terminating")
+    )
+
+
 def job_failure(job: JSON) -> tuple[str, str]:
     for c in job.get("status", {}).get("conditions") or []:
         if c.get("status") == "True" and c.get("type") == "Failed":

@@ -89,7 +89,7 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: Even
             o.store_error = str(exc)
         except (UriError, VerificationFailed) as exc:
             o.build_error = str(exc)
-    if o.job is not None and o.job.get("status"):
+    if o.job is not None and o.job.get("status") and not jobs.never_started(o.job):
         o.pods = kube.job_pods(ns, job_name)
         if jobs.job_state(o.job) == "Complete":
             verify(obj, o, store)

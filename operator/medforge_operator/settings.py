@@ -29,7 +29,7 @@ class Settings:
     merger_image: str = "ghcr.io/medforge/merger:0.1.0"
     trainer_command: tuple[str, ...] = ("medforge-train",)
     merger_command: tuple[str, ...] = ("medforge-merge",)
-    concurrency: int = 16
+    concurrency: int = 32
     job_ttl_seconds: int = 7 * 24 * 3600
     metrics_port: int = 0  # 0: no Prometheus endpoint
     health_port: int = 0  # 0: no liveness endpoint
