@@ -2,10 +2,12 @@
 that creates the same 1,000 Jobs directly, in the same run on the same local cluster.
 
     .venv/bin/python benchmarks/operator_scale.py [--count 1000] [--namespaces 20]
+        [--concurrency 32] [--queued-only]
 
 Reports: time until all Jobs exist, time until all statuses show the Jobs' completion, p50/p99
 per-object latency, the operator's peak RSS, and the ratio of the operator's Job-creation
-throughput to the direct script's. Writes benchmarks/results/operator_scale.json.
+throughput to the direct script's, and to a script that makes the same writes as the operator's
+path with no operator logic. Writes benchmarks/results/operator_scale.json.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from medforge_localcluster.cluster import LocalCluster  # noqa: E402
 from medforge_localcluster.kube import Kube  # noqa: E402
+from medforge_operator import contribution as contribution_status  # noqa: E402
+from medforge_operator.kube import Kube as OperatorKube  # noqa: E402
 from tests.cluster.conftest import Forge, OperatorProcess  # noqa: E402
 from tests.conftest import ClusterAccess  # noqa: E402
 
@@ -146,6 +150,41 @@ def main() -> int:
             batch.delete_collection_namespaced_job(ns, label_selector="bench=direct")
         time.sleep(3)
 
+        # 1b. The same script making every write the operator's path makes per contribution:
+        # the CR create, the Job create, a status patch and an Event, with as many clients as
+        # the benchmark's appliers and the operator's workers together. This is the pace an
+        # operator with no overhead at all could reach on this API server.
+        events = OperatorKube()
+
+        def same_writes(it: tuple[str, str]) -> None:
+            ns, name = it[0], "w-" + it[1]
+            cr = custom.create_namespaced_custom_object(
+                "medforge.io", "v1alpha1", ns, "loracontributions", contribution(name, base)
+            )
+            batch.create_namespaced_job(ns, direct_job(name, ns), _preload_content=False)
+            # The very status the operator writes for a contribution whose Job was created.
+            seen = contribution_status.Observation(1, name, {"metadata": {"name": name}})
+            status = contribution_status.compute_status({}, seen)
+            custom.patch_namespaced_custom_object_status(
+                "medforge.io", "v1alpha1", ns, "loracontributions", name, {"status": status}
+            )
+            events.post_event(cr, "Normal", "JobCreated", "Pending: training Job " + name)
+
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(args.workers + args.concurrency) as pool:
+            list(pool.map(same_writes, items))
+        same_writes_s = time.monotonic() - t0
+        for ns in spaces:
+            batch.delete_collection_namespaced_job(ns, label_selector="bench=direct")
+            custom.delete_collection_namespaced_custom_object(
+                "medforge.io", "v1alpha1", ns, "loracontributions"
+            )
+        while custom.list_cluster_custom_object("medforge.io", "v1alpha1", "loracontributions")[
+            "items"
+        ]:
+            time.sleep(1)
+        time.sleep(3)
+
         # 2. The operator.
         log = state / "operator.log"
         op = OperatorProcess(
@@ -231,9 +270,11 @@ def main() -> int:
             "operator_concurrency": args.concurrency,
             "direct_jobs_seconds": round(direct_s, 2),
             "direct_jobs_per_second": round(n / direct_s, 1),
+            "same_writes_seconds": round(same_writes_s, 2),
             "operator_queued": queued,
             "operator_queued_jobs_per_second": round(n / queued["all_jobs_seconds"], 1),
             "throughput_ratio_queued": round(direct_s / queued["all_jobs_seconds"], 3),
+            "ratio_queued_to_same_writes": round(same_writes_s / queued["all_jobs_seconds"], 3),
             "operator_peak_rss_mib": round(rss, 1),
             "kubelet_max_pods": int(os.environ["MEDFORGE_KUBELET_MAX_PODS"]),
             "cpus": os.cpu_count(),
