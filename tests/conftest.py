@@ -13,12 +13,16 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from medforge_localcluster.cluster import LocalCluster
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -60,6 +64,32 @@ class ClusterAccess:
         return self.kubectl("apply", "-n", namespace, "-f", "-", input=document)
 
 
+def _fresh_cluster(cls: type[LocalCluster]) -> LocalCluster:
+    lc = cls(Path(tempfile.mkdtemp(prefix="medforge-test-cluster-")))
+    try:
+        lc.up(log=False)
+    except BaseException:
+        lc.down(purge=True)
+        raise
+    return lc
+
+
+def start_local_cluster(cls: type[LocalCluster]) -> LocalCluster:
+    """A fresh local cluster in its own state directory. One failed start (a port taken between
+    choosing and binding it, a component slow on a loaded machine) is retried once on fresh
+    ports, with a warning that carries the first error; a second failure fails the tests."""
+    try:
+        return _fresh_cluster(cls)
+    except Exception as first:
+        warnings.warn(f"the local cluster failed to start, trying once more: {first}", stacklevel=1)
+        try:
+            return _fresh_cluster(cls)
+        except Exception as exc:
+            raise RuntimeError(
+                f"the local cluster failed to start twice; the first time: {first}"
+            ) from exc
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ClusterAccess]:
     if external := os.environ.get("MEDFORGE_TEST_KUBECONFIG"):
@@ -74,10 +104,8 @@ def cluster() -> Iterator[ClusterAccess]:
         return
     from medforge_localcluster.cluster import LocalCluster
 
-    state = Path(tempfile.mkdtemp(prefix="medforge-test-cluster-"))
-    lc = LocalCluster(state)
+    lc = start_local_cluster(LocalCluster)
     try:
-        lc.up(log=False)
         creds = lc.s3_credentials()
         yield ClusterAccess(
             lc.kubeconfig,
@@ -85,7 +113,7 @@ def cluster() -> Iterator[ClusterAccess]:
             lc.s3_endpoint(),
             creds["access_key"],
             creds["secret_key"],
-            state,
+            lc.dir,
         )
     finally:
         lc.down(purge=True)
