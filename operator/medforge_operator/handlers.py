@@ -38,6 +38,12 @@ class Runtime:
 
 RUNTIME: Runtime | None = None
 STOPPING = threading.Event()
+# Keys whose last round raised: the resync queues them again, whatever their status says.
+FAILED: set[tuple[str, str, str]] = set()
+FAILED_LOCK = threading.Lock()
+# Every FULL_RESYNC_EVERY-th resync queues every contribution in flight, not only those that
+# need polling: the safety net in case a watch event was lost.
+FULL_RESYNC_EVERY = 15
 
 
 def rt() -> Runtime:
@@ -88,8 +94,12 @@ def work(key: Hashable, body: JSON | None) -> None:
         else:
             rcomp.reconcile(obj, r.kube, r.store, r.settings, _event)
         RECONCILES.labels(kind, "ok").inc()
+        with FAILED_LOCK:
+            FAILED.discard((plural, ns, name))
     except Exception:
         RECONCILES.labels(kind, "error").inc()
+        with FAILED_LOCK:
+            FAILED.add((plural, ns, name))
         raise
     finally:
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - t0)
@@ -116,18 +126,33 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def resync() -> None:
     """The safety net behind the events: every interval, one list per kind queues every
-    contribution still in flight and every composite (a retry after a failed round, a store
-    that came back). One list each is far cheaper than a timer per object."""
+    composite, every contribution that waits on something no watch reports (a store to come
+    back, a base model to be uploaded, digests to verify) and every object whose last round
+    failed; every FULL_RESYNC_EVERY-th time, every contribution in flight. One list each is far
+    cheaper than a timer per object, and a Job that is simply queued or training costs nothing
+    between its own events."""
     r = rt()
+    passes = 0
     while True:
         time.sleep(r.settings.requeue_seconds)
+        passes += 1
+        full = passes % FULL_RESYNC_EVERY == 0
+        with FAILED_LOCK:
+            failed = set(FAILED)
         try:
+            seen = set()
             for ns in r.settings.namespaces or (None,):
                 for c in r.kube.list_objects(CONTRIBUTIONS, ns):
-                    if not rcon.settled(c):
-                        enqueue(CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
+                    key = (CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
+                    seen.add(key)
+                    if rcon.needs_polling(c) or ((full or key in failed) and not rcon.settled(c)):
+                        enqueue(*key, c)
                 for c in r.kube.list_objects(COMPOSITES, ns):
-                    enqueue(COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
+                    key = (COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
+                    seen.add(key)
+                    enqueue(*key)
+            with FAILED_LOCK:
+                FAILED.difference_update(failed - seen)  # objects deleted since their failure
         except Exception:
             log.exception("resync failed; trying again in %s s", r.settings.requeue_seconds)
 

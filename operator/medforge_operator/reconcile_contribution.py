@@ -47,6 +47,24 @@ def settled(obj: JSON) -> bool:
     ) in ("Succeeded", "Failed")
 
 
+# Ready reasons of an unsettled contribution whose next step comes as an event of its Job or its
+# pods (the label-selected watches): polling such a contribution would only repeat reads.
+WATCH_DRIVEN = frozenset({"JobCreated", "Training", "CreateContainerConfigError"})
+
+
+def needs_polling(obj: JSON) -> bool:
+    """Whether an unsettled contribution waits on something no watch reports: a store that is
+    unreachable, a base model not uploaded yet, digests still to verify, or no status yet for
+    this generation."""
+    st = obj.get("status") or {}
+    if settled(obj):
+        return False
+    if st.get("observedGeneration") != obj["metadata"].get("generation"):
+        return True
+    ready: JSON = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return ready.get("reason") not in WATCH_DRIVEN
+
+
 def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn) -> JSON:
     """Returns the status written (or the unchanged one)."""
     meta = obj["metadata"]

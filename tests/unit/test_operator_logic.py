@@ -279,3 +279,24 @@ def test_only_a_queued_job_that_never_started_skips_the_pod_listing() -> None:
     assert not jobs.never_started({"spec": {}, "status": {}})
     for ran in ({"failed": 1}, {"startTime": "2026-11-26T00:00:00Z"}, {"terminating": 1}):
         assert not jobs.never_started({"spec": {"suspend": True}, "status": ran})
+
+
+def test_the_resync_polls_only_contributions_no_watch_will_move() -> None:
+    from medforge_operator.reconcile_contribution import needs_polling
+
+    def obj(reason: str | None, phase: str = "Pending", observed: int = 1) -> dict[str, Any]:
+        status: dict[str, Any] = {"observedGeneration": observed, "phase": phase}
+        if reason:
+            status["conditions"] = [{"type": "Ready", "status": "False", "reason": reason}]
+        return {"metadata": {"generation": 1}, "status": status}
+
+    # Waiting on the world: the store, an upload, a verification, or nothing written yet.
+    for reason in ("StoreUnreachable", "InvalidInput", "Verifying", None):
+        assert needs_polling(obj(reason)), reason
+    assert needs_polling(obj("JobCreated", observed=0))  # a new spec nobody handled yet
+    assert needs_polling({"metadata": {"generation": 1}})
+    # Moved by its Job's and pods' events, or finished.
+    for reason in ("JobCreated", "Training", "CreateContainerConfigError"):
+        assert not needs_polling(obj(reason)), reason
+    assert not needs_polling(obj("Verified", phase="Succeeded"))
+    assert not needs_polling(obj("BackoffLimitExceeded", phase="Failed"))
