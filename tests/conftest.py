@@ -7,6 +7,7 @@ plus MEDFORGE_TEST_S3_ENDPOINT, MEDFORGE_TEST_S3_ACCESS_KEY and MEDFORGE_TEST_S3
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -69,7 +70,8 @@ def _fresh_cluster(cls: type[LocalCluster]) -> LocalCluster:
     try:
         lc.up(log=False)
     except BaseException:
-        lc.down(purge=True)
+        with contextlib.suppress(Exception):  # the start's error is the one to report
+            lc.down(purge=True)
         raise
     return lc
 

@@ -18,6 +18,10 @@ from medforge_merger.strategies import Factors
 from medforge_merger.tasks import Task
 
 MIXTURE_FILE = "mixture.safetensors"
+# How the coefficients were searched: "logits" scores the weighted sum as logits (as published).
+# Bundles without the marker came from a search over normalised probabilities, whose weights
+# have no meaningful scale; an incremental revision searches all of their weights again.
+OBJECTIVE = "logits"
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Mixture:
     adapters: list[FactorMap]
     coefficients: list[float]
     sources: list[str]  # which contribution each adapter came from
+    objective: str = OBJECTIVE
 
     def save(self, path: Path) -> None:
         tensors = {}
@@ -39,6 +44,7 @@ class Mixture:
                 "format": "medforge-mixture",
                 "coefficients": json.dumps(self.coefficients),
                 "sources": json.dumps(self.sources),
+                "objective": self.objective,
             },
         )
 
@@ -57,7 +63,7 @@ class Mixture:
                 adapters[j][module] = Factors(
                     f.get_tensor(f"{head}.{module}{SUFFIX_B}").float(), f.get_tensor(key).float()
                 )
-        return cls(adapters, coefficients, sources)
+        return cls(adapters, coefficients, sources, meta.get("objective", "normalised"))
 
     @torch.no_grad()
     def probabilities(self, ev: Evaluator, task: Task) -> torch.Tensor:

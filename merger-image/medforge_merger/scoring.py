@@ -18,7 +18,7 @@ from medforge_common.manifest import sha256_file
 from medforge_common.metrics import classification_metrics
 from medforge_merger.adapters import ADAPTER_FILE, SUFFIX_A, SUFFIX_B, SUFFIX_DELTA, Adapter
 from medforge_merger.evaluate import Deltas, Evaluator
-from medforge_merger.mixture import MIXTURE_FILE, Mixture
+from medforge_merger.mixture import MIXTURE_FILE, OBJECTIVE, Mixture
 from medforge_merger.search import (
     FactorMap,
     FusionStep,
@@ -152,7 +152,9 @@ class Scorer:
             maps = (cur.adapters if cur else []) + [factor_map(a) for a, _ in adapters]
             sources = (cur.sources if cur else []) + [name for _, name in adapters]
             q = [adapter_probs(ev, dense(f), self.tasks) for f in maps]
-            start = cur.coefficients if cur else []
+            start = cur.coefficients if cur and cur.objective == OBJECTIVE else []
+            if cur and not start:
+                print("the current mixture was searched under an older objective: all weights anew")
             weights, steps = mixture(q, start, self.tasks, search, len(start))
             self.mix = Mixture(maps, weights, sources)
             self.mix.save(work / MIXTURE_FILE)

@@ -21,8 +21,9 @@ from medforge_operator.kube import Kube
 
 JSON = dict[str, Any]
 log = logging.getLogger("medforge.childwatch")
-# What a child event reports: (kind "Job"|"Pod", namespace, labels, object).
-OnEvent = Callable[[str, str, dict[str, str], JSON], None]
+# What a child event reports: (kind "Job"|"Pod", event type, namespace, labels, object). The
+# event type is the watch's (ADDED, MODIFIED, DELETED), or ADDED for an item of a fresh listing.
+OnEvent = Callable[[str, str, str, dict[str, str], JSON], None]
 
 
 class ChildWatch(threading.Thread):
@@ -42,10 +43,11 @@ class ChildWatch(threading.Thread):
             return core.list_namespaced_pod(self.namespace, **kw)
         return core.list_pod_for_all_namespaces(**kw)
 
-    def _deliver(self, obj: JSON) -> None:
+    def _deliver(self, etype: str, obj: JSON) -> None:
         meta = obj.get("metadata") or {}
         try:
-            self.on_event(self.kind, meta.get("namespace", ""), meta.get("labels") or {}, obj)
+            labels = meta.get("labels") or {}
+            self.on_event(self.kind, etype, meta.get("namespace", ""), labels, obj)
         except Exception:
             log.exception("handling a %s event failed", self.kind)
 
@@ -59,7 +61,7 @@ class ChildWatch(threading.Thread):
                         self._call(label_selector=self.selector, _preload_content=False).data
                     )
                     for item in listing["items"]:
-                        self._deliver(item)
+                        self._deliver("ADDED", item)
                     version = listing["metadata"]["resourceVersion"]
                 resp = self._call(label_selector=self.selector, watch=True,
                                   resource_version=version, allow_watch_bookmarks=True,
@@ -78,7 +80,7 @@ class ChildWatch(threading.Thread):
                             break
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         if event.get("type") != "BOOKMARK":
-                            self._deliver(obj)
+                            self._deliver(str(event.get("type")), obj)
                     if self.stop.is_set() or not version:
                         break
                 resp.release_conn()

@@ -75,34 +75,40 @@ def _composites() -> None:
 
 def work(key: Hashable, body: JSON | None) -> None:
     """One reconcile round for a queued (plural, namespace, name); `body` is the object as its
-    own watch event delivered it, when that event queued it."""
+    own watch event delivered it, when that event queued it. A round that raises is noted in
+    FAILED, so that the resync retries it."""
     plural, ns, name = cast(tuple[str, str, str], key)
-    r = rt()
-    obj = body if body is not None else r.kube.get_object(plural, ns, name)
-    if obj is None:
-        return
     kind = "contribution" if plural == CONTRIBUTIONS else "composite"
     t0 = time.monotonic()
     try:
-        if plural == CONTRIBUTIONS:
-            if rcon.settled(obj):
-                return
-            before = (obj.get("status") or {}).get("phase")
-            new = rcon.reconcile(obj, r.kube, r.store, r.settings, _event)
-            if new.get("phase") != before and new.get("phase") in ("Succeeded", "Failed"):
-                _composites()
-        else:
-            rcomp.reconcile(obj, r.kube, r.store, r.settings, _event)
-        RECONCILES.labels(kind, "ok").inc()
-        with FAILED_LOCK:
-            FAILED.discard((plural, ns, name))
+        _round(plural, ns, name, body)
     except Exception:
         RECONCILES.labels(kind, "error").inc()
         with FAILED_LOCK:
             FAILED.add((plural, ns, name))
         raise
+    else:
+        RECONCILES.labels(kind, "ok").inc()
+        with FAILED_LOCK:
+            FAILED.discard((plural, ns, name))
     finally:
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - t0)
+
+
+def _round(plural: str, ns: str, name: str, body: JSON | None) -> None:
+    r = rt()
+    obj = body if body is not None else r.kube.get_object(plural, ns, name)
+    if obj is None:
+        return
+    if plural == CONTRIBUTIONS:
+        if rcon.settled(obj):
+            return
+        before = (obj.get("status") or {}).get("phase")
+        new = rcon.reconcile(obj, r.kube, r.store, r.settings, _event)
+        if new.get("phase") != before and new.get("phase") in ("Succeeded", "Failed"):
+            _composites()
+    else:
+        rcomp.reconcile(obj, r.kube, r.store, r.settings, _event)
 
 
 @kopf.on.startup()
@@ -132,7 +138,7 @@ def resync() -> None:
     cheaper than a timer per object, and a Job that is simply queued or training costs nothing
     between its own events."""
     r = rt()
-    passes = 0
+    passes = FULL_RESYNC_EVERY - 1  # the first pass is full: whatever changed while we were down
     while True:
         time.sleep(r.settings.requeue_seconds)
         passes += 1
@@ -146,7 +152,8 @@ def resync() -> None:
                     key = (CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
                     seen.add(key)
                     if rcon.needs_polling(c) or ((full or key in failed) and not rcon.settled(c)):
-                        enqueue(*key, c)
+                        # No body: a listed copy may be older than a round in progress.
+                        enqueue(*key)
                 for c in r.kube.list_objects(COMPOSITES, ns):
                     key = (COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
                     seen.add(key)
@@ -200,10 +207,10 @@ def composite_event(type: str, body: kopf.Body, **_: Any) -> None:
         enqueue(COMPOSITES, ns, name)
 
 
-def child_event(kind: str, namespace: str, labels: dict[str, str], obj: JSON) -> None:
+def child_event(kind: str, etype: str, namespace: str, labels: dict[str, str], obj: JSON) -> None:
     """A Job or pod of ours changed: queue its owner."""
-    if kind == "Job" and not obj.get("status"):
-        return  # a Job just created (by us) has nothing to report yet
+    if kind == "Job" and etype != "DELETED" and not obj.get("status"):
+        return  # a Job just created (by us) has nothing to report yet; a deleted one has
     owner = labels.get(jobs.LABEL_OWNER)
     component = labels.get(jobs.LABEL_COMPONENT)
     if owner and component == "train":

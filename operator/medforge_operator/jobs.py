@@ -156,7 +156,9 @@ def job_state(job: JSON | None) -> str:
 
 
 def never_started(job: JSON) -> bool:
-    """A suspended Job that has not started (queued, not yet admitted) has no pods to list."""
+    """A suspended Job with no pod counts and no start time has no pods to list: it is queued
+    and not yet admitted, or it was suspended again (which deletes its pods and clears the
+    start time) without any pod having failed or succeeded."""
     st = job.get("status") or {}
     return bool((job.get("spec") or {}).get("suspend")) and not (
         st.get("startTime")

@@ -146,6 +146,54 @@ def test_incremental_revision_searches_on_all_tasks_and_reports_regression(
     assert not any((tmp_path / "bad").glob("*"))
 
 
+def test_a_mixture_searched_under_the_older_objective_is_searched_again(
+    setup: Setup, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from medforge_common.manifest import FileEntry, sha256_file
+
+    first = Setup(setup.base, setup.digest, setup.adapters[:2], setup.heldout[:2])
+    budget = {"type": "mixture", "search": {"budget": 8}}
+    rev1 = merge(first, tmp_path, budget, "mix1")
+    # Rewrite revision 1 as an older merger wrote it: no objective marker.
+    path = rev1 / "mixture.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert meta.pop("objective") == "logits"
+    save_file(tensors, str(path), metadata=meta)
+    m = manifest(rev1)
+    m.files = [FileEntry(f.name, *sha256_file(rev1 / f.name)) for f in m.files]
+    (rev1 / "manifest.json").write_text(m.to_json())
+
+    third = setup.adapters[2]
+    files = [{"name": f.name, "path": str(third / f.name)} for f in manifest(third).files]
+    files.append({"name": "manifest.json", "path": str(third / "manifest.json")})
+    current = [{"name": f.name, "path": str(rev1 / f.name)} for f in m.files]
+    current.append({"name": "manifest.json", "path": str(rev1 / "manifest.json")})
+    cfg = {
+        "kind": "merge",
+        "baseModel": {"digest": setup.digest, "path": str(setup.base)},
+        "strategy": budget,
+        "integration": "incremental",
+        "current": {"revision": 1, "digest": m.digest(), "files": current},
+        "inputs": [
+            {"namespace": "hospital-2", "name": "colon", "digest": manifest(third).digest(),
+             "files": files}
+        ],
+        "output": {},
+    }  # fmt: skip
+    rc = run_config(tmp_path, cfg, "mix2")
+    assert rc == 0, result(tmp_path, "mix2")
+    # Both pairs searched again (not only the newcomer's), and the bundle now carries the marker.
+    assert len(manifest(tmp_path / "mix2").meta["steps"]) == 2
+    assert len(manifest(tmp_path / "mix2").meta["coefficients"]) == 3
+    with safe_open(str(tmp_path / "mix2" / "mixture.safetensors"), framework="pt") as f:
+        assert (f.metadata() or {})["objective"] == "logits"
+
+
 def test_fusion_refuses_adapters_of_different_ranks(setup: Setup, tmp_path: Path) -> None:
     import shutil
 

@@ -274,7 +274,7 @@ def test_dense_strategies_always_merge_in_full() -> None:
 def test_only_a_queued_job_that_never_started_skips_the_pod_listing() -> None:
     queued = {"spec": {"suspend": True}, "status": {"conditions": [{"type": "Suspended"}]}}
     assert jobs.never_started(queued)
-    # Admitted (running), or suspended again after it ran: its pods tell the attempts.
+    # Not suspended, or suspended with pods that ran or still run: its pods tell the attempts.
     assert not jobs.never_started({"spec": {"suspend": False}, "status": {"active": 1}})
     assert not jobs.never_started({"spec": {}, "status": {}})
     for ran in ({"failed": 1}, {"startTime": "2026-11-26T00:00:00Z"}, {"terminating": 1}):
