@@ -16,6 +16,7 @@ penalty on the coefficients.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ def search_pair(
 
     # NGOpt's COBYLA stage warns about its own default tolerance on every call.
     warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
+    # At large budgets its CMA stage reports every suggested point it did not use.
+    warnings.filterwarnings("ignore", message="orphanated injected solution")
     param = ng.p.Array(init=np.array([s.init, s.init])).set_bounds(-s.bound, s.bound)
     param.random_state.seed(s.seed + step)
     opt = ng.optimizers.NGOpt(parametrization=param, budget=s.budget)
@@ -62,9 +65,24 @@ def search_pair(
         value = loss(a, b) + s.l1 * sum(abs(v) for v in w) / len(w)
         return value if math.isfinite(value) else 1e9
 
-    rec = opt.minimize(objective)
+    before = set(threading.enumerate())
+    try:
+        rec = opt.minimize(objective)
+    finally:
+        _stop_search_threads(before)
     a, b = (float(v) for v in rec.value)
     return a, b, objective(np.array([a, b]))
+
+
+def _stop_search_threads(before: set[threading.Thread]) -> None:
+    """nevergrad runs some of NGOpt's optimisers (COBYLA, Powell) in a thread that waits for its
+    next point. One left waiting by a failed search is not a daemon and would keep the merge
+    process from ever exiting (its Job would run until the deadline): tell it to finish."""
+    for t in set(threading.enumerate()) - before:
+        stop = getattr(t, "stop", None)
+        if callable(stop) and hasattr(t, "messages_tell"):
+            stop()
+            t.join(timeout=5)
 
 
 def dense(f: FactorMap) -> Deltas:
