@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -77,3 +78,15 @@ def read_job_config(path: str | None) -> Any:
     if os.environ.get("TMPDIR"):
         Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+def job_parser(prog: str, description: str, outputs: str) -> argparse.ArgumentParser:
+    """The arguments every job program of the contract takes: the job config, local outputs
+    instead of the config's URLs, and where the result goes (the termination message)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="job config JSON file (default: $MEDFORGE_JOB_CONFIG)")
+    p.add_argument("--output-dir", help=f"write {outputs} here instead of the config's URLs")
+    p.add_argument(
+        "--termination-log", default=os.environ.get("MEDFORGE_TERMINATION_LOG", str(DEFAULT_PATH))
+    )
+    return p

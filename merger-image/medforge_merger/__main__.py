@@ -4,9 +4,7 @@ termination message. Any failure: non-zero exit and a one-line reason there."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
@@ -23,10 +21,10 @@ from medforge_common.manifest import (
     verify_dir,
 )
 from medforge_common.result import (
-    DEFAULT_PATH,
     JobConfigError,
     encode_result,
     failure_line,
+    job_parser,
     read_job_config,
 )
 from medforge_common.result import finish as report
@@ -271,12 +269,7 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="medforge-merge", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="job config JSON file (default: $MEDFORGE_JOB_CONFIG)")
-    p.add_argument("--output-dir", help="write the composite here instead of the config's URLs")
-    p.add_argument(
-        "--termination-log", default=os.environ.get("MEDFORGE_TERMINATION_LOG", str(DEFAULT_PATH))
-    )
+    p = job_parser("medforge-merge", __doc__.splitlines()[0], "the composite")
     args = p.parse_args(argv)
     term = Path(args.termination_log)
 

@@ -5,9 +5,7 @@ non-zero exit and a one-line reason there."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -20,10 +18,10 @@ from safetensors.torch import save_file
 
 from medforge_common.manifest import FileEntry, Manifest, sha256_file
 from medforge_common.result import (
-    DEFAULT_PATH,
     JobConfigError,
     encode_result,
     failure_line,
+    job_parser,
     read_job_config,
 )
 from medforge_common.result import finish as report
@@ -174,12 +172,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="medforge-train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="job config JSON file (default: $MEDFORGE_JOB_CONFIG)")
-    p.add_argument("--output-dir", help="write the outputs here instead of the config's URLs")
-    p.add_argument(
-        "--termination-log", default=os.environ.get("MEDFORGE_TERMINATION_LOG", str(DEFAULT_PATH))
-    )
+    p = job_parser("medforge-train", __doc__.splitlines()[0], "the outputs")
     p.add_argument(
         "--prepare-base-model",
         metavar="DIR",
