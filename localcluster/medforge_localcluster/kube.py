@@ -84,7 +84,7 @@ class Kube:
         resp = self.http.request("GET", url, headers=headers, timeout=30.0)
         if resp.status >= 400:
             raise ApiError(resp.status, resp.data.decode(errors="replace"))
-        items: list[JSON] = json.loads(resp.data)["items"]
+        items: list[JSON] = json.loads(resp.data).get("items") or []  # null when empty
         return items
 
     def get(self, path: str, **params: Any) -> JSON:

@@ -7,6 +7,7 @@ import json
 import textwrap
 from typing import Any
 
+from medforge_localcluster.kube import Kube
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 
@@ -137,6 +138,20 @@ def test_job_completes_through_the_process_kubelet(cluster: ClusterAccess, names
     assert json.loads(term["message"]) == {"ok": True}
     logs = cluster.kubectl("logs", "-n", namespace, "job/hello").stdout
     assert f"job ran in {namespace}" in logs
+
+
+def test_metadata_lists_are_empty_or_carry_metadata_only(
+    cluster: ClusterAccess, namespace: str
+) -> None:
+    """The benchmark's cheap poll: the API server answers an empty PartialObjectMetadataList
+    with `items: null`, which must read as no objects, not break the poller."""
+    kube = Kube.from_kubeconfig(cluster.kubeconfig)
+    path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    assert kube.list_metadata(path, labelSelector="app=listed") == []
+    cluster.apply(namespace, job("listed", "print('listed')"))
+    cluster.kubectl("label", "-n", namespace, "job/listed", "app=listed")
+    (item,) = kube.list_metadata(path, labelSelector="app=listed")
+    assert item["metadata"]["name"] == "listed" and "spec" not in item
 
 
 def test_failing_job_fails_after_backoff_limit(cluster: ClusterAccess, namespace: str) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from medforge_common.manifest import Manifest
 from medforge_merger.__main__ import main as merge_main
+from medforge_merger.evaluate import Evaluator
 from medforge_merger.tasks import TASKS_FILE, load_bundle
 from tests.merge_experiment import (
     INSTITUTIONS,
@@ -20,8 +21,11 @@ from tests.merge_experiment import (
     build,
     experiment,
     heldout_scores,
+    heldout_tasks,
     merge,
+    pretrain,
 )
+from tests.train_helpers import tiny_clip
 
 INSTITUTIONS_BY_NAME = {name: classes for name, classes, _ in INSTITUTIONS}
 
@@ -229,6 +233,24 @@ def test_three_institutions_against_averaging(setup: Setup, tmp_path: Path) -> N
     assert mean["fusion-exact"] >= mean["uniform"], mean
     assert mean["mixture"] >= mean["uniform-mixture"], mean
     assert mean["mixture"] > mean["best-single"], mean
+
+
+def test_a_pretrained_base_knows_the_tasks_a_little(tmp_path: Path) -> None:
+    """The benchmark's pretrained regime: the base scores above a random one on held-out images
+    before any adapter, but well short of perfect, so the adapters still have work to do."""
+
+    def base_accuracy(base: Path) -> float:
+        ev = Evaluator(base)
+        tasks = heldout_tasks(base, base.parent, 0, noise=90.0)
+        hits = [float((ev.logits(t, {}).argmax(1) == t.labels).double().mean()) for t in tasks]
+        return sum(hits) / len(hits)
+
+    random_base = tiny_clip(tmp_path / "random" / "clip", seed=0)
+    pretrained = tiny_clip(tmp_path / "pretrained" / "clip", seed=0)
+    pretrain(pretrained, 0, noise=90.0)
+    before, after = base_accuracy(random_base), base_accuracy(pretrained)
+    assert after > before + 0.05, (before, after)
+    assert after < 0.9, after
 
 
 @pytest.mark.parametrize("strategy", ["svd", "mixture"])

@@ -105,12 +105,14 @@ def tiny_vit(directory: Path, image_size: int = 32, seed: int = 0) -> Path:
 COLOURS = [(200, 60, 60), (60, 200, 60), (60, 60, 200), (200, 200, 60)]
 
 
-def make_image(label: int, size: int, gen: torch.Generator, style: int = 0) -> torch.Tensor:
+def make_image(
+    label: int, size: int, gen: torch.Generator, style: int = 0, noise: float = 50.0
+) -> torch.Tensor:
     """`style` shifts which colour and square position stand for which label, so that tasks of
     different institutions use the same visual cues for different classes (they interfere)."""
     tint = COLOURS[(label + style) % len(COLOURS)]
     colour = torch.tensor(tint, dtype=torch.float32).view(3, 1, 1)
-    img = colour * (0.6 + 0.4 * torch.rand(1, generator=gen)) + 50 * torch.randn(
+    img = colour * (0.6 + 0.4 * torch.rand(1, generator=gen)) + noise * torch.randn(
         3, size, size, generator=gen
     )
     q = size // 4
@@ -126,11 +128,12 @@ def make_dataset(
     size: int = 32,
     seed: int = 0,
     style: int = 0,
+    noise: float = 50.0,
 ) -> Path:
     gen = torch.Generator().manual_seed(seed)
     for label, c in enumerate(classes):
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            arr = make_image(label, size, gen, style).permute(1, 2, 0).numpy()
+            arr = make_image(label, size, gen, style, noise).permute(1, 2, 0).numpy()
             Image.fromarray(arr).save(root / c / f"img{i:04d}.png")
     return root
