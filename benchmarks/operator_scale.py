@@ -139,8 +139,12 @@ def main() -> int:
         with cf.ThreadPoolExecutor(args.workers) as pool:
             list(
                 pool.map(
-                    lambda it: batch.create_namespaced_job(
-                        it[0], direct_job(it[1], it[0]), _preload_content=False
+                    # Raw responses, read to the end (an unread one would keep its connection
+                    # out of the pool and cost a TLS handshake per Job).
+                    lambda it: (
+                        batch.create_namespaced_job(
+                            it[0], direct_job(it[1], it[0]), _preload_content=False
+                        ).data
                     ),
                     items,
                 )
@@ -161,7 +165,7 @@ def main() -> int:
             cr = custom.create_namespaced_custom_object(
                 "medforge.io", "v1alpha1", ns, "loracontributions", contribution(name, base)
             )
-            batch.create_namespaced_job(ns, direct_job(name, ns), _preload_content=False)
+            _ = batch.create_namespaced_job(ns, direct_job(name, ns), _preload_content=False).data
             # The very status the operator writes for a contribution whose Job was created.
             seen = contribution_status.Observation(1, name, {"metadata": {"name": name}})
             status = contribution_status.compute_status({}, seen)

@@ -26,6 +26,12 @@ def _data(resp: Any) -> JSON:
     return out
 
 
+def _drain(resp: Any) -> None:
+    """Read a response we do not need to its end: an unread one keeps its connection out of the
+    pool, and the next request pays for a new TLS handshake (one per Event, before this)."""
+    resp.data  # noqa: B018
+
+
 class Kube:
     def __init__(self, pool_size: int = 32) -> None:
         cfg = client.Configuration.get_default_copy()
@@ -134,7 +140,12 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)  # type: ignore[arg-type]
+            resp = self.core.create_namespaced_event(
+                meta["namespace"],
+                body,  # type: ignore[arg-type]
+                _preload_content=False,
+            )
+            _drain(resp)
         except ApiException as exc:
             if exc.status not in (403, 404):
                 raise
