@@ -91,6 +91,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the cluster
     ap = argparse.ArgumentParser()
@@ -264,7 +270,11 @@ def main() -> int:
 
         # 2a. Control-plane throughput: Kueue-queued contributions, whose Jobs are created
         # suspended exactly like the direct script's, so nothing runs in either measurement.
+        cpu0 = cpu_seconds(op.proc.pid) if op.proc else float("nan")
         queued = run("q-", "bench", wait_status=False)
+        queued["operator_cpu_seconds"] = round(
+            (cpu_seconds(op.proc.pid) if op.proc else float("nan")) - cpu0, 2
+        )
         # 2b. End to end: the Jobs run through the process kubelet and the statuses complete.
         full = None if args.queued_only else run("r-", "", wait_status=True)
         rss = peak_rss_mib(op.proc.pid) if op.proc else float("nan")
