@@ -7,7 +7,8 @@ weights 1/3) against fusion, fusion-exact and mixture, over several seeds.
 `--base pretrained` first trains the tiny CLIP briefly on a few public images of every task (the
 paper's regime: adapters on a base that already knows something); `--noise` sets the pixel noise
 of every image set (50 by default; higher makes the tasks harder). Writes
-benchmarks/results/three_institutions.json, or three_institutions_pretrained.json.
+benchmarks/results/three_institutions.json, or three_institutions_pretrained_noise90.json and the
+like.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=50.0)
     p.add_argument("--out", default="")
     args = p.parse_args()
-    suffix = "" if args.base == "random" else "_pretrained"
+    suffix = ("" if args.base == "random" else "_pretrained") + (
+        "" if args.noise == 50.0 else f"_noise{args.noise:g}"
+    )
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"three_institutions{suffix}.json")
     build_args = {"pretrained": args.base == "pretrained", "noise": args.noise}
     runs: dict[str, Any] = {}

@@ -57,9 +57,12 @@ def pretrain(base: Path, seed: int, noise: float) -> None:
             style=style,
             noise=noise,
         )
+        # dataset.load always holds one image per class back for validation: use both parts.
         loaded = dataset.load(data, tuple(classes), size, 0.0, 0, 0.0)
+        images = torch.cat([loaded.train.images, loaded.validation.images]).float()
+        labels = torch.cat([loaded.train.labels, loaded.validation.labels])
         head = model.Classifier(clip, "clip-prompt", tuple(classes), tokenizer)
-        public.append((head, (loaded.train.images.float() - m) / s, loaded.train.labels))
+        public.append((head, (images - m) / s, labels))
     params = [*clip.vision_model.parameters(), *clip.visual_projection.parameters()]
     for p in params:
         p.requires_grad_(True)

@@ -17,9 +17,12 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from medforge_operator.kube import Kube
+from medforge_operator.kube import TIMEOUT, Kube
 
 JSON = dict[str, Any]
+# The server ends each watch after 240 s and sends bookmarks meanwhile; a read that waits
+# longer than this means the connection is dead.
+WATCH_TIMEOUT = (5.0, 300.0)
 log = logging.getLogger("medforge.childwatch")
 # What a child event reports: (kind "Job"|"Pod", event type, namespace, labels, object). The
 # event type is the watch's (ADDED, MODIFIED, DELETED), or ADDED for an item of a fresh listing.
@@ -58,32 +61,45 @@ class ChildWatch(threading.Thread):
                 if not version:
                     # List first: whatever changed while nobody watched gets a round too.
                     listing = json.loads(
-                        self._call(label_selector=self.selector, _preload_content=False).data
+                        self._call(
+                            label_selector=self.selector,
+                            _preload_content=False,
+                            _request_timeout=TIMEOUT,
+                        ).data
                     )
                     for item in listing["items"]:
                         self._deliver("ADDED", item)
                     version = listing["metadata"]["resourceVersion"]
                 resp = self._call(label_selector=self.selector, watch=True,
                                   resource_version=version, allow_watch_bookmarks=True,
-                                  timeout_seconds=240, _preload_content=False)  # fmt: skip
-                buf = b""
-                for chunk in resp.stream(65536):
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        obj = event.get("object") or {}
-                        if event.get("type") == "ERROR":
-                            version = ""  # too old (410 Gone): list again
+                                  timeout_seconds=240, _preload_content=False,
+                                  _request_timeout=WATCH_TIMEOUT)  # fmt: skip
+                buf, ended = b"", False
+                try:
+                    for chunk in resp.stream(65536):
+                        buf += chunk
+                        while b"\n" in buf:
+                            line, buf = buf.split(b"\n", 1)
+                            if not line.strip():
+                                continue
+                            event = json.loads(line)
+                            obj = event.get("object") or {}
+                            if event.get("type") == "ERROR":
+                                version = ""  # too old (410 Gone): list again
+                                break
+                            version = obj.get("metadata", {}).get("resourceVersion", version)
+                            if event.get("type") != "BOOKMARK":
+                                self._deliver(str(event.get("type")), obj)
+                        if self.stop.is_set() or not version:
                             break
-                        version = obj.get("metadata", {}).get("resourceVersion", version)
-                        if event.get("type") != "BOOKMARK":
-                            self._deliver(str(event.get("type")), obj)
-                    if self.stop.is_set() or not version:
-                        break
-                resp.release_conn()
+                    else:
+                        ended = True
+                finally:
+                    # A watch left mid-stream still has data on its connection: close it rather
+                    # than hand it back to the pool the workers' requests share.
+                    if not ended:
+                        resp.close()
+                    resp.release_conn()
             except (ApiException, OSError, ValueError) as exc:
                 log.warning("%s watch broke (%s); listing again", self.kind, exc)
                 version = ""

@@ -13,6 +13,10 @@ from medforge_operator import GROUP, VERSION
 
 JSON = dict[str, Any]
 
+# (connect, read) seconds for every request: without one, a request to an API server that stops
+# answering would hold its worker forever.
+TIMEOUT = (5.0, 60.0)
+
 
 def load_config() -> None:
     try:
@@ -44,7 +48,11 @@ class Kube:
     # ----- Jobs and pods -----
     def get_job(self, namespace: str, name: str) -> JSON | None:
         try:
-            return _data(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+            return _data(
+                self.batch.read_namespaced_job(
+                    name, namespace, _preload_content=False, _request_timeout=TIMEOUT
+                )
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -54,7 +62,12 @@ class Kube:
         """Create the Job, or return the one that already exists under its name."""
         ns = job["metadata"]["namespace"]
         try:
-            resp = self.batch.create_namespaced_job(ns, job, _preload_content=False)  # type: ignore[arg-type]
+            resp = self.batch.create_namespaced_job(
+                ns,
+                job,  # type: ignore[arg-type]
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
             return _data(resp)
         except ApiException as exc:
             if exc.status == 409:
@@ -65,21 +78,26 @@ class Kube:
 
     def list_jobs(self, namespace: str, selector: str) -> list[JSON]:
         resp = self.batch.list_namespaced_job(
-            namespace, label_selector=selector, _preload_content=False
+            namespace, label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
         )
         items: list[JSON] = _data(resp)["items"]
         return items
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            self.batch.delete_namespaced_job(
+                name, namespace, propagation_policy="Background", _request_timeout=TIMEOUT
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     def job_pods(self, namespace: str, job_name: str) -> list[JSON]:
         resp = self.core.list_namespaced_pod(
-            namespace, label_selector=f"job-name={job_name}", _preload_content=False
+            namespace,
+            label_selector=f"job-name={job_name}",
+            _preload_content=False,
+            _request_timeout=TIMEOUT,
         )
         items: list[JSON] = _data(resp)["items"]
         return items
@@ -88,7 +106,13 @@ class Kube:
     def patch_status(self, plural: str, namespace: str, name: str, status: JSON) -> None:
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name, {"status": status}
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                {"status": status},
+                _request_timeout=TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
@@ -96,7 +120,9 @@ class Kube:
 
     def get_object(self, plural: str, namespace: str, name: str) -> JSON | None:
         try:
-            obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            obj = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=TIMEOUT
+            )
             return cast(JSON, obj)
         except ApiException as exc:
             if exc.status == 404:
@@ -108,11 +134,11 @@ class Kube:
     ) -> list[JSON]:
         if namespace:
             resp = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, label_selector=selector
+                GROUP, VERSION, namespace, plural, label_selector=selector, _request_timeout=TIMEOUT
             )
         else:
             resp = self.custom.list_cluster_custom_object(
-                GROUP, VERSION, plural, label_selector=selector
+                GROUP, VERSION, plural, label_selector=selector, _request_timeout=TIMEOUT
             )
         return cast(list[JSON], cast(JSON, resp)["items"])
 
@@ -144,6 +170,7 @@ class Kube:
                 meta["namespace"],
                 body,  # type: ignore[arg-type]
                 _preload_content=False,
+                _request_timeout=TIMEOUT,
             )
             _drain(resp)
         except ApiException as exc:
@@ -151,5 +178,7 @@ class Kube:
                 raise
 
     def namespaces(self, selector: str) -> set[str]:
-        resp = self.core.list_namespace(label_selector=selector, _preload_content=False)
+        resp = self.core.list_namespace(
+            label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
+        )
         return {n["metadata"]["name"] for n in _data(resp)["items"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,23 +21,26 @@ EventFn = Callable[[JSON, str, str, str], None]
 log = logging.getLogger("medforge.contribution")
 
 
-# (store, base-model prefix) -> (when, names listed, their presigned GET URLs)
-_listing_cache: dict[tuple[int, str], tuple[float, list[str], list[JSON]]] = {}
+# Per store, per base-model prefix: (when, names listed, their presigned GET URLs).
+_Listing = tuple[float, list[str], list[JSON]]
+_listing_cache: weakref.WeakKeyDictionary[ForgeStore, dict[str, _Listing]] = (
+    weakref.WeakKeyDictionary()
+)
 LISTING_TTL = 30.0
 
 
 def base_model_files(store: ForgeStore, spec: JSON) -> list[JSON]:
     """Presigned GET URLs for every file of the base model. The listing and its URLs are cached
-    briefly: a burst of contributions for one model lists and signs it once, not once each
-    (signing held the GIL a fifth of the operator's busy time in the 1,000-contribution
-    benchmark). A cached URL has lost at most a tenth of its lifetime."""
+    briefly, so a burst of contributions for one model does not list and sign it once each:
+    only the workers that miss at the same moment do. (Signing presigned URLs held the GIL for
+    a fifth of the operator's busy time in the 1,000-contribution benchmark.) No lock: a slow
+    or unreachable store must not make every worker wait on one listing. A cached URL has lost
+    at most a tenth of its lifetime."""
     prefix = s3_uri(spec["baseModel"]["uri"], "spec.baseModel.uri")
-    key = (id(store), str(prefix))
     ttl = min(LISTING_TTL, store.s.presign_expiry_seconds / 10)
-    cached = _listing_cache.get(key)
-    if cached and time.monotonic() - cached[0] < ttl:
-        names_, files = cached[1], cached[2]
-    else:
+    per_store = _listing_cache.setdefault(store, {})
+    cached = per_store.get(str(prefix))
+    if cached is None or time.monotonic() - cached[0] >= ttl:
         names_ = store.list_names(prefix)
         files = []
         if "manifest.json" in names_:
@@ -45,10 +49,11 @@ def base_model_files(store: ForgeStore, spec: JSON) -> list[JSON]:
                 for n in names_
                 if "/" not in n
             ]
-        _listing_cache[key] = (time.monotonic(), names_, files)
-    if "manifest.json" not in names_:
+        cached = (time.monotonic(), names_, files)
+        per_store[str(prefix)] = cached
+    if "manifest.json" not in cached[1]:
         raise VerificationFailed(f"spec.baseModel.uri: {prefix} holds no manifest.json")
-    return [dict(f) for f in files]  # callers own their copies
+    return [dict(f) for f in cached[2]]  # callers own their copies
 
 
 def settled(obj: JSON) -> bool:

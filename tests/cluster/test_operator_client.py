@@ -59,10 +59,11 @@ def test_base_model_urls_are_signed_once_per_burst(s3_bucket: Bucket) -> None:
         s3_bucket.name,
         s3_bucket.access_key,
         s3_bucket.secret_key,
-        presign_expiry_seconds=40,  # cached for 4 s
+        presign_expiry_seconds=100,  # cached for 10 s
     )
     store = ForgeStore(settings)
     spec = {"baseModel": {"uri": f"s3://{s3_bucket.name}/cached/"}}
+    t0 = time.monotonic()
     first = base_model_files(store, spec)
     assert sorted(f["name"] for f in first) == ["config.json", "manifest.json"]
     time.sleep(1.1)  # a new signature would carry a new X-Amz-Date
@@ -73,6 +74,7 @@ def test_base_model_urls_are_signed_once_per_burst(s3_bucket: Bucket) -> None:
     # The manifest goes away: the cached listing still has it, a fresh one does not.
     s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="cached/manifest.json")
     assert base_model_files(store, spec) == first
-    time.sleep(3.5)
+    assert time.monotonic() - t0 < 10, "the cached calls took longer than the cache lasts"
+    time.sleep(10.5 - (time.monotonic() - t0))
     with pytest.raises(VerificationFailed, match=r"holds no manifest\.json"):
         base_model_files(store, spec)
