@@ -209,8 +209,8 @@ def composite_event(type: str, body: kopf.Body, **_: Any) -> None:
 
 def child_event(kind: str, etype: str, namespace: str, labels: dict[str, str], obj: JSON) -> None:
     """A Job or pod of ours changed: queue its owner."""
-    if kind == "Job" and etype != "DELETED" and not obj.get("status"):
-        return  # a Job just created (by us) has nothing to report yet; a deleted one has
+    if kind == "Job" and not jobs.worth_a_round(etype, obj):
+        return
     owner = labels.get(jobs.LABEL_OWNER)
     component = labels.get(jobs.LABEL_COMPONENT)
     if owner and component == "train":

@@ -169,6 +169,19 @@ def never_started(job: JSON) -> bool:
     )
 
 
+def worth_a_round(etype: str, job: JSON) -> bool:
+    """Whether a watch event of one of our Jobs can change its owner's status. Not while the
+    Job is as we created it: no status yet, or suspended for Kueue and never admitted (the Job
+    controller's Suspended condition). Its generation tells: admission and any later suspension
+    change the spec, so a Job still at generation 1 has not been touched. A deletion always
+    counts."""
+    if etype == "DELETED":
+        return True
+    if not job.get("status"):
+        return False
+    return not (never_started(job) and (job.get("metadata") or {}).get("generation") == 1)
+
+
 def job_failure(job: JSON) -> tuple[str, str]:
     for c in job.get("status", {}).get("conditions") or []:
         if c.get("status") == "True" and c.get("type") == "Failed":

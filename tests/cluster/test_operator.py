@@ -141,6 +141,32 @@ def test_spec_change_starts_a_new_job_and_retires_the_old(
     )
 
 
+def test_queued_contribution_waits_suspended_until_admitted(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    """With a Kueue queue the Job is created suspended and nothing runs; admission (Kueue
+    unsuspends the Job, done here by hand) lets it train to the end."""
+    cluster.apply(namespace, contribution("colon", base, resources={"queueName": "gpu-queue"}))
+
+    def created() -> dict[str, Any] | None:
+        st = status(cluster, "lorac", namespace, "colon")
+        return st if condition(st, "Ready").get("reason") == "JobCreated" else None
+
+    wait_until(created, 60, what="the queued Job")
+    job = get_json(cluster, "job", "colon-train-g1", "-n", namespace)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    time.sleep(3)  # queued: no pod, and the status stays as it was
+    assert cluster.kubectl("get", "pods", "-n", namespace, "-o", "name").stdout.strip() == ""
+    st = status(cluster, "lorac", namespace, "colon")
+    assert condition(st, "Ready")["reason"] == "JobCreated" and st["phase"] == "Pending", st
+    cluster.kubectl(
+        "patch", "job", "colon-train-g1", "-n", namespace, "-p", '{"spec": {"suspend": false}}'
+    )
+    st = wait_phase(cluster, namespace, "colon", "Succeeded")
+    assert st["job"]["attempts"] == 1
+
+
 def test_missing_secret_is_reported_then_recovers(
     cluster: ClusterAccess, namespace: str, base: tuple[str, str]
 ) -> None:

@@ -281,6 +281,28 @@ def test_only_a_queued_job_that_never_started_skips_the_pod_listing() -> None:
         assert not jobs.never_started({"spec": {"suspend": True}, "status": ran})
 
 
+def test_only_job_events_that_can_change_the_owner_queue_a_round() -> None:
+    suspended = {"conditions": [{"type": "Suspended", "status": "True"}]}
+
+    def job(generation: int, suspend: bool, status: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "metadata": {"generation": generation},
+            "spec": {"suspend": suspend},
+            "status": status,
+        }
+
+    # As we created it: no status yet, or queued for Kueue and never admitted.
+    assert not jobs.worth_a_round("ADDED", job(1, True, {}))
+    assert not jobs.worth_a_round("MODIFIED", job(1, True, suspended))
+    # Admitted (unsuspended: a spec change), running, suspended again, or gone.
+    assert jobs.worth_a_round("MODIFIED", job(2, False, suspended))
+    assert jobs.worth_a_round("MODIFIED", job(2, False, {"active": 1, "startTime": "t"}))
+    assert jobs.worth_a_round("MODIFIED", job(3, True, suspended))
+    assert jobs.worth_a_round("DELETED", job(1, True, {}))
+    # Not queued at all: its first status already reports a started pod.
+    assert jobs.worth_a_round("MODIFIED", job(1, False, {"active": 1, "startTime": "t"}))
+
+
 def test_the_resync_polls_only_contributions_no_watch_will_move() -> None:
     from medforge_operator.reconcile_contribution import needs_polling
 
