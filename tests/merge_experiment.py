@@ -42,11 +42,8 @@ PUBLIC_LEARNING_RATE = 3e-4
 def pretrain(base: Path, seed: int, noise: float) -> None:
     """One epoch of full-parameter training of the vision tower on a few public images of every
     task (CLIP-prompt cross-entropy), saved over the base: a foundation model in miniature."""
-    loaded_base, tokenizer, config = model.load_base(base)
+    loaded_base, tokenizer, _config = model.load_base(base)
     clip: Any = loaded_base
-    size, mean, std = model.image_settings(base, config)
-    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std).view(1, 3, 1, 1) * 255
     public = []
     for i, (task, classes, style) in enumerate(INSTITUTIONS):
         data = make_dataset(
@@ -57,12 +54,9 @@ def pretrain(base: Path, seed: int, noise: float) -> None:
             style=style,
             noise=noise,
         )
-        # dataset.load always holds one image per class back for validation: use both parts.
-        loaded = dataset.load(data, tuple(classes), size, 0.0, 0, 0.0)
-        images = torch.cat([loaded.train.images, loaded.validation.images]).float()
-        labels = torch.cat([loaded.train.labels, loaded.validation.labels])
+        images, labels = all_images(base, data, classes, validation=0.0)
         head = model.Classifier(clip, "clip-prompt", tuple(classes), tokenizer)
-        public.append((head, (images - m) / s, labels))
+        public.append((head, images, labels))
     params = [*clip.vision_model.parameters(), *clip.visual_projection.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -133,23 +127,32 @@ def build(
     return Setup(base, digest, adapters, heldout_tasks(base, root, seed, noise))
 
 
-def heldout_tasks(base: Path, root: Path, seed: int, noise: float = 50.0) -> list[Task]:
-    """30 images per class of every task, normalised for the base, that nobody trains or
-    searches on."""
+def all_images(
+    base: Path, data: Path, classes: list[str], validation: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of an image set, normalised for the base, and its labels: both parts of
+    dataset.load's split (it always holds at least one image per class back), in its order."""
     size, mean, std = model.image_settings(
         base, {"model_type": "clip", "vision_config": {"image_size": 32}}
     )
     m = torch.tensor(mean).view(1, 3, 1, 1) * 255
     s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    loaded = dataset.load(data, tuple(classes), size, validation, 0, 0.0)
+    images = torch.cat([loaded.train.images, loaded.validation.images]).float()
+    labels = torch.cat([loaded.train.labels, loaded.validation.labels])
+    return (images - m) / s, labels
+
+
+def heldout_tasks(base: Path, root: Path, seed: int, noise: float = 50.0) -> list[Task]:
+    """30 images per class of every task, normalised for the base, that nobody trains or
+    searches on."""
     heldout = []
     for i, (task, classes, style) in enumerate(INSTITUTIONS):
         held = make_dataset(
             root / task / "heldout", classes, 30, seed=100 * seed + 50 + i, style=style, noise=noise
         )
-        loaded = dataset.load(held, tuple(classes), size, 0.5, 0, 0.0)
-        imgs = torch.cat([loaded.train.images, loaded.validation.images]).float()
-        labels = torch.cat([loaded.train.labels, loaded.validation.labels])
-        heldout.append(Task(task, classes, "clip-prompt", (imgs - m) / s, labels))
+        images, labels = all_images(base, held, classes, validation=0.5)
+        heldout.append(Task(task, classes, "clip-prompt", images, labels))
     return heldout
 
 
@@ -264,7 +267,6 @@ def experiment(
         "fusion-exact": {"type": "fusion-exact", "search": {"seed": seed}},
         "mixture": {"type": "mixture", "search": {"seed": seed}},
     }
-    out: dict[str, Any] = {}
     maps = [scaled_factors(d) for d in setup.adapters]
     composites: dict[str, Composite] = {
         "average-ab": averaged_ab(setup),
@@ -273,19 +275,12 @@ def experiment(
     }
     for name, strat in strategies.items():
         composites[name] = merge(setup, root, strat, name)
-    for name, composite in composites.items():
-        scores = heldout_scores(setup, composite)
-        out[name] = {
-            "per_task": [round(x, 4) for x in scores],
-            "mean": round(sum(scores) / len(scores), 4),
-        }
-    # The best single hospital's adapter, used alone for every task.
+    scores = {name: heldout_scores(setup, c) for name, c in composites.items()}
+    # The best single hospital's adapter, used alone for every task, and the bare base.
     alone = [single_adapter_scores(setup, i) for i in range(len(setup.adapters))]
-    best = max(alone, key=sum)
-    base = heldout_scores(setup, {})
-    for name, scores in (("best-single", best), ("base", base)):
-        out[name] = {
-            "per_task": [round(x, 4) for x in scores],
-            "mean": round(sum(scores) / len(scores), 4),
-        }
-    return out
+    scores["best-single"] = max(alone, key=sum)
+    scores["base"] = heldout_scores(setup, {})
+    return {
+        name: {"per_task": [round(x, 4) for x in s], "mean": round(sum(s) / len(s), 4)}
+        for name, s in scores.items()
+    }
