@@ -32,7 +32,7 @@ from medforge_localcluster.cluster import LocalCluster  # noqa: E402
 from medforge_localcluster.kube import Kube  # noqa: E402
 from medforge_operator import contribution as contribution_status  # noqa: E402
 from medforge_operator.kube import Kube as OperatorKube  # noqa: E402
-from tests.cluster.conftest import Forge, OperatorProcess  # noqa: E402
+from tests.cluster.conftest import Forge, OperatorProcess, register_base_model  # noqa: E402
 from tests.conftest import ClusterAccess  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def contribution(name: str, base: tuple[str, str], queue: str = "") -> dict[str,
         "kind": "LoRAContribution",
         "metadata": {"name": name},
         "spec": {
-            "baseModel": {"uri": base[0], "digest": base[1]},
+            "baseModel": {"name": base[0]},
             "task": {"name": "breakhis", "classes": ["benign", "malignant"]},
             "dataset": {"uri": "s3://hospital-data/breakhis/"},
         },
@@ -131,6 +131,7 @@ def main() -> int:
         base = forge.upload_base_model("bench-model")
         for ns in spaces:
             access.kubectl("create", "namespace", ns)
+            access.kubectl("label", "namespace", ns, "medforge.io/member=true")
         time.sleep(2)  # default ServiceAccounts
         config.load_kube_config(str(lc.kubeconfig))
         cfg = client.Configuration.get_default_copy()
@@ -205,7 +206,8 @@ def main() -> int:
             MEDFORGE_STORE_BUCKET="medforge",
         )
         op.start()
-        time.sleep(4)
+        register_base_model(access, base[0], base[1])
+        time.sleep(2)
 
         def run(prefix: str, queue: str, wait_status: bool) -> dict[str, Any]:
             created: dict[str, float] = {}

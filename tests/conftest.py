@@ -126,6 +126,8 @@ def namespace(cluster: ClusterAccess, request: pytest.FixtureRequest) -> Iterato
     base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name)
+    # A MedForge member namespace: the operator creates Jobs only in those.
+    cluster.kubectl("label", "namespace", name, "medforge.io/member=true")
     # Pods need the namespace's default ServiceAccount, which a controller creates.
     for _ in range(100):
         if (

@@ -65,15 +65,18 @@ class JobConfigError(ValueError):
 
 
 def read_job_config(path: str | None) -> Any:
-    """The job config from `--config PATH` or $MEDFORGE_JOB_CONFIG, parsed; JobConfigError
-    says how to give one. Also creates $TMPDIR: in a Job it lies on the scratch emptyDir, the
-    root filesystem being read-only."""
+    """The job config from `--config PATH`, else the file $MEDFORGE_JOB_CONFIG_FILE names (the
+    operator mounts it from a Secret), else $MEDFORGE_JOB_CONFIG (by hand), parsed;
+    JobConfigError says how to give one. Also creates $TMPDIR: in a Job it lies on the scratch
+    emptyDir, the root filesystem being read-only."""
+    path = path or os.environ.get("MEDFORGE_JOB_CONFIG_FILE")
     try:
         raw = Path(path).read_text() if path else os.environ["MEDFORGE_JOB_CONFIG"]
         cfg = json.loads(raw)
     except (KeyError, OSError, json.JSONDecodeError) as exc:
         raise JobConfigError(
-            f"no readable job config ({exc}); pass --config or set MEDFORGE_JOB_CONFIG"
+            f"no readable job config ({exc}); pass --config, or set MEDFORGE_JOB_CONFIG_FILE "
+            "or MEDFORGE_JOB_CONFIG"
         ) from exc
     if os.environ.get("TMPDIR"):
         Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,10 @@ def job_parser(prog: str, description: str, outputs: str) -> argparse.ArgumentPa
     """The arguments every job program of the contract takes: the job config, local outputs
     instead of the config's URLs, and where the result goes (the termination message)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="job config JSON file (default: $MEDFORGE_JOB_CONFIG)")
+    p.add_argument(
+        "--config",
+        help="job config JSON file (default: $MEDFORGE_JOB_CONFIG_FILE, else $MEDFORGE_JOB_CONFIG)",
+    )
     p.add_argument("--output-dir", help=f"write {outputs} here instead of the config's URLs")
     p.add_argument(
         "--termination-log", default=os.environ.get("MEDFORGE_TERMINATION_LOG", str(DEFAULT_PATH))

@@ -55,6 +55,9 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     "cronjob-controller",
     "pod-garbage-collector-controller",
+    # Fills view, edit and admin from the roles labelled to aggregate into them (MedForge's
+    # tenant roles among them), as in any real cluster.
+    "clusterrole-aggregation-controller",
 )
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
 DEFAULT_BUCKET = "medforge"

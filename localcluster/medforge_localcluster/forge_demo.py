@@ -35,7 +35,7 @@ def _upload_dir(s3: Any, bucket: str, directory: Path, prefix: str) -> None:
 
 
 def _doc(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> str:
-    meta = {"name": name, "namespace": namespace}
+    meta = {"name": name, "namespace": namespace} if namespace else {"name": name}
     return json.dumps(
         {"apiVersion": "medforge.io/v1alpha1", "kind": kind, "metadata": meta, "spec": spec}
     )
@@ -63,6 +63,7 @@ def run(
         "--for=condition=Established",
         "crd/loracontributions.medforge.io",
         "crd/compositemodels.medforge.io",
+        "crd/basemodels.medforge.io",
         "--timeout=60s",
     )
 
@@ -71,15 +72,18 @@ def run(
         base_dir = tiny_clip(Path(tmp) / "clip")
         prepare_base_model(base_dir)
         digest = "sha256:" + hashlib.sha256((base_dir / "manifest.json").read_bytes()).hexdigest()
-        _upload_dir(s3, bucket, base_dir, "models/clip-demo/")
+        _upload_dir(s3, bucket, base_dir, f"base-models/clip-demo-{tag}/")
         for task, classes, style in HOSPITALS:
             data = make_dataset(Path(tmp) / task, classes, 24, seed=style, style=style)
             _upload_dir(s3, bucket, data, f"hospitals/{tag}/{task}/")
-    base = {"uri": f"s3://{bucket}/models/clip-demo/", "digest": digest}
+    base = {"name": f"clip-demo-{tag}", "digest": digest}
 
+    step("the platform team registers the base model and the namespaces")
+    bm = {"path": f"clip-demo-{tag}", "digest": digest}
+    print(k("apply", "-f", "-", input=_doc("BaseModel", base["name"], "", bm)), end="")
     for ns in (forge_ns, *(f"hospital-{task}-{tag}" for task, _, _ in HOSPITALS)):
         k("create", "namespace", ns)
-        k("label", "namespace", ns, f"medforge.io/forge=demo-{tag}")
+        k("label", "namespace", ns, f"medforge.io/forge=demo-{tag}", "medforge.io/member=true")
     for task, _, _ in HOSPITALS:
         # The demo's hospitals read their data with the store's own keys; in real use each
         # hospital's Secret holds credentials for its own bucket only.
@@ -103,6 +107,7 @@ def run(
             "MEDFORGE_STORE_BUCKET": bucket,
             "MEDFORGE_STORE_ACCESS_KEY_ID": creds["access_key"],
             "MEDFORGE_STORE_SECRET_ACCESS_KEY": creds["secret_key"],
+            "MEDFORGE_FORGE_NAMESPACES": forge_ns,
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -116,9 +121,10 @@ def run(
         )
     try:
         composite = {
-            "baseModel": base,
+            "baseModel": {"name": base["name"]},
             "contributions": {
-                "namespaceSelector": {"matchLabels": {"medforge.io/forge": f"demo-{tag}"}}
+                "selector": {"matchLabels": {"medforge.io/demo": tag}},
+                "namespaceSelector": {"matchLabels": {"medforge.io/forge": f"demo-{tag}"}},
             },
             "strategy": {"type": "fusion", "search": {"budget": 20}},
             "minContributions": 2,
@@ -131,6 +137,8 @@ def run(
         for task, classes, _ in HOSPITALS:
             spec = {
                 "baseModel": base,
+                # The hospital opts in to this forge; no other composite may merge it.
+                "sharing": {"forges": [f"{forge_ns}/forge"]},
                 "task": {"name": task, "classes": classes},
                 "dataset": {
                     "uri": f"s3://{bucket}/hospitals/{tag}/{task}/",
@@ -141,7 +149,9 @@ def run(
                 "training": {"epochs": 4, "batchSize": 16, "learningRate": 0.005},
                 "distillation": {"imagesPerClass": 4, "iterations": 60},
             }
-            doc = _doc("LoRAContribution", task, f"hospital-{task}-{tag}", spec)
+            doc = json.loads(_doc("LoRAContribution", task, f"hospital-{task}-{tag}", spec))
+            doc["metadata"]["labels"] = {"medforge.io/demo": tag}
+            doc = json.dumps(doc)
             print(k("apply", "-f", "-", input=doc), end="")
 
         step("training, verifying and merging (about a minute)")

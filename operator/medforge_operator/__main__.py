@@ -9,6 +9,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from medforge_operator import handlers
+from medforge_operator.catalog import Catalog
 from medforge_operator.kube import Kube, load_config
 from medforge_operator.settings import SettingsError, load
 from medforge_operator.store import ForgeStore
@@ -24,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medforge-operator: {exc}", file=sys.stderr)
         return 2
     load_config()
-    handlers.RUNTIME = handlers.Runtime(
-        settings, Kube(settings.concurrency * 2), ForgeStore(settings)
-    )
+    kube, store = Kube(settings.concurrency * 2), ForgeStore(settings)
+    handlers.RUNTIME = handlers.Runtime(settings, kube, store, Catalog(kube, store, settings))
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     logging.getLogger("medforge.operator").info(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medforge_common.uris import S3Uri
-from medforge_operator import jobs, names
+from medforge_operator import basemodel, jobs, names
 from medforge_operator.conditions import Cond, is_true, merge_conditions
 from medforge_operator.settings import Settings
 
@@ -38,6 +38,37 @@ def selector_string(sel: JSON | None) -> str:
     return ",".join(parts)
 
 
+def selector_matches(sel: JSON | None, labels: dict[str, str]) -> bool:
+    """Whether labels satisfy a metav1.LabelSelector (evaluated here, so that namespace
+    selectors need only `get` on single namespaces, never `list`)."""
+    if not sel:
+        return True
+    if any(labels.get(k) != v for k, v in (sel.get("matchLabels") or {}).items()):
+        return False
+    for e in sel.get("matchExpressions") or []:
+        op, k, values = e["operator"], e["key"], set(e.get("values") or [])
+        ok = {
+            "In": k in labels and labels[k] in values,
+            "NotIn": k not in labels or labels[k] not in values,
+            "Exists": k in labels,
+            "DoesNotExist": k not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def shares_with(contribution: JSON, composite_key: str) -> bool:
+    """Consent: the contribution's owner listed this composite (namespace/name)."""
+    forges = ((contribution.get("spec") or {}).get("sharing") or {}).get("forges") or []
+    return composite_key in forges
+
+
+def reason_code(text: str) -> str:
+    """The code of a stored reason ("Code" or, in statuses written before codes, "Code: text")."""
+    return text.split(":", 1)[0].strip() or "Excluded"
+
+
 def key(c: JSON) -> str:
     return f"{c['metadata']['namespace']}/{c['metadata']['name']}"
 
@@ -49,11 +80,14 @@ def ready_since(c: JSON) -> str:
     return ""
 
 
-def evaluate_inputs(composite: JSON, contribs: list[JSON]) -> tuple[list[JSON], list[JSON]]:
-    """(status.inputs, candidates): every matching contribution with its state, and the Ready
-    ones not merged yet, in the order they became Ready (the MedForge arrival order)."""
+def evaluate_inputs(
+    composite: JSON, contribs: list[JSON], base_digest: str | None
+) -> tuple[list[JSON], list[JSON]]:
+    """(status.inputs, candidates): every contribution shared with this composite, with its
+    state and a reason code (never another hospital's messages or URIs), and the Ready ones
+    not merged yet, in the order they became Ready (the MedForge arrival order). Without a
+    usable base model (None) nothing is a candidate."""
     status = composite.get("status") or {}
-    base = composite["spec"]["baseModel"]["digest"]
     current = status.get("current") or {}
     merged = {i["digest"]: i for i in current.get("inputs") or []}
     excluded: dict[str, str] = status.get("excluded") or {}
@@ -72,40 +106,29 @@ def evaluate_inputs(composite: JSON, contribs: list[JSON]) -> tuple[list[JSON], 
             "metadata"
         ].get("generation"):
             if st.get("phase") == "Failed":
-                ready: JSON = next(
-                    (x for x in st.get("conditions") or [] if x["type"] == "Ready"), {}
-                )
-                entry |= {
-                    "state": "Excluded",
-                    "reason": f"{ready.get('reason', 'Failed')}: "
-                    f"{ready.get('message', '')}".strip(),
-                }
+                entry |= {"state": "Excluded", "reason": "TrainingFailed"}
             else:
-                entry |= {"state": "Pending", "reason": f"NotReady: {st.get('phase') or 'New'}"}
-        elif art.get("baseModelDigest") != base:
-            entry |= {
-                "state": "Excluded",
-                "reason": "BaseModelMismatch: trained for "
-                f"{str(art.get('baseModelDigest'))[:19]}..., this model uses {base[:19]}...",
-            }
-        elif digest in excluded:
-            entry |= {"state": "Excluded", "reason": excluded[digest]}
+                entry |= {"state": "Pending", "reason": "NotReady"}
         elif digest in merged:
             entry |= {
                 "state": "Included",
-                "reason": f"merged in revision {current.get('revision')}",
+                "reason": "Merged",
+                "revision": current.get("revision"),
                 "coefficient": merged[digest].get("coefficient"),
             }
+        elif base_digest is None:
+            entry |= {"state": "Pending", "reason": "BaseModelNotReady"}
+        elif art.get("baseModelDigest") != base_digest:
+            entry |= {"state": "Excluded", "reason": "BaseModelMismatch"}
+        elif digest in excluded:
+            entry |= {"state": "Excluded", "reason": reason_code(excluded[digest])}
         elif digest in in_flight:
-            entry |= {
-                "state": "Pending",
-                "reason": f"Merging in revision {pending.get('revision')}",
-            }
+            entry |= {"state": "Pending", "reason": "Merging", "revision": pending.get("revision")}
             candidates.append(c)
         else:
-            entry |= {"state": "Pending", "reason": "Queued for the next revision"}
+            entry |= {"state": "Pending", "reason": "Queued"}
             candidates.append(c)
-        inputs.append(entry)
+        inputs.append({k: v for k, v in entry.items() if v is not None})
     return inputs, candidates
 
 
@@ -151,18 +174,43 @@ def output_prefix(bucket: str, namespace: str, name: str, revision: int) -> S3Ur
     return S3Uri(bucket, f"composites/{namespace}/{name}/rev-{revision}/")
 
 
-def merge_config(
+def artifact_refs(prefix: S3Uri, files: list[str]) -> list[JSON]:
+    """An artifact's files (manifest first) as a job plan lists them."""
+    names_ = ["manifest.json", *[f for f in files if f != "manifest.json"]]
+    return [{"name": f, "get": str(prefix.join(f))} for f in names_]
+
+
+def merge_plan(
     composite: JSON,
     plan: Plan,
-    base_files: list[JSON],
-    input_files: list[JSON],
-    current_files: list[JSON] | None,
-    outputs: dict[str, str],
+    base: basemodel.Resolved,
     output_uri: S3Uri,
+    bucket: str,
 ) -> JSON:
+    """The merge Job's config with store URIs in place of URLs (signed when the Job may start).
+    Inputs are read from where the operator itself verified them, in the forge bucket only."""
     spec, status = composite["spec"], composite.get("status") or {}
     current = status.get("current")
     incremental = effective_integration(spec) == "incremental" and current is not None
+    inputs = []
+    for c in plan.all_inputs:
+        art = c["status"]["artifact"]
+        meta = c["metadata"]
+        prefix = S3Uri(bucket, f"contributions/{meta['namespace']}/{meta['name']}/")
+        uri = str(art.get("uri", ""))
+        if not uri.startswith(f"s3://{bucket}/{prefix.key}"):
+            raise ValueError(f"{key(c)}: status.artifact.uri is outside its contribution prefix")
+        inputs.append(
+            {
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "digest": art["digest"],
+                "task": art.get("task"),
+                "files": artifact_refs(
+                    S3Uri(bucket, uri.removeprefix(f"s3://{bucket}/")), art.get("files", [])
+                ),
+            }
+        )
     cfg: JSON = {
         "kind": "merge",
         "composite": {
@@ -170,27 +218,38 @@ def merge_config(
             "name": composite["metadata"]["name"],
             "revision": plan.revision,
         },
-        "baseModel": {**spec["baseModel"], "files": base_files},
+        "baseModel": {"name": base.name, "digest": base.digest, "files": base.file_refs()},
         "strategy": spec.get("strategy", {}),
         "integration": "incremental" if incremental else "full",
-        "inputs": input_files,
+        "inputs": inputs,
         "gate": spec.get("gate", {}),
-        "output": {"uri": str(output_uri), "files": outputs},
+        "output": {
+            "uri": str(output_uri),
+            "files": {f: jobs.put_ref(output_uri.join(f)) for f in OUTPUT_FILES},
+        },
     }
     if current is not None:
         # Regressions are measured against the revision this one replaces, in either mode.
         cfg["previous"] = {"revision": current["revision"], "metrics": current.get("metrics", {})}
-    if incremental and current is not None and current_files is not None:
+    if incremental and current is not None:
+        cprefix = output_prefix(
+            bucket, composite["metadata"]["namespace"], composite["metadata"]["name"], 0
+        )
+        uri = str(current["uri"])
+        if not uri.startswith(f"s3://{bucket}/{cprefix.key.removesuffix('rev-0/')}"):
+            raise ValueError("status.current.uri is outside this composite's prefix")
         cfg["current"] = {
             "revision": current["revision"],
             "digest": current["digest"],
             "metrics": current.get("metrics", {}),
-            "files": current_files,
+            "files": artifact_refs(
+                S3Uri(bucket, uri.removeprefix(f"s3://{bucket}/")), current.get("files", [])
+            ),
         }
     return cfg
 
 
-def merge_job(composite: JSON, plan: Plan, settings: Settings, config: JSON) -> JSON:
+def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -> JSON:
     meta, spec = composite["metadata"], composite["spec"]
     return jobs.job_manifest(
         name=names.merge_job_name(meta["name"], plan.revision),
@@ -199,7 +258,9 @@ def merge_job(composite: JSON, plan: Plan, settings: Settings, config: JSON) -> 
         component="merge",
         image=settings.merger_image,
         command=list(settings.merger_command),
-        config=config,
+        plan=job_plan,
+        url_lifetime=settings.presign_expiry_seconds,
+        annotations={jobs.ANNOTATION_BASE_DIGEST: job_plan["baseModel"]["digest"]},
         env=[],
         labels={jobs.LABEL_OWNER: meta["name"], jobs.LABEL_REVISION: str(plan.revision)},
         resources=spec.get("resources") or {},
@@ -248,7 +309,9 @@ def finish_revision(
     res = outcome.result
     for i in res.get("inputs") or []:
         if i.get("state") == "Excluded" and i.get("digest"):
-            excluded[i["digest"]] = f"ExcludedByMerger: {i.get('reason', '')}".strip()
+            # A code only: the merger's text about a hospital's input goes to that hospital (an
+            # Event on its contribution), not into the forge's status.
+            excluded[i["digest"]] = "ExcludedByMerger"
     entry: JSON = {
         "revision": pending["revision"],
         "state": outcome.state,
@@ -279,9 +342,7 @@ def finish_revision(
     else:
         for d in pending.get("digests") or []:
             excluded.setdefault(
-                d,
-                f"{'RejectedByGate' if outcome.state == 'Rejected' else 'MergeFailed'}: "
-                f"{outcome.message} (revision {pending['revision']})",
+                d, "RejectedByGate" if outcome.state == "Rejected" else "MergeFailed"
             )
     out["excluded"] = excluded
     out["history"] = [entry, *(status.get("history") or [])][:history_limit]

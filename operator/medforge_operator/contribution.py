@@ -7,7 +7,7 @@ from typing import Any
 
 from medforge_common.result import read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
-from medforge_operator import jobs, names
+from medforge_operator import basemodel, jobs, names
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings
 
@@ -59,9 +59,9 @@ def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]
     return cfg, env, volumes, mounts
 
 
-def train_config(
-    obj: JSON, base_files: list[JSON], outputs: dict[str, str], output_uri: S3Uri
-) -> JSON:
+def train_plan(obj: JSON, base: basemodel.Resolved, output_uri: S3Uri) -> JSON:
+    """The training Job's config with store URIs in place of URLs (signed when the Job may
+    start; see jobs.sign)."""
     spec = obj["spec"]
     meta = obj["metadata"]
     dataset, _, _, _ = dataset_wiring(spec)
@@ -73,31 +73,52 @@ def train_config(
             "uid": meta["uid"],
             "generation": meta["generation"],
         },
-        "baseModel": {**spec["baseModel"], "files": base_files},
+        "baseModel": {"name": base.name, "digest": base.digest, "files": base.file_refs()},
         "task": spec["task"],
         "dataset": dataset,
         "lora": spec.get("lora", {}),
         "training": spec.get("training", {}),
         "distillation": spec.get("distillation", {}),
-        "output": {"uri": str(output_uri), "files": outputs},
+        "output": {
+            "uri": str(output_uri),
+            "files": {f: jobs.put_ref(output_uri.join(f)) for f in OUTPUT_FILES},
+        },
     }
 
 
-def training_job(obj: JSON, settings: Settings, config: JSON) -> JSON:
+def url_lifetime(spec: JSON, settings: Settings) -> int:
+    """As long as the Job may run (its deadline, with ten minutes to spare) and no longer;
+    the operator's setting for Jobs without a deadline. SigV4 allows at most seven days."""
+    deadline = spec.get("activeDeadlineSeconds")
+    if deadline:
+        return int(min(int(deadline) + 600, 7 * 24 * 3600))
+    return settings.presign_expiry_seconds
+
+
+def training_job(obj: JSON, settings: Settings, base: basemodel.Resolved, plan: JSON) -> JSON:
+    """Raises ValueError (naming the field) when the spec breaks the base model's limits."""
     spec = obj["spec"]
     meta = obj["metadata"]
     _, env, volumes, mounts = dataset_wiring(spec)
+    resources = basemodel.training_resources(
+        spec.get("resources") or {}, base.training, "spec.resources"
+    )
     return jobs.job_manifest(
         name=names.training_job_name(meta["name"], meta["generation"]),
         namespace=meta["namespace"],
         owner=obj,
         component="train",
-        image=settings.trainer_image,
+        image=str(base.training.get("image") or settings.trainer_image),
         command=list(settings.trainer_command),
-        config=config,
+        plan=plan,
+        url_lifetime=url_lifetime(spec, settings),
+        annotations={
+            jobs.ANNOTATION_BASE_DIGEST: base.digest,
+            "medforge.io/base-model": base.name,
+        },
         env=env,
         labels={jobs.LABEL_OWNER: meta["name"], jobs.LABEL_GENERATION: str(meta["generation"])},
-        resources=spec.get("resources") or {},
+        resources=resources,
         volumes=volumes,
         volume_mounts=mounts,
         backoff_limit=int(spec.get("backoffLimit", 2)),
@@ -114,8 +135,8 @@ class Observation:
     job_name: str
     job: JSON | None
     pods: list[JSON] = field(default_factory=list)
-    store_error: str | None = None  # the store could not be reached
-    build_error: str | None = None  # the spec cannot become a Job (names the field)
+    # (reason, message): the spec cannot become a Job yet (the message names the field)
+    build_error: tuple[str, str] | None = None
     verified: JSON | None = None  # {"artifact": ..., "metrics": ...} once verification passed
     verify_error: tuple[str, str] | None = None  # (reason, message)
 
@@ -166,11 +187,19 @@ def compute_status(old: JSON, o: Observation) -> JSON:
             ),
         ]
 
+    if job is not None:
+        annotations = job.get("metadata", {}).get("annotations") or {}
+        if annotations.get(jobs.ANNOTATION_BASE_DIGEST):
+            status["baseModel"] = {
+                "name": annotations.get("medforge.io/base-model", ""),
+                "digest": annotations[jobs.ANNOTATION_BASE_DIGEST],
+            }
+    if old.get("usedBy"):
+        status["usedBy"] = old["usedBy"]  # written by the composites that merged it
     if o.build_error:
-        # Not terminal: the base model may be uploaded later; the timer retries.
-        conds = stalled("InvalidInput", o.build_error + "; retrying", "Pending")
-    elif o.store_error and job is None:
-        conds = stalled("StoreUnreachable", o.store_error + "; retrying", "Pending")
+        # Not terminal: the base model may be registered later, the namespace labelled; the
+        # resync retries.
+        conds = stalled(o.build_error[0], o.build_error[1], "Pending")
     elif state == "Failed":
         reason, message = jobs.job_failure(job or {})
         detail = pods["failure_message"] or message

@@ -14,9 +14,11 @@ from typing import Any, cast
 
 import kopf
 
-from medforge_operator import COMPOSITES, CONTRIBUTIONS, GROUP, VERSION, jobs
+from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS, GROUP, VERSION, basemodel, jobs
+from medforge_operator import reconcile_basemodel as rbase
 from medforge_operator import reconcile_composite as rcomp
 from medforge_operator import reconcile_contribution as rcon
+from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import RECONCILE_SECONDS, RECONCILES
@@ -33,6 +35,7 @@ class Runtime:
     settings: Settings
     kube: Kube
     store: ForgeStore
+    catalog: Catalog
     queue: WorkQueue | None = None
 
 
@@ -78,7 +81,7 @@ def work(key: Hashable, body: JSON | None) -> None:
     own watch event delivered it, when that event queued it. A round that raises is noted in
     FAILED, so that the resync retries it."""
     plural, ns, name = cast(tuple[str, str, str], key)
-    kind = "contribution" if plural == CONTRIBUTIONS else "composite"
+    kind = {CONTRIBUTIONS: "contribution", COMPOSITES: "composite"}.get(plural, "basemodel")
     t0 = time.monotonic()
     try:
         _round(plural, ns, name, body)
@@ -104,11 +107,27 @@ def _round(plural: str, ns: str, name: str, body: JSON | None) -> None:
         if rcon.settled(obj):
             return
         before = (obj.get("status") or {}).get("phase")
-        new = rcon.reconcile(obj, r.kube, r.store, r.settings, _event)
+        new = rcon.reconcile(obj, r.kube, r.store, r.settings, _event, r.catalog)
         if new.get("phase") != before and new.get("phase") in ("Succeeded", "Failed"):
             _composites()
+    elif plural == BASEMODELS:
+        before = (obj.get("status") or {}).get("phase")
+        new = rbase.reconcile(obj, r.kube, r.store, _event)
+        r.catalog.base_models.forget(name)
+        if new.get("phase") == "Ready" and before != "Ready":
+            _waiting_on_base_models()
     else:
-        rcomp.reconcile(obj, r.kube, r.store, r.settings, _event)
+        rcomp.reconcile(obj, r.kube, r.store, r.settings, _event, r.catalog)
+
+
+def _waiting_on_base_models() -> None:
+    """A base model became usable: queue what may have waited for it."""
+    r = rt()
+    for ns in r.settings.namespaces or (None,):
+        for c in r.kube.list_objects(CONTRIBUTIONS, ns):
+            if rcon.needs_polling(c):
+                enqueue(CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
+    _composites()
 
 
 @kopf.on.startup()
@@ -158,6 +177,11 @@ def resync() -> None:
                     key = (COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
                     seen.add(key)
                     enqueue(*key)
+            for b in r.kube.list_objects(BASEMODELS):
+                key = (BASEMODELS, "", b["metadata"]["name"])
+                seen.add(key)
+                if not basemodel.settled(b) or key in failed:
+                    enqueue(*key)
             with FAILED_LOCK:
                 FAILED.difference_update(failed - seen)  # objects deleted since their failure
         except Exception:
@@ -195,6 +219,15 @@ def contribution_event(type: str, body: kopf.Body, **_: Any) -> None:
     # events (and the timer) drive what happens next, so our own write does not re-trigger.
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         enqueue(CONTRIBUTIONS, ns, name, plain(body))
+
+
+# ----- BaseModel (cluster-scoped) -----
+
+
+@kopf.on.event(GROUP, VERSION, BASEMODELS)
+def basemodel_event(type: str, body: kopf.Body, **_: Any) -> None:
+    if type != "DELETED" and not basemodel.settled(plain(body)):
+        enqueue(BASEMODELS, "", body["metadata"]["name"])
 
 
 # ----- CompositeModel and its Jobs and pods -----

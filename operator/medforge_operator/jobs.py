@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
+from medforge_common.uris import S3Uri, parse_uri
 from medforge_operator import GROUP, VERSION
 
 JSON = dict[str, Any]
@@ -15,6 +18,14 @@ LABEL_OWNER_NS = "medforge.io/owner-namespace"
 LABEL_GENERATION = "medforge.io/generation"
 LABEL_REVISION = "medforge.io/revision"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# The job's config without any URL (store URIs to be signed), kept on the Job so that fresh URLs
+# can be signed whenever a pod is about to need them; the URL lifetime; the base model's digest.
+ANNOTATION_PLAN = "medforge.io/job-plan"
+ANNOTATION_URL_LIFETIME = "medforge.io/url-lifetime-seconds"
+ANNOTATION_BASE_DIGEST = "medforge.io/base-model-digest"
+ANNOTATION_EXPIRES = "medforge.io/urls-expire-at"
+CONFIG_MOUNT = "/etc/medforge/job"
+CONFIG_KEY = "config.json"
 
 
 def owner_reference(obj: JSON) -> JSON:
@@ -27,6 +38,10 @@ def owner_reference(obj: JSON) -> JSON:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def config_secret_name(job_name: str) -> str:
+    return f"{job_name}-config"
 
 
 def restricted_pod(container: JSON, resources: JSON, volumes: list[JSON]) -> JSON:
@@ -78,7 +93,9 @@ def job_manifest(
     component: str,
     image: str,
     command: list[str],
-    config: JSON,
+    plan: JSON,
+    url_lifetime: int,
+    annotations: dict[str, str],
     env: list[JSON],
     labels: dict[str, str],
     resources: JSON,
@@ -101,7 +118,9 @@ def job_manifest(
         "imagePullPolicy": "IfNotPresent",
         "command": list(command),
         "env": [
-            {"name": "MEDFORGE_JOB_CONFIG", "value": json.dumps(config, sort_keys=True)},
+            # The config holds presigned URLs: it lives in a Secret owned by the Job (which
+            # `view` cannot read), never in env, which anyone who may view the pod reads.
+            {"name": "MEDFORGE_JOB_CONFIG_FILE", "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
             {"name": "HOME", "value": "/scratch"},
             {"name": "TMPDIR", "value": "/scratch/tmp"},
             *env,
@@ -112,7 +131,11 @@ def job_manifest(
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}, *volume_mounts],
+        "volumeMounts": [
+            {"name": "scratch", "mountPath": "/scratch"},
+            {"name": "job-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            *volume_mounts,
+        ],
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -124,7 +147,17 @@ def job_manifest(
         "ttlSecondsAfterFinished": ttl_seconds,
         "template": {
             "metadata": {"labels": all_labels},
-            "spec": restricted_pod(container, resources, volumes),
+            "spec": restricted_pod(
+                container,
+                resources,
+                [
+                    {
+                        "name": "job-config",
+                        "secret": {"secretName": config_secret_name(name), "defaultMode": 0o440},
+                    },
+                    *volumes,
+                ],
+            ),
         },
     }
     if active_deadline:
@@ -139,10 +172,107 @@ def job_manifest(
             "name": name,
             "namespace": namespace,
             "labels": job_labels,
+            "annotations": {
+                **annotations,
+                ANNOTATION_PLAN: json.dumps(plan, sort_keys=True, separators=(",", ":")),
+                ANNOTATION_URL_LIFETIME: str(url_lifetime),
+            },
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": spec,
     }
+
+
+def get_ref(uri: S3Uri) -> JSON:
+    """A file the Job will read, in a plan: signed into a GET URL when the config is written."""
+    return {"get": str(uri)}
+
+
+def put_ref(uri: S3Uri) -> JSON:
+    """A file the Job will write, in a plan: signed into a PUT URL when the config is written."""
+    return {"put": str(uri)}
+
+
+def sign(
+    plan: Any, presign_get: Callable[[S3Uri], str], presign_put: Callable[[S3Uri], str]
+) -> Any:
+    """The job config from its plan: every {"get": uri} becomes "url" beside the entry's other
+    keys, every {"put": uri} becomes the PUT URL itself."""
+    if isinstance(plan, list):
+        return [sign(v, presign_get, presign_put) for v in plan]
+    if not isinstance(plan, dict):
+        return plan
+    if set(plan) == {"put"}:
+        return presign_put(_s3(plan["put"]))
+    out = {k: sign(v, presign_get, presign_put) for k, v in plan.items() if k != "get"}
+    if isinstance(plan.get("get"), str):
+        out["url"] = presign_get(_s3(plan["get"]))
+    return out
+
+
+def _s3(value: str) -> S3Uri:
+    uri = parse_uri(value, "job plan")
+    if not isinstance(uri, S3Uri):
+        raise ValueError(f"job plan: {value} is not an s3:// URI")
+    return uri
+
+
+def plan_of(job: JSON) -> JSON | None:
+    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_PLAN)
+    try:
+        plan = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
+    return plan if isinstance(plan, dict) else None
+
+
+def url_lifetime(job: JSON, default: int) -> int:
+    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_URL_LIFETIME)
+    try:
+        return max(60, min(int(raw or default), 7 * 24 * 3600))
+    except ValueError:
+        return default
+
+
+def config_secret(job: JSON, config: JSON, expires_at: str) -> JSON:
+    """The Secret that carries a Job's config, owned by the Job (deleted with it)."""
+    meta = job["metadata"]
+    labels = {
+        k: v
+        for k, v in (meta.get("labels") or {}).items()
+        if k.startswith(("app.kubernetes.io/", "medforge.io/"))
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": config_secret_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": {ANNOTATION_EXPIRES: expires_at},
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "stringData": {CONFIG_KEY: json.dumps(config, sort_keys=True)},
+    }
+
+
+_SIGNED_QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
+
+
+def redact_urls(text: str) -> str:
+    """Drop the query (the signature) of every URL in a message copied into status or Events:
+    a presigned URL quoted in an error must not become readable to anyone who may view."""
+    return _SIGNED_QUERY.sub(r"\1?<redacted>", text)
 
 
 def job_state(job: JSON | None) -> str:
@@ -202,19 +332,27 @@ def pod_summary(pods: list[JSON]) -> JSON:
     ordered = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
     for i, pod in enumerate(ordered):
         newest = i == len(ordered) - 1
+        job_name = (pod["metadata"].get("labels") or {}).get("job-name", "")
+        own_secret = f'secret "{config_secret_name(job_name)}" not found'
         phase = pod.get("status", {}).get("phase")
         if phase == "Running":
             out["running"] = True
         for cs in pod.get("status", {}).get("containerStatuses") or []:
             state = cs.get("state") or {}
             waiting = state.get("waiting") or {}
-            if newest and waiting.get("reason") in (
-                "CreateContainerConfigError",
-                "CreateContainerError",
-                "ImagePullBackOff",
-                "ErrImagePull",
-                "InvalidImageName",
+            if (
+                newest
+                and waiting.get("reason")
+                in (
+                    "CreateContainerConfigError",
+                    "CreateContainerError",
+                    "ImagePullBackOff",
+                    "ErrImagePull",
+                    "InvalidImageName",
+                )
+                and own_secret not in str(waiting.get("message", ""))
             ):
+                # Our own config Secret follows the Job by a moment: not the user's problem.
                 out["config_error"] = (
                     f"{waiting['reason']} in pod {pod['metadata']['name']}: "
                     f"{waiting.get('message', '')}"
@@ -222,5 +360,5 @@ def pod_summary(pods: list[JSON]) -> JSON:
             term = state.get("terminated")
             if term:
                 key = "success_message" if term.get("exitCode") == 0 else "failure_message"
-                out[key] = term.get("message", "")
+                out[key] = redact_urls(str(term.get("message", "")))
     return out

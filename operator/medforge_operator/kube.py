@@ -102,27 +102,66 @@ class Kube:
         items: list[JSON] = _data(resp)["items"]
         return items
 
-    # ----- custom objects -----
+    def apply_secret(self, secret: JSON) -> None:
+        """Create the Secret, or replace the data and annotations of ours under its name. The
+        operator may create and patch Secrets but never read them (no get, list or watch)."""
+        ns, name = secret["metadata"]["namespace"], secret["metadata"]["name"]
+        try:
+            _drain(
+                self.core.create_namespaced_secret(
+                    ns,
+                    secret,  # type: ignore[arg-type]
+                    _preload_content=False,
+                    _request_timeout=TIMEOUT,
+                )
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            patch = {
+                "metadata": {
+                    "labels": secret["metadata"]["labels"],
+                    "annotations": secret["metadata"]["annotations"],
+                },
+                "stringData": secret["stringData"],
+            }
+            _drain(
+                self.core.patch_namespaced_secret(
+                    name, ns, patch, _preload_content=False, _request_timeout=TIMEOUT
+                )
+            )
+
+    # ----- custom objects (namespace "" for cluster-scoped kinds) -----
     def patch_status(self, plural: str, namespace: str, name: str, status: JSON) -> None:
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                plural,
-                name,
-                {"status": status},
-                _request_timeout=TIMEOUT,
-            )
+            if namespace:
+                self.custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    plural,
+                    name,
+                    {"status": status},
+                    _request_timeout=TIMEOUT,
+                )
+            else:
+                self.custom.patch_cluster_custom_object_status(
+                    GROUP, VERSION, plural, name, {"status": status}, _request_timeout=TIMEOUT
+                )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
 
     def get_object(self, plural: str, namespace: str, name: str) -> JSON | None:
         try:
-            obj = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, _request_timeout=TIMEOUT
-            )
+            if namespace:
+                obj = self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, plural, name, _request_timeout=TIMEOUT
+                )
+            else:
+                obj = self.custom.get_cluster_custom_object(
+                    GROUP, VERSION, plural, name, _request_timeout=TIMEOUT
+                )
             return cast(JSON, obj)
         except ApiException as exc:
             if exc.status == 404:
@@ -145,16 +184,17 @@ class Kube:
     def post_event(self, obj: JSON, etype: str, reason: str, message: str) -> None:
         """A core/v1 Event about one of our objects (what `kubectl describe` shows)."""
         meta = obj["metadata"]
+        namespace = meta.get("namespace") or "default"  # cluster-scoped kinds: as kubectl does
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
             "involvedObject": {
                 "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
                 "kind": obj.get("kind", ""),
                 "name": meta["name"],
-                "namespace": meta["namespace"],
+                "namespace": meta.get("namespace", ""),
                 "uid": meta.get("uid", ""),
             },
             "type": etype,
@@ -167,7 +207,7 @@ class Kube:
         }
         try:
             resp = self.core.create_namespaced_event(
-                meta["namespace"],
+                namespace,
                 body,  # type: ignore[arg-type]
                 _preload_content=False,
                 _request_timeout=TIMEOUT,
@@ -177,8 +217,12 @@ class Kube:
             if exc.status not in (403, 404):
                 raise
 
-    def namespaces(self, selector: str) -> set[str]:
-        resp = self.core.list_namespace(
-            label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
-        )
-        return {n["metadata"]["name"] for n in _data(resp)["items"]}
+    def namespace_labels(self, name: str) -> dict[str, str] | None:
+        """A namespace's labels (None: no such namespace)."""
+        try:
+            resp = self.core.read_namespace(name, _preload_content=False, _request_timeout=TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(_data(resp)["metadata"].get("labels") or {})

@@ -3,57 +3,25 @@ artifact), then write the status computed by `contribution.compute_status`."""
 
 from __future__ import annotations
 
+import json
 import logging
-import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from medforge_common.uris import UriError
 from medforge_operator import CONTRIBUTIONS, contribution, jobs, names
+from medforge_operator.basemodel import BaseModelUnusable
+from medforge_operator.catalog import Catalog
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import JOBS_CREATED, VERIFICATIONS
 from medforge_operator.settings import Settings
-from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed, s3_uri
+from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed
 
 JSON = dict[str, Any]
 EventFn = Callable[[JSON, str, str, str], None]
 log = logging.getLogger("medforge.contribution")
-
-
-# Per store, per base-model prefix: (when, names listed, their presigned GET URLs).
-_Listing = tuple[float, list[str], list[JSON]]
-_listing_cache: weakref.WeakKeyDictionary[ForgeStore, dict[str, _Listing]] = (
-    weakref.WeakKeyDictionary()
-)
-LISTING_TTL = 30.0
-
-
-def base_model_files(store: ForgeStore, spec: JSON) -> list[JSON]:
-    """Presigned GET URLs for every file of the base model. The listing and its URLs are cached
-    briefly, so a burst of contributions for one model does not list and sign it once each:
-    only the workers that miss at the same moment do. (Signing presigned URLs held the GIL for
-    a fifth of the operator's busy time in the 1,000-contribution benchmark.) No lock: a slow
-    or unreachable store must not make every worker wait on one listing. A cached URL has lost
-    at most a tenth of its lifetime."""
-    prefix = s3_uri(spec["baseModel"]["uri"], "spec.baseModel.uri")
-    ttl = min(LISTING_TTL, store.s.presign_expiry_seconds / 10)
-    per_store = _listing_cache.setdefault(store, {})
-    cached = per_store.get(str(prefix))
-    if cached is None or time.monotonic() - cached[0] >= ttl:
-        names_ = store.list_names(prefix)
-        files = []
-        if "manifest.json" in names_:
-            files = [
-                {"name": n, "url": store.presign_get(prefix.join(n))}
-                for n in names_
-                if "/" not in n
-            ]
-        cached = (time.monotonic(), names_, files)
-        per_store[str(prefix)] = cached
-    if "manifest.json" not in cached[1]:
-        raise VerificationFailed(f"spec.baseModel.uri: {prefix} holds no manifest.json")
-    return [dict(f) for f in cached[2]]  # callers own their copies
 
 
 def settled(obj: JSON) -> bool:
@@ -82,7 +50,9 @@ def needs_polling(obj: JSON) -> bool:
     return ready.get("reason") not in WATCH_DRIVEN
 
 
-def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn) -> JSON:
+def reconcile(
+    obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
+) -> JSON:
     """Returns the status written (or the unchanged one)."""
     meta = obj["metadata"]
     ns, name, gen = meta["namespace"], meta["name"], int(meta["generation"])
@@ -112,18 +82,11 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: Even
     # create_job returns the existing Job on a name conflict either way.
     o.job = kube.get_job(ns, job_name) if old.get("observedGeneration") == gen else None
     if o.job is None and not (settled(obj) and old.get("phase") == "Failed"):
-        try:
-            output = contribution.output_prefix(store.bucket, ns, name, gen)
-            outputs = {f: store.presign_put(output.join(f)) for f in contribution.OUTPUT_FILES}
-            config = contribution.train_config(
-                obj, base_model_files(store, obj["spec"]), outputs, output
-            )
-            o.job = kube.create_job(contribution.training_job(obj, s, config))
-            JOBS_CREATED.labels("train").inc()
-        except StoreUnreachable as exc:
-            o.store_error = str(exc)
-        except (UriError, VerificationFailed) as exc:
-            o.build_error = str(exc)
+        o.job = _create_job(obj, kube, store, s, cat, o)
+    if o.job is not None and jobs.job_state(o.job) == "Active" and not jobs.never_started(o.job):
+        cat.configs.ensure(o.job)  # fresh URLs for pods about to start
+    elif o.job is not None and jobs.job_state(o.job) != "Active":
+        cat.configs.forget(o.job)
     if o.job is not None and o.job.get("status") and not jobs.never_started(o.job):
         o.pods = kube.job_pods(ns, job_name)
         if jobs.job_state(o.job) == "Complete":
@@ -146,6 +109,54 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: Even
     return new
 
 
+def _create_job(
+    obj: JSON,
+    kube: Kube,
+    store: ForgeStore,
+    s: Settings,
+    cat: Catalog,
+    o: contribution.Observation,
+) -> JSON | None:
+    """The training Job, once the namespace is a member and the base model is verified; what
+    stands in the way goes into the observation instead."""
+    meta, spec = obj["metadata"], obj["spec"]
+    if not cat.namespaces.managed(meta["namespace"]):
+        o.build_error = (
+            "NamespaceNotManaged",
+            cat.namespaces.not_managed_message(meta["namespace"]),
+        )
+        return None
+    ref = spec.get("baseModel") or {}
+    try:
+        base = cat.base_models.resolve(
+            str(ref.get("name", "")), ref.get("digest"), "spec.baseModel"
+        )
+        output = contribution.output_prefix(
+            store.bucket, meta["namespace"], meta["name"], o.generation
+        )
+        plan = contribution.train_plan(obj, base, output)
+        job = kube.create_job(contribution.training_job(obj, s, base, plan))
+        JOBS_CREATED.labels("train").inc()
+        return job
+    except BaseModelUnusable as exc:
+        o.build_error = (exc.reason, exc.message)
+    except (UriError, ValueError) as exc:
+        o.build_error = ("InvalidSpec", str(exc))
+    except ApiException as exc:
+        if exc.status not in (400, 403, 422):
+            raise
+        # The API server (or its admission policy) refused the Job: a verdict on the spec.
+        o.build_error = ("InvalidSpec", f"the API server refused the Job: {_api_message(exc)}")
+    return None
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
 def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
     """Check the uploaded files against the manifest before the contribution becomes Ready."""
     spec = obj["spec"]
@@ -160,6 +171,9 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
     prefix = contribution.output_prefix(
         store.bucket, obj["metadata"]["namespace"], obj["metadata"]["name"], o.generation
     )
+    expected_base = ((o.job or {}).get("metadata", {}).get("annotations") or {}).get(
+        jobs.ANNOTATION_BASE_DIGEST, ""
+    )
     try:
         manifest = store.verify_artifact(prefix, str(art.get("digest", "")))
     except StoreUnreachable as exc:
@@ -169,13 +183,13 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
         VERIFICATIONS.labels("failed").inc()
         o.verify_error = ("DigestMismatch", str(exc))
         return
-    if manifest.base_model_digest != spec["baseModel"]["digest"]:
+    if manifest.base_model_digest != expected_base:
         VERIFICATIONS.labels("failed").inc()
         o.verify_error = (
             "BaseModelMismatch",
             f"the adapter was trained for base model "
-            f"{manifest.base_model_digest[:19]}..., not spec.baseModel.digest "
-            f"{spec['baseModel']['digest'][:19]}...",
+            f"{manifest.base_model_digest[:19]}..., not BaseModel "
+            f"{spec['baseModel']['name']}'s {expected_base[:19]}...",
         )
         return
     VERIFICATIONS.labels("ok").inc()

@@ -24,6 +24,14 @@ class Settings:
     store_public_endpoint: str = ""
     store_region: str = "us-east-1"
     namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide install)
+    # Cluster-wide install: the label (key=value) that makes a namespace a MedForge member, the
+    # only namespaces where the operator creates Jobs and Secrets. A namespace-scoped install
+    # manages exactly its listed namespaces.
+    member_label: str = "medforge.io/member=true"
+    # Namespaces whose CompositeModels are reconciled (elsewhere they stall): empty, none.
+    forge_namespaces: tuple[str, ...] = ()
+    # Largest file the operator hashes when verifying an upload (checked before download).
+    max_artifact_bytes: int = 16 << 30
     presign_expiry_seconds: int = 6 * 3600
     trainer_image: str = "ghcr.io/medforge/trainer:0.1.0"
     merger_image: str = "ghcr.io/medforge/merger:0.1.0"
@@ -39,6 +47,11 @@ class Settings:
     def presign_endpoint(self) -> str:
         return self.store_public_endpoint or self.store_endpoint
 
+    @property
+    def member_selector(self) -> tuple[str, str]:
+        key, _, value = self.member_label.partition("=")
+        return key.strip(), value.strip()
+
 
 ENV = {
     "store_endpoint": "MEDFORGE_STORE_ENDPOINT",
@@ -48,6 +61,9 @@ ENV = {
     "store_public_endpoint": "MEDFORGE_STORE_PUBLIC_ENDPOINT",
     "store_region": "MEDFORGE_STORE_REGION",
     "namespaces": "MEDFORGE_NAMESPACES",
+    "member_label": "MEDFORGE_MEMBER_LABEL",
+    "forge_namespaces": "MEDFORGE_FORGE_NAMESPACES",
+    "max_artifact_bytes": "MEDFORGE_MAX_ARTIFACT_BYTES",
     "presign_expiry_seconds": "MEDFORGE_PRESIGN_EXPIRY_SECONDS",
     "trainer_image": "MEDFORGE_TRAINER_IMAGE",
     "merger_image": "MEDFORGE_MERGER_IMAGE",
@@ -107,7 +123,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     out: dict[str, object] = {}
     for name, value in raw.items():
         what = f"{ENV[name]}"
-        if name == "namespaces":
+        if name in ("namespaces", "forge_namespaces"):
             out[name] = tuple(n.strip() for n in value.split(",") if n.strip())
         elif name in ("trainer_command", "merger_command"):
             out[name] = _command(value, what)
@@ -117,6 +133,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             "job_ttl_seconds",
             "metrics_port",
             "health_port",
+            "max_artifact_bytes",
         ):
             try:
                 out[name] = int(value)
@@ -128,6 +145,17 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if not 60 <= s.presign_expiry_seconds <= 7 * 24 * 3600:
         raise SettingsError(
             "MEDFORGE_PRESIGN_EXPIRY_SECONDS: must be between 60 and 604800 (SigV4's limit)"
+        )
+    key, eq, value = s.member_label.partition("=")
+    if not (key.strip() and eq and value.strip()):
+        raise SettingsError(
+            f"MEDFORGE_MEMBER_LABEL: {s.member_label!r} is not key=value "
+            "(for example medforge.io/member=true)"
+        )
+    if s.namespaces and (stray := sorted(set(s.forge_namespaces) - set(s.namespaces))):
+        raise SettingsError(
+            f"MEDFORGE_FORGE_NAMESPACES: {', '.join(stray)} not among MEDFORGE_NAMESPACES; "
+            "a namespace-scoped install watches only its listed namespaces"
         )
     if s.concurrency < 1:
         raise SettingsError("MEDFORGE_CONCURRENCY: must be at least 1")

@@ -3,7 +3,9 @@ Jobs uploaded. Jobs never receive the store's credentials."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -61,88 +63,88 @@ class ForgeStore:
     def uri(self, key: str) -> S3Uri:
         return S3Uri(self.bucket, key)
 
-    def _presign(self, operation: str, uri: S3Uri) -> str:
+    def _presign(self, operation: str, uri: S3Uri, expires: int | None) -> str:
         return str(
             self._signer.generate_presigned_url(
                 operation,
                 Params={"Bucket": uri.bucket, "Key": uri.key},
-                ExpiresIn=self.s.presign_expiry_seconds,
+                ExpiresIn=expires or self.s.presign_expiry_seconds,
             )
         )
 
-    def presign_get(self, uri: S3Uri) -> str:
-        return self._presign("get_object", uri)
+    def presign_get(self, uri: S3Uri, expires: int | None = None) -> str:
+        return self._presign("get_object", uri, expires)
 
-    def presign_put(self, uri: S3Uri) -> str:
-        return self._presign("put_object", uri)
+    def presign_put(self, uri: S3Uri, expires: int | None = None) -> str:
+        return self._presign("put_object", uri, expires)
 
-    def read(self, uri: S3Uri, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    @contextlib.contextmanager
+    def _reading(self, uri: S3Uri, missing: str) -> Iterator[None]:
+        """A missing object is a verdict (VerificationFailed, `missing` says how); anything
+        else the store answers, or its silence, is a fault (StoreUnreachable, retried)."""
         try:
-            obj = self._api.get_object(Bucket=uri.bucket, Key=uri.key)
-            body: bytes = obj["Body"].read(limit + 1)
+            yield
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise VerificationFailed(f"{uri} does not exist") from exc
+                raise VerificationFailed(f"{uri} {missing}") from exc
             raise StoreUnreachable(f"the forge store refused reading {uri}: {code}") from exc
         except BotoCoreError as exc:
             raise StoreUnreachable(
                 f"the forge store at {self.s.store_endpoint} is unreachable: {exc}"
             ) from exc
+
+    def size(self, uri: S3Uri) -> int:
+        """An object's size from a HEAD request, before anything is downloaded."""
+        with self._reading(uri, "was not uploaded"):
+            head = self._api.head_object(Bucket=uri.bucket, Key=uri.key)
+        return int(head.get("ContentLength", 0))
+
+    def read(self, uri: S3Uri, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+        with self._reading(uri, "does not exist"):
+            obj = self._api.get_object(Bucket=uri.bucket, Key=uri.key)
+            body: bytes = obj["Body"].read(limit + 1)
         if len(body) > limit:
             raise VerificationFailed(f"{uri} is larger than {limit} bytes")
         return body
 
     def sha256(self, uri: S3Uri) -> tuple[str, int]:
         """Stream an object and hash it (constant memory)."""
-        try:
+        h = hashlib.sha256()
+        size = 0
+        with self._reading(uri, "was not uploaded"):
             obj = self._api.get_object(Bucket=uri.bucket, Key=uri.key)
-            h = hashlib.sha256()
-            size = 0
             for chunk in obj["Body"].iter_chunks(1 << 20):
                 h.update(chunk)
                 size += len(chunk)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise VerificationFailed(f"{uri} was not uploaded") from exc
-            raise StoreUnreachable(f"the forge store refused reading {uri}: {code}") from exc
-        except BotoCoreError as exc:
-            raise StoreUnreachable(f"the forge store is unreachable: {exc}") from exc
         return h.hexdigest(), size
 
-    def list_names(self, prefix: S3Uri) -> list[str]:
-        key = prefix.key if prefix.key.endswith("/") or not prefix.key else prefix.key + "/"
-        try:
-            pages = self._api.get_paginator("list_objects_v2").paginate(
-                Bucket=prefix.bucket, Prefix=key
-            )
-            return sorted(o["Key"][len(key) :] for p in pages for o in p.get("Contents", []))
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code == "NoSuchBucket":
-                raise VerificationFailed(
-                    f"{prefix}: the bucket {prefix.bucket!r} does not exist in the forge store"
-                ) from exc
-            raise StoreUnreachable(f"the forge store refused listing {prefix}: {code}") from exc
-        except BotoCoreError as exc:
-            raise StoreUnreachable(
-                f"the forge store at {self.s.store_endpoint} is unreachable: {exc}"
-            ) from exc
-
-    def verify_artifact(self, prefix: S3Uri, digest: str) -> Manifest:
-        """Check manifest.json against the reported digest, then every file it lists against
-        its sha256 and size. Returns the manifest."""
+    def verify_artifact(self, prefix: S3Uri, digest: str | None) -> Manifest:
+        """Check manifest.json against the expected digest (None: take it as it is), then every
+        file it lists: its size first (HEAD: an upload larger than the manifest says, or than
+        the operator's cap, is refused before a byte is downloaded), then its sha256."""
         raw = self.read(prefix.join("manifest.json"))
         actual = "sha256:" + hashlib.sha256(raw).hexdigest()
-        if actual != digest:
+        if digest is not None and actual != digest:
             raise VerificationFailed(
-                f"manifest.json has digest {actual[:19]}..., the Job reported {digest[:19]}..."
+                f"manifest.json has digest {actual[:19]}..., expected {digest[:19]}..."
             )
         try:
             manifest = Manifest.from_json(raw.decode(), str(prefix.join("manifest.json")))
         except (ManifestError, UnicodeDecodeError) as exc:
             raise VerificationFailed(str(exc)) from exc
+        cap = self.s.max_artifact_bytes
+        for entry in manifest.files:
+            if entry.size > cap:
+                raise VerificationFailed(
+                    f"{entry.name}: the manifest lists {entry.size} bytes, more than the "
+                    f"operator's limit of {cap} (MEDFORGE_MAX_ARTIFACT_BYTES)"
+                )
+            stored = self.size(prefix.join(entry.name))
+            if stored != entry.size:
+                raise VerificationFailed(
+                    f"{entry.name}: {stored} bytes stored, the manifest lists {entry.size}"
+                )
         for entry in manifest.files:
             sha, size = self.sha256(prefix.join(entry.name))
             if sha != entry.sha256 or size != entry.size:
@@ -151,3 +153,7 @@ class ForgeStore:
                     f"manifest's {entry.sha256[:12]}... ({entry.size} bytes)"
                 )
         return manifest
+
+    def manifest_digest(self, prefix: S3Uri) -> str:
+        raw = self.read(prefix.join("manifest.json"))
+        return "sha256:" + hashlib.sha256(raw).hexdigest()

@@ -4,6 +4,7 @@ operator running as a real process (started and stopped by the tests)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +33,22 @@ def crds(cluster: ClusterAccess) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
 
+# Forge namespaces are settings of the operator, fixed when it starts: the tests draw fresh ones
+# from this pool, never reusing a name in a session (a deleted namespace lingers a while).
+FORGE_POOL = tuple(f"medforge-forge-{i}" for i in range(16))
+_forge_names = itertools.count()
+
+
+@pytest.fixture
+def forge_namespace(cluster: ClusterAccess) -> Iterator[str]:
+    """A fresh forge namespace (member-labelled, among the operator's forge namespaces)."""
+    name = FORGE_POOL[next(_forge_names)]
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "medforge.io/member=true")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
 @dataclass(frozen=True)
 class Forge:
     bucket: str
@@ -41,7 +59,8 @@ class Forge:
     def upload_base_model(
         self, name: str, config: bytes = b'{"model_type": "clip"}'
     ) -> tuple[str, str]:
-        """A (fake) base model: config.json plus its manifest. Returns (uri, digest)."""
+        """A (fake) base model under base-models/NAME/: config.json plus its manifest. Returns
+        (name, digest)."""
         s3 = client(self.endpoint, self.access_key, self.secret_key)
         manifest = Manifest(
             "base-model",
@@ -49,9 +68,49 @@ class Forge:
             [FileEntry("config.json", hashlib.sha256(config).hexdigest(), len(config))],
         )
         body = manifest.to_json().encode()
-        s3.put_object(Bucket=self.bucket, Key=f"models/{name}/config.json", Body=config)
-        s3.put_object(Bucket=self.bucket, Key=f"models/{name}/manifest.json", Body=body)
-        return f"s3://{self.bucket}/models/{name}/", "sha256:" + hashlib.sha256(body).hexdigest()
+        s3.put_object(Bucket=self.bucket, Key=f"base-models/{name}/config.json", Body=config)
+        s3.put_object(Bucket=self.bucket, Key=f"base-models/{name}/manifest.json", Body=body)
+        return name, "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def upload_model_dir(self, name: str, directory: Path) -> None:
+        """A prepared model folder (files plus manifest.json) under base-models/NAME/."""
+        s3 = client(self.endpoint, self.access_key, self.secret_key)
+        for p in sorted(directory.iterdir()):
+            s3.put_object(
+                Bucket=self.bucket, Key=f"base-models/{name}/{p.name}", Body=p.read_bytes()
+            )
+
+
+def register_base_model(
+    cluster: ClusterAccess, name: str, digest: str | None = None, wait: bool = True, **spec: Any
+) -> dict[str, Any]:
+    """Register a BaseModel as the platform team does (kubectl apply) and, by default, wait
+    until the operator has verified it. Returns its status."""
+    doc = {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "BaseModel",
+        "metadata": {"name": name},
+        "spec": {**({"digest": digest} if digest else {}), **spec},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+    if not wait:
+        return {}
+    deadline = time.monotonic() + 90
+    st: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        out = cluster.kubectl("get", "basemodel", name, "-o", "json")
+        st = json.loads(out.stdout).get("status") or {}
+        if st.get("phase") == "Ready":
+            return st
+        time.sleep(0.3)
+    raise AssertionError(f"BaseModel {name} not Ready: {st}")
+
+
+def base_model(cluster: ClusterAccess, forge: Forge, name: str, **kw: Any) -> tuple[str, str]:
+    """Upload a fake base model and register it; (name, digest)."""
+    name, digest = forge.upload_base_model(name, **kw)
+    register_base_model(cluster, name, digest)
+    return name, digest
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +137,7 @@ class OperatorProcess:
                 ),
                 "MEDFORGE_MERGER_COMMAND": json.dumps(["python", str(STANDINS / "fake_merger.py")]),
                 "MEDFORGE_PRESIGN_EXPIRY_SECONDS": "3600",
+                "MEDFORGE_FORGE_NAMESPACES": ",".join(FORGE_POOL),
                 "PYTHONUNBUFFERED": "1",
                 **env,
             }

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from medforge_localcluster import binaries
-from tests.cluster.conftest import ROOT, Forge, OperatorProcess
+from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model
 from tests.cluster.test_operator import contribution, status, wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import wait_until
@@ -61,24 +61,40 @@ def test_chart_lints_and_refuses_a_missing_store(forge: Forge) -> None:
 
 
 def test_namespace_scoped_install_is_confined_to_its_namespaces(forge: Forge) -> None:
-    docs = render("forge-system", forge, "--set", "watchNamespaces={hospital-a,hospital-b}")
+    docs = render(
+        "forge-system",
+        forge,
+        "--set",
+        "watchNamespaces={hospital-a,hospital-b,forge}",
+        "--set",
+        "forgeNamespaces={forge}",
+    )
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("Role") == 2 and kinds.count("RoleBinding") == 2
-    (cluster_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
-    # Cluster-wide it may only read CRD definitions (kopf's discovery); the rest is per namespace.
-    assert cluster_role["rules"] == [
-        {
-            "apiGroups": ["apiextensions.k8s.io"],
-            "resources": ["customresourcedefinitions"],
-            "verbs": ["get", "list", "watch"],
-        }
-    ]
+    assert kinds.count("Role") == 3 and kinds.count("RoleBinding") == 3
+    cluster_role = next(
+        d for d in docs if d["kind"] == "ClusterRole" and "operator" in d["metadata"]["name"]
+    )
+    # Cluster-wide it may only read CRD definitions (kopf's discovery) and BaseModels, and get
+    # its own namespaces by name; the rest is per namespace.
+    assert cluster_role["rules"][0]["resources"] == ["customresourcedefinitions"]
+    ns_rule = next(r for r in cluster_role["rules"] if r["resources"] == ["namespaces"])
+    assert ns_rule == {
+        "apiGroups": [""],
+        "resources": ["namespaces"],
+        "verbs": ["get"],
+        "resourceNames": ["hospital-a", "hospital-b", "forge"],
+    }
+    assert not any("jobs" in r["resources"] for r in cluster_role["rules"])
     deploy = next(d for d in docs if d["kind"] == "Deployment")
     env = {
         e["name"]: e.get("value")
         for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert env["MEDFORGE_NAMESPACES"] == "hospital-a,hospital-b"
+    assert env["MEDFORGE_NAMESPACES"] == "hospital-a,hospital-b,forge"
+    assert env["MEDFORGE_FORGE_NAMESPACES"] == "forge"
+    policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
+    member = next(v for v in policy["spec"]["variables"] if v["name"] == "member")
+    assert member["expression"] == 'request.namespace in ["hospital-a","hospital-b","forge"]'
 
 
 def can_i(cluster: ClusterAccess, ns: str, *args: str) -> bool:
@@ -88,13 +104,59 @@ def can_i(cluster: ClusterAccess, ns: str, *args: str) -> bool:
     return out.stdout.strip() == "yes"
 
 
+JOB_AS_OPERATOR = """
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {name}
+  labels: {{app.kubernetes.io/managed-by: medforge-operator}}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      automountServiceAccountToken: false
+      securityContext: {{runAsNonRoot: true, runAsUser: 10001, seccompProfile: {{type: RuntimeDefault}}}}
+      containers:
+        - name: c
+          image: busybox
+          securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
+          {mounts}
+      {volumes}
+"""
+
+
+def job_as_operator(cluster: ClusterAccess, release_ns: str, ns: str, name: str, host: bool) -> str:
+    """Create a Job as the operator's ServiceAccount (impersonated); the API's answer."""
+    doc = JOB_AS_OPERATOR.format(
+        name=name,
+        mounts="volumeMounts: [{name: h, mountPath: /h}]" if host else "",
+        volumes="volumes: [{name: h, hostPath: {path: /etc}}]" if host else "",
+    )
+    out = cluster.kubectl(
+        "create",
+        "-n",
+        ns,
+        "-f",
+        "-",
+        f"--as=system:serviceaccount:{release_ns}:{SA}",
+        input=doc,
+        check=False,
+    )
+    return out.stdout + out.stderr
+
+
 def test_chart_rbac_is_enough_and_least(
-    cluster: ClusterAccess, namespace: str, forge: Forge, operator: OperatorProcess, tmp_path: Path
+    cluster: ClusterAccess,
+    namespace: str,
+    forge_namespace: str,
+    forge: Forge,
+    operator: OperatorProcess,
+    tmp_path: Path,
 ) -> None:
     cluster.kubectl(
         "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
     )
-    docs = render(namespace, forge)
+    docs = render(namespace, forge, "--set", f"forgeNamespaces={{{forge_namespace}}}")
     manifest = "\n---\n".join(yaml.safe_dump(d) for d in docs)
     dry = cluster.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=manifest)
     assert "PodSecurity" not in dry.stderr  # the operator's pod meets `restricted`
@@ -112,8 +174,22 @@ def test_chart_rbac_is_enough_and_least(
             "x",
         )
         assert not can_i(cluster, namespace, "get", "secrets", "-n", "any-hospital")
+        assert not can_i(cluster, namespace, "list", "secrets", "-n", "any-hospital")
+        assert can_i(cluster, namespace, "create", "secrets", "-n", "any-hospital")
+        assert not can_i(cluster, namespace, "list", "namespaces")
+        assert can_i(cluster, namespace, "get", "namespaces")
         assert not can_i(cluster, namespace, "patch", "loracontributions.medforge.io", "-n", "x")
         assert not can_i(cluster, namespace, "delete", "pods", "-n", "x")
+
+        # RBAC lets it create Jobs anywhere; the admission policy confines them to member
+        # namespaces and restricted pods, whatever the operator's code does.
+        out = job_as_operator(cluster, namespace, "kube-system", "escape", host=False)
+        assert "is not a MedForge member namespace" in out, out
+        out = job_as_operator(cluster, namespace, "default", "escape", host=False)
+        assert "is not a MedForge member namespace" in out, out
+        out = job_as_operator(cluster, namespace, namespace, "hostpath", host=True)
+        assert "without host paths" in out, out
+        assert "ValidatingAdmissionPolicy" in out
 
         # The operator runs with the chart's ServiceAccount token instead of the admin's.
         token = cluster.kubectl(
@@ -129,15 +205,17 @@ def test_chart_rbac_is_enough_and_least(
         )
         scoped.start()
         try:
-            base = forge.upload_base_model("clip-rbac")
-            cluster.apply(namespace, contribution("rbac", base))
+            base = base_model(cluster, forge, "clip-rbac")
+            doc = json.loads(contribution("rbac", base))
+            doc["spec"]["sharing"] = {"forges": [f"{forge_namespace}/rbac"]}
+            cluster.apply(namespace, json.dumps(doc))
             wait_phase(cluster, namespace, "rbac", "Succeeded", 90)
             comp = {
                 "apiVersion": "medforge.io/v1alpha1",
                 "kind": "CompositeModel",
                 "metadata": {"name": "rbac"},
                 "spec": {
-                    "baseModel": {"uri": base[0], "digest": base[1]},
+                    "baseModel": {"name": base[0]},
                     "contributions": {
                         "selector": {"matchLabels": {"medforge.io/test": "yes"}},
                         "namespaceSelector": {
@@ -146,10 +224,10 @@ def test_chart_rbac_is_enough_and_least(
                     },
                 },
             }
-            cluster.apply(namespace, json.dumps(comp))
+            cluster.apply(forge_namespace, json.dumps(comp))
             wait_until(
                 lambda: (
-                    (status(cluster, "cmodel", namespace, "rbac").get("current") or {}).get(
+                    (status(cluster, "cmodel", forge_namespace, "rbac").get("current") or {}).get(
                         "revision"
                     )
                     == 1
@@ -163,7 +241,13 @@ def test_chart_rbac_is_enough_and_least(
             scoped.stop(signal.SIGTERM)
             operator.start()
     finally:
-        cluster.kubectl("delete", "clusterrolebinding,clusterrole", role, check=False)
+        cluster.kubectl(
+            "delete",
+            "clusterrolebinding,clusterrole,validatingadmissionpolicy,"
+            "validatingadmissionpolicybinding",
+            role,
+            check=False,
+        )
 
 
 @pytest.fixture(autouse=True)

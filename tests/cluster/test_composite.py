@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.conftest import Forge
-from tests.cluster.test_operator import condition, contribution, status, wait_phase
+from tests.cluster.conftest import FORGE_POOL, Forge, base_model
+from tests.cluster.test_operator import condition, status, wait_phase
+from tests.cluster.test_operator import contribution as private_contribution
 from tests.conftest import ClusterAccess
 from tests.helpers import wait_until
 
@@ -25,10 +26,18 @@ def institutions(cluster: ClusterAccess) -> Iterator[tuple[str, list[str]]]:
     spaces = [f"hospital-{tag}-{i}" for i in range(2)]
     for ns in spaces:
         cluster.kubectl("create", "namespace", ns)
-        cluster.kubectl("label", "namespace", ns, f"medforge.io/forge={tag}")
+        cluster.kubectl(
+            "label", "namespace", ns, f"medforge.io/forge={tag}", "medforge.io/member=true"
+        )
     yield tag, spaces
     for ns in spaces:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def contribution(name: str, base: tuple[str, str], task: str = "breakhis", **spec: Any) -> str:
+    """A contribution its owner shares with every forge namespace's composite `forge`."""
+    shared = [f"{ns}/forge" for ns in FORGE_POOL]
+    return private_contribution(name, base, task, sharing={"forges": shared}, **spec)
 
 
 def composite_doc(base: tuple[str, str], tag: str, **spec: Any) -> str:
@@ -38,8 +47,11 @@ def composite_doc(base: tuple[str, str], tag: str, **spec: Any) -> str:
             "kind": "CompositeModel",
             "metadata": {"name": "forge"},
             "spec": {
-                "baseModel": {"uri": base[0], "digest": base[1]},
-                "contributions": {"namespaceSelector": {"matchLabels": {"medforge.io/forge": tag}}},
+                "baseModel": {"name": base[0]},
+                "contributions": {
+                    "selector": {"matchLabels": {"medforge.io/test": "yes"}},
+                    "namespaceSelector": {"matchLabels": {"medforge.io/forge": tag}},
+                },
                 "gate": {"maxRegression": 0.1},
                 **spec,
             },
@@ -63,11 +75,12 @@ def revision_state(cluster: ClusterAccess, ns: str, revision: int, state: str) -
 
 
 def test_revisions_follow_contributions(
-    cluster: ClusterAccess, namespace: str, forge: Forge, institutions: tuple[str, list[str]]
+    cluster: ClusterAccess, forge_namespace: str, forge: Forge, institutions: tuple[str, list[str]]
 ) -> None:
+    namespace = forge_namespace
     tag, (a, b) = institutions
-    base = forge.upload_base_model("clip-forge")
-    other = forge.upload_base_model("other-model", config=b'{"model_type": "vit"}')
+    base = base_model(cluster, forge, "clip-forge")
+    other = base_model(cluster, forge, "other-model", config=b'{"model_type": "vit"}')
     cluster.apply(namespace, composite_doc(base, tag, minContributions=1))
     wait_until(lambda: status(cluster, "cmodel", namespace, "forge").get("phase") == "Waiting", 60)
 
@@ -100,7 +113,7 @@ def test_revisions_follow_contributions(
         i = next((i for i in st.get("inputs") or [] if i["name"] == "stranger"), None)
         return i if i and i["state"] == "Excluded" else None
 
-    assert wait_until(excluded, 60)["reason"].startswith("BaseModelMismatch")
+    assert wait_until(excluded, 60)["reason"] == "BaseModelMismatch"
 
     # A revision that regresses a task beyond the gate is not accepted.
     cluster.apply(a, contribution("noisy", base, task="regress-colon"))
@@ -110,7 +123,10 @@ def test_revisions_follow_contributions(
     assert "regress-colon regressed by 0.300" in accepted["message"]
     assert st["current"]["revision"] == 2  # still serving the last accepted revision
     noisy = next(i for i in st["inputs"] if i["name"] == "noisy")
-    assert noisy["state"] == "Excluded" and noisy["reason"].startswith("RejectedByGate")
+    assert noisy["state"] == "Excluded" and noisy["reason"] == "RejectedByGate"
+    # Each side learns who uses what: the contribution lists the composite that merged it.
+    used = status(cluster, "lorac", b, "lung").get("usedBy") or []
+    assert {"composite": f"{namespace}/forge", "revision": 2} in used
 
     # Paused: a new contribution waits.
     cluster.kubectl(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import Forge, OperatorProcess
+from tests.cluster.conftest import Forge, OperatorProcess, register_base_model
 from tests.cluster.test_composite import composite_doc, revision_state
 from tests.cluster.test_operator import condition, wait_phase
 from tests.conftest import ClusterAccess
@@ -45,15 +45,16 @@ def real_operator(
 
 
 def contribution_doc(
-    task: str, classes: list[str], base: tuple[str, str], data: str, endpoint: str
+    task: str, classes: list[str], base: tuple[str, str], data: str, endpoint: str, forge: str
 ) -> str:
     return json.dumps(
         {
             "apiVersion": "medforge.io/v1alpha1",
             "kind": "LoRAContribution",
-            "metadata": {"name": task},
+            "metadata": {"name": task, "labels": {"medforge.io/test": "yes"}},
             "spec": {
-                "baseModel": {"uri": base[0], "digest": base[1]},
+                "baseModel": {"name": base[0], "digest": base[1]},
+                "sharing": {"forges": [forge]},
                 "task": {"name": task, "classes": classes, "head": "clip-prompt"},
                 "dataset": {
                     "uri": data,
@@ -76,19 +77,21 @@ def contribution_doc(
 
 def test_three_hospitals_build_a_composite_with_fusion(
     cluster: ClusterAccess,
-    namespace: str,
+    forge_namespace: str,
     forge: Forge,
     real_operator: OperatorProcess,
     tmp_path: Path,
 ) -> None:
+    namespace = forge_namespace
+    me = f"{namespace}/forge"
     from medforge_localcluster.s3 import client
 
     s3 = client(forge.endpoint, forge.access_key, forge.secret_key)
     base_dir = tiny_clip(tmp_path / "clip")
     digest = prepare(base_dir)
-    for p in sorted(base_dir.iterdir()):
-        s3.put_object(Bucket=forge.bucket, Key=f"models/clip-e2e/{p.name}", Body=p.read_bytes())
-    base = (f"s3://{forge.bucket}/models/clip-e2e/", digest)
+    forge.upload_model_dir("clip-e2e", base_dir)
+    register_base_model(cluster, "clip-e2e", digest)
+    base = ("clip-e2e", digest)
 
     tag = uuid.uuid4().hex[:6]
     spaces = []
@@ -96,7 +99,9 @@ def test_three_hospitals_build_a_composite_with_fusion(
         ns = f"hospital-{tag}-{i}"
         spaces.append(ns)
         cluster.kubectl("create", "namespace", ns)
-        cluster.kubectl("label", "namespace", ns, f"medforge.io/forge={tag}")
+        cluster.kubectl(
+            "label", "namespace", ns, f"medforge.io/forge={tag}", "medforge.io/member=true"
+        )
         cluster.kubectl(
             "-n",
             ns,
@@ -130,7 +135,7 @@ def test_three_hospitals_build_a_composite_with_fusion(
             cluster.apply(
                 spaces[i],
                 contribution_doc(
-                    task, classes, base, f"s3://{spaces[i]}-imaging/{task}/", forge.endpoint
+                    task, classes, base, f"s3://{spaces[i]}-imaging/{task}/", forge.endpoint, me
                 ),
             )
         for i in range(2):
@@ -149,7 +154,7 @@ def test_three_hospitals_build_a_composite_with_fusion(
         cluster.apply(
             spaces[2],
             contribution_doc(
-                task, classes, base, f"s3://{spaces[2]}-imaging/{task}/", forge.endpoint
+                task, classes, base, f"s3://{spaces[2]}-imaging/{task}/", forge.endpoint, me
             ),
         )
         st = revision_state(cluster, namespace, 2, "Accepted")

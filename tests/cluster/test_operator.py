@@ -3,6 +3,7 @@ a real S3 store, stand-in trainer and merger programs that honour the job contra
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import time
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.conftest import Forge, OperatorProcess
+from tests.cluster.conftest import Forge, OperatorProcess, base_model
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 
@@ -23,7 +24,7 @@ def contribution(name: str, base: tuple[str, str], task: str = "breakhis", **spe
         "kind": "LoRAContribution",
         "metadata": {"name": name, "labels": {"medforge.io/test": "yes"}},
         "spec": {
-            "baseModel": {"uri": base[0], "digest": base[1]},
+            "baseModel": {"name": base[0]},
             "task": {"name": task, "classes": ["benign", "malignant"]},
             "dataset": {"uri": "s3://hospital-data/breakhis/"},
             **spec,
@@ -57,8 +58,8 @@ def wait_phase(
 
 
 @pytest.fixture(scope="module")
-def base(forge: Forge) -> tuple[str, str]:
-    return forge.upload_base_model("clip-tiny")
+def base(cluster: ClusterAccess, forge: Forge, operator: OperatorProcess) -> tuple[str, str]:
+    return base_model(cluster, forge, "clip-tiny")
 
 
 def test_contribution_trains_verifies_and_reports(
@@ -95,9 +96,14 @@ def test_contribution_trains_verifies_and_reports(
         "capabilities": {"drop": ["ALL"]},
         "readOnlyRootFilesystem": True,
     }
-    cfg = json.loads(next(e["value"] for e in c["env"] if e["name"] == "MEDFORGE_JOB_CONFIG"))
-    assert all("X-Amz-Signature" in u for u in cfg["output"]["files"].values())
+    # No URL in the Job: its config lives in a Secret the Job owns, mounted as a file.
+    assert "X-Amz" not in json.dumps(job) and "MEDFORGE_JOB_CONFIG_FILE" in json.dumps(c["env"])
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(c["env"])  # no store credentials in the Job
+    secret = get_json(cluster, "secret", "breakhis-train-g1-config", "-n", namespace)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    cfg = json.loads(base64.b64decode(secret["data"]["config.json"]))
+    assert all("X-Amz-Signature" in u for u in cfg["output"]["files"].values())
+    assert st["baseModel"] == {"name": base[0], "digest": base[1]}
 
     events = cluster.kubectl(
         "get", "events", "-n", namespace, "--field-selector", "involvedObject.kind=LoRAContribution"
@@ -227,18 +233,21 @@ def test_digest_mismatch_is_never_ready(
     assert condition(st, "Ready")["status"] == "False" and "artifact" not in st
 
 
-def test_missing_base_model_is_reported(
-    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+def test_missing_base_model_is_reported_then_recovers(
+    cluster: ClusterAccess, namespace: str, forge: Forge, base: tuple[str, str]
 ) -> None:
-    cluster.apply(namespace, contribution("nobase", ("s3://no-such-bucket/models/x/", base[1])))
+    cluster.apply(namespace, contribution("nobase", ("clip-later", "")))
 
     def reported() -> dict[str, Any] | None:
         st = status(cluster, "lorac", namespace, "nobase")
         return st if condition(st, "Stalled").get("status") == "True" else None
 
     st = wait_until(reported, 60, what="a stalled status")
-    assert condition(st, "Stalled")["reason"] == "InvalidInput"
-    assert "no-such-bucket" in condition(st, "Stalled")["message"]
+    assert condition(st, "Stalled")["reason"] == "BaseModelNotFound"
+    assert "no BaseModel 'clip-later'" in condition(st, "Stalled")["message"]
+    assert st["phase"] == "Pending"
+    base_model(cluster, forge, "clip-later")
+    wait_phase(cluster, namespace, "nobase", "Succeeded", 90)
 
 
 def test_bad_specs_are_refused_by_the_api_server(
@@ -256,10 +265,23 @@ def test_bad_specs_are_refused_by_the_api_server(
         "apiVersion": "medforge.io/v1alpha1",
         "kind": "CompositeModel",
         "metadata": {"name": "c"},
-        "spec": {"baseModel": {"uri": base[0], "digest": base[1]}, "strategy": {"type": "svd"}},
+        "spec": {
+            "baseModel": {"name": base[0]},
+            "contributions": {"selector": {"matchLabels": {"a": "b"}}},
+            "strategy": {"type": "svd"},
+        },
     }
     out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(comp), check=False)
     assert "spec.strategy.rank is required" in out.stderr
+    # An empty selector would take every shared contribution: refused.
+    comp["spec"] = {"baseModel": {"name": base[0]}, "contributions": {"selector": {}}}
+    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(comp), check=False)
+    assert out.returncode != 0 and "empty selector" in out.stderr
+    # Store URIs are no longer part of any spec: the API server drops them, the name is required.
+    bad = json.loads(contribution("bad", base))
+    bad["spec"]["baseModel"] = {"uri": "s3://forge/contributions/other/x/1/"}
+    out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+    assert out.returncode != 0 and "spec.baseModel" in out.stderr
 
 
 def test_operator_restart_leaves_no_duplicate_job(

@@ -1,18 +1,22 @@
 """The operator's clients against the local cluster and the S3 server: API requests share
-pooled connections; base-model URLs are listed and signed once per burst."""
+pooled connections; a Job's config Secret carries working URLs and is signed afresh only when
+they have lived half their lifetime."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import urllib.request
+from typing import Any
 
-import pytest
 from kubernetes import config
 
+from medforge_operator import jobs
+from medforge_operator.catalog import JobConfigs
 from medforge_operator.kube import Kube
-from medforge_operator.reconcile_contribution import base_model_files
 from medforge_operator.settings import Settings
-from medforge_operator.store import ForgeStore, VerificationFailed
+from medforge_operator.store import ForgeStore
 from tests.conftest import Bucket, ClusterAccess
 from tests.helpers import get_json
 
@@ -49,32 +53,58 @@ def test_events_and_jobs_reuse_one_connection(cluster: ClusterAccess, namespace:
     assert sorted(e["message"] for e in events["items"]) == [f"event {i}" for i in range(5)]
 
 
-def test_base_model_urls_are_signed_once_per_burst(s3_bucket: Bucket) -> None:
-    """A burst of contributions for one base model gets the same presigned URLs (one listing,
-    one signing); a tenth of the URLs' lifetime later they are listed and signed afresh."""
-    for name, body in (("manifest.json", b"{}"), ("config.json", b'{"model_type": "clip"}')):
-        s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=f"cached/{name}", Body=body)
+def test_job_config_secret_is_signed_when_needed(
+    cluster: ClusterAccess, namespace: str, s3_bucket: Bucket
+) -> None:
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="m/config.json", Body=b"{}")
     settings = Settings(
         s3_bucket.endpoint,
         s3_bucket.name,
         s3_bucket.access_key,
         s3_bucket.secret_key,
-        presign_expiry_seconds=100,  # cached for 10 s
+        presign_expiry_seconds=100,
     )
-    store = ForgeStore(settings)
-    spec = {"baseModel": {"uri": f"s3://{s3_bucket.name}/cached/"}}
-    t0 = time.monotonic()
-    first = base_model_files(store, spec)
-    assert sorted(f["name"] for f in first) == ["config.json", "manifest.json"]
-    time.sleep(1.1)  # a new signature would carry a new X-Amz-Date
-    assert base_model_files(store, spec) == first
-    config_url = next(f["url"] for f in first if f["name"] == "config.json")
-    with urllib.request.urlopen(config_url, timeout=10) as resp:
-        assert resp.read() == b'{"model_type": "clip"}'
-    # The manifest goes away: the cached listing still has it, a fresh one does not.
-    s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="cached/manifest.json")
-    assert base_model_files(store, spec) == first
-    assert time.monotonic() - t0 < 10, "the cached calls took longer than the cache lasts"
-    time.sleep(10.5 - (time.monotonic() - t0))
-    with pytest.raises(VerificationFailed, match=r"holds no manifest\.json"):
-        base_model_files(store, spec)
+    config.load_kube_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+    kube = Kube(pool_size=2)
+    plan = {"files": [{"name": "config.json", "get": f"s3://{s3_bucket.name}/m/config.json"}]}
+    job = jobs.job_manifest(
+        name="signed",
+        namespace=namespace,
+        owner={"kind": "ConfigMap", "metadata": {"name": "o", "uid": "u"}},
+        component="train",
+        image="none",
+        command=["true"],
+        plan=plan,
+        url_lifetime=100,
+        annotations={},
+        env=[],
+        labels={},
+        resources={"queueName": "q"},  # suspended: no pod ever runs
+        volumes=[],
+        volume_mounts=[],
+        backoff_limit=0,
+        active_deadline=None,
+        ttl_seconds=60,
+    )
+    job["metadata"].pop("ownerReferences")
+    created = kube.create_job(job)
+    configs = JobConfigs(kube, ForgeStore(settings))
+
+    def secret() -> dict[str, Any]:
+        out: dict[str, Any] = get_json(cluster, "secret", "signed-config", "-n", namespace)
+        return out
+
+    configs.ensure(created)
+    first = secret()
+    assert first["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    cfg = json.loads(base64.b64decode(first["data"]["config.json"]))
+    with urllib.request.urlopen(cfg["files"][0]["url"], timeout=10) as resp:
+        assert resp.read() == b"{}"
+    configs.ensure(created)  # fresh: nothing written
+    assert secret()["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    configs._expires[created["metadata"]["uid"]] -= 60  # past half its lifetime
+    time.sleep(1.1)  # a new signature carries a new X-Amz-Date
+    configs.ensure(created)
+    again = secret()
+    assert again["metadata"]["resourceVersion"] != first["metadata"]["resourceVersion"]
+    configs.forget(created)

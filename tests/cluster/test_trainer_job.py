@@ -10,9 +10,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from kubernetes import config
+
+from medforge_common.manifest import Manifest
 from medforge_common.result import read_result
+from medforge_common.uris import S3Uri
 from medforge_operator import contribution
-from medforge_operator.reconcile_contribution import base_model_files
+from medforge_operator.basemodel import Resolved
+from medforge_operator.catalog import JobConfigs
+from medforge_operator.kube import Kube
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
 from tests.conftest import Bucket, ClusterAccess
@@ -34,7 +40,7 @@ def test_trainer_job_through_presigned_urls(
 ) -> None:
     base = tiny_clip(tmp_path / "clip")
     digest = prepare(base)
-    upload_dir(s3_bucket, base, "models/clip-tiny/")
+    upload_dir(s3_bucket, base, "base-models/clip-tiny/")
     # The hospital's own bucket, readable only with the credentials in its Secret.
     data_bucket = f"hospital-{uuid.uuid4().hex[:8]}"
     s3_bucket.client.create_bucket(Bucket=data_bucket)
@@ -63,7 +69,7 @@ def test_trainer_job_through_presigned_urls(
             "generation": 1,
         },
         "spec": {
-            "baseModel": {"uri": f"s3://{s3_bucket.name}/models/clip-tiny/", "digest": digest},
+            "baseModel": {"name": "clip-tiny"},
             "task": {"name": "lung", "classes": CLASSES, "head": "clip-prompt"},
             "dataset": {
                 "uri": f"s3://{data_bucket}/lung/",
@@ -81,15 +87,25 @@ def test_trainer_job_through_presigned_urls(
     )
     store = ForgeStore(settings)
     out = contribution.output_prefix(s3_bucket.name, namespace, "lung", 1)
-    outputs = {f: store.presign_put(out.join(f)) for f in contribution.OUTPUT_FILES}
-    cfg = contribution.train_config(obj, base_model_files(store, obj["spec"]), outputs, out)
-    job = contribution.training_job(obj, settings, cfg)
+    files = Manifest.from_json((base / "manifest.json").read_text()).files
+    resolved = Resolved(
+        "clip-tiny",
+        digest,
+        S3Uri(s3_bucket.name, "base-models/clip-tiny/"),
+        tuple(f.name for f in files),
+    )
+    plan = contribution.train_plan(obj, resolved, out)
+    job = contribution.training_job(obj, settings, resolved, plan)
     # No LoRAContribution object exists here: without this, garbage collection would remove
     # the Job as an orphan of the made-up owner.
     job["metadata"].pop("ownerReferences")
     env = json.dumps(job["spec"]["template"]["spec"]["containers"][0]["env"])
     assert s3_bucket.secret_key not in env  # credentials only through secretKeyRef
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(job))
+    config.load_kube_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+    kube = Kube(pool_size=2)
+    created = kube.create_job(job)
+    # The config Secret (presigned URLs) follows the Job, as the operator writes it.
+    JobConfigs(kube, store).ensure(created)
 
     def finished() -> dict[str, Any] | None:
         st = get_json(cluster, "job", job["metadata"]["name"], "-n", namespace).get("status", {})

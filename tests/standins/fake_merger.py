@@ -28,7 +28,7 @@ def put(url: str, data: bytes) -> None:
 
 
 def main() -> None:
-    cfg = json.loads(os.environ["MEDFORGE_JOB_CONFIG"])
+    cfg = json.loads(Path(os.environ["MEDFORGE_JOB_CONFIG_FILE"]).read_text())
     h = hashlib.sha256()
     inputs = []
     metrics: dict[str, dict[str, float]] = {}

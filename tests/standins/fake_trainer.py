@@ -28,7 +28,7 @@ def put(url: str, data: bytes) -> None:
 
 
 def main() -> None:
-    cfg = json.loads(os.environ["MEDFORGE_JOB_CONFIG"])
+    cfg = json.loads(Path(os.environ["MEDFORGE_JOB_CONFIG_FILE"]).read_text())
     task = cfg["task"]["name"]
     if task.startswith("fail"):
         fail("dataset unreadable: s3://hospital/data/ holds no class folders")

@@ -7,12 +7,16 @@ from typing import Any
 
 import pytest
 
-from medforge_operator import composite, contribution, jobs, names
+from medforge_common.uris import S3Uri
+from medforge_operator import basemodel, composite, contribution, jobs, names
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings, SettingsError, load
 
 SETTINGS = Settings("http://s3", "forge", "ak", "sk")
 DIGEST = "sha256:" + "a" * 64
+BASE = basemodel.Resolved(
+    "clip", DIGEST, S3Uri("forge", "base-models/clip/"), ("manifest.json", "config.json")
+)
 
 
 def lorac(gen: int = 1, **spec: Any) -> dict[str, Any]:
@@ -21,7 +25,7 @@ def lorac(gen: int = 1, **spec: Any) -> dict[str, Any]:
         "kind": "LoRAContribution",
         "metadata": {"name": "breakhis", "namespace": "hospital-a", "uid": "u1", "generation": gen},
         "spec": {
-            "baseModel": {"uri": "s3://forge/models/clip/", "digest": DIGEST},
+            "baseModel": {"name": "clip"},
             "task": {"name": "breakhis", "classes": ["a", "b"]},
             "dataset": {"uri": "s3://data/breakhis/"},
             **spec,
@@ -56,7 +60,7 @@ def test_training_job_is_restricted_and_carries_the_contract() -> None:
         },
         dataset={"uri": "s3://data/x/", "credentialsSecretRef": {"name": "creds"}},
     )
-    job = contribution.training_job(obj, SETTINGS, {"kind": "train"})
+    job = contribution.training_job(obj, SETTINGS, BASE, {"kind": "train"})
     assert job["metadata"]["name"] == "breakhis-train-g1"
     assert (
         job["metadata"]["labels"][jobs.KUEUE_QUEUE] == "research" and job["spec"]["suspend"] is True
@@ -178,7 +182,7 @@ def test_inputs_and_revision_plan() -> None:
     a = ready_contribution("h1", "a", "sha256:1", since="t2")
     b = ready_contribution("h2", "b", "sha256:2", since="t1")
     other = ready_contribution("h3", "c", "sha256:3", base="sha256:" + "b" * 64)
-    inputs, candidates = composite.evaluate_inputs(comp, [a, b, other])
+    inputs, candidates = composite.evaluate_inputs(comp, [a, b, other], DIGEST)
     assert [c["metadata"]["name"] for c in candidates] == ["b", "a"]  # arrival order
     assert next(i for i in inputs if i["name"] == "c")["reason"].startswith("BaseModelMismatch")
     plan = composite.plan_revision(comp, candidates, [a, b, other])
@@ -224,16 +228,22 @@ def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
         "spec": {"baseModel": {"digest": DIGEST}, "integration": "full"},
         "status": {"current": current},
     }
+    current |= {"uri": "s3://b/composites/forge/f/rev-3/", "files": ["adapter.safetensors"]}
     plan = composite.Plan(4, [], [])
-    base = [{"name": "manifest.json", "url": "u"}]
     uri = composite.output_prefix("b", "forge", "f", 4)
-    full = composite.merge_config(comp, plan, base, [], None, {}, uri)
+    full = composite.merge_plan(comp, plan, BASE, uri, "b")
     assert full["previous"] == {"revision": 3, "metrics": current["metrics"]}
     assert full["integration"] == "full" and "current" not in full
     comp["spec"]["integration"] = "incremental"
-    files = [{"name": "adapter.safetensors", "url": "v"}]
-    inc = composite.merge_config(comp, plan, base, [], files, {}, uri)
-    assert inc["integration"] == "incremental" and inc["current"]["files"] == files
+    inc = composite.merge_plan(comp, plan, BASE, uri, "b")
+    assert inc["integration"] == "incremental"
+    assert inc["current"]["files"] == [
+        {"name": "manifest.json", "get": "s3://b/composites/forge/f/rev-3/manifest.json"},
+        {
+            "name": "adapter.safetensors",
+            "get": "s3://b/composites/forge/f/rev-3/adapter.safetensors",
+        },
+    ]
     assert inc["previous"]["metrics"] == current["metrics"]
     assert "tasks.safetensors" in composite.OUTPUT_FILES
     assert "head.safetensors" in contribution.OUTPUT_FILES
@@ -263,9 +273,8 @@ def test_dense_strategies_always_merge_in_full() -> None:
         "status": {"current": current},
     }
     assert composite.effective_integration(comp["spec"]) == "full"
-    files = [{"name": "adapter.safetensors", "url": "v"}]
     uri = composite.output_prefix("b", "forge", "f", 2)
-    cfg = composite.merge_config(comp, composite.Plan(2, [], []), [], [], files, {}, uri)
+    cfg = composite.merge_plan(comp, composite.Plan(2, [], []), BASE, uri, "b")
     assert cfg["integration"] == "full" and "current" not in cfg  # dense deltas are not factors
     comp["spec"]["strategy"] = {"type": "svd", "rank": 4}
     assert composite.effective_integration(comp["spec"]) == "incremental"
@@ -313,7 +322,13 @@ def test_the_resync_polls_only_contributions_no_watch_will_move() -> None:
         return {"metadata": {"generation": 1}, "status": status}
 
     # Waiting on the world: the store, an upload, a verification, or nothing written yet.
-    for reason in ("StoreUnreachable", "InvalidInput", "Verifying", None):
+    for reason in (
+        "StoreUnreachable",
+        "BaseModelNotReady",
+        "NamespaceNotManaged",
+        "Verifying",
+        None,
+    ):
         assert needs_polling(obj(reason)), reason
     assert needs_polling(obj("JobCreated", observed=0))  # a new spec nobody handled yet
     assert needs_polling({"metadata": {"generation": 1}})

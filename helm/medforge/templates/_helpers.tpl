@@ -12,7 +12,8 @@ app.kubernetes.io/name: medforge
 app.kubernetes.io/component: operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
-{{/* The permissions the operator needs, and nothing more: it never reads Secrets. */}}
+{{/* The permissions the operator needs, and nothing more: it never reads Secrets; it creates
+and patches the config Secrets of its Jobs (the admission policy holds it to its own). */}}
 {{- define "medforge.rules" -}}
 - apiGroups: [medforge.io]
   resources: [loracontributions, compositemodels]
@@ -23,6 +24,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]

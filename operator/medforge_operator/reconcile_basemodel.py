@@ -1,0 +1,51 @@
+"""One reconcile round of a BaseModel: verify its manifest and every file once per generation,
+then write the status computed by `basemodel.compute_status`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from medforge_operator import BASEMODELS, basemodel
+from medforge_operator.contribution import status_changed
+from medforge_operator.kube import Kube
+from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed
+
+JSON = dict[str, Any]
+EventFn = Callable[[JSON, str, str, str], None]
+
+
+def reconcile(obj: JSON, kube: Kube, store: ForgeStore, event: EventFn) -> JSON:
+    """Returns the status written (or the unchanged one)."""
+    old = obj.get("status") or {}
+    if basemodel.settled(obj):
+        return old
+    gen = int(obj["metadata"]["generation"])
+    prefix = basemodel.store_prefix(store.bucket, obj)
+    o = basemodel.Observation(generation=gen, uri=str(prefix))
+    try:
+        digest = store.manifest_digest(prefix)
+        manifest = store.verify_artifact(prefix, (obj.get("spec") or {}).get("digest") or digest)
+        o.verified = {
+            "digest": digest,
+            "sizeBytes": sum(f.size for f in manifest.files),
+            "files": [f.name for f in manifest.files],
+        }
+    except StoreUnreachable as exc:
+        o.store_error = str(exc)
+    except VerificationFailed as exc:
+        if str(exc).endswith("manifest.json does not exist"):
+            o.missing = str(exc)
+        else:
+            o.invalid = str(exc)
+    new = basemodel.compute_status(old, o)
+    if status_changed(old, new):
+        patch = dict(new)
+        for key in set(old) - set(new) - {"kopf"}:
+            patch[key] = None
+        kube.patch_status(BASEMODELS, "", obj["metadata"]["name"], patch)
+        if old.get("phase") != new.get("phase"):
+            ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+            kind = "Normal" if new["phase"] != "Failed" else "Warning"
+            event(obj, kind, ready["reason"], ready["message"])
+    return new
