@@ -1,4 +1,4 @@
-"""Test helpers over `medforge_trainer.synthetic` (tiny models from configs, generated image
+"""Test helpers over `medforge_ml.synthetic` (tiny models from configs, generated image
 sets): the base-model manifest through the trainer's CLI, and a job config for by-hand runs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medforge_trainer.synthetic import make_dataset, make_image, tiny_clip, tiny_vit
+from medforge_ml.synthetic import make_dataset, make_image, tiny_clip, tiny_vit
 
 __all__ = ["job_config", "make_dataset", "make_image", "prepare", "tiny_clip", "tiny_vit"]
 

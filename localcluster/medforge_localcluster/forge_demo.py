@@ -41,21 +41,7 @@ def _doc(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> str:
     )
 
 
-def run(
-    k: Kubectl,
-    s3: Any,
-    bucket: str,
-    endpoint: str,
-    creds: dict[str, str],
-    kubeconfig: Path,
-    log_dir: Path,
-    step: Callable[[str], None],
-) -> None:
-    from medforge_trainer.__main__ import prepare_base_model
-    from medforge_trainer.synthetic import make_dataset, tiny_clip
-
-    tag = time.strftime("%H%M%S")
-    forge_ns = f"forge-{tag}"
+def _install_crds(k: Kubectl, step: Callable[[str], None]) -> None:
     step(f"installing the CRDs from {CRDS}")
     print(k("apply", "-f", str(CRDS)), end="")
     k(
@@ -67,19 +53,29 @@ def run(
         "--timeout=60s",
     )
 
-    step("a tiny CLIP base model (built from a config) and each hospital's images, into S3")
+
+def _fill_store(s3: Any, bucket: str, tag: str) -> str:
+    """A tiny CLIP (built from a config) and each hospital's images, into S3; the model's
+    manifest digest."""
+    from medforge_ml.basemodel import prepare_model_dir
+    from medforge_ml.synthetic import make_dataset, tiny_clip
+
     with tempfile.TemporaryDirectory(prefix="medforge-demo-") as tmp:
         base_dir = tiny_clip(Path(tmp) / "clip")
-        prepare_base_model(base_dir)
+        prepare_model_dir(base_dir, "make demo")
         digest = "sha256:" + hashlib.sha256((base_dir / "manifest.json").read_bytes()).hexdigest()
         _upload_dir(s3, bucket, base_dir, f"base-models/clip-demo-{tag}/")
         for task, classes, style in HOSPITALS:
             data = make_dataset(Path(tmp) / task, classes, 24, seed=style, style=style)
             _upload_dir(s3, bucket, data, f"hospitals/{tag}/{task}/")
-    base = {"name": f"clip-demo-{tag}", "digest": digest}
+    return digest
 
-    step("the platform team registers the base model and the namespaces")
-    bm = {"path": f"clip-demo-{tag}", "digest": digest}
+
+def _register(
+    k: Kubectl, base: dict[str, str], forge_ns: str, tag: str, creds: dict[str, str]
+) -> None:
+    """What the platform team does: the BaseModel, member namespaces, the hospitals' Secrets."""
+    bm = {"path": base["name"], "digest": base["digest"]}
     print(k("apply", "-f", "-", input=_doc("BaseModel", base["name"], "", bm)), end="")
     for ns in (forge_ns, *(f"hospital-{task}-{tag}" for task, _, _ in HOSPITALS)):
         k("create", "namespace", ns)
@@ -98,9 +94,114 @@ def run(
             f"--from-literal=AWS_SECRET_ACCESS_KEY={creds['secret_key']}",
         )
 
-    step("starting medforge-operator with the real trainer and merger")
+
+def _start_operator(env_: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
-    env.update(
+    env.update(env_ | {"PYTHONUNBUFFERED": "1"})
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "medforge_operator"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def _apply(
+    k: Kubectl, base: dict[str, str], forge_ns: str, tag: str, bucket: str, endpoint: str
+) -> None:
+    composite = {
+        "baseModel": {"name": base["name"]},
+        "contributions": {
+            "selector": {"matchLabels": {"medforge.io/demo": tag}},
+            "namespaceSelector": {"matchLabels": {"medforge.io/forge": f"demo-{tag}"}},
+        },
+        "strategy": {"type": "fusion", "search": {"budget": 20}},
+        "minContributions": 2,
+    }
+    print(k("apply", "-f", "-", input=_doc("CompositeModel", "forge", forge_ns, composite)), end="")
+    for task, classes, _ in HOSPITALS:
+        spec = {
+            "baseModel": base,
+            # The hospital opts in to this forge; no other composite may merge it.
+            "sharing": {"forges": [f"{forge_ns}/forge"]},
+            "task": {"name": task, "classes": classes},
+            "dataset": {
+                "uri": f"s3://{bucket}/hospitals/{tag}/{task}/",
+                "endpoint": endpoint,
+                "credentialsSecretRef": {"name": "imaging-data"},
+            },
+            "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
+            "training": {"epochs": 4, "batchSize": 16, "learningRate": 0.005},
+            "distillation": {"imagesPerClass": 4, "iterations": 60},
+        }
+        doc = json.loads(_doc("LoRAContribution", task, f"hospital-{task}-{tag}", spec))
+        doc["metadata"]["labels"] = {"medforge.io/demo": tag}
+        print(k("apply", "-f", "-", input=json.dumps(doc)), end="")
+
+
+def _follow(
+    k: Kubectl, op: subprocess.Popen[bytes], forge_ns: str, tag: str, log: Path
+) -> dict[str, Any]:
+    """Print each change of phase until revision 1 is there; the composite's status."""
+    deadline = time.monotonic() + 300
+    seen = ""
+    while time.monotonic() < deadline:
+        if op.poll() is not None:
+            raise RuntimeError(f"the operator exited; see {log}")
+        phases = []
+        for task, _, _ in HOSPITALS:
+            obj = json.loads(k("get", "lorac", task, "-n", f"hospital-{task}-{tag}", "-o", "json"))
+            phases.append(f"{task} {(obj.get('status') or {}).get('phase', 'Pending')}")
+        st: dict[str, Any] = (
+            json.loads(k("get", "cmodel", "forge", "-n", forge_ns, "-o", "json")).get("status")
+            or {}
+        )
+        line = ", ".join(phases) + f"; composite {st.get('phase', 'Pending')}"
+        if line != seen:
+            print(f"  {time.strftime('%H:%M:%S')} {line}", flush=True)
+            seen = line
+        if (st.get("current") or {}).get("revision"):
+            return st
+        time.sleep(2)
+    raise RuntimeError(f"no revision after 5 minutes; see {log}")
+
+
+def _report(k: Kubectl, st: dict[str, Any], forge_ns: str, tag: str) -> None:
+    for task, _, _ in HOSPITALS:
+        print(k("get", "lorac", "-n", f"hospital-{task}-{tag}"), end="")
+    print(k("get", "cmodel", "-n", forge_ns), end="")
+    cur = st["current"]
+    for i in st.get("inputs") or []:
+        print(f"  {i['namespace']}/{i['name']}: {i['state']}, coefficient {i.get('coefficient')}")
+    print(f"  composite {cur['uri']} ({cur['digest'][:19]}...), score {cur.get('score')}")
+    for task, m in (cur.get("metrics") or {}).items():
+        print(
+            f"  {task}: accuracy {m.get('accuracy')} (the hospital's adapter alone: "
+            f"{m.get('solo')}), macro-F1 {m.get('f1')}, AUC {m.get('auc')}"
+        )
+
+
+def run(
+    k: Kubectl,
+    s3: Any,
+    bucket: str,
+    endpoint: str,
+    creds: dict[str, str],
+    kubeconfig: Path,
+    log_dir: Path,
+    step: Callable[[str], None],
+) -> None:
+    tag = time.strftime("%H%M%S")
+    forge_ns = f"forge-{tag}"
+    _install_crds(k, step)
+    step("a tiny CLIP base model (built from a config) and each hospital's images, into S3")
+    base = {"name": f"clip-demo-{tag}", "digest": _fill_store(s3, bucket, tag)}
+    step("the platform team registers the base model and the namespaces")
+    _register(k, base, forge_ns, tag, creds)
+    step("starting medforge-operator with the real trainer and merger")
+    log = log_dir / "demo-operator.log"
+    op = _start_operator(
         {
             "KUBECONFIG": str(kubeconfig),
             "MEDFORGE_STORE_ENDPOINT": endpoint,
@@ -108,92 +209,16 @@ def run(
             "MEDFORGE_STORE_ACCESS_KEY_ID": creds["access_key"],
             "MEDFORGE_STORE_SECRET_ACCESS_KEY": creds["secret_key"],
             "MEDFORGE_FORGE_NAMESPACES": forge_ns,
-            "PYTHONUNBUFFERED": "1",
-        }
+        },
+        log,
     )
-    log = log_dir / "demo-operator.log"
-    with log.open("ab") as out:
-        op = subprocess.Popen(
-            [sys.executable, "-m", "medforge_operator"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
     try:
-        composite = {
-            "baseModel": {"name": base["name"]},
-            "contributions": {
-                "selector": {"matchLabels": {"medforge.io/demo": tag}},
-                "namespaceSelector": {"matchLabels": {"medforge.io/forge": f"demo-{tag}"}},
-            },
-            "strategy": {"type": "fusion", "search": {"budget": 20}},
-            "minContributions": 2,
-        }
         step(f"kubectl apply: a CompositeModel in {forge_ns} and a LoRAContribution per hospital")
-        print(
-            k("apply", "-f", "-", input=_doc("CompositeModel", "forge", forge_ns, composite)),
-            end="",
-        )
-        for task, classes, _ in HOSPITALS:
-            spec = {
-                "baseModel": base,
-                # The hospital opts in to this forge; no other composite may merge it.
-                "sharing": {"forges": [f"{forge_ns}/forge"]},
-                "task": {"name": task, "classes": classes},
-                "dataset": {
-                    "uri": f"s3://{bucket}/hospitals/{tag}/{task}/",
-                    "endpoint": endpoint,
-                    "credentialsSecretRef": {"name": "imaging-data"},
-                },
-                "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
-                "training": {"epochs": 4, "batchSize": 16, "learningRate": 0.005},
-                "distillation": {"imagesPerClass": 4, "iterations": 60},
-            }
-            doc = json.loads(_doc("LoRAContribution", task, f"hospital-{task}-{tag}", spec))
-            doc["metadata"]["labels"] = {"medforge.io/demo": tag}
-            doc = json.dumps(doc)
-            print(k("apply", "-f", "-", input=doc), end="")
-
+        _apply(k, base, forge_ns, tag, bucket, endpoint)
         step("training, verifying and merging (about a minute)")
-        deadline = time.monotonic() + 300
-        seen = ""
-        while time.monotonic() < deadline:
-            if op.poll() is not None:
-                raise RuntimeError(f"the operator exited; see {log}")
-            phases = []
-            for task, _, _ in HOSPITALS:
-                obj = json.loads(
-                    k("get", "lorac", task, "-n", f"hospital-{task}-{tag}", "-o", "json")
-                )
-                phases.append(f"{task} {(obj.get('status') or {}).get('phase', 'Pending')}")
-            st = (
-                json.loads(k("get", "cmodel", "forge", "-n", forge_ns, "-o", "json")).get("status")
-                or {}
-            )
-            line = ", ".join(phases) + f"; composite {st.get('phase', 'Pending')}"
-            if line != seen:
-                print(f"  {time.strftime('%H:%M:%S')} {line}", flush=True)
-                seen = line
-            if (st.get("current") or {}).get("revision"):
-                break
-            time.sleep(2)
-        else:
-            raise RuntimeError(f"no revision after 5 minutes; see {log}")
-        for task, _, _ in HOSPITALS:
-            print(k("get", "lorac", "-n", f"hospital-{task}-{tag}"), end="")
-        print(k("get", "cmodel", "-n", forge_ns), end="")
+        st = _follow(k, op, forge_ns, tag, log)
         step("revision 1: what was merged and how well it scores on each hospital's distilled set")
-        cur = st["current"]
-        for i in st.get("inputs") or []:
-            print(
-                f"  {i['namespace']}/{i['name']}: {i['state']}, coefficient {i.get('coefficient')}"
-            )
-        print(f"  composite {cur['uri']} ({cur['digest'][:19]}...), score {cur.get('score')}")
-        for task, m in (cur.get("metrics") or {}).items():
-            print(
-                f"  {task}: accuracy {m.get('accuracy')} (the hospital's adapter alone: "
-                f"{m.get('solo')}), macro-F1 {m.get('f1')}, AUC {m.get('auc')}"
-            )
+        _report(k, st, forge_ns, tag)
     finally:
         op.terminate()
         op.wait(30)

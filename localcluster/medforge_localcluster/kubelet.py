@@ -401,7 +401,7 @@ class Kubelet:
         kubelet = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
+            def log_message(self, _format: str, *_args: Any) -> None:
                 return
 
             def do_GET(self) -> None:
@@ -766,6 +766,30 @@ class PodRunner(threading.Thread):
         started = podspec.parse_time(self.start_time).timestamp()
         return started + int(secs)
 
+    def _exit_state(self, c: JSON, returncode: int, term: Path, started: str) -> tuple[int, JSON]:
+        """(exit code, terminated state) of a container that ended, with its termination
+        message as the kubelet writes it (the file, or the log's tail on failure)."""
+        code = podspec.exit_code(returncode)
+        message = podspec.termination_message(
+            term.read_bytes(),
+            c.get("terminationMessagePolicy", "File"),
+            code != 0,
+            _tail(self.dir / f"{c['name']}.log"),
+        )
+        return code, podspec.terminated_state(code, started, podspec.now(), message)
+
+    def _kill_if_due(self, killed: str, deadline: float | None, started: dict[str, str]) -> str:
+        """Stop the containers once the pod is deleted or past its deadline; returns why they
+        were stopped ("" while they run on)."""
+        if self.stop_requested.wait(POLL) and not killed:
+            self.k.event(self.pod, "Normal", "Killing", f"Stopping container {', '.join(started)}")
+            self._terminate()
+            return "Killing"
+        if deadline is not None and time.time() > deadline and not killed:
+            self._terminate(grace=0)
+            return "DeadlineExceeded"
+        return killed
+
     def _run_containers(
         self, containers: list[JSON], prepared: dict[str, Any], init: bool
     ) -> dict[str, int] | None:
@@ -793,29 +817,13 @@ class PodRunner(threading.Thread):
         deadline = self._deadline()
         killed_reason = ""
         while len(final) < len(containers):
-            if self.stop_requested.wait(POLL) and not killed_reason:
-                killed_reason = "Killing"
-                self.k.event(
-                    self.pod, "Normal", "Killing", f"Stopping container {', '.join(started)}"
-                )
-                self._terminate()
-            if deadline is not None and time.time() > deadline and not killed_reason:
-                killed_reason = "DeadlineExceeded"
-                self._terminate(grace=0)
+            killed_reason = self._kill_if_due(killed_reason, deadline, started)
             for c in containers:
                 name = c["name"]
                 proc = self.procs[name]
                 if name in final or proc.poll() is None:
                     continue
-                code = podspec.exit_code(proc.returncode)
-                log_tail = _tail(self.dir / f"{name}.log")
-                message = podspec.termination_message(
-                    terms[name].read_bytes(),
-                    c.get("terminationMessagePolicy", "File"),
-                    code != 0,
-                    log_tail,
-                )
-                state = podspec.terminated_state(code, started[name], podspec.now(), message)
+                code, state = self._exit_state(c, proc.returncode, terms[name], started[name])
                 restart = not killed_reason and (
                     policy == "Always" or (policy == "OnFailure" and code != 0)
                 )
@@ -938,7 +946,7 @@ def main() -> None:
     parser.add_argument("--api-server", required=True)
     kubelet = Kubelet(parser.parse_args())
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(_signum: int, _frame: Any) -> None:
         kubelet.stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -116,61 +116,68 @@ def _field_value(pod: JSON, path: str) -> str:
     raise ConfigError(f"unsupported fieldRef {path!r}")
 
 
-def resolve_env(pod: JSON, container: JSON, lookup: Lookup) -> dict[str, str]:
-    """The container's environment as a kubelet computes it, or ConfigError naming what is
-    missing, in the kubelet's words."""
-    ns = pod["metadata"]["namespace"]
+def _fetch(lookup: Lookup, kind: str, name: str, optional: bool) -> JSON | None:
+    obj = lookup(kind, name)
+    if obj is None and not optional:
+        raise ConfigError(f'{kind.lower()} "{name}" not found')
+    return obj
+
+
+def _env_from(container: JSON, lookup: Lookup) -> dict[str, str]:
+    """Variables from whole Secrets and ConfigMaps (envFrom), with their prefixes."""
     env: dict[str, str] = {}
-
-    def fetch(kind: str, name: str, optional: bool) -> JSON | None:
-        obj = lookup(kind, name)
-        if obj is None and not optional:
-            raise ConfigError(f'{kind.lower()} "{name}" not found')
-        return obj
-
     for src in container.get("envFrom") or []:
         prefix = src.get("prefix", "")
         for kind, ref in (("Secret", src.get("secretRef")), ("ConfigMap", src.get("configMapRef"))):
-            if not ref:
-                continue
-            obj = fetch(kind, ref["name"], bool(ref.get("optional")))
-            if obj is None:
-                continue
-            keys = set((obj.get("data") or {}).keys())
-            for key in sorted(keys):
-                value = _data_value(obj, kind, key)
+            obj = _fetch(lookup, kind, ref["name"], bool(ref.get("optional"))) if ref else None
+            for key in sorted((obj or {}).get("data") or {}):
+                value = _data_value(obj or {}, kind, key)
                 if value is not None:
                     env[prefix + key] = value
+    return env
 
+
+def _key_ref(ns: str, vf: JSON, lookup: Lookup) -> tuple[bool, str | None]:
+    """(whether a Secret or ConfigMap key reference was given, its value or None when an
+    optional one is missing)."""
+    for kind, ref_key in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
+        ref = vf.get(ref_key)
+        if not ref:
+            continue
+        optional = bool(ref.get("optional"))
+        obj = _fetch(lookup, kind, ref["name"], optional)
+        value = _data_value(obj, kind, ref["key"]) if obj is not None else None
+        if value is None and obj is not None and not optional:
+            raise ConfigError(f"couldn't find key {ref['key']} in {kind} {ns}/{ref['name']}")
+        return True, value
+    return False, None
+
+
+def _value_from(pod: JSON, container: JSON, vf: JSON, lookup: Lookup) -> str | None:
+    given, value = _key_ref(pod["metadata"]["namespace"], vf, lookup)
+    if given:
+        return value
+    if "fieldRef" in vf:
+        return _field_value(pod, vf["fieldRef"]["fieldPath"])
+    if "resourceFieldRef" in vf:
+        kind_, _, rname = vf["resourceFieldRef"]["resource"].partition(".")
+        limit = ((container.get("resources") or {}).get(kind_) or {}).get(rname)
+        return str(limit if limit is not None else 0)
+    return None
+
+
+def resolve_env(pod: JSON, container: JSON, lookup: Lookup) -> dict[str, str]:
+    """The container's environment as a kubelet computes it, or ConfigError naming what is
+    missing, in the kubelet's words."""
+    env = _env_from(container, lookup)
     for var in container.get("env") or []:
         name = var["name"]
         if "valueFrom" not in var:
             env[name] = expand(var.get("value", ""), env)
             continue
-        vf = var["valueFrom"]
-        for kind, ref_key in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
-            ref = vf.get(ref_key)
-            if not ref:
-                continue
-            optional = bool(ref.get("optional"))
-            obj = fetch(kind, ref["name"], optional)
-            if obj is None:
-                break
-            value = _data_value(obj, kind, ref["key"])
-            if value is None:
-                if optional:
-                    break
-                raise ConfigError(f"couldn't find key {ref['key']} in {kind} {ns}/{ref['name']}")
+        value = _value_from(pod, container, var["valueFrom"], lookup)
+        if value is not None:
             env[name] = value
-            break
-        else:
-            if "fieldRef" in vf:
-                env[name] = _field_value(pod, vf["fieldRef"]["fieldPath"])
-            elif "resourceFieldRef" in vf:
-                res = vf["resourceFieldRef"]["resource"]
-                kind_, _, rname = res.partition(".")
-                value = ((container.get("resources") or {}).get(kind_) or {}).get(rname)
-                env[name] = str(value if value is not None else 0)
     return env
 
 

@@ -11,6 +11,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,41 +99,64 @@ def _load_current(item: JSON, d: Path, base_digest: str) -> Adapter | None:
     return load_adapter(d, f"revision-{item.get('revision', '?')}", item["digest"], base_digest)
 
 
-def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
-    base = cfg.get("baseModel") or {}
-    base_digest = base["digest"]
+Loaded = list[tuple[Adapter, float, JSON]]  # (adapter, fixed weight, its entry in the result)
+
+
+@dataclass
+class Merged:
+    """What the merge step wrote and how it weighed the inputs."""
+
+    files: list[Path]
+    coefficients: list[float]
+    rank: int
+    meta: JSON = field(default_factory=dict)
+
+
+def _strategy(cfg: JSON) -> Strategy:
     strat = cfg.get("strategy") or {}
-    search_cfg = strat.get("search") or {}
-    s = Strategy(
+    return Strategy(
         strat.get("type", "linear"),
         strat.get("rank"),
         float(strat.get("density", 1.0)),
-        int(search_cfg.get("seed", 0)),
+        int((strat.get("search") or {}).get("seed", 0)),
     )
-    # torch and the base model only when something needs them: an exact merge without a base
-    # model to score on stays numpy-only.
-    scorer: Scorer | None = None
+
+
+def _scorer(cfg: JSON, s: Strategy, work: Path) -> Scorer | None:
+    """torch and the base model only when something needs them: an exact merge without a base
+    model to score on stays numpy-only."""
+    base = cfg.get("baseModel") or {}
     if s.type in SEARCHED or base.get("files") or base.get("path"):
         from medforge_merger.scoring import Scorer
 
-        scorer = Scorer(base, base_digest, work, fetch)
-    report: list[JSON] = []
-    loaded: list[tuple[Adapter, float, JSON]] = []
-    current: Adapter | None = None
-    if cfg.get("current"):
-        d = work / "current"
-        d.mkdir()
-        try:
-            current = _load_current(cfg["current"], d, base_digest)
-        except (InputRejected, ManifestError, OSError, KeyError) as exc:
-            raise JobFailed(f"the current revision cannot be read: {exc}") from exc
-        if (current is None) != (s.type == "mixture"):
-            raise JobFailed(
-                f"the current revision was merged with another strategy than {s.type}; "
-                "use integration: full to rebuild it"
-            )
-        if scorer is not None:
-            scorer.load_current(d)
+        return Scorer(base, base["digest"], work, fetch)
+    return None
+
+
+def _current(cfg: JSON, s: Strategy, work: Path, scorer: Scorer | None) -> Adapter | None:
+    """The revision this one merges into (incremental), verified, or None."""
+    if not cfg.get("current"):
+        return None
+    d = work / "current"
+    d.mkdir()
+    try:
+        current = _load_current(cfg["current"], d, cfg["baseModel"]["digest"])
+    except (InputRejected, ManifestError, OSError, KeyError) as exc:
+        raise JobFailed(f"the current revision cannot be read: {exc}") from exc
+    if (current is None) != (s.type == "mixture"):
+        raise JobFailed(
+            f"the current revision was merged with another strategy than {s.type}; "
+            "use integration: full to rebuild it"
+        )
+    if scorer is not None:
+        scorer.load_current(d)
+    return current
+
+
+def _inputs(cfg: JSON, work: Path, report_: list[JSON]) -> Loaded:
+    """Every input fetched and verified; those that fail go to the report, excluded."""
+    weights = (cfg.get("strategy") or {}).get("weights") or {}
+    loaded: Loaded = []
     for i, item in enumerate(cfg.get("inputs") or []):
         key = f"{item['namespace']}/{item['name']}".lstrip("/")
         entry = {"namespace": item["namespace"], "name": item["name"], "digest": item["digest"]}
@@ -141,13 +165,19 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
         try:
             for f in item["files"]:
                 fetch(f, d)
-            ad = load_adapter(d, key, item["digest"], base_digest)
+            ad = load_adapter(d, key, item["digest"], cfg["baseModel"]["digest"])
         except (InputRejected, ManifestError, OSError, KeyError) as exc:
-            report.append(entry | {"state": "Excluded", "reason": str(exc)})
+            report_.append(entry | {"state": "Excluded", "reason": str(exc)})
             print(f"excluded {key}: {exc}", flush=True)
             continue
-        loaded.append((ad, weight_for(item, strat.get("weights") or {}), entry))
-    # The outlier test is for contributions: a composite's norm grows with every revision.
+        loaded.append((ad, weight_for(item, weights), entry))
+    return loaded
+
+
+def _screen(loaded: Loaded, current: Adapter | None, report_: list[JSON]) -> Loaded:
+    """The inputs that fit together (and the current revision): outliers and clashing shapes
+    are excluded into the report. The outlier test is for contributions only: a composite's
+    norm grows with every revision."""
     _, rejected = check_compatible([a for a, _, _ in loaded])
     if current is not None:
         for ad, _, _ in loaded:
@@ -163,22 +193,24 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
                 rejected[ad.key] = f"target module {clash} does not fit the current revision's"
     for ad, _, entry in loaded:
         if ad.key in rejected:
-            report.append(entry | {"state": "Excluded", "reason": rejected[ad.key]})
+            report_.append(entry | {"state": "Excluded", "reason": rejected[ad.key]})
     use = [(a, w, e) for a, w, e in loaded if a.key not in rejected]
     if not use:
         raise JobFailed(
-            "no input passed verification: " + "; ".join(r.get("reason", "") for r in report)
+            "no input passed verification: " + "; ".join(r.get("reason", "") for r in report_)
         )
+    return use
 
-    t0 = time.monotonic()
-    files: list[Path] = []
-    coefficients = [w for _, w, _ in use]
-    rank = 0
-    meta_extra: JSON = {}
+
+def _merge(
+    cfg: JSON, s: Strategy, use: Loaded, current: Adapter | None, scorer: Scorer | None, work: Path
+) -> Merged:
     if s.type in SEARCHED:
         from medforge_merger.search import SearchSettings
 
-        assert scorer is not None
+        if scorer is None:
+            raise JobFailed(f"strategy {s.type} searches on the base model: baseModel is empty")
+        search_cfg = (cfg.get("strategy") or {}).get("search") or {}
         search = SearchSettings(
             budget=int(search_cfg.get("budget", 40)),
             l1=float(search_cfg.get("l1", 0.05)),
@@ -186,60 +218,42 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
         )
         named = [(a, f"{e['namespace']}/{e['name']}") for a, _, e in use]
         scored = scorer.searched(s.type, current, named, search, work)
-        files += scored.files
-        coefficients = scored.coefficients or coefficients
-        rank = scored.rank
-        meta_extra = scored.meta | {
-            "search": {"budget": search.budget, "l1": search.l1, "seed": search.seed}
-        }
-    else:
-        merged = [a for a, _, _ in use]
-        weights = [w for _, w, _ in use]
-        if current is not None:
-            merged.insert(0, current)
-            weights.insert(0, 1.0)
-        rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)
-        files.append(work / ADAPTER_FILE)
-        if scorer is not None:
-            scorer.exact([a for a, _, _ in use], work / ADAPTER_FILE)
-    print(f"merged {len(use)} input(s) with {s.type} in {time.monotonic() - t0:.2f} s", flush=True)
+        return Merged(
+            list(scored.files),
+            scored.coefficients or [w for _, w, _ in use],
+            scored.rank,
+            scored.meta
+            | {"search": {"budget": search.budget, "l1": search.l1, "seed": search.seed}},
+        )
+    merged = [a for a, _, _ in use]
+    weights = [w for _, w, _ in use]
+    if current is not None:
+        merged.insert(0, current)
+        weights.insert(0, 1.0)
+    rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)
+    if scorer is not None:
+        scorer.exact([a for a, _, _ in use], work / ADAPTER_FILE)
+    return Merged([work / ADAPTER_FILE], [w for _, w, _ in use], rank)
 
-    # Scores on every task's distilled set, and regressions against the revision replaced.
-    metrics: JSON = scorer.metrics(cfg.get("evaluation") or [], work) if scorer else {}
+
+def _score(cfg: JSON, scorer: Scorer | None, work: Path) -> tuple[JSON, JSON]:
+    """(metrics on every task's distilled set, regressions against the revision replaced)."""
     if cfg.get("evaluation") and scorer is None:
         raise JobFailed("evaluation sets need the base model: baseModel.files is empty")
+    metrics: JSON = scorer.metrics(cfg.get("evaluation") or [], work) if scorer else {}
     previous = (cfg.get("previous") or cfg.get("current") or {}).get("metrics") or {}
     regression = {
         name: round(float(prev["accuracy"]) - float(metrics[name]["accuracy"]), 4)
         for name, prev in previous.items()
         if isinstance(prev, dict) and "accuracy" in prev and name in metrics
     }
-    bundle = scorer.save_tasks(work) if scorer else None
-    if bundle is not None:
-        files.append(bundle)
+    return metrics, regression
 
-    included = [
-        e | {"state": "Included", "coefficient": round(c, 6)}
-        for (_, _, e), c in zip(use, coefficients[-len(use) :], strict=True)
-    ]
-    manifest = Manifest(
-        "composite",
-        base_digest,
-        [],
-        {
-            "strategy": s.type,
-            "scale": 1.0,  # folded into the B factors
-            "maxRank": rank or None,
-            "density": s.density,
-            "seed": s.seed,
-            "integration": cfg.get("integration", "full"),
-            "inputs": included,
-            "metrics": metrics,
-            "tasks": list(metrics),
-            "tool": f"medforge-merge {VERSION}",
-            **meta_extra,
-        },
-    )
+
+def _publish(
+    cfg: JSON, manifest: Manifest, files: list[Path], work: Path, output_dir: Path | None
+) -> JSON:
+    """Upload the files and their manifest; the artifact part of the result."""
     entries = [manifest.add_file(p) for p in files]
     manifest_path = work / "manifest.json"
     manifest_path.write_text(manifest.to_json())
@@ -251,13 +265,51 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
             put(outputs[path.name], path)
         else:
             raise JobFailed(f"the job config has no output URL for {path.name}")
-    result: JSON = {
-        "artifact": {
-            "uri": (cfg.get("output") or {}).get("uri", str(output_dir)),
-            "digest": "sha256:" + hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
-            "sizeBytes": sum(e.size for e in entries),
+    return {
+        "uri": (cfg.get("output") or {}).get("uri", str(output_dir)),
+        "digest": "sha256:" + hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
+        "sizeBytes": sum(e.size for e in entries),
+    }
+
+
+def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
+    """Verify the inputs, merge, score, upload; the result JSON."""
+    s = _strategy(cfg)
+    scorer = _scorer(cfg, s, work)
+    report_: list[JSON] = []
+    current = _current(cfg, s, work, scorer)
+    use = _screen(_inputs(cfg, work, report_), current, report_)
+    t0 = time.monotonic()
+    merged = _merge(cfg, s, use, current, scorer, work)
+    print(f"merged {len(use)} input(s) with {s.type} in {time.monotonic() - t0:.2f} s", flush=True)
+    metrics, regression = _score(cfg, scorer, work)
+    bundle = scorer.save_tasks(work) if scorer else None
+    files = [*merged.files, *([bundle] if bundle is not None else [])]
+    included = [
+        e | {"state": "Included", "coefficient": round(c, 6)}
+        for (_, _, e), c in zip(use, merged.coefficients[-len(use) :], strict=True)
+    ]
+    manifest = Manifest(
+        "composite",
+        cfg["baseModel"]["digest"],
+        [],
+        {
+            "strategy": s.type,
+            "scale": 1.0,  # folded into the B factors
+            "maxRank": merged.rank or None,
+            "density": s.density,
+            "seed": s.seed,
+            "integration": cfg.get("integration", "full"),
+            "inputs": included,
+            "metrics": metrics,
+            "tasks": list(metrics),
+            "tool": f"medforge-merge {VERSION}",
+            **merged.meta,
         },
-        "inputs": included + report,
+    )
+    result: JSON = {
+        "artifact": _publish(cfg, manifest, files, work, output_dir),
+        "inputs": included + report_,
         "metrics": metrics,
         "regression": regression,
         "integration": cfg.get("integration", "full"),

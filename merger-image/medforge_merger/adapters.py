@@ -56,6 +56,43 @@ class Adapter:
         return Factors(b * np.float32(self.scale), a)
 
 
+def _check_pair(m: str, a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise InputRejected(f"{m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not pair")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise InputRejected(f"{m}: NaN or Inf values")
+
+
+def _read_factors(path: Path) -> tuple[dict[str, tuple[int, int, int]], float]:
+    """Every module's (d_out, r, d_in) and the update's squared norm, each LoRA pair checked:
+    only A/B tensors, in pairs that multiply, finite."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+    sq_norm = 0.0
+    try:
+        with safe_open(str(path), framework="np") as f:
+            keys = set(f.keys())
+            modules = sorted({k[: -len(SUFFIX_A)] for k in keys if k.endswith(SUFFIX_A)})
+            stray = sorted(k for k in keys if not k.endswith((SUFFIX_A, SUFFIX_B)))
+            if stray:
+                raise InputRejected(f"{ADAPTER_FILE} holds non-LoRA tensors ({stray[0]}, ...)")
+            if not modules:
+                raise InputRejected(f"{ADAPTER_FILE} holds no LoRA tensors")
+            for m in modules:
+                if m + SUFFIX_B not in keys:
+                    raise InputRejected(f"{m}: lora_A without lora_B")
+                a = f.get_tensor(m + SUFFIX_A).astype(np.float64)
+                b = f.get_tensor(m + SUFFIX_B).astype(np.float64)
+                _check_pair(m, a, b)
+                shapes[m] = (int(b.shape[0]), int(a.shape[0]), int(a.shape[1]))
+                # ||B A||_F^2 = trace((B^T B)(A A^T)): exact, and only r x r work.
+                sq_norm += float(np.trace((b.T @ b) @ (a @ a.T)))
+    except InputRejected:
+        raise
+    except Exception as exc:  # a corrupt or non-safetensors file
+        raise InputRejected(f"{ADAPTER_FILE} is not a readable safetensors file ({exc})") from exc
+    return shapes, sq_norm
+
+
 def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Adapter:
     """Verify an input in `directory` (manifest.json plus its files) before any math."""
     raw = (directory / "manifest.json").read_bytes()
@@ -80,35 +117,7 @@ def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Ad
     rank = int(meta.get("rank") or 0)
     alpha = float(meta.get("alpha") or rank or 1)
     path = directory / ADAPTER_FILE
-    shapes: dict[str, tuple[int, int, int]] = {}
-    sq_norm = 0.0
-    try:
-        with safe_open(str(path), framework="np") as f:
-            keys = set(f.keys())
-            modules = sorted({k[: -len(SUFFIX_A)] for k in keys if k.endswith(SUFFIX_A)})
-            stray = sorted(k for k in keys if not k.endswith((SUFFIX_A, SUFFIX_B)))
-            if stray:
-                raise InputRejected(f"{ADAPTER_FILE} holds non-LoRA tensors ({stray[0]}, ...)")
-            if not modules:
-                raise InputRejected(f"{ADAPTER_FILE} holds no LoRA tensors")
-            for m in modules:
-                if m + SUFFIX_B not in keys:
-                    raise InputRejected(f"{m}: lora_A without lora_B")
-                a = f.get_tensor(m + SUFFIX_A).astype(np.float64)
-                b = f.get_tensor(m + SUFFIX_B).astype(np.float64)
-                if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                    raise InputRejected(
-                        f"{m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not pair"
-                    )
-                if not (np.isfinite(a).all() and np.isfinite(b).all()):
-                    raise InputRejected(f"{m}: NaN or Inf values")
-                shapes[m] = (int(b.shape[0]), int(a.shape[0]), int(a.shape[1]))
-                # ||B A||_F^2 = trace((B^T B)(A A^T)): exact, and only r x r work.
-                sq_norm += float(np.trace((b.T @ b) @ (a @ a.T)))
-    except InputRejected:
-        raise
-    except Exception as exc:  # a corrupt or non-safetensors file
-        raise InputRejected(f"{ADAPTER_FILE} is not a readable safetensors file ({exc})") from exc
+    shapes, sq_norm = _read_factors(path)
     if rank and any(r != rank for _, r, _ in shapes.values()):
         raise InputRejected(f"the manifest says rank {rank}, the tensors disagree")
     # Composites store the scale folded in ("scale": 1); contributions carry rank and alpha.

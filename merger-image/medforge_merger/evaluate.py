@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from medforge_common.metrics import classification_metrics
 from medforge_merger.strategies import MergeError
 from medforge_merger.tasks import Task
-from medforge_trainer import model
-from medforge_trainer.errors import TrainFailed
+from medforge_ml import classifier
+from medforge_ml.errors import ModelError
+from medforge_ml.metrics import classification_metrics
 
 Deltas = dict[str, torch.Tensor]  # module name (as in the base model) -> dense update (d x k)
 
@@ -26,15 +26,17 @@ class EvaluationError(MergeError):
 
 class Evaluator:
     def __init__(self, base_dir: Path) -> None:
-        self.base, self.tokenizer, _ = model.load_base(base_dir)
-        self._classifiers: dict[str, model.Classifier] = {}
+        self.base, self.tokenizer, _ = classifier.load_base(base_dir)
+        self._classifiers: dict[str, classifier.Classifier] = {}
 
-    def classifier(self, task: Task) -> model.Classifier:
+    def classifier(self, task: Task) -> classifier.Classifier:
         clf = self._classifiers.get(task.name)
         if clf is None:
             try:
-                clf = model.Classifier(self.base, task.head, tuple(task.classes), self.tokenizer)
-            except TrainFailed as exc:
+                clf = classifier.Classifier(
+                    self.base, task.head, tuple(task.classes), self.tokenizer
+                )
+            except ModelError as exc:
                 raise EvaluationError(f"task {task.name}: {exc}") from exc
             if task.head == "linear":
                 if not task.head_weights:

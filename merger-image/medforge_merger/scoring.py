@@ -15,7 +15,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medforge_common.manifest import sha256_file
-from medforge_common.metrics import classification_metrics
 from medforge_merger.adapters import ADAPTER_FILE, SUFFIX_A, SUFFIX_B, SUFFIX_DELTA, Adapter
 from medforge_merger.evaluate import Deltas, Evaluator
 from medforge_merger.mixture import MIXTURE_FILE, OBJECTIVE, Mixture
@@ -30,8 +29,9 @@ from medforge_merger.search import (
 )
 from medforge_merger.strategies import Factors, MergeError
 from medforge_merger.tasks import TASKS_FILE, Task, from_contribution, load_bundle, save_bundle
-from medforge_trainer.errors import TrainFailed
-from medforge_trainer.sources import fetch_model_dir
+from medforge_ml.basemodel import fetch_model_dir
+from medforge_ml.errors import ModelError
+from medforge_ml.metrics import classification_metrics
 
 JSON = dict[str, Any]
 
@@ -91,7 +91,7 @@ class Scorer:
                     base_digest, list(base.get("files") or []), base.get("path"), work / "base"
                 )
                 self.ev = Evaluator(directory)
-            except TrainFailed as exc:  # the trainer's loader names what is wrong
+            except ModelError as exc:  # the shared loader names what is wrong
                 raise ScoringFailed(str(exc)) from exc
         self.tasks: list[Task] = []
         self.current_mixture: Mixture | None = None
@@ -197,7 +197,8 @@ class Scorer:
             self.deltas = composite_deltas(composite)
 
     def _score(self, task: Task) -> JSON:
-        assert self.ev is not None
+        if self.ev is None:
+            raise RuntimeError("scoring without a base model")  # callers check self.ev first
         if self.mix is not None:
             return classification_metrics(task.labels, self.mix.probabilities(self.ev, task))
         return self.ev.metrics(task, self.deltas)

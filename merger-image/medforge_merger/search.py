@@ -95,7 +95,8 @@ def combine(theta: FactorMap, phi: FactorMap, a: float, b: float, exact: bool) -
         t, p = theta.get(m), phi.get(m)
         if t is None or p is None:  # a module only one side adapts: the other adds nothing
             one, w = (t, a) if t is not None else (p, b)
-            assert one is not None
+            if one is None:
+                continue  # unreachable: m comes from one of the two maps
             out[m] = Factors(one.B * w, one.A) if exact else Factors(one.B * w, one.A * w)
             continue
         if exact:

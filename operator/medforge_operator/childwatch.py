@@ -54,52 +54,61 @@ class ChildWatch(threading.Thread):
         except Exception:
             log.exception("handling a %s event failed", self.kind)
 
+    def _list(self) -> str:
+        """List first: whatever changed while nobody watched gets a round too. Returns the
+        resourceVersion to watch from."""
+        listing = json.loads(
+            self._call(
+                label_selector=self.selector, _preload_content=False, _request_timeout=TIMEOUT
+            ).data
+        )
+        for item in listing["items"]:
+            self._deliver("ADDED", item)
+        return str(listing["metadata"]["resourceVersion"])
+
+    def _line(self, line: bytes, version: str) -> str:
+        """One watch event; returns the version to go on from ("" to list again)."""
+        event = json.loads(line)
+        obj = event.get("object") or {}
+        if event.get("type") == "ERROR":
+            return ""  # too old (410 Gone): list again
+        version = obj.get("metadata", {}).get("resourceVersion", version)
+        if event.get("type") != "BOOKMARK":
+            self._deliver(str(event.get("type")), obj)
+        return str(version)
+
+    def _watch(self, version: str) -> str:
+        """One watch request, to its end; returns the version to go on from."""
+        resp = self._call(label_selector=self.selector, watch=True,
+                          resource_version=version, allow_watch_bookmarks=True,
+                          timeout_seconds=240, _preload_content=False,
+                          _request_timeout=WATCH_TIMEOUT)  # fmt: skip
+        buf, ended = b"", False
+        try:
+            for chunk in resp.stream(65536):
+                buf += chunk
+                while b"\n" in buf and version:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        version = self._line(line, version)
+                if self.stop.is_set() or not version:
+                    break
+            else:
+                ended = True
+        finally:
+            # A watch left mid-stream still has data on its connection: close it rather than
+            # hand it back to the pool the workers' requests share.
+            if not ended:
+                resp.close()
+            resp.release_conn()
+        return version
+
     def run(self) -> None:
         version = ""
         while not self.stop.is_set():
             try:
-                if not version:
-                    # List first: whatever changed while nobody watched gets a round too.
-                    listing = json.loads(
-                        self._call(
-                            label_selector=self.selector,
-                            _preload_content=False,
-                            _request_timeout=TIMEOUT,
-                        ).data
-                    )
-                    for item in listing["items"]:
-                        self._deliver("ADDED", item)
-                    version = listing["metadata"]["resourceVersion"]
-                resp = self._call(label_selector=self.selector, watch=True,
-                                  resource_version=version, allow_watch_bookmarks=True,
-                                  timeout_seconds=240, _preload_content=False,
-                                  _request_timeout=WATCH_TIMEOUT)  # fmt: skip
-                buf, ended = b"", False
-                try:
-                    for chunk in resp.stream(65536):
-                        buf += chunk
-                        while b"\n" in buf:
-                            line, buf = buf.split(b"\n", 1)
-                            if not line.strip():
-                                continue
-                            event = json.loads(line)
-                            obj = event.get("object") or {}
-                            if event.get("type") == "ERROR":
-                                version = ""  # too old (410 Gone): list again
-                                break
-                            version = obj.get("metadata", {}).get("resourceVersion", version)
-                            if event.get("type") != "BOOKMARK":
-                                self._deliver(str(event.get("type")), obj)
-                        if self.stop.is_set() or not version:
-                            break
-                    else:
-                        ended = True
-                finally:
-                    # A watch left mid-stream still has data on its connection: close it rather
-                    # than hand it back to the pool the workers' requests share.
-                    if not ended:
-                        resp.close()
-                    resp.release_conn()
+                version = version or self._list()
+                version = self._watch(version)
             except (ApiException, OSError, ValueError) as exc:
                 log.warning("%s watch broke (%s); listing again", self.kind, exc)
                 version = ""

@@ -8,6 +8,12 @@ from typing import Any
 
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, jobs, names
+from medforge_operator.api import CompositePhase as Phase
+from medforge_operator.api import ConditionType as C
+from medforge_operator.api import ContributionPhase, RevisionState
+from medforge_operator.api import InputReason as IR
+from medforge_operator.api import InputState as IS
+from medforge_operator.api import Reason as R
 from medforge_operator.conditions import Cond, is_true, merge_conditions
 from medforge_operator.settings import Settings
 
@@ -66,7 +72,7 @@ def shares_with(contribution: JSON, composite_key: str) -> bool:
 
 def reason_code(text: str) -> str:
     """The code of a stored reason ("Code" or, in statuses written before codes, "Code: text")."""
-    return text.split(":", 1)[0].strip() or "Excluded"
+    return text.split(":", 1)[0].strip() or IS.EXCLUDED
 
 
 def key(c: JSON) -> str:
@@ -75,7 +81,7 @@ def key(c: JSON) -> str:
 
 def ready_since(c: JSON) -> str:
     for cond in (c.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready":
+        if cond.get("type") == C.READY:
             return str(cond.get("lastTransitionTime", ""))
     return ""
 
@@ -102,31 +108,35 @@ def evaluate_inputs(
         entry: JSON = {"namespace": c["metadata"]["namespace"], "name": c["metadata"]["name"]}
         if digest:
             entry["digest"] = digest
-        if not is_true(st.get("conditions"), "Ready") or st.get("observedGeneration") != c[
+        if not is_true(st.get("conditions"), C.READY) or st.get("observedGeneration") != c[
             "metadata"
         ].get("generation"):
-            if st.get("phase") == "Failed":
-                entry |= {"state": "Excluded", "reason": "TrainingFailed"}
+            if st.get("phase") == ContributionPhase.FAILED:
+                entry |= {"state": IS.EXCLUDED, "reason": IR.TRAINING_FAILED}
             else:
-                entry |= {"state": "Pending", "reason": "NotReady"}
+                entry |= {"state": IS.PENDING, "reason": IR.NOT_READY}
         elif digest in merged:
             entry |= {
-                "state": "Included",
-                "reason": "Merged",
+                "state": IS.INCLUDED,
+                "reason": IR.MERGED,
                 "revision": current.get("revision"),
                 "coefficient": merged[digest].get("coefficient"),
             }
         elif base_digest is None:
-            entry |= {"state": "Pending", "reason": "BaseModelNotReady"}
+            entry |= {"state": IS.PENDING, "reason": IR.BASE_MODEL_NOT_READY}
         elif art.get("baseModelDigest") != base_digest:
-            entry |= {"state": "Excluded", "reason": "BaseModelMismatch"}
+            entry |= {"state": IS.EXCLUDED, "reason": IR.BASE_MODEL_MISMATCH}
         elif digest in excluded:
-            entry |= {"state": "Excluded", "reason": reason_code(excluded[digest])}
+            entry |= {"state": IS.EXCLUDED, "reason": reason_code(excluded[digest])}
         elif digest in in_flight:
-            entry |= {"state": "Pending", "reason": "Merging", "revision": pending.get("revision")}
+            entry |= {
+                "state": IS.PENDING,
+                "reason": IR.MERGING,
+                "revision": pending.get("revision"),
+            }
             candidates.append(c)
         else:
-            entry |= {"state": "Pending", "reason": "Queued"}
+            entry |= {"state": IS.PENDING, "reason": IR.QUEUED}
             candidates.append(c)
         inputs.append({k: v for k, v in entry.items() if v is not None})
     return inputs, candidates
@@ -287,11 +297,89 @@ def gate(result: JSON, max_regression: float) -> tuple[bool, str]:
 
 @dataclass
 class Outcome:
-    """How a finished merge ended (None fields when still running)."""
+    """How a finished merge Job ended: a revision state, or StoreUnreachable while its upload
+    cannot be checked (then it is still in flight)."""
 
-    state: str  # Accepted | Rejected | Failed | Running | StoreUnreachable
+    state: str  # RevisionState, or Reason.STORE_UNREACHABLE
     message: str = ""
     result: JSON = field(default_factory=dict)
+    uri: str = ""
+    job_name: str = ""
+
+
+@dataclass
+class Observation:
+    """What a round of a composite saw, and what it did (a merge Job started, or refused);
+    the status is a pure function of it."""
+
+    generation: int
+    job: JSON | None = None  # the pending revision's Job; None when none is pending or it is gone
+    outcome: Outcome | None = None  # how the pending revision's Job ended, once it did
+    base: basemodel.Resolved | None = None
+    base_problem: tuple[str, str] | None = None
+    contribs: list[JSON] = field(default_factory=list)
+    started: JSON | None = None  # the pendingRevision of a merge Job created this round
+    start_problem: tuple[str, str] | None = None
+
+
+def in_flight(status: JSON, o: Observation) -> JSON | None:
+    """The pending revision while its Job runs (or its upload cannot be checked yet)."""
+    if o.started is not None:
+        return o.started
+    pending = status.get("pendingRevision")
+    if not pending or o.job is None:
+        return None
+    if o.outcome is None or o.outcome.state == R.STORE_UNREACHABLE:
+        return dict(pending)
+    return None
+
+
+def settle(status: JSON, o: Observation, history_limit: int, at: str) -> JSON:
+    """Status fields to change once the pending revision ended (current, history, excluded)
+    or was lost before it ran (it starts over); a None value removes the field."""
+    pending = status.get("pendingRevision")
+    if not pending or in_flight(status, o) is not None:
+        return {}
+    if o.outcome is None:  # the Job is gone before it ended: start that revision over
+        return {"pendingRevision": None}
+    done = finish_revision(
+        status, pending, o.outcome, o.outcome.uri, o.outcome.job_name, history_limit, at
+    )
+    return done | {"pendingRevision": None}
+
+
+def next_plan(composite: JSON, o: Observation) -> Plan | None:
+    """The revision to start now, if any (`composite` carries the settled status)."""
+    status = composite.get("status") or {}
+    # A failed revision does not block the next one (its inputs are excluded); a store that
+    # cannot be reached, a refused start or an unusable base model do.
+    blocked = o.start_problem or o.base_problem
+    if o.base is None or blocked or in_flight(status, o) is not None:
+        return None
+    _, candidates = evaluate_inputs(composite, o.contribs, o.base.digest)
+    return plan_revision(composite, candidates, o.contribs)
+
+
+def problem_of(status: JSON, o: Observation) -> tuple[str, str] | None:
+    """What keeps the composite from moving on, in order of what to fix first."""
+    if o.outcome is not None and o.outcome.state == R.STORE_UNREACHABLE:
+        return (R.STORE_UNREACHABLE, o.outcome.message)
+    problem = o.start_problem or o.base_problem
+    last = (status.get("history") or [{}])[0]
+    failed = last.get("state") == RevisionState.FAILED and in_flight(status, o) is None
+    if problem is None and failed:
+        problem = (R.MERGE_FAILED, f"revision {last['revision']}: {last.get('message', '')}")
+    return problem
+
+
+def compute_status(old: JSON, composite: JSON, o: Observation, changes: JSON) -> JSON:
+    """The new status: `composite` carries the status after this round's changes (`changes`,
+    the fields settle and a started revision set)."""
+    status = composite.get("status") or {}
+    inputs, _ = evaluate_inputs(composite, o.contribs, o.base.digest if o.base else None)
+    paused = bool(composite["spec"].get("paused"))
+    phase, conds = conditions_for(status, paused, in_flight(status, o), problem_of(status, o))
+    return build_status(old, o.generation, inputs, phase, conds, changes)
 
 
 def finish_revision(
@@ -308,10 +396,10 @@ def finish_revision(
     excluded = dict(status.get("excluded") or {})
     res = outcome.result
     for i in res.get("inputs") or []:
-        if i.get("state") == "Excluded" and i.get("digest"):
+        if i.get("state") == IS.EXCLUDED and i.get("digest"):
             # A code only: the merger's text about a hospital's input goes to that hospital (an
             # Event on its contribution), not into the forge's status.
-            excluded[i["digest"]] = "ExcludedByMerger"
+            excluded[i["digest"]] = IR.EXCLUDED_BY_MERGER
     entry: JSON = {
         "revision": pending["revision"],
         "state": outcome.state,
@@ -319,9 +407,9 @@ def finish_revision(
         "jobName": job_name,
         "completedAt": at,
     }
-    if outcome.state == "Accepted":
+    if outcome.state == RevisionState.ACCEPTED:
         art = res["artifact"]
-        merged = [i for i in res.get("inputs") or [] if i.get("state", "Included") == "Included"]
+        merged = [i for i in res.get("inputs") or [] if i.get("state", IS.INCLUDED) == IS.INCLUDED]
         prev = (status.get("current") or {}).get("inputs") or []
         if res.get("integration") == "incremental" or pending.get("incremental"):
             known = {i["digest"] for i in merged}
@@ -342,7 +430,8 @@ def finish_revision(
     else:
         for d in pending.get("digests") or []:
             excluded.setdefault(
-                d, "RejectedByGate" if outcome.state == "Rejected" else "MergeFailed"
+                d,
+                IR.REJECTED_BY_GATE if outcome.state == RevisionState.REJECTED else IR.MERGE_FAILED,
             )
     out["excluded"] = excluded
     out["history"] = [entry, *(status.get("history") or [])][:history_limit]
@@ -351,7 +440,6 @@ def finish_revision(
 
 def conditions_for(
     status: JSON,
-    generation: int,
     paused: bool,
     running: JSON | None,
     problem: tuple[str, str] | None,
@@ -359,65 +447,69 @@ def conditions_for(
     """(phase, conditions) from the composite's state."""
     current = status.get("current")
     last = (status.get("history") or [{}])[0]
-    merged = Cond("Merged", None, "NoRevisionYet", "")
-    accepted = Cond("Accepted", None, "NoRevisionYet", "")
+    merged = Cond(C.MERGED, None, R.NO_REVISION_YET, "")
+    accepted = Cond(C.ACCEPTED, None, R.NO_REVISION_YET, "")
     if last:
-        ok = last.get("state") == "Accepted"
+        ok = last.get("state") == RevisionState.ACCEPTED
         merged = Cond(
-            "Merged",
-            last.get("state") != "Failed",
+            C.MERGED,
+            last.get("state") != RevisionState.FAILED,
             last.get("state", ""),
             f"revision {last.get('revision')}: {last.get('message', '')}",
         )
         accepted = Cond(
-            "Accepted",
+            C.ACCEPTED,
             ok,
-            "RevisionAccepted"
+            R.REVISION_ACCEPTED
             if ok
-            else ("RegressionOverGate" if last.get("state") == "Rejected" else "MergeFailed"),
+            else (
+                R.REGRESSION_OVER_GATE
+                if last.get("state") == RevisionState.REJECTED
+                else R.MERGE_FAILED
+            ),
             f"revision {last.get('revision')}: {last.get('message', '')}",
         )
     if problem:
         reason, message = problem
-        phase = "Failed" if current is None else "Ready"
+        phase = Phase.FAILED if current is None else Phase.READY
         return phase, [
-            Cond("Ready", current is not None and reason != "StoreUnreachable", reason, message),
-            Cond("Reconciling", False, reason, ""),
-            Cond("Stalled", True, reason, message),
+            Cond(C.READY, current is not None and reason != R.STORE_UNREACHABLE, reason, message),
+            Cond(C.RECONCILING, False, reason, ""),
+            Cond(C.STALLED, True, reason, message),
             merged,
             accepted,
         ]
     if running:
         msg = f"merging revision {running['revision']}"
-        return "Merging", [
-            Cond("Ready", current is not None, "Merging" if current is None else "Serving", msg),
-            Cond("Reconciling", True, "Merging", msg),
-            Cond("Stalled", False, "Merging", ""),
+        return R.MERGING, [
+            Cond(C.READY, current is not None, R.MERGING if current is None else R.SERVING, msg),
+            Cond(C.RECONCILING, True, R.MERGING, msg),
+            Cond(C.STALLED, False, R.MERGING, ""),
             merged,
             accepted,
         ]
     if paused:
-        return "Paused", [
-            Cond("Ready", current is not None, "Paused", "spec.paused is true"),
-            Cond("Reconciling", False, "Paused", ""),
-            Cond("Stalled", False, "Paused", ""),
+        return R.PAUSED, [
+            Cond(C.READY, current is not None, R.PAUSED, "spec.paused is true"),
+            Cond(C.RECONCILING, False, R.PAUSED, ""),
+            Cond(C.STALLED, False, R.PAUSED, ""),
             merged,
             accepted,
         ]
     if current is None:
         msg = "waiting for enough Ready contributions (spec.minContributions)"
-        return "Waiting", [
-            Cond("Ready", False, "WaitingForContributions", msg),
-            Cond("Reconciling", True, "WaitingForContributions", msg),
-            Cond("Stalled", False, "WaitingForContributions", ""),
+        return Phase.WAITING, [
+            Cond(C.READY, False, R.WAITING_FOR_CONTRIBUTIONS, msg),
+            Cond(C.RECONCILING, True, R.WAITING_FOR_CONTRIBUTIONS, msg),
+            Cond(C.STALLED, False, R.WAITING_FOR_CONTRIBUTIONS, ""),
             merged,
             accepted,
         ]
     msg = f"serving revision {current['revision']}"
-    return "Ready", [
-        Cond("Ready", True, "RevisionReady", msg),
-        Cond("Reconciling", False, "Idle", ""),
-        Cond("Stalled", False, "Idle", ""),
+    return Phase.READY, [
+        Cond(C.READY, True, R.REVISION_READY, msg),
+        Cond(C.RECONCILING, False, R.IDLE, ""),
+        Cond(C.STALLED, False, R.IDLE, ""),
         merged,
         accepted,
     ]

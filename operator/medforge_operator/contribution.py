@@ -8,6 +8,9 @@ from typing import Any
 from medforge_common.result import read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
 from medforge_operator import basemodel, jobs, names
+from medforge_operator.api import ConditionType as C
+from medforge_operator.api import ContributionPhase as Phase
+from medforge_operator.api import Reason as R
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings
 
@@ -141,125 +144,124 @@ class Observation:
     verify_error: tuple[str, str] | None = None  # (reason, message)
 
 
+def _job_summary(o: Observation, pods: JSON) -> JSON | None:
+    if o.job is None:
+        return None
+    js = o.job.get("status", {})
+    attempts = max(
+        pods["attempts"],
+        int(js.get("failed", 0)) + int(js.get("succeeded", 0)) + int(js.get("active", 0)),
+    )
+    summary = {
+        "name": o.job_name,
+        "attempts": attempts,
+        "startTime": js.get("startTime"),
+        "completionTime": js.get("completionTime"),
+    }
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def _stalled(
+    reason: str, message: str, trained: bool | None = False, verified: bool | None = None
+) -> list[Cond]:
+    return [
+        Cond(C.READY, False, reason, message),
+        Cond(C.RECONCILING, False, reason, ""),
+        Cond(C.STALLED, True, reason, message),
+        Cond(C.TRAINED, trained, reason, ""),
+        Cond(
+            C.ARTIFACT_VERIFIED,
+            verified,
+            reason if verified is False else R.NOT_YET,
+            message if verified is False else "",
+        ),
+    ]
+
+
+def _completed(o: Observation, status: JSON) -> tuple[Phase, list[Cond]]:
+    """The Job completed: verifying, verified, or refused."""
+    if o.verify_error and o.verify_error[0] == R.STORE_UNREACHABLE:
+        reason, message = o.verify_error
+        return Phase.TRAINING, [
+            Cond(C.READY, False, reason, message),
+            Cond(C.RECONCILING, True, R.VERIFYING, message + "; retrying"),
+            Cond(C.STALLED, False, R.VERIFYING, ""),
+            Cond(C.TRAINED, True, R.JOB_COMPLETE, ""),
+            Cond(C.ARTIFACT_VERIFIED, None, reason, message),
+        ]
+    if o.verify_error:
+        return Phase.FAILED, _stalled(*o.verify_error, trained=True, verified=False)
+    if o.verified:
+        status["artifact"] = o.verified["artifact"]
+        status["metrics"] = o.verified.get("metrics", {})
+        msg = f"adapter {o.verified['artifact']['digest'][:19]}... verified"
+        return Phase.SUCCEEDED, [
+            Cond(C.READY, True, R.VERIFIED, msg),
+            Cond(C.RECONCILING, False, R.DONE, ""),
+            Cond(C.STALLED, False, R.DONE, ""),
+            Cond(C.TRAINED, True, R.JOB_COMPLETE, ""),
+            Cond(C.ARTIFACT_VERIFIED, True, R.DIGESTS_MATCH, msg),
+        ]
+    return Phase.TRAINING, [
+        Cond(C.READY, False, R.VERIFYING, "checking the uploaded files' digests"),
+        Cond(C.RECONCILING, True, R.VERIFYING, ""),
+        Cond(C.STALLED, False, R.VERIFYING, ""),
+        Cond(C.TRAINED, True, R.JOB_COMPLETE, ""),
+        Cond(C.ARTIFACT_VERIFIED, None, R.VERIFYING, ""),
+    ]
+
+
+def _in_flight(o: Observation, pods: JSON) -> tuple[Phase, list[Cond]]:
+    """No verdict yet: the Job waits for a node (or Kueue), or trains."""
+    # A pod that already ended (the Job controller has not caught up yet, or a retry is due)
+    # still means training is under way: the phase must not flap back to Pending.
+    ended = pods["success_message"] is not None or pods["failure_message"] is not None
+    running = pods["running"] or ended
+    reason = R.TRAINING if running else (R.JOB_CREATED if o.job is not None else R.CREATING_JOB)
+    msg = f"Job {o.job_name} " + ("is training" if running else "is waiting for a node")
+    return Phase.TRAINING if running else Phase.PENDING, [
+        Cond(C.READY, False, reason, msg),
+        Cond(C.RECONCILING, True, reason, msg),
+        Cond(C.STALLED, False, reason, ""),
+        Cond(C.TRAINED, None, reason, ""),
+        Cond(C.ARTIFACT_VERIFIED, None, R.NOT_YET, ""),
+    ]
+
+
 def compute_status(old: JSON, o: Observation) -> JSON:
     """The new status of a LoRAContribution."""
-    job = o.job
     pods = jobs.pod_summary(o.pods)
-    state = jobs.job_state(job)
-    conds: list[Cond]
+    state = jobs.job_state(o.job)
     status: JSON = {"observedGeneration": o.generation}
-    if job is not None:
-        js = job.get("status", {})
-        status["job"] = {
-            k: v
-            for k, v in {
-                "name": o.job_name,
-                "attempts": max(
-                    pods["attempts"],
-                    int(js.get("failed", 0))
-                    + int(js.get("succeeded", 0))
-                    + int(js.get("active", 0)),
-                ),
-                "startTime": js.get("startTime"),
-                "completionTime": js.get("completionTime"),
-            }.items()
-            if v is not None
+    if (summary := _job_summary(o, pods)) is not None:
+        status["job"] = summary
+    annotations = ((o.job or {}).get("metadata") or {}).get("annotations") or {}
+    if annotations.get(jobs.ANNOTATION_BASE_DIGEST):
+        status["baseModel"] = {
+            "name": annotations.get("medforge.io/base-model", ""),
+            "digest": annotations[jobs.ANNOTATION_BASE_DIGEST],
         }
-
-    def stalled(
-        reason: str,
-        message: str,
-        phase: str,
-        trained: bool | None = False,
-        verified: bool | None = None,
-    ) -> list[Cond]:
-        status["phase"] = phase
-        return [
-            Cond("Ready", False, reason, message),
-            Cond("Reconciling", False, reason, ""),
-            Cond("Stalled", True, reason, message),
-            Cond("Trained", trained, reason, ""),
-            Cond(
-                "ArtifactVerified",
-                verified,
-                reason if verified is False else "NotYet",
-                message if verified is False else "",
-            ),
-        ]
-
-    if job is not None:
-        annotations = job.get("metadata", {}).get("annotations") or {}
-        if annotations.get(jobs.ANNOTATION_BASE_DIGEST):
-            status["baseModel"] = {
-                "name": annotations.get("medforge.io/base-model", ""),
-                "digest": annotations[jobs.ANNOTATION_BASE_DIGEST],
-            }
     if old.get("usedBy"):
         status["usedBy"] = old["usedBy"]  # written by the composites that merged it
+    phase: Phase
     if o.build_error:
         # Not terminal: the base model may be registered later, the namespace labelled; the
         # resync retries.
-        conds = stalled(o.build_error[0], o.build_error[1], "Pending")
+        phase, conds = Phase.PENDING, _stalled(*o.build_error)
     elif state == "Failed":
-        reason, message = jobs.job_failure(job or {})
+        reason, message = jobs.job_failure(o.job or {})
         detail = pods["failure_message"] or message
-        conds = stalled(
-            reason,
-            f"training failed after {status['job']['attempts']} attempt(s): {detail}".strip(),
-            "Failed",
-        )
+        attempts = (summary or {}).get("attempts", 0)
+        phase = Phase.FAILED
+        conds = _stalled(reason, f"training failed after {attempts} attempt(s): {detail}".strip())
     elif state == "Complete":
-        if o.verify_error:
-            reason, message = o.verify_error
-            if reason == "StoreUnreachable":
-                status["phase"] = "Training"
-                conds = [
-                    Cond("Ready", False, reason, message),
-                    Cond("Reconciling", True, "Verifying", message + "; retrying"),
-                    Cond("Stalled", False, "Verifying", ""),
-                    Cond("Trained", True, "JobComplete", ""),
-                    Cond("ArtifactVerified", None, reason, message),
-                ]
-            else:
-                conds = stalled(reason, message, "Failed", trained=True, verified=False)
-        elif o.verified:
-            status["phase"] = "Succeeded"
-            status["artifact"] = o.verified["artifact"]
-            status["metrics"] = o.verified.get("metrics", {})
-            msg = f"adapter {o.verified['artifact']['digest'][:19]}... verified"
-            conds = [
-                Cond("Ready", True, "Verified", msg),
-                Cond("Reconciling", False, "Done", ""),
-                Cond("Stalled", False, "Done", ""),
-                Cond("Trained", True, "JobComplete", ""),
-                Cond("ArtifactVerified", True, "DigestsMatch", msg),
-            ]
-        else:
-            status["phase"] = "Training"
-            conds = [
-                Cond("Ready", False, "Verifying", "checking the uploaded files' digests"),
-                Cond("Reconciling", True, "Verifying", ""),
-                Cond("Stalled", False, "Verifying", ""),
-                Cond("Trained", True, "JobComplete", ""),
-                Cond("ArtifactVerified", None, "Verifying", ""),
-            ]
+        phase, conds = _completed(o, status)
     elif pods["config_error"]:
-        conds = stalled("CreateContainerConfigError", pods["config_error"], "Pending", trained=None)
+        phase = Phase.PENDING
+        conds = _stalled(R.CREATE_CONTAINER_CONFIG_ERROR, pods["config_error"], trained=None)
     else:
-        # A pod that already ended (the Job controller has not caught up yet, or a retry is
-        # due) still means training is under way: the phase must not flap back to Pending.
-        ended = pods["success_message"] is not None or pods["failure_message"] is not None
-        running = pods["running"] or ended
-        status["phase"] = "Training" if running else "Pending"
-        reason = "Training" if running else ("JobCreated" if job is not None else "CreatingJob")
-        msg = f"Job {o.job_name} " + ("is training" if running else "is waiting for a node")
-        conds = [
-            Cond("Ready", False, reason, msg),
-            Cond("Reconciling", True, reason, msg),
-            Cond("Stalled", False, reason, ""),
-            Cond("Trained", None, reason, ""),
-            Cond("ArtifactVerified", None, "NotYet", ""),
-        ]
+        phase, conds = _in_flight(o, pods)
+    status["phase"] = phase
     status["conditions"] = merge_conditions(old.get("conditions"), conds, o.generation)
     return status
 

@@ -1,11 +1,10 @@
-"""One reconcile round of a CompositeModel: select inputs, finish or start a merge revision,
-write the status computed by `composite`."""
+"""One reconcile round of a CompositeModel, in the contribution's shape: observe (the pending
+revision's Job and how it ended, the base model, the shared contributions), act (start the next
+revision), then write the status that `composite.compute_status` computes from the observation."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,10 @@ from kubernetes.client.exceptions import ApiException
 from medforge_common.result import read_result
 from medforge_common.uris import UriError
 from medforge_operator import COMPOSITES, CONTRIBUTIONS, composite, jobs, names
-from medforge_operator.basemodel import BaseModelUnusable, Resolved
+from medforge_operator.api import CompositePhase, EventReason, InputState, RevisionState
+from medforge_operator.api import ConditionType as C
+from medforge_operator.api import Reason as R
+from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog
 from medforge_operator.conditions import Cond, merge_conditions, now
 from medforge_operator.contribution import status_changed
@@ -26,9 +28,6 @@ from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFa
 JSON = dict[str, Any]
 EventFn = Callable[[JSON, str, str, str], None]
 log = logging.getLogger("medforge.composite")
-# One reconcile at a time per composite: events of the composite, of its Jobs and of
-# contributions all lead here, from several worker threads.
-_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
 def matching_contributions(obj: JSON, kube: Kube, s: Settings, cat: Catalog) -> list[JSON]:
@@ -58,16 +57,43 @@ def matching_contributions(obj: JSON, kube: Kube, s: Settings, cat: Catalog) -> 
 def reconcile(
     obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
 ) -> None:
+    """The work queue runs one round per composite at a time: no lock needed here."""
     meta = obj["metadata"]
-    with _locks[f"{meta['namespace']}/{meta['name']}"]:
-        fresh = kube.get_object(COMPOSITES, meta["namespace"], meta["name"])
-        if fresh is None:
-            return
-        refusal = _refusal(fresh, s, cat)
-        if refusal is not None:
-            _stall(fresh, kube, *refusal)
-        else:
-            _reconcile(fresh, kube, store, s, event, cat)
+    fresh = kube.get_object(COMPOSITES, meta["namespace"], meta["name"])
+    if fresh is None:
+        return
+    refusal = _refusal(fresh, s, cat)
+    if refusal is not None:
+        _write(fresh, kube, refusal_status(fresh, *refusal))
+        return
+    o = observe(fresh, kube, store, s, cat)
+    spec = fresh["spec"]
+    old = fresh.get("status") or {}
+    changes = composite.settle(old, o, int(spec.get("historyLimit", 10)), now())
+    settled = {**fresh, "status": _apply(old, changes)}
+    plan = composite.next_plan(settled, o)
+    if plan is not None and o.base is not None:
+        _start(settled, plan, kube, store, s, cat, o)
+        if o.started is not None:
+            changes |= {"revision": plan.revision, "pendingRevision": o.started}
+            settled = {**fresh, "status": _apply(old, changes)}
+    new = composite.compute_status(old, settled, o, changes)
+    _write(fresh, kube, new)
+    _announce(fresh, old, o, plan, kube, event, cat)
+
+
+def _apply(status: JSON, changes: JSON) -> JSON:
+    out = {**status, **changes}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _write(obj: JSON, kube: Kube, new: JSON) -> None:
+    old = obj.get("status") or {}
+    if status_changed(old, new):
+        patch = dict(new)
+        for k in set(old) - set(new) - {"kopf"}:
+            patch[k] = None  # a merge patch removes keys only when told to
+        kube.patch_status(COMPOSITES, obj["metadata"]["namespace"], obj["metadata"]["name"], patch)
 
 
 def _refusal(obj: JSON, s: Settings, cat: Catalog) -> tuple[str, str] | None:
@@ -75,137 +101,57 @@ def _refusal(obj: JSON, s: Settings, cat: Catalog) -> tuple[str, str] | None:
     ns = obj["metadata"]["namespace"]
     if ns not in s.forge_namespaces:
         return (
-            "NotAForgeNamespace",
+            R.NOT_A_FORGE_NAMESPACE,
             f"namespace {ns} is not a forge namespace: CompositeModels are reconciled only in "
             "the namespaces of the operator's MEDFORGE_FORGE_NAMESPACES setting (chart value "
             "forgeNamespaces)",
         )
     if not cat.namespaces.managed(ns):
-        return ("NamespaceNotManaged", cat.namespaces.not_managed_message(ns))
+        return (R.NAMESPACE_NOT_MANAGED, cat.namespaces.not_managed_message(ns))
     return None
 
 
-def _stall(obj: JSON, kube: Kube, reason: str, message: str) -> None:
+def refusal_status(obj: JSON, reason: str, message: str) -> JSON:
     """Status of a composite the operator refuses to serve: no inputs, no Jobs."""
     gen = int(obj["metadata"]["generation"])
-    old = obj.get("status") or {}
     conds = [
-        Cond("Ready", False, reason, message),
-        Cond("Reconciling", False, reason, ""),
-        Cond("Stalled", True, reason, message),
+        Cond(C.READY, False, reason, message),
+        Cond(C.RECONCILING, False, reason, ""),
+        Cond(C.STALLED, True, reason, message),
     ]
-    new = {
+    return {
         "observedGeneration": gen,
-        "phase": "Failed",
-        "conditions": merge_conditions(old.get("conditions"), conds, gen),
+        "phase": CompositePhase.FAILED,
+        "conditions": merge_conditions((obj.get("status") or {}).get("conditions"), conds, gen),
     }
-    if status_changed(old, new):
-        patch = dict(new)
-        for k in set(old) - set(new) - {"kopf"}:
-            patch[k] = None
-        kube.patch_status(COMPOSITES, obj["metadata"]["namespace"], obj["metadata"]["name"], patch)
 
 
-def _reconcile(
-    obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
-) -> None:
+def observe(
+    obj: JSON, kube: Kube, store: ForgeStore, s: Settings, cat: Catalog
+) -> composite.Observation:
+    """Everything the round decides on. A pending revision whose Job ended is read here: its
+    pods' result and the uploaded composite, checked against the store."""
     meta, spec = obj["metadata"], obj["spec"]
-    ns, name, gen = meta["namespace"], meta["name"], int(meta["generation"])
-    old = obj.get("status") or {}
-    status = dict(old)
-    # Exclusions are kept per adapter digest: a retrained contribution (a new digest) gets a new
-    # chance, a pause or a gate edit does not re-run a rejected adapter.
-    problem: tuple[str, str] | None = None
-    running: JSON | None = None
-    extra: JSON = {}
-
-    pending = status.get("pendingRevision")
+    o = composite.Observation(generation=int(meta["generation"]))
+    pending = (obj.get("status") or {}).get("pendingRevision")
     if pending:
-        job_name = names.merge_job_name(name, pending["revision"])
-        job = kube.get_job(ns, job_name)
-        state = jobs.job_state(job)
-        if state in ("Active", "Missing") and job is not None:
-            running = pending
-            if not jobs.never_started(job):
-                cat.configs.ensure(job)  # fresh URLs for pods about to start
-        elif state == "Missing":
-            # Lost before it ran (deleted by hand): start that revision over.
-            status.pop("pendingRevision")
-            extra["pendingRevision"] = None
-        else:
-            uri = composite.output_prefix(store.bucket, ns, name, pending["revision"])
-            outcome = _outcome(job or {}, kube, store, ns, job_name, uri, spec)
-            if outcome.state == "StoreUnreachable":
-                problem = ("StoreUnreachable", outcome.message)
-                running = pending
-            else:
-                cat.configs.forget(job)
-                REVISIONS.labels(outcome.state.lower()).inc()
-                done = composite.finish_revision(
-                    status,
-                    pending,
-                    outcome,
-                    str(uri),
-                    job_name,
-                    int(spec.get("historyLimit", 10)),
-                    now(),
-                )
-                status |= done
-                extra |= done
-                status.pop("pendingRevision")
-                extra["pendingRevision"] = None
-                kind = "Normal" if outcome.state == "Accepted" else "Warning"
-                event(
-                    obj,
-                    kind,
-                    f"Revision{outcome.state}",
-                    f"revision {pending['revision']}: {outcome.message}",
-                )
-                _tell_contributions(obj, pending, outcome, kube, event)
-
-    obj = {**obj, "status": status}
-    base: Resolved | None = None
-    try:
-        base = cat.base_models.resolve(spec["baseModel"]["name"], None, "spec.baseModel")
-    except BaseModelUnusable as exc:
-        problem = problem or (exc.reason, exc.message)
-    contribs = matching_contributions(obj, kube, s, cat)
-    inputs, candidates = composite.evaluate_inputs(obj, contribs, base.digest if base else None)
-    plan = composite.plan_revision(obj, candidates, contribs) if not running else None
-    if plan is not None and problem is None and base is not None:
-        try:
-            started = _start(obj, plan, kube, store, s, cat, base)
-            status |= started
-            extra |= started
-            running = started["pendingRevision"]
-            obj = {**obj, "status": status}
-            inputs, _ = composite.evaluate_inputs(obj, contribs, base.digest)
-            event(
-                obj,
-                "Normal",
-                "RevisionStarted",
-                f"merging revision {plan.revision} with {len(plan.new)} new contribution(s)",
+        job_name = names.merge_job_name(meta["name"], pending["revision"])
+        o.job = kube.get_job(meta["namespace"], job_name)
+        if o.job is not None and jobs.job_state(o.job) == "Active":
+            if not jobs.never_started(o.job):
+                cat.configs.ensure(o.job)  # fresh URLs for pods about to start
+        elif o.job is not None:
+            uri = composite.output_prefix(
+                store.bucket, meta["namespace"], meta["name"], pending["revision"]
             )
-        except (UriError, ValueError) as exc:
-            problem = ("InvalidSpec", str(exc))
-        except ApiException as exc:
-            if exc.status not in (400, 403, 422):
-                raise
-            problem = ("InvalidSpec", f"the API server refused the merge Job: {exc.reason}")
-    if (
-        problem is None
-        and (status.get("history") or [{}])[0].get("state") == "Failed"
-        and not running
-    ):
-        last = status["history"][0]
-        problem = ("MergeFailed", f"revision {last['revision']}: {last.get('message', '')}")
-    phase, conds = composite.conditions_for(status, gen, bool(spec.get("paused")), running, problem)
-    new = composite.build_status(old, gen, inputs, phase, conds, extra)
-    if status_changed(old, new):
-        patch = dict(new)
-        for k in set(old) - set(new) - {"kopf"}:
-            patch[k] = None
-        kube.patch_status(COMPOSITES, ns, name, patch)
+            o.outcome = _outcome(o.job, kube, store, meta["namespace"], job_name, uri, spec)
+            o.outcome.uri, o.outcome.job_name = str(uri), job_name
+    try:
+        o.base = cat.base_models.resolve(spec["baseModel"]["name"], None, "spec.baseModel")
+    except BaseModelUnusable as exc:
+        o.base_problem = (exc.reason, exc.message)
+    o.contribs = matching_contributions(obj, kube, s, cat)
+    return o
 
 
 def _start(
@@ -215,24 +161,66 @@ def _start(
     store: ForgeStore,
     s: Settings,
     cat: Catalog,
-    base: Resolved,
-) -> JSON:
+    o: composite.Observation,
+) -> None:
+    """Create the revision's merge Job (its config Secret too, unless Kueue queues it); what
+    happened goes into the observation."""
     meta = obj["metadata"]
+    if o.base is None:
+        return
     out = composite.output_prefix(store.bucket, meta["namespace"], meta["name"], plan.revision)
-    job_plan = composite.merge_plan(obj, plan, base, out, store.bucket)
-    job = kube.create_job(composite.merge_job(obj, plan, s, job_plan))
+    try:
+        job_plan = composite.merge_plan(obj, plan, o.base, out, store.bucket)
+        job = kube.create_job(composite.merge_job(obj, plan, s, job_plan))
+    except (UriError, ValueError) as exc:
+        o.start_problem = (R.INVALID_SPEC, str(exc))
+        return
+    except ApiException as exc:
+        if exc.status not in (400, 403, 422):
+            raise
+        o.start_problem = (R.INVALID_SPEC, f"the API server refused the merge Job: {exc.reason}")
+        return
     if jobs.job_state(job) == "Active" and not jobs.never_started(job):
         cat.configs.ensure(job)
     JOBS_CREATED.labels("merge").inc()
-    return {
+    o.started = {
         "revision": plan.revision,
-        "pendingRevision": {
-            "revision": plan.revision,
-            "digests": [c["status"]["artifact"]["digest"] for c in plan.new],
-            "incremental": job_plan["integration"] == "incremental",
-            "startedAt": now(),
-        },
+        "digests": [c["status"]["artifact"]["digest"] for c in plan.new],
+        "incremental": job_plan["integration"] == "incremental",
+        "startedAt": now(),
     }
+
+
+def _announce(
+    obj: JSON,
+    old: JSON,
+    o: composite.Observation,
+    plan: composite.Plan | None,
+    kube: Kube,
+    event: EventFn,
+    cat: Catalog,
+) -> None:
+    """Events and the contributions' side of a finished revision."""
+    pending = old.get("pendingRevision")
+    outcome = o.outcome
+    if pending and outcome is not None and outcome.state != R.STORE_UNREACHABLE:
+        cat.configs.forget(o.job)  # its URLs are no longer needed
+        REVISIONS.labels(outcome.state.lower()).inc()
+        kind = "Normal" if outcome.state == RevisionState.ACCEPTED else "Warning"
+        event(
+            obj,
+            kind,
+            f"Revision{outcome.state}",
+            f"revision {pending['revision']}: {outcome.message}",
+        )
+        _tell_contributions(obj, pending, outcome, kube, event)
+    if plan is not None and o.started is not None:
+        event(
+            obj,
+            "Normal",
+            EventReason.REVISION_STARTED,
+            f"merging revision {plan.revision} with {len(plan.new)} new contribution(s)",
+        )
 
 
 # How many composites a contribution lists in status.usedBy.
@@ -254,14 +242,14 @@ def _tell_contributions(
         c = kube.get_object(CONTRIBUTIONS, str(ns), str(name))
         if c is None or (c.get("status") or {}).get("artifact", {}).get("digest") != digest:
             continue
-        if i.get("state", "Included") == "Excluded":
+        if i.get("state", InputState.INCLUDED) == InputState.EXCLUDED:
             event(
                 c,
                 "Warning",
-                "ExcludedByMerger",
+                EventReason.EXCLUDED_BY_MERGER,
                 f"{me} revision {pending['revision']}: {i.get('reason', '')}",
             )
-        elif outcome.state == "Accepted":
+        elif outcome.state == RevisionState.ACCEPTED:
             used = [u for u in (c["status"].get("usedBy") or []) if u.get("composite") != me]
             used = [{"composite": me, "revision": pending["revision"]}, *used][:USED_BY_LIMIT]
             kube.patch_status(CONTRIBUTIONS, str(ns), str(name), {"usedBy": used})
@@ -275,17 +263,18 @@ def _outcome(
     if jobs.job_state(job) == "Failed":
         reason, message = jobs.job_failure(job)
         detail = jobs.redact_urls(str(summary["failure_message"] or message))
-        return composite.Outcome("Failed", f"{reason}: {detail}")
+        return composite.Outcome(RevisionState.FAILED, f"{reason}: {detail}")
     result = read_result(summary["success_message"] or "")
     if not result or "artifact" not in result:
-        return composite.Outcome("Failed", "the merge Job wrote no result JSON")
+        return composite.Outcome(RevisionState.FAILED, "the merge Job wrote no result JSON")
     try:
         manifest = store.verify_artifact(uri, str(result["artifact"].get("digest", "")))
     except StoreUnreachable as exc:
-        return composite.Outcome("StoreUnreachable", str(exc))
+        return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
     except VerificationFailed as exc:
-        return composite.Outcome("Failed", f"DigestMismatch: {exc}")
+        return composite.Outcome(RevisionState.FAILED, f"{R.DIGEST_MISMATCH}: {exc}")
     result["artifact"]["files"] = [f.name for f in manifest.files]
     ok, message = composite.gate(result, float((spec.get("gate") or {}).get("maxRegression", 0.05)))
     message = jobs.redact_urls(message)
-    return composite.Outcome("Accepted" if ok else "Rejected", message, result)
+    state = RevisionState.ACCEPTED if ok else RevisionState.REJECTED
+    return composite.Outcome(state, message, result)

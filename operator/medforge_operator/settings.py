@@ -120,28 +120,38 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             f"missing settings: {', '.join(missing)} (set them in the "
             "environment; the Helm chart does)"
         )
-    out: dict[str, object] = {}
-    for name, value in raw.items():
-        what = f"{ENV[name]}"
-        if name in ("namespaces", "forge_namespaces"):
-            out[name] = tuple(n.strip() for n in value.split(",") if n.strip())
-        elif name in ("trainer_command", "merger_command"):
-            out[name] = _command(value, what)
-        elif name in (
-            "presign_expiry_seconds",
-            "concurrency",
-            "job_ttl_seconds",
-            "metrics_port",
-            "health_port",
-            "max_artifact_bytes",
-        ):
-            try:
-                out[name] = int(value)
-            except ValueError as exc:
-                raise SettingsError(f"{what}: {value!r} is not an integer") from exc
-        else:
-            out[name] = value
-    s = Settings(**out)  # type: ignore[arg-type]
+    s = Settings(**{name: _typed(name, value) for name, value in raw.items()})  # type: ignore[arg-type]
+    _check(s)
+    return s
+
+
+def _typed(name: str, value: str) -> object:
+    """One setting from its text, or SettingsError naming its variable."""
+    what = ENV[name]
+    if name in ("namespaces", "forge_namespaces"):
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+    if name in ("trainer_command", "merger_command"):
+        return _command(value, what)
+    if name in INTEGERS:
+        try:
+            return int(value)
+        except ValueError as exc:
+            raise SettingsError(f"{what}: {value!r} is not an integer") from exc
+    return value
+
+
+INTEGERS = (
+    "presign_expiry_seconds",
+    "concurrency",
+    "job_ttl_seconds",
+    "metrics_port",
+    "health_port",
+    "max_artifact_bytes",
+)
+
+
+def _check(s: Settings) -> None:
+    """The rules between settings, each naming its variable."""
     if not 60 <= s.presign_expiry_seconds <= 7 * 24 * 3600:
         raise SettingsError(
             "MEDFORGE_PRESIGN_EXPIRY_SECONDS: must be between 60 and 604800 (SigV4's limit)"
@@ -159,4 +169,3 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         )
     if s.concurrency < 1:
         raise SettingsError("MEDFORGE_CONCURRENCY: must be at least 1")
-    return s

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medforge_common.metrics import binary_auc, classification_metrics, macro_f1, roc_auc
+from medforge_ml.metrics import binary_auc, classification_metrics, macro_f1, roc_auc
 
 
 def test_binary_auc_textbook_example_and_ties() -> None:

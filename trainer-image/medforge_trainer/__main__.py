@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from medforge_common.manifest import FileEntry, Manifest, sha256_file
+from medforge_common.manifest import Manifest
 from medforge_common.result import (
     JobConfigError,
     encode_result,
@@ -25,8 +25,10 @@ from medforge_common.result import (
     read_job_config,
 )
 from medforge_common.result import finish as report
+from medforge_ml.basemodel import prepare_model_dir
+from medforge_ml.errors import ModelError
 from medforge_trainer import VERSION, config, dataset, distill, model, sources, train
-from medforge_trainer.errors import ConfigError, TrainFailed
+from medforge_trainer.errors import ConfigError
 
 JSON = dict[str, Any]
 ADAPTER_FILE = "adapter.safetensors"
@@ -152,13 +154,7 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
 
 def prepare_base_model(directory: Path) -> int:
     """Write manifest.json for a save_pretrained directory and print its digest."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != "manifest.json")
-    for p in files:
-        sources.check_base_file_name(p.name)
-    entries = [FileEntry(p.name, *sha256_file(p)) for p in files]
-    manifest = Manifest("base-model", "", entries, {"tool": f"medforge-train {VERSION}"})
-    (directory / "manifest.json").write_text(manifest.to_json())
-    print(manifest.digest())
+    print(prepare_model_dir(directory, f"medforge-train {VERSION}").digest())
     return 0
 
 
@@ -182,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_base_model:
         try:
             return prepare_base_model(Path(args.prepare_base_model))
-        except (OSError, TrainFailed) as exc:
+        except (OSError, ModelError) as exc:
             print(failure_line(str(exc)), file=sys.stderr)
             return 1
     term = Path(args.termination_log)
@@ -201,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="medforge-train-") as tmp:
         try:
             result = run(cfg, Path(tmp), out_dir)
-        except TrainFailed as exc:
+        except ModelError as exc:  # TrainFailed, and the shared loaders' failures
             return finish(failure_line(f"training failed: {exc}"), 1)
         except Exception as exc:  # one line for the operator, never a bare traceback
             if is_oom(exc):

@@ -98,10 +98,7 @@ def _num(
     return int(value) if integer else float(value)
 
 
-def parse(cfg: Any) -> TrainConfig:
-    """Check the whole config and return it typed, or raise ConfigError naming the field."""
-    if not isinstance(cfg, dict):
-        raise ConfigError("the job config must be a JSON object")
+def _task(cfg: JSON) -> tuple[str, tuple[str, ...], str]:
     task = _obj(cfg, "task", "")
     name = task.get("name")
     if not isinstance(name, str) or not name:
@@ -118,7 +115,10 @@ def parse(cfg: Any) -> TrainConfig:
     head = task.get("head", "clip-prompt")
     if head not in HEADS:
         raise ConfigError(f"task.head: {head!r} is not one of {', '.join(HEADS)}")
+    return name, tuple(classes), head
 
+
+def _base_model(cfg: JSON) -> tuple[str, tuple[Any, ...], str | None]:
     base = _obj(cfg, "baseModel", "")
     digest = base.get("digest")
     if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
@@ -135,7 +135,10 @@ def parse(cfg: Any) -> TrainConfig:
             "baseModel: give files (presigned URLs, set by the operator) or path (a local "
             "directory holding the model and its manifest.json)"
         )
+    return digest, tuple(files), base_path if isinstance(base_path, str) else None
 
+
+def _dataset(cfg: JSON) -> DatasetSettings:
     ds = _obj(cfg, "dataset", "")
     uri = ds.get("path") or ds.get("uri")
     if not isinstance(uri, str) or not uri:
@@ -145,7 +148,7 @@ def parse(cfg: Any) -> TrainConfig:
             "dataset.path: a pvc:// dataset is read from its mount; the operator sets "
             "dataset.path, by hand give the local directory"
         )
-    dataset = DatasetSettings(
+    return DatasetSettings(
         uri=uri,
         validation_fraction=_num(ds, "validationFraction", "dataset", 0.2, 0.0, 0.9, lo_open=True),
         endpoint=ds.get("endpoint") or None,
@@ -153,6 +156,8 @@ def parse(cfg: Any) -> TrainConfig:
         max_corrupt_fraction=_num(ds, "maxCorruptFraction", "dataset", 0.05, 0.0, 1.0),
     )
 
+
+def _lora(cfg: JSON) -> LoraSettings:
     lo = _obj(cfg, "lora", "")
     targets = lo.get("targetModules", ["q_proj", "v_proj"])
     if (
@@ -163,19 +168,22 @@ def parse(cfg: Any) -> TrainConfig:
         raise ConfigError(
             "lora.targetModules: list the module names to adapt, e.g. [q_proj, v_proj]"
         )
-    lora = LoraSettings(
+    return LoraSettings(
         rank=_num(lo, "rank", "lora", 16, 1, 1024, integer=True),
         alpha=_num(lo, "alpha", "lora", 16.0, 0.0, 4096.0, lo_open=True),
         dropout=_num(lo, "dropout", "lora", 0.1, 0.0, 0.9),
         target_modules=tuple(targets),
     )
+
+
+def _training(cfg: JSON) -> TrainingSettings:
     tr = _obj(cfg, "training", "")
     precision = tr.get("precision", "auto")
     if precision not in PRECISIONS:
         raise ConfigError(
             f"training.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"
         )
-    training = TrainingSettings(
+    return TrainingSettings(
         epochs=_num(tr, "epochs", "training", 3, 1, 1000, integer=True),
         batch_size=_num(tr, "batchSize", "training", 32, 1, 4096, integer=True),
         learning_rate=_num(tr, "learningRate", "training", 1e-4, 0.0, 1.0, lo_open=True),
@@ -183,24 +191,37 @@ def parse(cfg: Any) -> TrainConfig:
         precision=precision,
         weight_decay=_num(tr, "weightDecay", "training", 0.0, 0.0, 1.0),
     )
+
+
+def _distillation(cfg: JSON) -> DistillSettings:
     di = _obj(cfg, "distillation", "")
-    distillation = DistillSettings(
+    return DistillSettings(
         images_per_class=_num(di, "imagesPerClass", "distillation", 0, 0, 1000, integer=True),
         iterations=_num(di, "iterations", "distillation", 1000, 1, 100000, integer=True),
         learning_rate=_num(di, "learningRate", "distillation", 10.0, 0.0, 1000.0, lo_open=True),
         real_batch=_num(di, "realBatch", "distillation", 64, 1, 4096, integer=True),
     )
+
+
+def parse(cfg: Any) -> TrainConfig:
+    """Check the whole config and return it typed, or raise ConfigError naming the field."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("the job config must be a JSON object")
+    name, classes, head = _task(cfg)
+    digest, files, base_path = _base_model(cfg)
+    dataset, lora, training = _dataset(cfg), _lora(cfg), _training(cfg)
+    distillation = _distillation(cfg)
     out = _obj(cfg, "output", "")
     out_files = out.get("files") or {}
     if not isinstance(out_files, dict):
         raise ConfigError("output.files: expected a map of file name to presigned PUT URL")
     return TrainConfig(
         task=name,
-        classes=tuple(classes),
+        classes=classes,
         head=head,
         base_digest=digest,
-        base_files=tuple(files),
-        base_path=base_path if isinstance(base_path, str) else None,
+        base_files=files,
+        base_path=base_path,
         dataset=dataset,
         lora=lora,
         training=training,

@@ -1,7 +1,9 @@
 """The trainer's failures: each one becomes a one-line reason in the termination message."""
 
+from medforge_ml.errors import ModelError
 
-class TrainFailed(Exception):
+
+class TrainFailed(ModelError):
     """A failure with a reason a hospital's operator can act on (exit code 1)."""
 
 

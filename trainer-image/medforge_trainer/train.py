@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from medforge_common.metrics import classification_metrics
+from medforge_ml.metrics import classification_metrics
 from medforge_trainer.config import TrainingSettings
 from medforge_trainer.dataset import Split
 

@@ -1,0 +1,127 @@
+"""The medforge.io API's vocabulary: phases, condition types, reasons and input states, as the
+CRDs and status use them (cluster-api keeps its reasons as documented constants the same way).
+Every status writer and reader uses these; a unit test checks them against the CRDs' enums.
+StrEnum members are plain strings on the wire."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ContributionPhase(StrEnum):
+    PENDING = "Pending"
+    TRAINING = "Training"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class CompositePhase(StrEnum):
+    WAITING = "Waiting"
+    MERGING = "Merging"
+    READY = "Ready"
+    PAUSED = "Paused"
+    FAILED = "Failed"
+
+
+class BaseModelPhase(StrEnum):
+    PENDING = "Pending"
+    READY = "Ready"
+    FAILED = "Failed"
+
+
+class ConditionType(StrEnum):
+    # kstatus (Flux, kpt, Argo CD read these three)
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+    # LoRAContribution
+    TRAINED = "Trained"
+    ARTIFACT_VERIFIED = "ArtifactVerified"
+    # CompositeModel
+    MERGED = "Merged"
+    ACCEPTED = "Accepted"
+    # BaseModel
+    VERIFIED = "Verified"
+
+
+class Reason(StrEnum):
+    """Condition reasons the operator writes (a failed Job's reason, such as
+    BackoffLimitExceeded or DeadlineExceeded, is the Job controller's and passes through)."""
+
+    # Waiting on something outside the object; retried.
+    STORE_UNREACHABLE = "StoreUnreachable"  # the forge store did not answer
+    NAMESPACE_NOT_MANAGED = "NamespaceNotManaged"  # not a member namespace: no Job is made
+    BASE_MODEL_NOT_FOUND = "BaseModelNotFound"  # spec.baseModel.name names no BaseModel
+    BASE_MODEL_NOT_READY = "BaseModelNotReady"  # the BaseModel is not verified (yet)
+    BASE_MODEL_DIGEST_MISMATCH = "BaseModelDigestMismatch"  # spec.baseModel.digest pins another
+    INVALID_SPEC = "InvalidSpec"  # the spec cannot become a Job (the message names the field)
+    NOT_A_FORGE_NAMESPACE = "NotAForgeNamespace"  # composite outside MEDFORGE_FORGE_NAMESPACES
+    # A contribution's way.
+    CREATING_JOB = "CreatingJob"
+    JOB_CREATED = "JobCreated"  # waiting for a node, or for Kueue to admit it
+    TRAINING = "Training"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"  # a Secret or key is missing
+    JOB_FAILED = "JobFailed"
+    JOB_COMPLETE = "JobComplete"
+    VERIFYING = "Verifying"
+    NO_RESULT = "NoResult"  # the Job succeeded without a result JSON
+    DIGEST_MISMATCH = "DigestMismatch"  # uploaded bytes differ from what was reported
+    BASE_MODEL_MISMATCH = "BaseModelMismatch"  # trained for another base model
+    VERIFIED = "Verified"
+    DIGESTS_MATCH = "DigestsMatch"
+    DONE = "Done"
+    NOT_YET = "NotYet"
+    # A composite's way.
+    WAITING_FOR_CONTRIBUTIONS = "WaitingForContributions"
+    MERGING = "Merging"
+    SERVING = "Serving"  # a revision is served while the next one merges
+    PAUSED = "Paused"
+    REVISION_READY = "RevisionReady"
+    IDLE = "Idle"
+    NO_REVISION_YET = "NoRevisionYet"
+    REVISION_ACCEPTED = "RevisionAccepted"
+    REGRESSION_OVER_GATE = "RegressionOverGate"  # a task regressed beyond spec.gate
+    MERGE_FAILED = "MergeFailed"
+    # A BaseModel's way.
+    NOT_UPLOADED = "NotUploaded"
+    VERIFICATION_FAILED = "VerificationFailed"
+    NOT_VERIFIED_YET = "NotVerifiedYet"
+
+
+class RevisionState(StrEnum):
+    """How a merge revision ended (status.history[].state)."""
+
+    ACCEPTED = "Accepted"
+    REJECTED = "Rejected"
+    FAILED = "Failed"
+
+
+class InputState(StrEnum):
+    """What became of a contribution in a composite (status.inputs[].state)."""
+
+    INCLUDED = "Included"
+    EXCLUDED = "Excluded"
+    PENDING = "Pending"
+
+
+class InputReason(StrEnum):
+    """Why (status.inputs[].reason): codes only, never another hospital's text."""
+
+    MERGED = "Merged"
+    QUEUED = "Queued"
+    MERGING = "Merging"
+    NOT_READY = "NotReady"
+    BASE_MODEL_NOT_READY = "BaseModelNotReady"
+    TRAINING_FAILED = "TrainingFailed"
+    BASE_MODEL_MISMATCH = "BaseModelMismatch"
+    REJECTED_BY_GATE = "RejectedByGate"
+    MERGE_FAILED = "MergeFailed"
+    EXCLUDED_BY_MERGER = "ExcludedByMerger"
+
+
+class EventReason(StrEnum):
+    """Reasons of Events that are not a condition's reason."""
+
+    RETIRED_JOB = "RetiredJob"
+    REVISION_STARTED = "RevisionStarted"
+    EXCLUDED_BY_MERGER = "ExcludedByMerger"
