@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from medforge_common.artifacts import MIXTURE_FILE
 from medforge_common.manifest import Manifest
 from medforge_merger.__main__ import main as merge_main
 from medforge_merger.evaluate import Evaluator
-from medforge_merger.mixture import MIXTURE_FILE, Mixture
+from medforge_merger.mixture import Mixture
 from medforge_merger.search import dense
 from medforge_merger.strategies import Factors
 from medforge_merger.tasks import Task

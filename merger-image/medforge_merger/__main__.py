@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE
 from medforge_common.manifest import (
     Manifest,
     ManifestError,
@@ -30,7 +31,6 @@ from medforge_common.result import (
 )
 from medforge_common.result import finish as report
 from medforge_merger.adapters import (
-    ADAPTER_FILE,
     Adapter,
     InputRejected,
     check_compatible,
@@ -79,15 +79,12 @@ def weight_for(item: JSON, weights: JSON) -> float:
     return 1.0
 
 
-MIXTURE_FILE = "mixture.safetensors"  # written by medforge_merger.mixture
-
-
 def _load_current(item: JSON, d: Path, base_digest: str) -> Adapter | None:
     """The current revision, verified: a factor composite (an adapter with scale 1), or None
     for a mixture bundle (which only the torch side reads)."""
     for f in item["files"]:
         fetch(f, d)
-    raw = (d / "manifest.json").read_bytes()
+    raw = (d / MANIFEST_FILE).read_bytes()
     if "sha256:" + hashlib.sha256(raw).hexdigest() != item["digest"]:
         raise InputRejected("manifest.json does not match the current revision's digest")
     manifest = Manifest.from_json(raw.decode(), "current/manifest.json")
@@ -255,7 +252,7 @@ def _publish(
 ) -> JSON:
     """Upload the files and their manifest; the artifact part of the result."""
     entries = [manifest.add_file(p) for p in files]
-    manifest_path = work / "manifest.json"
+    manifest_path = work / MANIFEST_FILE
     manifest_path.write_text(manifest.to_json())
     outputs = (cfg.get("output") or {}).get("files") or {}
     for path in [*files, manifest_path]:

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
+from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE
 from medforge_common.manifest import Manifest, ManifestError, verify_dir
 from medforge_merger.strategies import Factors
 
-ADAPTER_FILE = "adapter.safetensors"
 SUFFIX_A = ".lora_A.weight"
 SUFFIX_B = ".lora_B.weight"
 SUFFIX_DELTA = ".delta.weight"
@@ -95,7 +95,7 @@ def _read_factors(path: Path) -> tuple[dict[str, tuple[int, int, int]], float]:
 
 def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Adapter:
     """Verify an input in `directory` (manifest.json plus its files) before any math."""
-    raw = (directory / "manifest.json").read_bytes()
+    raw = (directory / MANIFEST_FILE).read_bytes()
     actual = "sha256:" + hashlib.sha256(raw).hexdigest()
     if actual != digest:
         raise InputRejected(

@@ -17,7 +17,6 @@ from medforge_merger.search import FactorMap, dense, mixture_probs
 from medforge_merger.strategies import Factors
 from medforge_merger.tasks import Task
 
-MIXTURE_FILE = "mixture.safetensors"
 # How the coefficients were searched: "logits" scores the weighted sum as logits (as published).
 # Bundles without the marker came from a search over normalised probabilities, whose weights
 # have no meaningful scale; an incremental revision searches all of their weights again.

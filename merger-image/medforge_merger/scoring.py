@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medforge_common.artifacts import ADAPTER_FILE, MIXTURE_FILE, TASKS_FILE
 from medforge_common.manifest import sha256_file
-from medforge_merger.adapters import ADAPTER_FILE, SUFFIX_A, SUFFIX_B, SUFFIX_DELTA, Adapter
+from medforge_merger.adapters import SUFFIX_A, SUFFIX_B, SUFFIX_DELTA, Adapter
 from medforge_merger.evaluate import Deltas, Evaluator
-from medforge_merger.mixture import MIXTURE_FILE, OBJECTIVE, Mixture
+from medforge_merger.mixture import OBJECTIVE, Mixture
 from medforge_merger.search import (
     FactorMap,
     FusionStep,
@@ -28,7 +29,7 @@ from medforge_merger.search import (
     mixture,
 )
 from medforge_merger.strategies import Factors, MergeError
-from medforge_merger.tasks import TASKS_FILE, Task, from_contribution, load_bundle, save_bundle
+from medforge_merger.tasks import Task, from_contribution, load_bundle, save_bundle
 from medforge_ml.basemodel import fetch_model_dir
 from medforge_ml.errors import ModelError
 from medforge_ml.metrics import classification_metrics

@@ -14,9 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DISTILLED_FILE = "distilled.safetensors"
-HEAD_FILE = "head.safetensors"
-TASKS_FILE = "tasks.safetensors"
+from medforge_common.artifacts import DISTILLED_FILE, HEAD_FILE
 
 
 @dataclass

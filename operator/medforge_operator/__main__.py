@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load_config()
     kube, store = Kube(settings.concurrency * 2), ForgeStore(settings)
-    handlers.RUNTIME = handlers.Runtime(settings, kube, store, Catalog(kube, store, settings))
+    runtime = handlers.Runtime(settings, kube, store, Catalog(kube, store, settings))
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     logging.getLogger("medforge.operator").info(
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.store_bucket,
     )
     kopf.run(
+        memo=kopf.Memo(runtime=runtime),  # every handler finds the runtime here
         standalone=True,
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),

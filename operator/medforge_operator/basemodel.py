@@ -6,7 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from medforge_common.artifacts import MANIFEST_FILE
 from medforge_common.uris import S3Uri
+from medforge_operator import conditions
+from medforge_operator.api import BaseModelPhase as Phase
+from medforge_operator.api import ConditionType as C
+from medforge_operator.api import Reason as R
 from medforge_operator.conditions import Cond, merge_conditions, now
 
 JSON = dict[str, Any]
@@ -39,7 +44,7 @@ class Resolved:
 
     def file_refs(self) -> list[JSON]:
         """The model's files (manifest first) as a job plan lists them."""
-        names = ["manifest.json", *[f for f in self.files if f != "manifest.json"]]
+        names = [MANIFEST_FILE, *[f for f in self.files if f != MANIFEST_FILE]]
         return [{"name": n, "get": str(self.uri.join(n))} for n in names]
 
 
@@ -47,23 +52,23 @@ def resolve(obj: JSON | None, name: str, pin: str | None, field_path: str) -> Re
     """The usable model named `name`, or BaseModelUnusable with a reason and what to do."""
     if obj is None:
         raise BaseModelUnusable(
-            "BaseModelNotFound",
+            R.BASE_MODEL_NOT_FOUND,
             f"{field_path}.name: no BaseModel {name!r} (kubectl get basemodels); the platform "
             "team registers base models",
         )
     st = obj.get("status") or {}
-    if st.get("phase") != "Ready" or st.get("observedGeneration") != obj["metadata"].get(
+    if st.get("phase") != Phase.READY or st.get("observedGeneration") != obj["metadata"].get(
         "generation"
     ):
-        ready: JSON = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
-        detail = ready.get("reason") or "NotVerifiedYet"
+        ready = conditions.get(st.get("conditions"), C.READY) or {}
+        detail = ready.get("reason") or R.NOT_VERIFIED_YET
         raise BaseModelUnusable(
-            "BaseModelNotReady", f"BaseModel {name} is not verified yet ({detail}); waiting"
+            R.BASE_MODEL_NOT_READY, f"BaseModel {name} is not verified yet ({detail}); waiting"
         )
     digest = str(st.get("digest", ""))
     if pin and pin != digest:
         raise BaseModelUnusable(
-            "BaseModelDigestMismatch",
+            R.BASE_MODEL_DIGEST_MISMATCH,
             f"{field_path}.digest {pin[:19]}... differs from BaseModel {name}'s verified "
             f"digest {digest[:19]}...; waiting",
         )
@@ -115,36 +120,44 @@ class Observation:
 def settled(obj: JSON) -> bool:
     st = obj.get("status") or {}
     return st.get("observedGeneration") == obj["metadata"].get("generation") and (
-        st.get("phase") == "Ready"
+        st.get("phase") == Phase.READY
     )
 
 
 def compute_status(old: JSON, o: Observation) -> JSON:
     status: JSON = {"observedGeneration": o.generation, "uri": o.uri}
     if o.verified is not None:
-        status |= {"phase": "Ready", **o.verified, "verifiedAt": now()}
+        status |= {"phase": Phase.READY, **o.verified, "verifiedAt": now()}
         msg = f"manifest {o.verified['digest'][:19]}... and {len(o.verified['files'])} file(s) verified"
         conds = [
-            Cond("Ready", True, "Verified", msg),
-            Cond("Reconciling", False, "Verified", ""),
-            Cond("Stalled", False, "Verified", ""),
-            Cond("Verified", True, "DigestsMatch", msg),
+            Cond(C.READY, True, R.VERIFIED, msg),
+            Cond(C.RECONCILING, False, R.VERIFIED, ""),
+            Cond(C.STALLED, False, R.VERIFIED, ""),
+            Cond(C.VERIFIED, True, R.DIGESTS_MATCH, msg),
         ]
     else:
         if o.invalid:
-            reason, message, phase = "VerificationFailed", o.invalid, "Failed"
+            reason, message, phase = R.VERIFICATION_FAILED, o.invalid, Phase.FAILED
         elif o.store_error:
-            reason, message, phase = "StoreUnreachable", o.store_error + "; retrying", "Pending"
+            reason, message = R.STORE_UNREACHABLE, o.store_error + "; retrying"
+            phase = Phase.PENDING
         else:
-            reason = "NotUploaded"
+            reason = R.NOT_UPLOADED
             message = f"{o.uri} holds no manifest.json yet; upload the model there"
-            phase = "Pending"
+            phase = Phase.PENDING
         status["phase"] = phase
         conds = [
-            Cond("Ready", False, reason, message),
-            Cond("Reconciling", phase == "Pending", reason, message if phase == "Pending" else ""),
-            Cond("Stalled", phase == "Failed", reason, message if phase == "Failed" else ""),
-            Cond("Verified", False if o.invalid else None, reason, message),
+            Cond(C.READY, False, reason, message),
+            Cond(
+                C.RECONCILING,
+                phase == Phase.PENDING,
+                reason,
+                message if phase == Phase.PENDING else "",
+            ),
+            Cond(
+                C.STALLED, phase == Phase.FAILED, reason, message if phase == Phase.FAILED else ""
+            ),
+            Cond(C.VERIFIED, False if o.invalid else None, reason, message),
         ]
     status["conditions"] = merge_conditions(old.get("conditions"), conds, o.generation)
     return status

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, jobs, names
 from medforge_operator.api import CompositePhase as Phase
@@ -15,15 +16,11 @@ from medforge_operator.api import InputReason as IR
 from medforge_operator.api import InputState as IS
 from medforge_operator.api import Reason as R
 from medforge_operator.conditions import Cond, is_true, merge_conditions
+from medforge_operator.conditions import get as get_condition
 from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
-OUTPUT_FILES = (
-    "adapter.safetensors",
-    "manifest.json",
-    "mixture.safetensors",
-    "tasks.safetensors",
-)
+OUTPUT_FILES = COMPOSITE_FILES
 
 
 def selector_string(sel: JSON | None) -> str:
@@ -80,10 +77,8 @@ def key(c: JSON) -> str:
 
 
 def ready_since(c: JSON) -> str:
-    for cond in (c.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == C.READY:
-            return str(cond.get("lastTransitionTime", ""))
-    return ""
+    ready = get_condition((c.get("status") or {}).get("conditions"), C.READY) or {}
+    return str(ready.get("lastTransitionTime", ""))
 
 
 def evaluate_inputs(
@@ -186,7 +181,7 @@ def output_prefix(bucket: str, namespace: str, name: str, revision: int) -> S3Ur
 
 def artifact_refs(prefix: S3Uri, files: list[str]) -> list[JSON]:
     """An artifact's files (manifest first) as a job plan lists them."""
-    names_ = ["manifest.json", *[f for f in files if f != "manifest.json"]]
+    names_ = [MANIFEST_FILE, *[f for f in files if f != MANIFEST_FILE]]
     return [{"name": f, "get": str(prefix.join(f))} for f in names_]
 
 

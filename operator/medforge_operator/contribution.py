@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from medforge_common.artifacts import CONTRIBUTION_FILES
 from medforge_common.result import read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
 from medforge_operator import basemodel, jobs, names
@@ -15,12 +16,7 @@ from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
-OUTPUT_FILES = (
-    "adapter.safetensors",
-    "head.safetensors",
-    "manifest.json",
-    "distilled.safetensors",
-)
+OUTPUT_FILES = CONTRIBUTION_FILES
 DATA_MOUNT = "/data"
 
 

@@ -1,6 +1,10 @@
 """kopf handlers: thin. Every trigger (an object's events; its Jobs' and pods' events, from
-label-selected watches in childwatch.py; a periodic resync) only queues the object; a pool of workers runs one idempotent reconcile round per queued object,
-so a burst of events costs one round and a missed event changes nothing."""
+label-selected watches in childwatch.py; a periodic resync) only queues the object; a pool of
+workers runs one idempotent reconcile round per queued object, so a burst of events costs one
+round and a missed event changes nothing.
+
+The operator's state lives in one Runtime, built in main and handed to kopf as its memo: no
+module-level mutable state."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import kopf
@@ -18,6 +23,7 @@ from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS, GROUP, VERS
 from medforge_operator import reconcile_basemodel as rbase
 from medforge_operator import reconcile_composite as rcomp
 from medforge_operator import reconcile_contribution as rcon
+from medforge_operator.api import BaseModelPhase, ContributionPhase
 from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
 from medforge_operator.kube import Kube
@@ -27,79 +33,95 @@ from medforge_operator.store import ForgeStore
 from medforge_operator.workqueue import WorkQueue
 
 JSON = dict[str, Any]
+Key = tuple[str, str, str]  # (plural, namespace, name); namespace "" for cluster-scoped kinds
 log = logging.getLogger("medforge.operator")
-
-
-@dataclass
-class Runtime:
-    settings: Settings
-    kube: Kube
-    store: ForgeStore
-    catalog: Catalog
-    queue: WorkQueue | None = None
-
-
-RUNTIME: Runtime | None = None
-STOPPING = threading.Event()
-# Keys whose last round raised: the resync queues them again, whatever their status says.
-FAILED: set[tuple[str, str, str]] = set()
-FAILED_LOCK = threading.Lock()
 # Every FULL_RESYNC_EVERY-th resync queues every contribution in flight, not only those that
 # need polling: the safety net in case a watch event was lost.
 FULL_RESYNC_EVERY = 15
 
 
-def rt() -> Runtime:
-    if RUNTIME is None:
-        raise RuntimeError("the operator runtime is not initialised")
-    return RUNTIME
+class FailedKeys:
+    """Keys whose last round raised: the resync queues them again, whatever their status says."""
+
+    def __init__(self) -> None:
+        self._keys: set[Key] = set()
+        self._lock = threading.Lock()
+
+    def add(self, key: Key) -> None:
+        with self._lock:
+            self._keys.add(key)
+
+    def discard(self, key: Key) -> None:
+        with self._lock:
+            self._keys.discard(key)
+
+    def snapshot(self) -> set[Key]:
+        with self._lock:
+            return set(self._keys)
+
+    def forget_all_but(self, keys: set[Key], seen: set[Key]) -> None:
+        """Drop those of `keys` whose objects no longer exist (not in `seen`)."""
+        with self._lock:
+            self._keys.difference_update(keys - seen)
 
 
-def enqueue(plural: str, namespace: str, name: str, body: JSON | None = None) -> None:
-    queue = rt().queue
-    if queue is not None:
-        queue.add((plural, namespace, name), body)
+@dataclass
+class Runtime:
+    """Everything the operator holds while it runs."""
+
+    settings: Settings
+    kube: Kube
+    store: ForgeStore
+    catalog: Catalog
+    queue: WorkQueue | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    failed: FailedKeys = field(default_factory=FailedKeys)
+
+    def enqueue(self, plural: str, namespace: str, name: str, body: JSON | None = None) -> None:
+        if self.queue is not None:
+            self.queue.add((plural, namespace, name), body)
+
+    def event(self, obj: JSON, etype: str, reason: str, message: str) -> None:
+        try:
+            self.kube.post_event(obj, etype, reason, message)
+        except Exception:  # an Event is best effort; the status carries the same facts
+            log.warning("could not post event %s for %s", reason, obj["metadata"].get("name"))
+
+    def composites(self) -> None:
+        """A contribution changed: let every composite that may select it look again."""
+        for ns in self.settings.namespaces or (None,):
+            for c in self.kube.list_objects(COMPOSITES, ns):
+                self.enqueue(COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
 
 
-def _event(obj: JSON, etype: str, reason: str, message: str) -> None:
-    try:
-        rt().kube.post_event(obj, etype, reason, message)
-    except Exception:  # an Event is best effort; the status carries the same facts
-        log.warning("could not post event %s for %s", reason, obj["metadata"].get("name"))
+def rt(memo: Any) -> Runtime:
+    runtime = getattr(memo, "runtime", None)
+    if not isinstance(runtime, Runtime):
+        raise RuntimeError("the operator runtime is not initialised (kopf.run(memo=...))")
+    return runtime
 
 
-def _composites() -> None:
-    """A contribution changed: let every composite that may select it look again."""
-    r = rt()
-    for ns in r.settings.namespaces or (None,):
-        for c in r.kube.list_objects(COMPOSITES, ns):
-            enqueue(COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
-
-
-def work(key: Hashable, body: JSON | None) -> None:
+def work(r: Runtime, key: Hashable, body: JSON | None) -> None:
     """One reconcile round for a queued (plural, namespace, name); `body` is the object as its
-    own watch event delivered it, when that event queued it. A round that raises is noted in
-    FAILED, so that the resync retries it."""
-    plural, ns, name = cast(tuple[str, str, str], key)
+    own watch event delivered it, when that event queued it. A round that raises is noted, so
+    that the resync retries it."""
+    plural, ns, name = cast(Key, key)
     kind = {CONTRIBUTIONS: "contribution", COMPOSITES: "composite"}.get(plural, "basemodel")
     t0 = time.monotonic()
     try:
-        _round(plural, ns, name, body)
+        _round(r, plural, ns, name, body)
     except Exception:
         RECONCILES.labels(kind, "error").inc()
-        with FAILED_LOCK:
-            FAILED.add((plural, ns, name))
+        r.failed.add((plural, ns, name))
         raise
     else:
         RECONCILES.labels(kind, "ok").inc()
-        with FAILED_LOCK:
-            FAILED.discard((plural, ns, name))
+        r.failed.discard((plural, ns, name))
     finally:
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - t0)
 
 
-def _round(plural: str, ns: str, name: str, body: JSON | None) -> None:
-    r = rt()
+def _round(r: Runtime, plural: str, ns: str, name: str, body: JSON | None) -> None:
     obj = body if body is not None else r.kube.get_object(plural, ns, name)
     if obj is None:
         return
@@ -107,31 +129,31 @@ def _round(plural: str, ns: str, name: str, body: JSON | None) -> None:
         if rcon.settled(obj):
             return
         before = (obj.get("status") or {}).get("phase")
-        new = rcon.reconcile(obj, r.kube, r.store, r.settings, _event, r.catalog)
-        if new.get("phase") != before and new.get("phase") in ("Succeeded", "Failed"):
-            _composites()
+        new = rcon.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
+        finished = (ContributionPhase.SUCCEEDED, ContributionPhase.FAILED)
+        if new.get("phase") != before and new.get("phase") in finished:
+            r.composites()
     elif plural == BASEMODELS:
         before = (obj.get("status") or {}).get("phase")
-        new = rbase.reconcile(obj, r.kube, r.store, _event)
+        new = rbase.reconcile(obj, r.kube, r.store, r.event)
         r.catalog.base_models.forget(name)
-        if new.get("phase") == "Ready" and before != "Ready":
-            _waiting_on_base_models()
+        if new.get("phase") == BaseModelPhase.READY and before != BaseModelPhase.READY:
+            _waiting_on_base_models(r)
     else:
-        rcomp.reconcile(obj, r.kube, r.store, r.settings, _event, r.catalog)
+        rcomp.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
 
 
-def _waiting_on_base_models() -> None:
+def _waiting_on_base_models(r: Runtime) -> None:
     """A base model became usable: queue what may have waited for it."""
-    r = rt()
     for ns in r.settings.namespaces or (None,):
         for c in r.kube.list_objects(CONTRIBUTIONS, ns):
             if rcon.needs_polling(c):
-                enqueue(CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
-    _composites()
+                r.enqueue(CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
+    r.composites()
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Progress and diff-base live in status, never in annotations on the user's object.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
@@ -139,60 +161,59 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
-    r = rt()
+    r = rt(memo)
     if r.queue is None:
-        r.queue = WorkQueue(work, r.settings.concurrency)
-        threading.Thread(target=resync, name="resync", daemon=True).start()
+        r.queue = WorkQueue(partial(work, r), r.settings.concurrency)
+        threading.Thread(target=resync, args=(r,), name="resync", daemon=True).start()
         selector = f"app.kubernetes.io/managed-by={jobs.MANAGED_BY}"
         for ns in r.settings.namespaces or (None,):
             for kind in ("Job", "Pod"):
-                ChildWatch(r.kube, kind, ns, selector, child_event, STOPPING).start()
+                ChildWatch(r.kube, kind, ns, selector, partial(child_event, r), r.stopping).start()
 
 
-def resync() -> None:
+def _resync_pass(r: Runtime, full: bool) -> None:
+    failed = r.failed.snapshot()
+    seen: set[Key] = set()
+    for ns in r.settings.namespaces or (None,):
+        for c in r.kube.list_objects(CONTRIBUTIONS, ns):
+            key = (CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
+            seen.add(key)
+            if rcon.needs_polling(c) or ((full or key in failed) and not rcon.settled(c)):
+                r.enqueue(*key)  # no body: a listed copy may be older than a round in progress
+        for c in r.kube.list_objects(COMPOSITES, ns):
+            key = (COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
+            seen.add(key)
+            r.enqueue(*key)
+    for b in r.kube.list_objects(BASEMODELS):
+        key = (BASEMODELS, "", b["metadata"]["name"])
+        seen.add(key)
+        if not basemodel.settled(b) or key in failed:
+            r.enqueue(*key)
+    r.failed.forget_all_but(failed, seen)  # objects deleted since their failure
+
+
+def resync(r: Runtime) -> None:
     """The safety net behind the events: every interval, one list per kind queues every
     composite, every contribution that waits on something no watch reports (a store to come
-    back, a base model to be uploaded, digests to verify) and every object whose last round
-    failed; every FULL_RESYNC_EVERY-th time, every contribution in flight. One list each is far
-    cheaper than a timer per object, and a Job that is simply queued or training costs nothing
-    between its own events."""
-    r = rt()
+    back, a base model to be verified, digests to verify), every BaseModel not verified yet and
+    every object whose last round failed; every FULL_RESYNC_EVERY-th time, every contribution
+    in flight. One list each is far cheaper than a timer per object, and a Job that is simply
+    queued or training costs nothing between its own events."""
     passes = FULL_RESYNC_EVERY - 1  # the first pass is full: whatever changed while we were down
-    while True:
-        time.sleep(r.settings.requeue_seconds)
+    while not r.stopping.wait(r.settings.requeue_seconds):
         passes += 1
-        full = passes % FULL_RESYNC_EVERY == 0
-        with FAILED_LOCK:
-            failed = set(FAILED)
         try:
-            seen = set()
-            for ns in r.settings.namespaces or (None,):
-                for c in r.kube.list_objects(CONTRIBUTIONS, ns):
-                    key = (CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
-                    seen.add(key)
-                    if rcon.needs_polling(c) or ((full or key in failed) and not rcon.settled(c)):
-                        # No body: a listed copy may be older than a round in progress.
-                        enqueue(*key)
-                for c in r.kube.list_objects(COMPOSITES, ns):
-                    key = (COMPOSITES, c["metadata"]["namespace"], c["metadata"]["name"])
-                    seen.add(key)
-                    enqueue(*key)
-            for b in r.kube.list_objects(BASEMODELS):
-                key = (BASEMODELS, "", b["metadata"]["name"])
-                seen.add(key)
-                if not basemodel.settled(b) or key in failed:
-                    enqueue(*key)
-            with FAILED_LOCK:
-                FAILED.difference_update(failed - seen)  # objects deleted since their failure
+            _resync_pass(r, full=passes % FULL_RESYNC_EVERY == 0)
         except Exception:
             log.exception("resync failed; trying again in %s s", r.settings.requeue_seconds)
 
 
 @kopf.on.cleanup()
-def stop(**_: Any) -> None:
-    STOPPING.set()
-    if RUNTIME is not None and RUNTIME.queue is not None:
-        RUNTIME.queue.stop()
+def stop(memo: kopf.Memo, **_: Any) -> None:
+    r = rt(memo)
+    r.stopping.set()
+    if r.queue is not None:
+        r.queue.stop()
 
 
 def plain(body: Any) -> JSON:
@@ -200,53 +221,51 @@ def plain(body: Any) -> JSON:
     return out
 
 
-def _meta(body: kopf.Body) -> tuple[str, str, JSON]:
-    meta = body["metadata"]
-    return meta["namespace"], meta["name"], dict(meta.get("labels") or {})
-
-
 # ----- LoRAContribution and its Jobs and pods -----
 
 
 @kopf.on.event(GROUP, VERSION, CONTRIBUTIONS)
-def contribution_event(type: str, body: kopf.Body, **_: Any) -> None:
-    ns, name, _labels = _meta(body)
+def contribution_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    r = rt(memo)
     if type == "DELETED":
-        _composites()
+        r.composites()
         return
     status = body.get("status") or {}
     # A status that already describes this generation was written by us: its Job's and pods'
-    # events (and the timer) drive what happens next, so our own write does not re-trigger.
+    # events (and the resync) drive what happens next, so our own write does not re-trigger.
     if status.get("observedGeneration") != body["metadata"].get("generation"):
-        enqueue(CONTRIBUTIONS, ns, name, plain(body))
+        meta = body["metadata"]
+        r.enqueue(CONTRIBUTIONS, meta["namespace"], meta["name"], plain(body))
 
 
 # ----- BaseModel (cluster-scoped) -----
 
 
 @kopf.on.event(GROUP, VERSION, BASEMODELS)
-def basemodel_event(type: str, body: kopf.Body, **_: Any) -> None:
+def basemodel_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if type != "DELETED" and not basemodel.settled(plain(body)):
-        enqueue(BASEMODELS, "", body["metadata"]["name"])
+        rt(memo).enqueue(BASEMODELS, "", body["metadata"]["name"])
 
 
 # ----- CompositeModel and its Jobs and pods -----
 
 
 @kopf.on.event(GROUP, VERSION, COMPOSITES)
-def composite_event(type: str, body: kopf.Body, **_: Any) -> None:
+def composite_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if type != "DELETED":
-        ns, name, _labels = _meta(body)
-        enqueue(COMPOSITES, ns, name)
+        meta = body["metadata"]
+        rt(memo).enqueue(COMPOSITES, meta["namespace"], meta["name"])
 
 
-def child_event(kind: str, etype: str, namespace: str, labels: dict[str, str], obj: JSON) -> None:
+def child_event(
+    r: Runtime, kind: str, etype: str, namespace: str, labels: dict[str, str], obj: JSON
+) -> None:
     """A Job or pod of ours changed: queue its owner."""
     if kind == "Job" and not jobs.worth_a_round(etype, obj):
         return
     owner = labels.get(jobs.LABEL_OWNER)
     component = labels.get(jobs.LABEL_COMPONENT)
     if owner and component == "train":
-        enqueue(CONTRIBUTIONS, namespace, owner)
+        r.enqueue(CONTRIBUTIONS, namespace, owner)
     elif owner and component == "merge":
-        enqueue(COMPOSITES, namespace, owner)
+        r.enqueue(COMPOSITES, namespace, owner)

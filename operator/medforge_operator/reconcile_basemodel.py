@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from medforge_operator import BASEMODELS, basemodel
+from medforge_operator import BASEMODELS, basemodel, conditions
+from medforge_operator.api import BaseModelPhase, ConditionType
 from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
 from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed
@@ -45,7 +46,7 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, event: EventFn) -> JSON:
             patch[key] = None
         kube.patch_status(BASEMODELS, "", obj["metadata"]["name"], patch)
         if old.get("phase") != new.get("phase"):
-            ready = next(c for c in new["conditions"] if c["type"] == "Ready")
-            kind = "Normal" if new["phase"] != "Failed" else "Warning"
+            ready = conditions.get(new["conditions"], ConditionType.READY) or {}
+            kind = "Normal" if new["phase"] != BaseModelPhase.FAILED else "Warning"
             event(obj, kind, ready["reason"], ready["message"])
     return new

@@ -10,8 +10,11 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from medforge_common.artifacts import DISTILLED_FILE
 from medforge_common.uris import UriError
-from medforge_operator import CONTRIBUTIONS, contribution, jobs, names
+from medforge_operator import CONTRIBUTIONS, conditions, contribution, jobs, names
+from medforge_operator.api import ConditionType, EventReason, Reason
+from medforge_operator.api import ContributionPhase as Phase
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog
 from medforge_operator.kube import Kube
@@ -29,12 +32,14 @@ def settled(obj: JSON) -> bool:
     st = obj.get("status") or {}
     return st.get("observedGeneration") == obj["metadata"].get("generation") and st.get(
         "phase"
-    ) in ("Succeeded", "Failed")
+    ) in (Phase.SUCCEEDED, Phase.FAILED)
 
 
 # Ready reasons of an unsettled contribution whose next step comes as an event of its Job or its
 # pods (the label-selected watches): polling such a contribution would only repeat reads.
-WATCH_DRIVEN = frozenset({"JobCreated", "Training", "CreateContainerConfigError"})
+WATCH_DRIVEN = frozenset(
+    {Reason.JOB_CREATED, Reason.TRAINING, Reason.CREATE_CONTAINER_CONFIG_ERROR}
+)
 
 
 def needs_polling(obj: JSON) -> bool:
@@ -46,7 +51,7 @@ def needs_polling(obj: JSON) -> bool:
         return False
     if st.get("observedGeneration") != obj["metadata"].get("generation"):
         return True
-    ready: JSON = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready = conditions.get(st.get("conditions"), ConditionType.READY) or {}
     return ready.get("reason") not in WATCH_DRIVEN
 
 
@@ -57,7 +62,7 @@ def reconcile(
     meta = obj["metadata"]
     ns, name, gen = meta["namespace"], meta["name"], int(meta["generation"])
     old = obj.get("status") or {}
-    if settled(obj) and old.get("phase") == "Succeeded":
+    if settled(obj) and old.get("phase") == Phase.SUCCEEDED:
         return old
     job_name = names.training_job_name(name, gen)
     o = contribution.Observation(generation=gen, job_name=job_name, job=None)
@@ -74,14 +79,14 @@ def reconcile(
             event(
                 obj,
                 "Normal",
-                "RetiredJob",
+                EventReason.RETIRED_JOB,
                 f"deleted Job {stale['metadata']['name']} of an older spec",
             )
 
     # Before the first status, the Job cannot exist yet unless an earlier round was cut short;
     # create_job returns the existing Job on a name conflict either way.
     o.job = kube.get_job(ns, job_name) if old.get("observedGeneration") == gen else None
-    if o.job is None and not (settled(obj) and old.get("phase") == "Failed"):
+    if o.job is None and not (settled(obj) and old.get("phase") == Phase.FAILED):
         o.job = _create_job(obj, kube, store, s, cat, o)
     if o.job is not None and jobs.job_state(o.job) == "Active" and not jobs.never_started(o.job):
         cat.configs.ensure(o.job)  # fresh URLs for pods about to start
@@ -98,11 +103,12 @@ def reconcile(
             patch[key] = None  # a merge patch removes keys only when told to
         kube.patch_status(CONTRIBUTIONS, ns, name, patch)
         if old.get("phase") != new.get("phase") or old.get("observedGeneration") != gen:
-            ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+            ready = conditions.get(new["conditions"], ConditionType.READY) or {}
             kind = (
                 "Warning"
-                if new.get("phase") == "Failed"
-                or ready["reason"] in ("CreateContainerConfigError", "StoreUnreachable")
+                if new.get("phase") == Phase.FAILED
+                or ready["reason"]
+                in (Reason.CREATE_CONTAINER_CONFIG_ERROR, Reason.STORE_UNREACHABLE)
                 else "Normal"
             )
             event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
@@ -122,7 +128,7 @@ def _create_job(
     meta, spec = obj["metadata"], obj["spec"]
     if not cat.namespaces.managed(meta["namespace"]):
         o.build_error = (
-            "NamespaceNotManaged",
+            Reason.NAMESPACE_NOT_MANAGED,
             cat.namespaces.not_managed_message(meta["namespace"]),
         )
         return None
@@ -141,12 +147,15 @@ def _create_job(
     except BaseModelUnusable as exc:
         o.build_error = (exc.reason, exc.message)
     except (UriError, ValueError) as exc:
-        o.build_error = ("InvalidSpec", str(exc))
+        o.build_error = (Reason.INVALID_SPEC, str(exc))
     except ApiException as exc:
         if exc.status not in (400, 403, 422):
             raise
         # The API server (or its admission policy) refused the Job: a verdict on the spec.
-        o.build_error = ("InvalidSpec", f"the API server refused the Job: {_api_message(exc)}")
+        o.build_error = (
+            Reason.INVALID_SPEC,
+            f"the API server refused the Job: {_api_message(exc)}",
+        )
     return None
 
 
@@ -163,7 +172,7 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
     result = contribution.success_result(o.pods)
     if result is None or "artifact" not in result:
         o.verify_error = (
-            "NoResult",
+            Reason.NO_RESULT,
             "the training Job succeeded but wrote no result JSON to its termination message",
         )
         return
@@ -177,16 +186,16 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
     try:
         manifest = store.verify_artifact(prefix, str(art.get("digest", "")))
     except StoreUnreachable as exc:
-        o.verify_error = ("StoreUnreachable", str(exc))
+        o.verify_error = (Reason.STORE_UNREACHABLE, str(exc))
         return
     except VerificationFailed as exc:
         VERIFICATIONS.labels("failed").inc()
-        o.verify_error = ("DigestMismatch", str(exc))
+        o.verify_error = (Reason.DIGEST_MISMATCH, str(exc))
         return
     if manifest.base_model_digest != expected_base:
         VERIFICATIONS.labels("failed").inc()
         o.verify_error = (
-            "BaseModelMismatch",
+            Reason.BASE_MODEL_MISMATCH,
             f"the adapter was trained for base model "
             f"{manifest.base_model_digest[:19]}..., not BaseModel "
             f"{spec['baseModel']['name']}'s {expected_base[:19]}...",
@@ -204,7 +213,7 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
         "baseModelDigest": manifest.base_model_digest,
         "task": spec["task"]["name"],
     }
-    if "distilled.safetensors" in artifact["files"]:
-        d = next(f for f in manifest.files if f.name == "distilled.safetensors")
+    if DISTILLED_FILE in artifact["files"]:
+        d = next(f for f in manifest.files if f.name == DISTILLED_FILE)
         artifact["distilled"] = {"uri": str(prefix.join(d.name)), "digest": "sha256:" + d.sha256}
     o.verified = {"artifact": artifact, "metrics": result.get("metrics") or meta.get("metrics", {})}

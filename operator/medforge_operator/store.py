@@ -12,6 +12,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from medforge_common.artifacts import MANIFEST_FILE
 from medforge_common.manifest import Manifest, ManifestError
 from medforge_common.uris import S3Uri, UriError, parse_uri
 from medforge_operator.settings import Settings
@@ -123,14 +124,14 @@ class ForgeStore:
         """Check manifest.json against the expected digest (None: take it as it is), then every
         file it lists: its size first (HEAD: an upload larger than the manifest says, or than
         the operator's cap, is refused before a byte is downloaded), then its sha256."""
-        raw = self.read(prefix.join("manifest.json"))
+        raw = self.read(prefix.join(MANIFEST_FILE))
         actual = "sha256:" + hashlib.sha256(raw).hexdigest()
         if digest is not None and actual != digest:
             raise VerificationFailed(
                 f"manifest.json has digest {actual[:19]}..., expected {digest[:19]}..."
             )
         try:
-            manifest = Manifest.from_json(raw.decode(), str(prefix.join("manifest.json")))
+            manifest = Manifest.from_json(raw.decode(), str(prefix.join(MANIFEST_FILE)))
         except (ManifestError, UnicodeDecodeError) as exc:
             raise VerificationFailed(str(exc)) from exc
         cap = self.s.max_artifact_bytes
@@ -155,5 +156,5 @@ class ForgeStore:
         return manifest
 
     def manifest_digest(self, prefix: S3Uri) -> str:
-        raw = self.read(prefix.join("manifest.json"))
+        raw = self.read(prefix.join(MANIFEST_FILE))
         return "sha256:" + hashlib.sha256(raw).hexdigest()

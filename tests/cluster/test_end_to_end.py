@@ -169,7 +169,10 @@ def test_three_hospitals_build_a_composite_with_fusion(
             )["Body"].read()
         )
         assert manifest["meta"]["strategy"] == "fusion" and len(manifest["meta"]["steps"]) == 1
-        assert manifest["meta"]["tasks"] == ["breakhis", "lung", "colon"]
+        # Revision 1 took the first two in the order they became Ready (which of the two
+        # trains faster varies from run to run); colon arrived last.
+        tasks = manifest["meta"]["tasks"]
+        assert sorted(tasks[:2]) == ["breakhis", "lung"] and tasks[2] == "colon"
     except AssertionError:
         print(real_operator.tail(80))
         raise

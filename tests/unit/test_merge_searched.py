@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
+from medforge_common.artifacts import TASKS_FILE
 from medforge_common.manifest import Manifest
 from medforge_merger.__main__ import main as merge_main
 from medforge_merger.evaluate import Evaluator
-from medforge_merger.tasks import TASKS_FILE, load_bundle
+from medforge_merger.tasks import load_bundle
 from tests.merge_experiment import (
     INSTITUTIONS,
     Setup,

@@ -203,8 +203,8 @@ def test_settings_from_env_and_flags() -> None:
     env = {
         "MEDFORGE_STORE_ENDPOINT": "http://s3",
         "MEDFORGE_STORE_BUCKET": "forge",
-        "AWS_ACCESS_KEY_ID": "a",
-        "AWS_SECRET_ACCESS_KEY": "b",
+        "AWS_ACCESS_KEY_ID": "AKIA-test-key-id",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
         "MEDFORGE_NAMESPACES": "h1, h2",
         "MEDFORGE_TRAINER_COMMAND": json.dumps(["python", "-m", "t"]),
     }
@@ -214,7 +214,8 @@ def test_settings_from_env_and_flags() -> None:
         and s.concurrency == 4
         and s.trainer_command == ("python", "-m", "t")
     )
-    assert "s3cr3t-value" not in repr(s)  # credentials never show in logs
+    assert s.store_secret_key == "s3cr3t-value"  # read, so a leak would show below
+    assert "s3cr3t-value" not in repr(s) and "s3cr3t-value" not in str(s)  # never in logs
     with pytest.raises(SettingsError, match="MEDFORGE_STORE_BUCKET"):
         load([], {"MEDFORGE_STORE_ENDPOINT": "http://s3"})
     with pytest.raises(SettingsError, match="PRESIGN_EXPIRY"):

@@ -10,12 +10,14 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from medforge_common.artifacts import ADAPTER_FILE, DISTILLED_FILE, HEAD_FILE, MANIFEST_FILE
 from medforge_common.manifest import Manifest
 from medforge_common.result import (
     JobConfigError,
@@ -31,18 +33,26 @@ from medforge_trainer import VERSION, config, dataset, distill, model, sources, 
 from medforge_trainer.errors import ConfigError
 
 JSON = dict[str, Any]
-ADAPTER_FILE = "adapter.safetensors"
-HEAD_FILE = "head.safetensors"
-DISTILLED_FILE = "distilled.safetensors"
 
 
 def log(line: str) -> None:
     print(line, flush=True)
 
 
-def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
-    torch.manual_seed(cfg.training.seed)
-    rt = train.pick_runtime(cfg.training.precision)
+@dataclass
+class Prepared:
+    """The base model loaded and the dataset split, ready to train on."""
+
+    base: Any
+    tokenizer: Any
+    base_config: JSON
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    data: dataset.LoadedDataset
+
+
+def _prepare(cfg: config.TrainConfig, work: Path) -> Prepared:
+    """The verified base model and the institution's images, split for validation."""
     base_dir = sources.fetch_base_model(cfg, work / "base")
     log(f"base model {cfg.base_digest[:19]}... verified")
     base, tokenizer, base_config = model.load_base(base_dir)
@@ -60,96 +70,118 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
         f"dataset: {len(data.train.labels)} train / {len(data.validation.labels)} validation "
         f"images, {len(cfg.classes)} classes, {data.corrupt} corrupt skipped"
     )
-    clf = model.add_lora(model.Classifier(base, cfg.head, cfg.classes, tokenizer), cfg.lora)
+    return Prepared(base, tokenizer, base_config, mean, std, data)
+
+
+def _distilled(
+    cfg: config.TrainConfig, clf: Any, p: Prepared, norm: Any, device: Any, work: Path
+) -> Path:
+    """The distilled summary set (distribution matching on the frozen features), saved."""
+    for param in clf.parameters():
+        param.requires_grad_(False)
+    images, labels = distill.distill(
+        clf.features,
+        p.data.train,
+        len(cfg.classes),
+        cfg.distillation,
+        norm,
+        cfg.training.seed,
+        device,
+        log,
+    )
+    save_file(
+        {"images": images.contiguous(), "labels": labels},
+        str(work / DISTILLED_FILE),
+        metadata={
+            "classes": json.dumps(list(cfg.classes)),
+            "task": cfg.task,
+            "space": "normalized",
+            "image_mean": json.dumps(list(p.mean)),
+            "image_std": json.dumps(list(p.std)),
+        },
+    )
+    return work / DISTILLED_FILE
+
+
+def _manifest_meta(
+    cfg: config.TrainConfig, p: Prepared, metrics: JSON, stats: JSON, device: str
+) -> JSON:
+    return {
+        "task": cfg.task,
+        "classes": list(cfg.classes),
+        "head": cfg.head,
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha,
+        "dropout": cfg.lora.dropout,
+        "targetModules": list(cfg.lora.target_modules),
+        "metrics": metrics,
+        "datasetFingerprint": p.data.fingerprint,
+        "samples": {"train": len(p.data.train.labels), "validation": len(p.data.validation.labels)},
+        "corruptSkipped": p.data.corrupt,
+        "seed": cfg.training.seed,
+        "training": {
+            "epochs": cfg.training.epochs,
+            "batchSize": cfg.training.batch_size,
+            "learningRate": cfg.training.learning_rate,
+            "device": device,
+            "imagesPerSecond": round(stats["imagesPerSecond"], 2),
+        },
+        "distillation": {
+            "imagesPerClass": cfg.distillation.images_per_class,
+            "iterations": cfg.distillation.iterations,
+        },
+        "baseModelType": p.base_config.get("model_type"),
+        "tool": f"medforge-train {VERSION}",
+    }
+
+
+def _publish(
+    cfg: config.TrainConfig,
+    manifest: Manifest,
+    out: list[Path],
+    work: Path,
+    output_dir: Path | None,
+) -> JSON:
+    """Upload the files and their manifest; the artifact part of the result."""
+    entries = [manifest.add_file(p) for p in out]
+    manifest_path = work / MANIFEST_FILE
+    manifest_path.write_text(manifest.to_json())
+    for p in [*out, manifest_path]:
+        sources.upload(p.name, p, cfg, output_dir)
+    return {
+        "uri": cfg.output_uri or (str(output_dir) if output_dir else ""),
+        "digest": manifest.digest(),
+        "sizeBytes": sum(e.size for e in entries),
+    }
+
+
+def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
+    """Fetch and verify, train, validate, distil, upload; the result JSON."""
+    torch.manual_seed(cfg.training.seed)
+    rt = train.pick_runtime(cfg.training.precision)
+    p = _prepare(cfg, work)
+    clf = model.add_lora(model.Classifier(p.base, cfg.head, cfg.classes, p.tokenizer), cfg.lora)
     clf.to(rt.device)
-    norm = train.normalizer(mean, std, rt.device)
+    norm = train.normalizer(p.mean, p.std, rt.device)
     log(
         f"training on {rt.device.type}"
         + (f" with {rt.autocast_dtype} autocast" if rt.autocast_dtype else " in fp32")
     )
-    stats = train.train(clf, data.train, cfg.training, rt, norm, log)
-    metrics = train.evaluate(clf, data.validation, rt, norm)
+    stats = train.train(clf, p.data.train, cfg.training, rt, norm, log)
+    metrics = train.evaluate(clf, p.data.validation, rt, norm)
     log("validation: " + json.dumps(metrics))
 
-    out: list[Path] = []
-    adapter_path = work / ADAPTER_FILE
-    save_file(model.adapter_state(clf), str(adapter_path), metadata={"format": "pt"})
-    out.append(adapter_path)
+    out = [work / ADAPTER_FILE]
+    save_file(model.adapter_state(clf), str(out[0]), metadata={"format": "pt"})
     head = model.head_state(clf)
     if head:
         save_file(head, str(work / HEAD_FILE), metadata={"format": "pt"})
         out.append(work / HEAD_FILE)
     if cfg.distillation.images_per_class > 0:
-        for param in clf.parameters():
-            param.requires_grad_(False)
-        images, labels = distill.distill(
-            clf.features,
-            data.train,
-            len(cfg.classes),
-            cfg.distillation,
-            norm,
-            cfg.training.seed,
-            rt.device,
-            log,
-        )
-        save_file(
-            {"images": images.contiguous(), "labels": labels},
-            str(work / DISTILLED_FILE),
-            metadata={
-                "classes": json.dumps(list(cfg.classes)),
-                "task": cfg.task,
-                "space": "normalized",
-                "image_mean": json.dumps(list(mean)),
-                "image_std": json.dumps(list(std)),
-            },
-        )
-        out.append(work / DISTILLED_FILE)
-
-    manifest = Manifest(
-        "contribution",
-        cfg.base_digest,
-        [],
-        {
-            "task": cfg.task,
-            "classes": list(cfg.classes),
-            "head": cfg.head,
-            "rank": cfg.lora.rank,
-            "alpha": cfg.lora.alpha,
-            "dropout": cfg.lora.dropout,
-            "targetModules": list(cfg.lora.target_modules),
-            "metrics": metrics,
-            "datasetFingerprint": data.fingerprint,
-            "samples": {"train": len(data.train.labels), "validation": len(data.validation.labels)},
-            "corruptSkipped": data.corrupt,
-            "seed": cfg.training.seed,
-            "training": {
-                "epochs": cfg.training.epochs,
-                "batchSize": cfg.training.batch_size,
-                "learningRate": cfg.training.learning_rate,
-                "device": rt.device.type,
-                "imagesPerSecond": round(stats["imagesPerSecond"], 2),
-            },
-            "distillation": {
-                "imagesPerClass": cfg.distillation.images_per_class,
-                "iterations": cfg.distillation.iterations,
-            },
-            "baseModelType": base_config.get("model_type"),
-            "tool": f"medforge-train {VERSION}",
-        },
-    )
-    entries = [manifest.add_file(p) for p in out]
-    manifest_path = work / "manifest.json"
-    manifest_path.write_text(manifest.to_json())
-    for p in [*out, manifest_path]:
-        sources.upload(p.name, p, cfg, output_dir)
-    return {
-        "artifact": {
-            "uri": cfg.output_uri or (str(output_dir) if output_dir else ""),
-            "digest": manifest.digest(),
-            "sizeBytes": sum(e.size for e in entries),
-        },
-        "metrics": metrics,
-    }
+        out.append(_distilled(cfg, clf, p, norm, rt.device, work))
+    meta = _manifest_meta(cfg, p, metrics, stats, rt.device.type)
+    manifest = Manifest("contribution", cfg.base_digest, [], meta)
+    return {"artifact": _publish(cfg, manifest, out, work, output_dir), "metrics": metrics}
 
 
 def prepare_base_model(directory: Path) -> int:

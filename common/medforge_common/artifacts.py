@@ -1,0 +1,13 @@
+"""The files of MedForge artifacts, named once for every part: what a training Job uploads, what
+a merge Job uploads, and the manifest that lists and hashes them."""
+
+MANIFEST_FILE = "manifest.json"
+ADAPTER_FILE = "adapter.safetensors"  # LoRA factors, keyed by the base model's module names
+HEAD_FILE = "head.safetensors"  # a linear head's weights (linear-head tasks only)
+DISTILLED_FILE = "distilled.safetensors"  # the distilled summary set the merger scores on
+MIXTURE_FILE = "mixture.safetensors"  # a mixture composite's adapters and weights
+TASKS_FILE = "tasks.safetensors"  # the tasks a composite was scored on, with their sets
+
+# Upload URLs the operator signs for each kind of Job (a Job may leave optional ones unused).
+CONTRIBUTION_FILES = (ADAPTER_FILE, HEAD_FILE, MANIFEST_FILE, DISTILLED_FILE)
+COMPOSITE_FILES = (ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, TASKS_FILE)
