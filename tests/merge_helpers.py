@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -51,3 +53,15 @@ def dense(tensors: dict[str, torch.Tensor], module: str, scale: float) -> torch.
         * tensors[f"{module}.lora_B.weight"].double()
         @ tensors[f"{module}.lora_A.weight"].double()
     )
+
+
+def full_result(term: str, out: Path) -> dict[str, Any]:
+    """A merge's full result: the termination message names result.json (written beside the
+    composite) and its digest; both are checked here."""
+    ref = json.loads(term)
+    body = (out / ref["resultFile"]["name"]).read_bytes()
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == ref["resultFile"]["digest"]
+    assert len(term.encode()) < 1024  # the message stays small, whatever the result's size
+    result: dict[str, Any] = json.loads(body)
+    assert result["artifact"]["digest"] == ref["artifact"]["digest"]
+    return result

@@ -7,7 +7,8 @@ HEAD_FILE = "head.safetensors"  # a linear head's weights (linear-head tasks onl
 DISTILLED_FILE = "distilled.safetensors"  # the distilled summary set the merger scores on
 MIXTURE_FILE = "mixture.safetensors"  # a mixture composite's adapters and weights
 TASKS_FILE = "tasks.safetensors"  # the tasks a composite was scored on, with their sets
+RESULT_FILE = "result.json"  # a merge's full result (inputs, metrics), of any size
 
 # Upload URLs the operator signs for each kind of Job (a Job may leave optional ones unused).
 CONTRIBUTION_FILES = (ADAPTER_FILE, HEAD_FILE, MANIFEST_FILE, DISTILLED_FILE)
-COMPOSITE_FILES = (ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, TASKS_FILE)
+COMPOSITE_FILES = (ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, TASKS_FILE, RESULT_FILE)

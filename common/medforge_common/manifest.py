@@ -55,6 +55,32 @@ def check_safe_name(name: str) -> None:
         raise ManifestError(f"{name}: file names must be plain names, without directories")
 
 
+MAX_FILES = 64  # an artifact is a handful of files; anything more is not ours
+MAX_FILE_BYTES = 1 << 40
+
+
+def _files(raw: Any, source: str) -> list[FileEntry]:
+    """The file list, each entry checked: a plain safe name, once; a hex sha256; a size."""
+    if not isinstance(raw, list) or len(raw) > MAX_FILES:
+        raise ManifestError(f"{source}: files must be a list of at most {MAX_FILES} entries")
+    files: list[FileEntry] = []
+    for f in raw:
+        if not isinstance(f, dict):
+            raise ManifestError(f"{source}: every file needs name, sha256 and size")
+        name, sha, size = f.get("name"), f.get("sha256"), f.get("size")
+        if not (isinstance(name, str) and isinstance(sha, str) and type(size) is int):
+            raise ManifestError(f"{source}: every file needs name, sha256 and size ({f!r:.80})")
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ManifestError(f"{source}: {name}: sha256 must be 64 lower-case hex digits")
+        if not 0 <= size <= MAX_FILE_BYTES:
+            raise ManifestError(f"{source}: {name}: size {size} is out of range")
+        check_safe_name(name)
+        if any(e.name == name for e in files):
+            raise ManifestError(f"{source}: {name} is listed twice")
+        files.append(FileEntry(name, sha, size))
+    return files
+
+
 @dataclass
 class Manifest:
     kind: str  # "contribution" or "composite"
@@ -83,23 +109,13 @@ class Manifest:
         for key in ("kind", "base_model_digest", "files"):
             if key not in data:
                 raise ManifestError(f"{source}: the field {key!r} is missing")
-        try:
-            files = [
-                FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"])) for f in data["files"]
-            ]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(
-                f"{source}: every file needs name, sha256 and size ({exc})"
-            ) from exc
-        for f in files:
-            check_safe_name(f.name)
-        return cls(
-            str(data["kind"]),
-            str(data["base_model_digest"]),
-            files,
-            dict(data.get("meta") or {}),
-            version,
-        )
+        files = _files(data["files"], source)
+        meta = data.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise ManifestError(f"{source}: meta must be a JSON object, not {type(meta).__name__}")
+        if not isinstance(data["kind"], str) or not isinstance(data["base_model_digest"], str):
+            raise ManifestError(f"{source}: kind and base_model_digest must be strings")
+        return cls(data["kind"], data["base_model_digest"], files, dict(meta or {}), version)
 
     def add_file(self, path: Path) -> FileEntry:
         check_safe_name(path.name)

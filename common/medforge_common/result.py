@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -40,6 +41,28 @@ def write_result(result: dict[str, Any], path: Path = DEFAULT_PATH) -> None:
 
 def write_failure(reason: str, path: Path = DEFAULT_PATH) -> None:
     path.write_text(failure_line(reason))
+
+
+MAX_RESULT_FILE_BYTES = 16 << 20
+
+
+def result_reference(result: dict[str, Any], body: bytes, name: str) -> dict[str, Any]:
+    """What the termination message carries when the full result went to the store as a file
+    (`body`, its bytes): the artifact, the score, and the file's digest, so that a result of
+    any size (a thousand inputs) is reported while the message stays far below 4 KiB."""
+    ref: dict[str, Any] = {
+        "artifact": {
+            k: result["artifact"][k] for k in ("digest", "uri") if k in result["artifact"]
+        },
+        "resultFile": {
+            "name": name,
+            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+            "sizeBytes": len(body),
+        },
+    }
+    if "score" in result:
+        ref["score"] = result["score"]
+    return ref
 
 
 def read_result(message: str) -> dict[str, Any] | None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,7 @@ from medforge_common.manifest import (
     verify_file,
 )
 from medforge_ml.errors import ModelError
-
-CHUNK = 1 << 20
+from medforge_ml.transfers import download
 
 
 def check_base_file_name(name: str) -> None:
@@ -35,16 +32,6 @@ def check_base_file_name(name: str) -> None:
         )
     if "/" in name or "\\" in name or name.startswith("."):
         raise ModelError(f"base model file {name!r}: expected a plain file name")
-
-
-def download(url: str, target: Path, what: str) -> None:
-    try:
-        with urllib.request.urlopen(url, timeout=120) as r, target.open("wb") as out:  # noqa: S310
-            shutil.copyfileobj(r, out, CHUNK)
-    except urllib.error.HTTPError as exc:
-        raise ModelError(f"{what}: the store answered HTTP {exc.code} (expired URL?)") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise ModelError(f"{what}: cannot be read ({exc})") from exc
 
 
 def fetch_model_dir(digest: str, files: list[dict[str, Any]], path: str | None, dest: Path) -> Path:

@@ -5,17 +5,17 @@ termination message. Any failure: non-zero exit and a one-line reason there."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE
+from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, RESULT_FILE
 from medforge_common.manifest import (
     Manifest,
     ManifestError,
@@ -28,6 +28,7 @@ from medforge_common.result import (
     failure_line,
     job_parser,
     read_job_config,
+    result_reference,
 )
 from medforge_common.result import finish as report
 from medforge_merger.adapters import (
@@ -38,6 +39,8 @@ from medforge_merger.adapters import (
 )
 from medforge_merger.merge import SEARCHED, Strategy, merge_to_file
 from medforge_merger.strategies import MergeError
+from medforge_ml import transfers
+from medforge_ml.errors import ModelError
 
 if TYPE_CHECKING:
     from medforge_merger.scoring import Scorer
@@ -57,16 +60,20 @@ def fetch(spec: JSON, dest: Path) -> None:
     if "path" in spec:
         shutil.copyfile(spec["path"], target)
         return
-    with urllib.request.urlopen(spec["url"], timeout=60) as r, target.open("wb") as out:  # noqa: S310
-        shutil.copyfileobj(r, out, 1 << 20)
+    try:
+        transfers.download(spec["url"], target, spec["name"])  # retried on timeouts and 5xx
+    except ModelError as exc:
+        # The store, not the input, failed: a fault for the whole revision (the operator
+        # retries it), never a verdict that excludes this input.
+        raise JobFailed(f"cannot fetch an input: {exc}") from exc
 
 
 def put(url_or_path: str, source: Path) -> None:
     if url_or_path.startswith(("http://", "https://")):
-        req = urllib.request.Request(url_or_path, data=source.read_bytes(), method="PUT")  # noqa: S310
-        with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310
-            if r.status not in (200, 201):
-                raise JobFailed(f"upload of {source.name} answered HTTP {r.status}")
+        try:
+            transfers.upload(url_or_path, source, source.name)
+        except ModelError as exc:
+            raise JobFailed(str(exc)) from exc
     else:
         shutil.copyfile(source, url_or_path)
 
@@ -247,10 +254,28 @@ def _score(cfg: JSON, scorer: Scorer | None, work: Path) -> tuple[JSON, JSON]:
     return metrics, regression
 
 
+def _check_finite(files: list[Path]) -> None:
+    """Nothing with NaN or Inf leaves the merge Job: every tensor of every file is checked
+    before the first upload."""
+    import numpy as np
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                if not np.isfinite(f.get_tensor(key)).all():
+                    raise JobFailed(
+                        f"the merged {path.name} holds NaN or Inf in {key}; nothing was uploaded"
+                    )
+
+
 def _publish(
     cfg: JSON, manifest: Manifest, files: list[Path], work: Path, output_dir: Path | None
 ) -> JSON:
     """Upload the files and their manifest; the artifact part of the result."""
+    _check_finite(files)
     entries = [manifest.add_file(p) for p in files]
     manifest_path = work / MANIFEST_FILE
     manifest_path.write_text(manifest.to_json())
@@ -317,6 +342,22 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
     return result
 
 
+def publish_result(cfg: JSON, result: JSON, work: Path, output_dir: Path | None) -> JSON:
+    """The full result as result.json next to the composite; the small reference that the
+    termination message carries (4 KiB would hold only about 20 inputs' entries)."""
+    body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
+    path = work / RESULT_FILE
+    path.write_bytes(body)
+    outputs = (cfg.get("output") or {}).get("files") or {}
+    if output_dir is not None:
+        put(str(output_dir / RESULT_FILE), path)
+    elif RESULT_FILE in outputs:
+        put(outputs[RESULT_FILE], path)
+    else:
+        raise JobFailed(f"the job config has no output URL for {RESULT_FILE}")
+    return result_reference(result, body, RESULT_FILE)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = job_parser("medforge-merge", __doc__.splitlines()[0], "the composite")
     args = p.parse_args(argv)
@@ -335,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="medforge-merge-") as tmp:
         try:
             result = run(cfg, Path(tmp), out_dir)
+            reference = publish_result(cfg, result, Path(tmp), out_dir)
         except (JobFailed, MergeError, ManifestError, KeyError) as exc:
             return finish(failure_line(f"merge failed: {exc}"), 1)
         except MemoryError:
@@ -344,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one line for the operator, never a bare traceback
             traceback.print_exc()
             return finish(failure_line(f"merge failed: {type(exc).__name__}: {exc}"), 1)
-    return finish(encode_result(result), 0)
+    return finish(encode_result(reference), 0)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,23 @@ def _read_factors(path: Path) -> tuple[dict[str, tuple[int, int, int]], float]:
     return shapes, sq_norm
 
 
+def _number(
+    meta: dict[str, Any], key: str, default: float, lo: float, hi: float, integer: bool = False
+) -> float:
+    """A number from an input's manifest meta, or InputRejected naming the field (a string, a
+    bool, NaN, Inf or a value out of range is a verdict on the input, never a crash)."""
+    value = meta.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputRejected(f"manifest meta.{key} must be a number, not {value!r:.40}")
+    if integer and value != int(value):
+        raise InputRejected(f"manifest meta.{key} must be a whole number, not {value!r}")
+    if not (math.isfinite(value) and (value == default or lo <= value <= hi)):
+        raise InputRejected(f"manifest meta.{key} {value!r} is outside [{lo:g}, {hi:g}]")
+    return int(value) if integer else float(value)
+
+
 def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Adapter:
     """Verify an input in `directory` (manifest.json plus its files) before any math."""
     raw = (directory / MANIFEST_FILE).read_bytes()
@@ -114,18 +131,18 @@ def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Ad
     if ADAPTER_FILE not in {f.name for f in manifest.files}:
         raise InputRejected(f"the manifest lists no {ADAPTER_FILE}")
     meta = manifest.meta
-    rank = int(meta.get("rank") or 0)
-    alpha = float(meta.get("alpha") or rank or 1)
+    rank = _number(meta, "rank", 0, 0, 4096, integer=True)
+    alpha = _number(meta, "alpha", rank or 1, 1e-6, 1e6)
     path = directory / ADAPTER_FILE
     shapes, sq_norm = _read_factors(path)
     if rank and any(r != rank for _, r, _ in shapes.values()):
         raise InputRejected(f"the manifest says rank {rank}, the tensors disagree")
-    # Composites store the scale folded in ("scale": 1); contributions carry rank and alpha.
-    scale = (
-        float(meta["scale"])
-        if "scale" in meta
-        else alpha / (rank or next(iter(shapes.values()))[1])
-    )
+    # Composites (merged by this program) store their scale folded in ("scale": 1); a
+    # contribution's scale is always alpha / rank, never a number of its own choosing.
+    if manifest.kind == "composite":
+        scale = _number(meta, "scale", 1.0, 1e-6, 1e6)
+    else:
+        scale = alpha / (rank or next(iter(shapes.values()))[1])
     return Adapter(
         key,
         digest,

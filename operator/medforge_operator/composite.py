@@ -3,6 +3,7 @@ and the status (pure functions)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,7 +268,7 @@ def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -
         url_lifetime=settings.presign_expiry_seconds,
         annotations={jobs.ANNOTATION_BASE_DIGEST: job_plan["baseModel"]["digest"]},
         env=[],
-        labels={jobs.LABEL_OWNER: meta["name"], jobs.LABEL_REVISION: str(plan.revision)},
+        labels={jobs.LABEL_REVISION: str(plan.revision)},
         resources=spec.get("resources") or {},
         volumes=[],
         volume_mounts=[],
@@ -343,9 +344,11 @@ def settle(status: JSON, o: Observation, history_limit: int, at: str) -> JSON:
     return done | {"pendingRevision": None}
 
 
-def next_plan(composite: JSON, o: Observation) -> Plan | None:
-    """The revision to start now, if any (`composite` carries the settled status)."""
+def next_plan(composite: JSON, o: Observation, at: str) -> Plan | None:
+    """The revision to start now (`at`), if any (`composite` carries the settled status)."""
     status = composite.get("status") or {}
+    if at < str((status.get("retry") or {}).get("notBefore", "")):
+        return None  # a failed revision's backoff
     # A failed revision does not block the next one (its inputs are excluded); a store that
     # cannot be reached, a refused start or an unusable base model do.
     blocked = o.start_problem or o.base_problem
@@ -363,7 +366,11 @@ def problem_of(status: JSON, o: Observation) -> tuple[str, str] | None:
     last = (status.get("history") or [{}])[0]
     failed = last.get("state") == RevisionState.FAILED and in_flight(status, o) is None
     if problem is None and failed:
-        problem = (R.MERGE_FAILED, f"revision {last['revision']}: {last.get('message', '')}")
+        retry = status.get("retry") or {}
+        when = (
+            f"; retrying at {retry['notBefore']} (attempt {retry['attempt'] + 1})" if retry else ""
+        )
+        problem = (R.MERGE_FAILED, f"revision {last['revision']}: {last.get('message', '')}{when}")
     return problem
 
 
@@ -374,7 +381,33 @@ def compute_status(old: JSON, composite: JSON, o: Observation, changes: JSON) ->
     inputs, _ = evaluate_inputs(composite, o.contribs, o.base.digest if o.base else None)
     paused = bool(composite["spec"].get("paused"))
     phase, conds = conditions_for(status, paused, in_flight(status, o), problem_of(status, o))
+    # Exclusions of adapters no contribution carries any more (deleted, retrained, no longer
+    # shared) go: the map stays as large as the inputs, not as their history.
+    digests = {((c.get("status") or {}).get("artifact") or {}).get("digest") for c in o.contribs}
+    excluded = status.get("excluded") or {}
+    kept = {d: r for d, r in excluded.items() if d in digests}
+    if kept != excluded or "excluded" in changes:
+        changes = {**changes, "excluded": kept}
     return build_status(old, o.generation, inputs, phase, conds, changes)
+
+
+# status.inputs lists at most this many contributions; inputCounts counts them all.
+INPUTS_SHOWN = 200
+
+
+# A failed merge is retried after 30 s, 1 min, 2 min, ... at most an hour apart.
+RETRY_BASE_SECONDS = 30
+RETRY_MAX_SECONDS = 3600
+
+
+def retry_delay(attempt: int) -> int:
+    return int(min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** min(attempt - 1, 20)))
+
+
+def later(at: str, seconds: int) -> str:
+    """An RFC 3339 time (as conditions.now writes them) plus some seconds."""
+    t = dt.datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return (t + dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def finish_revision(
@@ -422,12 +455,17 @@ def finish_revision(
             "inputs": merged,
         }
         entry |= {"digest": art["digest"], "score": res.get("score")}
-    else:
+    elif outcome.state == RevisionState.REJECTED:
+        # A verdict on what these inputs did to the model: they are not merged again.
         for d in pending.get("digests") or []:
-            excluded.setdefault(
-                d,
-                IR.REJECTED_BY_GATE if outcome.state == RevisionState.REJECTED else IR.MERGE_FAILED,
-            )
+            excluded.setdefault(d, IR.REJECTED_BY_GATE)
+    if outcome.state == RevisionState.FAILED:
+        # The Job failed as a whole (OOM, a lost node, a store outage, a bug): a fault, not a
+        # verdict on any input. The inputs stay pending; the revision is retried with backoff.
+        attempt = int((status.get("retry") or {}).get("attempt", 0)) + 1
+        out["retry"] = {"attempt": attempt, "notBefore": later(at, retry_delay(attempt))}
+    else:
+        out["retry"] = None
     out["excluded"] = excluded
     out["history"] = [entry, *(status.get("history") or [])][:history_limit]
     return out
@@ -466,11 +504,15 @@ def conditions_for(
         )
     if problem:
         reason, message = problem
-        phase = Phase.FAILED if current is None else Phase.READY
+        # A merge that failed as a whole is retried by itself: in progress, not stuck.
+        retrying = reason == R.MERGE_FAILED and bool(status.get("retry"))
+        phase = Phase.FAILED if current is None and not retrying else Phase.READY
+        if current is None and retrying:
+            phase = Phase.WAITING
         return phase, [
             Cond(C.READY, current is not None and reason != R.STORE_UNREACHABLE, reason, message),
-            Cond(C.RECONCILING, False, reason, ""),
-            Cond(C.STALLED, True, reason, message),
+            Cond(C.RECONCILING, retrying, reason, message if retrying else ""),
+            Cond(C.STALLED, not retrying, reason, "" if retrying else message),
             merged,
             accepted,
         ]
@@ -516,13 +558,18 @@ def build_status(
     status = {
         k: v
         for k, v in old.items()
-        if k in ("revision", "current", "history", "excluded", "pendingRevision")
+        if k in ("revision", "current", "history", "excluded", "pendingRevision", "retry")
     }
     status |= extra
+    counts = {state.value: 0 for state in IS}
+    for i in inputs:
+        counts[i["state"]] = counts.get(i["state"], 0) + 1
     status |= {
         "observedGeneration": generation,
         "phase": phase,
-        "inputs": inputs,
+        "inputs": inputs[:INPUTS_SHOWN],
+        "inputCounts": counts,
+        "inputsOmitted": max(0, len(inputs) - INPUTS_SHOWN) or None,
         "conditions": merge_conditions(old.get("conditions"), conds, generation),
     }
     return {k: v for k, v in status.items() if v is not None}

@@ -116,7 +116,7 @@ def training_job(obj: JSON, settings: Settings, base: basemodel.Resolved, plan: 
             "medforge.io/base-model": base.name,
         },
         env=env,
-        labels={jobs.LABEL_OWNER: meta["name"], jobs.LABEL_GENERATION: str(meta["generation"])},
+        labels={jobs.LABEL_GENERATION: str(meta["generation"])},
         resources=resources,
         volumes=volumes,
         volume_mounts=mounts,

@@ -27,7 +27,14 @@ from medforge_operator.api import BaseModelPhase, ContributionPhase
 from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
 from medforge_operator.kube import Kube
-from medforge_operator.metrics import RECONCILE_SECONDS, RECONCILES
+from medforge_operator.metrics import (
+    ACTIVE_WORKERS,
+    RECONCILE_ERRORS,
+    RECONCILE_SECONDS,
+    RECONCILE_TIME,
+    RECONCILE_TOTAL,
+    RECONCILES,
+)
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
 from medforge_operator.workqueue import WorkQueue
@@ -108,17 +115,23 @@ def work(r: Runtime, key: Hashable, body: JSON | None) -> None:
     plural, ns, name = cast(Key, key)
     kind = {CONTRIBUTIONS: "contribution", COMPOSITES: "composite"}.get(plural, "basemodel")
     t0 = time.monotonic()
+    ACTIVE_WORKERS.labels(kind).inc()
     try:
         _round(r, plural, ns, name, body)
     except Exception:
         RECONCILES.labels(kind, "error").inc()
+        RECONCILE_TOTAL.labels(kind, "error").inc()
+        RECONCILE_ERRORS.labels(kind).inc()
         r.failed.add((plural, ns, name))
-        raise
+        raise  # the work queue retries it with backoff
     else:
         RECONCILES.labels(kind, "ok").inc()
+        RECONCILE_TOTAL.labels(kind, "success").inc()
         r.failed.discard((plural, ns, name))
     finally:
+        ACTIVE_WORKERS.labels(kind).dec()
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - t0)
+        RECONCILE_TIME.labels(kind).observe(time.monotonic() - t0)
 
 
 def _round(r: Runtime, plural: str, ns: str, name: str, body: JSON | None) -> None:
@@ -263,7 +276,7 @@ def child_event(
     """A Job or pod of ours changed: queue its owner."""
     if kind == "Job" and not jobs.worth_a_round(etype, obj):
         return
-    owner = labels.get(jobs.LABEL_OWNER)
+    owner = jobs.owner_of(obj)
     component = labels.get(jobs.LABEL_COMPONENT)
     if owner and component == "train":
         r.enqueue(CONTRIBUTIONS, namespace, owner)

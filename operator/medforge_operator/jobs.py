@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 from medforge_common.uris import S3Uri, parse_uri
-from medforge_operator import GROUP, VERSION
+from medforge_operator import GROUP, VERSION, names
 
 JSON = dict[str, Any]
 MANAGED_BY = "medforge-operator"
 LABEL_COMPONENT = "medforge.io/component"
-LABEL_OWNER = "medforge.io/owner"
+LABEL_OWNER = "medforge.io/owner"  # the owner's name as a label value (hashed past 63 chars)
+ANNOTATION_OWNER = "medforge.io/owner-name"  # the owner's name in full, on Jobs and pods
 LABEL_OWNER_NS = "medforge.io/owner-namespace"
 LABEL_GENERATION = "medforge.io/generation"
 LABEL_REVISION = "medforge.io/revision"
@@ -110,6 +111,7 @@ def job_manifest(
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_COMPONENT: component,
+        LABEL_OWNER: names.label_value(owner["metadata"]["name"]),
         **labels,
     }
     container = {
@@ -146,7 +148,10 @@ def job_manifest(
         "backoffLimit": backoff_limit,
         "ttlSecondsAfterFinished": ttl_seconds,
         "template": {
-            "metadata": {"labels": all_labels},
+            "metadata": {
+                "labels": all_labels,
+                "annotations": {ANNOTATION_OWNER: owner["metadata"]["name"]},
+            },
             "spec": restricted_pod(
                 container,
                 resources,
@@ -174,6 +179,7 @@ def job_manifest(
             "labels": job_labels,
             "annotations": {
                 **annotations,
+                ANNOTATION_OWNER: owner["metadata"]["name"],
                 ANNOTATION_PLAN: json.dumps(plan, sort_keys=True, separators=(",", ":")),
                 ANNOTATION_URL_LIFETIME: str(url_lifetime),
             },
@@ -297,6 +303,13 @@ def never_started(job: JSON) -> bool:
         or st.get("failed")
         or st.get("terminating")
     )
+
+
+def owner_of(obj: JSON) -> str | None:
+    """The name of the CR that a Job or pod of ours belongs to."""
+    meta = obj.get("metadata") or {}
+    name = (meta.get("annotations") or {}).get(ANNOTATION_OWNER)
+    return str(name) if name else (meta.get("labels") or {}).get(LABEL_OWNER)
 
 
 def worth_a_round(etype: str, job: JSON) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 JOBS_CREATED = Counter("medforge_jobs_created_total", "Jobs created by the operator", ["component"])
 VERIFICATIONS = Counter(
@@ -13,3 +13,35 @@ RECONCILE_SECONDS = Histogram(
     "medforge_reconcile_seconds", "Duration of a reconcile round", ["kind"]
 )
 REVISIONS = Counter("medforge_revisions_total", "Composite revisions finished", ["outcome"])
+
+# The work queue and the controllers, in the names controller-runtime exports (so the dashboards
+# people already have for Go operators chart MedForge's too).
+WORKQUEUE_DEPTH = Gauge("workqueue_depth", "Current depth of the work queue", ["name"])
+WORKQUEUE_ADDS = Counter("workqueue_adds_total", "Keys added to the work queue", ["name"])
+WORKQUEUE_RETRIES = Counter(
+    "workqueue_retries_total", "Keys queued again after a failed round (with backoff)", ["name"]
+)
+WORKQUEUE_QUEUE_SECONDS = Histogram(
+    "workqueue_queue_duration_seconds",
+    "How long a key waits in the queue before a worker takes it",
+    ["name"],
+    buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+WORKQUEUE_WORK_SECONDS = Histogram(
+    "workqueue_work_duration_seconds",
+    "How long a round takes",
+    ["name"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ACTIVE_WORKERS = Gauge(
+    "controller_runtime_active_workers", "Workers running a round now", ["controller"]
+)
+RECONCILE_TOTAL = Counter(
+    "controller_runtime_reconcile_total", "Reconcile rounds by result", ["controller", "result"]
+)
+RECONCILE_ERRORS = Counter(
+    "controller_runtime_reconcile_errors_total", "Reconcile rounds that failed", ["controller"]
+)
+RECONCILE_TIME = Histogram(
+    "controller_runtime_reconcile_time_seconds", "Duration of a reconcile round", ["controller"]
+)

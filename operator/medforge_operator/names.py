@@ -17,6 +17,15 @@ def child_name(parent: str, suffix: str) -> str:
     return f"{parent[:keep].rstrip('-')}-{digest}-{suffix}"
 
 
+def label_value(value: str) -> str:
+    """A name as a label value (at most 63 characters, alphanumeric at both ends): object names
+    may have up to 253. Longer ones keep a readable head and a hash of the whole."""
+    if len(value) <= MAX:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{value[: MAX - len(digest) - 1].rstrip('-_.')}-{digest}"
+
+
 def training_job_name(contribution: str, generation: int) -> str:
     return child_name(contribution, f"train-g{generation}")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from medforge_common.result import read_result
+from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_common.uris import UriError
 from medforge_operator import COMPOSITES, CONTRIBUTIONS, composite, jobs, names
 from medforge_operator.api import CompositePhase, EventReason, InputState, RevisionState
@@ -69,9 +69,10 @@ def reconcile(
     o = observe(fresh, kube, store, s, cat)
     spec = fresh["spec"]
     old = fresh.get("status") or {}
-    changes = composite.settle(old, o, int(spec.get("historyLimit", 10)), now())
+    at = now()
+    changes = composite.settle(old, o, int(spec.get("historyLimit", 10)), at)
     settled = {**fresh, "status": _apply(old, changes)}
-    plan = composite.next_plan(settled, o)
+    plan = composite.next_plan(settled, o, at)
     if plan is not None and o.base is not None:
         _start(settled, plan, kube, store, s, cat, o)
         if o.started is not None:
@@ -268,11 +269,15 @@ def _outcome(
     if not result or "artifact" not in result:
         return composite.Outcome(RevisionState.FAILED, "the merge Job wrote no result JSON")
     try:
+        if "resultFile" in result:  # the full result went to the store beside the composite
+            result = store.read_json(uri, result["resultFile"], MAX_RESULT_FILE_BYTES)
         manifest = store.verify_artifact(uri, str(result["artifact"].get("digest", "")))
     except StoreUnreachable as exc:
         return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
     except VerificationFailed as exc:
-        return composite.Outcome(RevisionState.FAILED, f"{R.DIGEST_MISMATCH}: {exc}")
+        text = str(exc)
+        prefix = "" if text.startswith(R.INVALID_RESULT) else f"{R.DIGEST_MISMATCH}: "
+        return composite.Outcome(RevisionState.FAILED, prefix + text)
     result["artifact"]["files"] = [f.name for f in manifest.files]
     ok, message = composite.gate(result, float((spec.get("gate") or {}).get("maxRegression", 0.05)))
     message = jobs.redact_urls(message)

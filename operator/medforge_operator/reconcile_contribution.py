@@ -69,7 +69,9 @@ def reconcile(
 
     # A spec change retires the Jobs of older generations (generation 1 has none).
     older = (
-        kube.list_jobs(ns, f"{jobs.LABEL_OWNER}={name},{jobs.LABEL_COMPONENT}=train")
+        kube.list_jobs(
+            ns, f"{jobs.LABEL_OWNER}={names.label_value(name)},{jobs.LABEL_COMPONENT}=train"
+        )
         if gen > 1
         else []
     )

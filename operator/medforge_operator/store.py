@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -154,6 +155,25 @@ class ForgeStore:
                     f"manifest's {entry.sha256[:12]}... ({entry.size} bytes)"
                 )
         return manifest
+
+    def read_json(self, prefix: S3Uri, ref: Any, limit: int) -> dict[str, Any]:
+        """A JSON object a Job wrote beside its artifact, checked against the digest its
+        termination message announced (`ref`: name, digest)."""
+        name = ref.get("name") if isinstance(ref, dict) else None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise VerificationFailed(
+                f"InvalidResult: the result file's name {name!r:.60} is not plain"
+            )
+        raw = self.read(prefix.join(name), limit)
+        if "sha256:" + hashlib.sha256(raw).hexdigest() != ref.get("digest"):
+            raise VerificationFailed(f"InvalidResult: {name} does not match its announced digest")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise VerificationFailed(f"InvalidResult: {name} is not JSON ({exc})") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("artifact"), dict):
+            raise VerificationFailed(f"InvalidResult: {name} holds no result object")
+        return data
 
     def manifest_digest(self, prefix: S3Uri) -> str:
         raw = self.read(prefix.join(MANIFEST_FILE))

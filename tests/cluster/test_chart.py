@@ -182,8 +182,16 @@ def test_chart_rbac_is_enough_and_least(
         assert not can_i(cluster, namespace, "delete", "pods", "-n", "x")
 
         # RBAC lets it create Jobs anywhere; the admission policy confines them to member
-        # namespaces and restricted pods, whatever the operator's code does.
-        out = job_as_operator(cluster, namespace, "kube-system", "escape", host=False)
+        # namespaces and restricted pods, whatever the operator's code does. A new policy
+        # takes effect once the API server has loaded it: wait for that first.
+        def denied() -> str | None:
+            out = job_as_operator(cluster, namespace, "kube-system", "escape", host=False)
+            if "created" in out:
+                cluster.kubectl("delete", "job", "escape", "-n", "kube-system", check=False)
+                return None
+            return out
+
+        out = wait_until(denied, 60, every=1, what="the admission policy to take effect")
         assert "is not a MedForge member namespace" in out, out
         out = job_as_operator(cluster, namespace, "default", "escape", host=False)
         assert "is not a MedForge member namespace" in out, out

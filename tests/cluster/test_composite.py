@@ -14,7 +14,7 @@ from tests.cluster.conftest import FORGE_POOL, Forge, base_model
 from tests.cluster.test_operator import condition, status, wait_phase
 from tests.cluster.test_operator import contribution as private_contribution
 from tests.conftest import ClusterAccess
-from tests.helpers import wait_until
+from tests.helpers import get_json, wait_until
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -178,3 +178,37 @@ def test_revisions_follow_contributions(
     assert st["current"]["revision"] == 4 and len(st["history"]) == 4
     events = cluster.kubectl("get", "events", "-n", namespace).stdout
     assert "RevisionAccepted" in events and "RevisionRejected" in events
+
+
+def test_a_full_merge_of_200_inputs_reports(
+    cluster: ClusterAccess, forge_namespace: str, forge: Forge
+) -> None:
+    """200 contributions in one full revision: the merge's result (an entry per input, far
+    beyond a 4 KiB termination message) reaches the status through result.json."""
+    base = base_model(cluster, forge, "clip-wide")
+    hospital = f"wide-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", hospital)
+    cluster.kubectl(
+        "label", "namespace", hospital, "medforge.io/member=true", "medforge.io/forge=wide"
+    )
+    try:
+        docs = "\n---\n".join(
+            contribution(f"site-{i:03d}", base, task=f"task-{i:03d}") for i in range(200)
+        )
+        cluster.apply(hospital, docs)
+        doc = json.loads(composite_doc(base, "wide", minContributions=200, integration="full"))
+        doc["spec"]["strategy"] = {"type": "linear"}
+        cluster.apply(forge_namespace, json.dumps(doc))
+
+        def merged() -> dict[str, Any] | None:
+            st = status(cluster, "cmodel", forge_namespace, "forge")
+            return st if (st.get("current") or {}).get("inputCount") == 200 else None
+
+        st = wait_until(merged, 420, every=2, what="revision 1 with 200 inputs")
+        assert st["current"]["revision"] == 1 and len(st["current"]["metrics"]) == 200
+        assert st["inputCounts"]["Included"] == 200 and len(st["inputs"]) == 200
+        pod = get_json(cluster, "pods", "-n", forge_namespace, "-l", "job-name=forge-merge-r1")
+        message = pod["items"][0]["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert len(message["message"]) < 1024 and "resultFile" in message["message"]
+    finally:
+        cluster.kubectl("delete", "namespace", hospital, "--wait=false", check=False)

@@ -36,7 +36,7 @@ def test_merge_job_with_presigned_urls(s3_bucket: Bucket, tmp_path: Path) -> Non
             Params={"Bucket": s3_bucket.name, "Key": f"composites/f/rev-1/{name}"},
             ExpiresIn=600,
         )
-        for name in ("adapter.safetensors", "manifest.json")
+        for name in ("adapter.safetensors", "manifest.json", "result.json")
     }
     cfg = {
         "kind": "merge",
@@ -57,7 +57,10 @@ def test_merge_job_with_presigned_urls(s3_bucket: Bucket, tmp_path: Path) -> Non
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(term.read_text())
+    ref = json.loads(term.read_text())
+    body = s3.get_object(Bucket=s3_bucket.name, Key="composites/f/rev-1/result.json")["Body"].read()
+    assert ref["resultFile"]["digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    result = json.loads(body)
     manifest = s3.get_object(Bucket=s3_bucket.name, Key="composites/f/rev-1/manifest.json")[
         "Body"
     ].read()

@@ -298,3 +298,16 @@ def test_operator_restart_leaves_no_duplicate_job(
     assert sorted(j["metadata"]["name"] for j in jobs) == [f"site-{i}-train-g1" for i in range(8)]
     for i in range(8):
         assert status(cluster, "lorac", namespace, f"site-{i}")["job"]["attempts"] == 1
+
+
+def test_a_name_longer_than_a_label_value_trains(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str]
+) -> None:
+    """Object names may have 253 characters, label values 63: the Job must still be made."""
+    name = "st-marys-hospital-radiology-department." + "breakhis-" * 9 + "v1"
+    assert len(name) > 100
+    cluster.apply(namespace, contribution(name, base))
+    st = wait_phase(cluster, namespace, name, "Succeeded", 90)
+    job = get_json(cluster, "job", st["job"]["name"], "-n", namespace)
+    assert all(len(v) <= 63 for v in job["metadata"]["labels"].values())
+    assert job["metadata"]["annotations"]["medforge.io/owner-name"] == name

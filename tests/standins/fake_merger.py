@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from medforge_common.manifest import FileEntry, Manifest
+from medforge_common.result import result_reference
 
 TERM = Path("/dev/termination-log")
 
@@ -76,21 +77,22 @@ def main() -> None:
     put(cfg["output"]["files"]["adapter.safetensors"], composite)
     put(cfg["output"]["files"]["manifest.json"], body)
     score = sum(m["accuracy"] for m in metrics.values()) / max(1, len(metrics))
-    TERM.write_text(
-        json.dumps(
-            {
-                "artifact": {
-                    "uri": cfg["output"]["uri"],
-                    "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
-                },
-                "metrics": metrics,
-                "score": round(score, 4),
-                "regression": regression,
-                "inputs": inputs,
-                "integration": cfg["integration"],
-            }
-        )
-    )
+    result = {
+        "artifact": {
+            "uri": cfg["output"]["uri"],
+            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+        },
+        "metrics": metrics,
+        "score": round(score, 4),
+        "regression": regression,
+        "inputs": inputs,
+        "integration": cfg["integration"],
+    }
+    # The contract: the full result beside the composite, its digest in the termination
+    # message (which holds 4 KiB: about 20 inputs' entries).
+    full = json.dumps(result, sort_keys=True).encode()
+    put(cfg["output"]["files"]["result.json"], full)
+    TERM.write_text(json.dumps(result_reference(result, full, "result.json")))
     print(f"merged revision {cfg['composite']['revision']} from {len(inputs)} input(s)")
 
 

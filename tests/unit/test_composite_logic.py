@@ -87,20 +87,33 @@ PENDING = {"pendingRevision": {"revision": 1, "digests": ["sha256:1"]}, "revisio
 def test_settle_keeps_or_drops_the_pending_revision(
     status: JSON, observation: composite.Observation, expected: JSON
 ) -> None:
-    assert composite.settle(status, observation, 10, "now") == expected
+    assert composite.settle(status, observation, 10, T0) == expected
+
+
+T0 = "2026-11-28T10:00:00Z"
 
 
 def test_settle_an_accepted_and_a_failed_revision() -> None:
-    done = composite.settle(PENDING, composite.Observation(1, job={}, outcome=ACCEPTED), 2, "t")
+    done = composite.settle(PENDING, composite.Observation(1, job={}, outcome=ACCEPTED), 2, T0)
     assert done["pendingRevision"] is None and done["current"]["revision"] == 1
     assert done["current"]["inputs"][0]["digest"] == "sha256:1"
-    assert done["history"][0]["state"] == RevisionState.ACCEPTED
+    assert done["history"][0]["state"] == RevisionState.ACCEPTED and done["retry"] is None
+    # A Job that failed as a whole is a fault: nothing is excluded, the revision is retried.
     failed = composite.Outcome(RevisionState.FAILED, "OOMKilled", uri="u", job_name="j")
-    done = composite.settle(PENDING, composite.Observation(1, job={}, outcome=failed), 2, "t")
-    assert done["excluded"] == {"sha256:1": InputReason.MERGE_FAILED} and "current" not in done
+    done = composite.settle(PENDING, composite.Observation(1, job={}, outcome=failed), 2, T0)
+    assert done["excluded"] == {} and "current" not in done
+    assert done["retry"] == {"attempt": 1, "notBefore": "2026-11-28T10:00:30Z"}
+    again = {**PENDING, "retry": done["retry"]}
+    done = composite.settle(again, composite.Observation(1, job={}, outcome=failed), 2, T0)
+    assert done["retry"] == {"attempt": 2, "notBefore": "2026-11-28T10:01:00Z"}
+    assert composite.retry_delay(20) == composite.RETRY_MAX_SECONDS
+    # A gate rejection is a verdict on the new inputs: they are excluded.
+    rejected = composite.Outcome(RevisionState.REJECTED, "x regressed", uri="u", job_name="j")
+    done = composite.settle(PENDING, composite.Observation(1, job={}, outcome=rejected), 2, T0)
+    assert done["excluded"] == {"sha256:1": InputReason.REJECTED_BY_GATE}
     # The history keeps spec.historyLimit entries, newest first.
     status = {**PENDING, "history": [{"revision": 0}, {"revision": -1}]}
-    done = composite.settle(status, composite.Observation(1, job={}, outcome=failed), 2, "t")
+    done = composite.settle(status, composite.Observation(1, job={}, outcome=failed), 2, T0)
     assert [h["revision"] for h in done["history"]] == [1, 0]
 
 
@@ -115,7 +128,7 @@ def test_incremental_revisions_add_to_the_current_inputs() -> None:
         "ok",
         {"artifact": {"digest": "sha256:r2"}, "inputs": [{"digest": "sha256:2"}]},
     )
-    done = composite.settle(status, composite.Observation(1, job={}, outcome=outcome), 5, "t")
+    done = composite.settle(status, composite.Observation(1, job={}, outcome=outcome), 5, T0)
     assert [i["digest"] for i in done["current"]["inputs"]] == ["sha256:1", "sha256:2"]
 
 
@@ -125,12 +138,23 @@ def test_incremental_revisions_add_to_the_current_inputs() -> None:
         (composite.Observation(1, base=BASE), {}, True),
         (composite.Observation(1, base=None, base_problem=("BaseModelNotReady", "x")), {}, False),
         (composite.Observation(1, base=BASE, job={"status": {"active": 1}}), PENDING, False),
+        # A failed revision is retried once its backoff has passed, not before.
         (composite.Observation(1, base=BASE), {"history": [{"state": "Failed"}]}, True),
+        (
+            composite.Observation(1, base=BASE),
+            {"retry": {"attempt": 1, "notBefore": "2026-11-28T10:00:30Z"}},
+            False,
+        ),
+        (
+            composite.Observation(1, base=BASE),
+            {"retry": {"attempt": 1, "notBefore": "2026-11-28T09:59:59Z"}},
+            True,
+        ),
     ],
 )
 def test_next_plan(observation: composite.Observation, status: JSON, plans: bool) -> None:
     observation.contribs = [contribution("a", "sha256:1")]
-    assert (composite.next_plan(comp(status), observation) is not None) == plans
+    assert (composite.next_plan(comp(status), observation, T0) is not None) == plans
 
 
 @pytest.mark.parametrize(
@@ -173,6 +197,16 @@ def test_next_plan(observation: composite.Observation, status: JSON, plans: bool
             "MergeFailed",
         ),
         (
+            {
+                "history": [{"revision": 1, "state": "Failed", "message": "OOMKilled"}],
+                "retry": {"attempt": 1, "notBefore": "2026-11-28T10:00:30Z"},
+            },
+            composite.Observation(1, base=BASE),
+            False,
+            CompositePhase.WAITING,
+            "MergeFailed",
+        ),
+        (
             {},
             composite.Observation(1, base_problem=("BaseModelNotFound", "no BaseModel")),
             False,
@@ -200,6 +234,9 @@ def test_every_branch_of_the_conditions(
     assert (stalled["status"] == "True") == (
         phase == CompositePhase.FAILED or ready_reason == "StoreUnreachable"
     )
+    if "retry" in status:  # a fault being retried is in progress, with when it retries
+        reconciling = next(c for c in new["conditions"] if c["type"] == "Reconciling")
+        assert reconciling["status"] == "True" and "retrying at" in reconciling["message"]
 
 
 def test_rejected_revision_keeps_serving_and_says_why() -> None:
@@ -389,3 +426,27 @@ def test_a_spec_change_retires_the_older_jobs_of_a_contribution() -> None:
     assert kube.deleted == ["a-train-g1"] and "RetiredJob" in events
     assert [j["metadata"]["name"] for j in kube.created] == ["a-train-g2"]
     assert new["observedGeneration"] == 2 and new["phase"] == "Pending"
+
+
+def test_status_stays_bounded_with_500_failing_contributions() -> None:
+    import json
+
+    failing = []
+    for i in range(500):
+        c = contribution(f"site-{i:03d}", f"sha256:{i:064x}")
+        c["status"]["phase"] = "Failed"
+        c["status"]["conditions"][0] |= {
+            "status": "False",
+            "reason": "BackoffLimitExceeded",
+            "message": "x" * 4000,  # a long failure line of the hospital's own
+        }
+        failing.append(c)
+    status = {"excluded": {f"sha256:{i:064x}": "ExcludedByMerger" for i in range(1000)}}
+    o = composite.Observation(1, base=BASE, contribs=failing)
+    new = composite.compute_status({}, comp(status), o, {})
+    size = len(json.dumps(new))
+    assert size < 256 * 1024, size
+    assert new["inputCounts"] == {"Included": 0, "Excluded": 500, "Pending": 0}
+    assert len(new["inputs"]) == composite.INPUTS_SHOWN and new["inputsOmitted"] == 300
+    assert "xxxx" not in json.dumps(new)  # no copied text from other objects
+    assert len(new["excluded"]) == 500  # only digests some contribution still carries

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medforge_merger.adapters import StreamingWriter
-from tests.merge_helpers import BASE, MODULES, dense, files, make_adapter
+from tests.merge_helpers import BASE, MODULES, dense, files, full_result, make_adapter
 
 
 def run_merge(tmp: Path, cfg: dict[str, Any], out: str = "out") -> tuple[int, str, Path]:
@@ -74,7 +74,7 @@ def test_linear_merge_of_mixed_ranks_is_exact(tmp_path: Path) -> None:
     )
     code, term, out = run_merge(tmp_path, cfg)
     assert code == 0, term
-    result = json.loads(term)
+    result = full_result(term, out)
     assert [i["coefficient"] for i in result["inputs"]] == [0.5, -1.0, 1.0]
     merged = load(out / "adapter.safetensors")
     for m in MODULES:
@@ -155,10 +155,10 @@ def test_bad_inputs_are_excluded_with_reasons_and_the_merge_goes_on(tmp_path: Pa
         {**entry("lying", good[0][0], tmp_path / "other")}
     )  # announced digest != manifest
 
-    code, term, _ = run_merge(tmp_path, config(inputs))
+    code, term, out = run_merge(tmp_path, config(inputs))
     assert code == 0, term
-    reasons = {i["name"]: i.get("reason", "") for i in json.loads(term)["inputs"]}
-    states = {i["name"]: i["state"] for i in json.loads(term)["inputs"]}
+    reasons = {i["name"]: i.get("reason", "") for i in full_result(term, out)["inputs"]}
+    states = {i["name"]: i["state"] for i in full_result(term, out)["inputs"]}
     assert states == {
         "good0": "Included",
         "good1": "Included",
@@ -232,3 +232,79 @@ def test_streaming_writer_round_trips_and_aborts_cleanly(tmp_path: Path) -> None
     w = StreamingWriter(path, [("a", (2, 3))])
     w.abort()
     assert not path.exists()  # nothing half-written is left
+
+
+def test_a_merge_that_overflows_uploads_nothing(tmp_path: Path) -> None:
+    """Finite inputs can still merge into Inf (a weight past float32's range): the output is
+    checked before the first upload."""
+    d, _ = make_adapter(tmp_path / "a", 4, 1)
+    cfg = config([entry("a", d, tmp_path / "a")], weights={"h/a": 1e39})
+    code, term, out = run_merge(tmp_path, cfg)
+    assert code == 1 and "holds NaN or Inf" in term and "nothing was uploaded" in term, term
+    assert not (out / "adapter.safetensors").exists() and not (out / "manifest.json").exists()
+
+
+def poisoned(directory: Path, seed: int, **meta: Any) -> str:
+    """An adapter whose manifest meta a tenant edited (the digest matches the edit)."""
+    import hashlib
+
+    from medforge_common.manifest import Manifest
+
+    make_adapter(directory, 4, seed)
+    manifest = Manifest.from_json((directory / "manifest.json").read_text())
+    manifest.meta |= meta
+    body = manifest.to_json().encode()
+    (directory / "manifest.json").write_bytes(body)
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def test_poisoned_metadata_excludes_only_that_input(tmp_path: Path) -> None:
+    good, _ = make_adapter(tmp_path / "good", 4, 1)
+    inputs = [entry("good", good, tmp_path / "good")]
+    for name, meta in (
+        ("string-rank", {"rank": "four"}),
+        ("nan-alpha", {"alpha": float("nan")}),
+        ("huge-rank", {"rank": 10**9}),
+        ("bool-alpha", {"alpha": True}),
+    ):
+        inputs.append(entry(name, poisoned(tmp_path / name, 2, **meta), tmp_path / name))
+    code, term, out = run_merge(tmp_path, config(inputs))
+    assert code == 0, term
+    result = full_result(term, out)
+    states = {i["name"]: (i["state"], i.get("reason", "")) for i in result["inputs"]}
+    assert states["good"][0] == "Included"
+    for name in ("string-rank", "nan-alpha", "huge-rank", "bool-alpha"):
+        assert states[name][0] == "Excluded" and "manifest meta." in states[name][1], states
+
+
+def test_a_contributions_own_scale_is_ignored(tmp_path: Path) -> None:
+    """Only composites (merged by medforge-merge) carry a scale; a contribution claiming one
+    weighs alpha / rank like every other."""
+    plain, _ = make_adapter(tmp_path / "plain", 4, 3)
+    boosted = poisoned(tmp_path / "boosted", 3, scale=1e6)
+    outs = []
+    for name, digest in (("plain", plain), ("boosted", boosted)):
+        code, term, out = run_merge(
+            tmp_path, config([entry(name, digest, tmp_path / name)]), out=f"out-{name}"
+        )
+        assert code == 0, term
+        outs.append(load(out / "adapter.safetensors"))
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+
+
+def test_a_thousand_inputs_report_through_a_small_message(tmp_path: Path) -> None:
+    """A full merge of 1,000 inputs: the result (every input's entry) goes to result.json, the
+    termination message stays small; a broken input among them is reported, not fatal."""
+    inputs = []
+    for i in range(1000):
+        d, _ = make_adapter(tmp_path / f"a{i}", 2, i, modules=MODULES[:1], d=4)
+        inputs.append(entry(f"site-{i:04d}", d, tmp_path / f"a{i}"))
+    inputs[500]["digest"] = "sha256:" + "0" * 64  # announced wrong: excluded, the rest merge
+    code, term, out = run_merge(tmp_path, config(inputs))
+    assert code == 0, term
+    assert len(term.encode()) < 1024
+    result = full_result(term, out)
+    states = [i["state"] for i in result["inputs"]]
+    assert len(states) == 1000 and states.count("Included") == 999
+    assert any(i["name"] == "site-0500" and i["state"] == "Excluded" for i in result["inputs"])

@@ -26,6 +26,7 @@ from tests.merge_experiment import (
     merge,
     pretrain,
 )
+from tests.merge_helpers import full_result
 from tests.train_helpers import tiny_clip
 
 INSTITUTIONS_BY_NAME = {name: classes for name, classes, _ in INSTITUTIONS}
@@ -47,8 +48,7 @@ def run_config(root: Path, cfg: dict[str, Any], name: str) -> int:
 
 
 def result(root: Path, name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((root / f"{name}.term").read_text())
-    return data
+    return full_result((root / f"{name}.term").read_text(), root / name)
 
 
 @pytest.mark.parametrize("strategy", ["fusion", "fusion-exact", "mixture"])

@@ -338,3 +338,19 @@ def test_the_resync_polls_only_contributions_no_watch_will_move() -> None:
         assert not needs_polling(obj(reason)), reason
     assert not needs_polling(obj("Verified", phase="Succeeded"))
     assert not needs_polling(obj("BackoffLimitExceeded", phase="Failed"))
+
+
+def test_long_names_become_valid_label_values() -> None:
+    long = "radiology-" + "x" * 100 + ".breakhis"
+    value = names.label_value(long)
+    assert len(value) <= 63 and value[-1].isalnum() and value[0].isalnum()
+    assert value == names.label_value(long) and value != names.label_value(long + "2")
+    assert names.label_value("short") == "short"
+    obj = lorac()
+    obj["metadata"]["name"] = long
+    job = contribution.training_job(obj, SETTINGS, BASE, {"kind": "train"})
+    labels = job["metadata"]["labels"]
+    assert all(len(v) <= 63 for v in labels.values()), labels
+    # The full name travels in an annotation, which is how the operator finds the owner.
+    assert jobs.owner_of(job) == long
+    assert jobs.owner_of({"metadata": job["spec"]["template"]["metadata"]}) == long

@@ -320,3 +320,26 @@ def test_out_of_memory_advises_a_smaller_batch(assets: dict[str, Any], tmp_path:
     term = (tmp_path / "term").read_text()
     assert "out of memory at batch size 4096" in term and "lower spec.training.batchSize" in term
     assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY  # ours untouched
+
+
+def test_bombs_and_links_out_of_the_dataset_are_skipped(
+    assets: dict[str, Any], tmp_path: Path
+) -> None:
+    """A decompression bomb (a small PNG that claims 100 megapixels) and a link to a file
+    outside the dataset's folder are skipped and counted; training goes on."""
+    from PIL import Image
+
+    data = copy_data(assets["data"], tmp_path / "data")
+    bomb = data / "benign" / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb, optimize=True)  # ~12 KB on disk
+    assert bomb.stat().st_size < 100_000
+    secret = tmp_path / "outside.png"
+    shutil.copyfile(next((data / "benign").glob("img*.png")), secret)
+    (data / "malignant" / "linked.png").symlink_to(secret)
+    cfg = job_config(assets["clip"], assets["clip_digest"], data, CLASSES, training={"epochs": 1})
+    rc, term, out = run_trainer(tmp_path, cfg)
+    assert rc == 0, term
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    assert manifest.meta["corruptSkipped"] == 1  # the bomb, never decoded
+    assert manifest.meta["linksOutsideSkipped"] == 1
+    assert manifest.meta["samples"]["train"] + manifest.meta["samples"]["validation"] == 120

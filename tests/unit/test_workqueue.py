@@ -3,6 +3,7 @@ a trigger arrives while it runs); different objects run in parallel."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Hashable
@@ -56,5 +57,50 @@ def test_a_failing_round_does_not_stop_the_workers() -> None:
         while "good" not in seen and time.monotonic() < deadline:
             time.sleep(0.01)
         assert seen == ["bad", "good"]
+    finally:
+        q.stop()
+
+
+def test_a_failing_key_is_retried_with_growing_backoff_until_it_succeeds() -> None:
+    times: list[float] = []
+    done = threading.Event()
+
+    def handler(key: Hashable, body: Any) -> None:
+        times.append(time.monotonic())
+        if len(times) < 4:
+            raise RuntimeError("store unreachable")
+        done.set()
+
+    q = WorkQueue(handler, workers=2, backoff=(0.05, 0.3))
+    try:
+        q.add("k")
+        assert done.wait(5), times
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert len(times) == 4
+        assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # 0.05, 0.1, 0.2
+        time.sleep(0.4)
+        assert len(times) == 4  # success resets: no more retries
+        assert [q.backoff(n) for n in (1, 2, 3, 4, 10)] == [0.05, 0.1, 0.2, 0.3, 0.3]
+    finally:
+        q.stop()
+
+
+def test_the_queue_reports_controller_runtime_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str) -> float:
+        return float(REGISTRY.get_sample_value(name, {"name": "metrics-test"}) or 0.0)
+
+    q = WorkQueue(lambda k, b: None, workers=1, name="metrics-test")
+    try:
+        for i in range(3):
+            q.add(i)
+        deadline = time.monotonic() + 5
+        while q.depth() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sample("workqueue_adds_total") == 3
+        assert sample("workqueue_work_duration_seconds_count") == 3
+        assert sample("workqueue_queue_duration_seconds_count") == 3
+        assert sample("workqueue_depth") == 0
     finally:
         q.stop()

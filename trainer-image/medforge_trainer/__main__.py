@@ -68,7 +68,8 @@ def _prepare(cfg: config.TrainConfig, work: Path) -> Prepared:
     )
     log(
         f"dataset: {len(data.train.labels)} train / {len(data.validation.labels)} validation "
-        f"images, {len(cfg.classes)} classes, {data.corrupt} corrupt skipped"
+        f"images, {len(cfg.classes)} classes, {data.corrupt} unreadable or oversized and "
+        f"{data.outside} outside links skipped"
     )
     return Prepared(base, tokenizer, base_config, mean, std, data)
 
@@ -118,6 +119,7 @@ def _manifest_meta(
         "datasetFingerprint": p.data.fingerprint,
         "samples": {"train": len(p.data.train.labels), "validation": len(p.data.validation.labels)},
         "corruptSkipped": p.data.corrupt,
+        "linksOutsideSkipped": p.data.outside,
         "seed": cfg.training.seed,
         "training": {
             "epochs": cfg.training.epochs,

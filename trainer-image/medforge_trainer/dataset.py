@@ -14,6 +14,9 @@ from PIL import Image, UnidentifiedImageError
 from medforge_trainer.errors import TrainFailed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Larger images are skipped before they are decoded: a decompression bomb (a small file that
+# expands to gigabytes) must not take the pod down. 64 megapixels is far above medical tiles.
+MAX_PIXELS = 8192 * 8192
 
 
 @dataclass
@@ -27,8 +30,9 @@ class LoadedDataset:
     train: Split
     validation: Split
     fingerprint: str
-    corrupt: int
+    corrupt: int  # unreadable or over MAX_PIXELS, skipped
     total: int
+    outside: int = 0  # links that lead out of the dataset's folder, never followed
 
 
 def scan(root: Path, classes: tuple[str, ...]) -> dict[str, list[Path]]:
@@ -55,12 +59,25 @@ def scan(root: Path, classes: tuple[str, ...]) -> dict[str, list[Path]]:
         found = sorted(
             p
             for p in (root / c).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not p.name.startswith(".")
+            and inside(root, p)
         )
         if not found:
             raise TrainFailed(f"empty class: {c}/ holds no images")
         files[c] = found
     return files
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether a file, links resolved, lies in the dataset's folder (a link to /etc/... or to
+    another mount is never read)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def links_outside(root: Path) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_symlink() and not inside(root, p))
 
 
 def fingerprint(root: Path, files: dict[str, list[Path]]) -> str:
@@ -75,10 +92,13 @@ def fingerprint(root: Path, files: dict[str, list[Path]]) -> str:
 def decode(path: Path, size: int) -> torch.Tensor | None:
     """3 x size x size uint8, or None for a file that is not a readable image."""
     try:
-        with Image.open(path) as src:
+        with Image.open(path) as src:  # reads the header only
+            width, height = src.size
+            if width * height > MAX_PIXELS:
+                return None
             rgb = src.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
             data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
         return None
     return data.view(size, size, 3).permute(2, 0, 1).contiguous()
 
@@ -124,9 +144,13 @@ def load(
         )
     if corrupt:
         print(
-            f"skipped {len(corrupt)} corrupt image(s) of {total}, e.g. {corrupt[0].relative_to(root)}",
+            f"skipped {len(corrupt)} unreadable or oversized image(s) of {total}, e.g. "
+            f"{corrupt[0].relative_to(root)}",
             flush=True,
         )
+    outside = links_outside(root)
+    if outside:
+        print(f"skipped {outside} link(s) that lead out of the dataset's folder", flush=True)
     if not val_x:
         raise TrainFailed("dataset too small: no image is left for validation")
 
@@ -139,4 +163,5 @@ def load(
         fingerprint(root, files),
         len(corrupt),
         total,
+        outside,
     )

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from medforge_ml import transfers
 from medforge_ml.basemodel import fetch_model_dir
 from medforge_trainer.config import DatasetSettings, TrainConfig
 from medforge_trainer.errors import TrainFailed
-
-CHUNK = 1 << 20
 
 
 def fetch_base_model(cfg: TrainConfig, dest: Path) -> Path:
@@ -89,15 +86,7 @@ def upload(name: str, source: Path, cfg: TrainConfig, output_dir: Path | None) -
         return
     url = cfg.output_files.get(name)
     if url:
-        req = urllib.request.Request(url, data=source.read_bytes(), method="PUT")  # noqa: S310
-        try:
-            with urllib.request.urlopen(req, timeout=300) as r:  # noqa: S310
-                if r.status not in (200, 201):
-                    raise TrainFailed(f"upload of {name} answered HTTP {r.status}")
-        except urllib.error.HTTPError as exc:
-            raise TrainFailed(f"upload of {name} answered HTTP {exc.code} (expired URL?)") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise TrainFailed(f"upload of {name} failed ({exc})") from exc
+        transfers.upload(url, source, name)  # retried with backoff on timeouts and 5xx
         return
     if cfg.output_uri.startswith("s3://"):
         bucket, _, prefix = cfg.output_uri[len("s3://") :].partition("/")
