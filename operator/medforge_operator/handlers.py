@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -27,6 +30,7 @@ from medforge_operator.api import BaseModelPhase, ContributionPhase
 from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
 from medforge_operator.kube import Kube
+from medforge_operator.leader import LeaderElection
 from medforge_operator.metrics import (
     ACTIVE_WORKERS,
     RECONCILE_ERRORS,
@@ -83,6 +87,7 @@ class Runtime:
     queue: WorkQueue | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     failed: FailedKeys = field(default_factory=FailedKeys)
+    leader: LeaderElection | None = None
 
     def enqueue(self, plural: str, namespace: str, name: str, body: JSON | None = None) -> None:
         if self.queue is not None:
@@ -175,13 +180,49 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
     r = rt(memo)
-    if r.queue is None:
-        r.queue = WorkQueue(partial(work, r), r.settings.concurrency)
-        threading.Thread(target=resync, args=(r,), name="resync", daemon=True).start()
-        selector = f"app.kubernetes.io/managed-by={jobs.MANAGED_BY}"
-        for ns in r.settings.namespaces or (None,):
-            for kind in ("Job", "Pod"):
-                ChildWatch(r.kube, kind, ns, selector, partial(child_event, r), r.stopping).start()
+    if not r.settings.leader_election:
+        lead(r)
+    elif r.leader is None:
+        r.leader = LeaderElection(
+            r.kube,
+            r.settings.lease_namespace or own_namespace(),
+            r.settings.lease_name,
+            partial(lead, r),
+            partial(step_down, r),
+            r.stopping,
+        )
+        r.leader.start()
+
+
+def lead(r: Runtime) -> None:
+    """Start reconciling: the work queue, the resync (its first pass is full: whatever changed
+    while another replica led, or none did) and the child watches (they list first)."""
+    if r.queue is not None:
+        return
+    r.queue = WorkQueue(partial(work, r), r.settings.concurrency)
+    threading.Thread(target=resync, args=(r,), name="resync", daemon=True).start()
+    selector = f"app.kubernetes.io/managed-by={jobs.MANAGED_BY}"
+    for ns in r.settings.namespaces or (None,):
+        for kind in ("Job", "Pod"):
+            ChildWatch(r.kube, kind, ns, selector, partial(child_event, r), r.stopping).start()
+
+
+def step_down(r: Runtime) -> None:
+    """The Lease went to another replica: stop at once (the pod restarts as a standby) rather
+    than reconcile beside the new leader."""
+    r.stopping.set()
+    if r.queue is not None:
+        r.queue.stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def own_namespace() -> str:
+    """The pod's namespace (its ServiceAccount's), or "default" outside a cluster."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return path.read_text().strip() or "default"
+    except OSError:
+        return "default"
 
 
 def _resync_pass(r: Runtime, full: bool) -> None:
@@ -227,6 +268,8 @@ def stop(memo: kopf.Memo, **_: Any) -> None:
     r.stopping.set()
     if r.queue is not None:
         r.queue.stop()
+    if r.leader is not None:
+        r.leader.release()  # the standby takes over now, not after the Lease expires
 
 
 def plain(body: Any) -> JSON:

@@ -44,6 +44,7 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.coordination = client.CoordinationV1Api(api)
 
     # ----- Jobs and pods -----
     def get_job(self, namespace: str, name: str) -> JSON | None:
@@ -132,7 +133,20 @@ class Kube:
             )
 
     # ----- custom objects (namespace "" for cluster-scoped kinds) -----
-    def patch_status(self, plural: str, namespace: str, name: str, status: JSON) -> None:
+    def patch_status(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: JSON,
+        resource_version: str | None = None,
+    ) -> None:
+        """A merge patch of status. With `resource_version` it is a compare-and-swap: the API
+        server answers 409 when the object changed since it was read (the round then runs
+        again on what is there now), so two writers never overwrite each other's state."""
+        body: JSON = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             if namespace:
                 self.custom.patch_namespaced_custom_object_status(
@@ -141,12 +155,12 @@ class Kube:
                     namespace,
                     plural,
                     name,
-                    {"status": status},
+                    body,
                     _request_timeout=TIMEOUT,
                 )
             else:
                 self.custom.patch_cluster_custom_object_status(
-                    GROUP, VERSION, plural, name, {"status": status}, _request_timeout=TIMEOUT
+                    GROUP, VERSION, plural, name, body, _request_timeout=TIMEOUT
                 )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
@@ -216,6 +230,40 @@ class Kube:
         except ApiException as exc:
             if exc.status not in (403, 404):
                 raise
+
+    # ----- leases (leader election) -----
+    def get_lease(self, namespace: str, name: str) -> JSON | None:
+        try:
+            resp = self.coordination.read_namespaced_lease(
+                name, namespace, _preload_content=False, _request_timeout=TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _data(resp)
+
+    def create_lease(self, namespace: str, lease: JSON) -> None:
+        _drain(
+            self.coordination.create_namespaced_lease(
+                namespace,
+                lease,  # type: ignore[arg-type]
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+        )
+
+    def replace_lease(self, namespace: str, name: str, lease: JSON) -> None:
+        """A write that fails with 409 when the Lease changed since it was read."""
+        _drain(
+            self.coordination.replace_namespaced_lease(
+                name,
+                namespace,
+                lease,  # type: ignore[arg-type]
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+        )
 
     def namespace_labels(self, name: str) -> dict[str, str] | None:
         """A namespace's labels (None: no such namespace)."""

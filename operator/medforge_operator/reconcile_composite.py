@@ -94,7 +94,11 @@ def _write(obj: JSON, kube: Kube, new: JSON) -> None:
         patch = dict(new)
         for k in set(old) - set(new) - {"kopf"}:
             patch[k] = None  # a merge patch removes keys only when told to
-        kube.patch_status(COMPOSITES, obj["metadata"]["namespace"], obj["metadata"]["name"], patch)
+        meta = obj["metadata"]
+        # Compare-and-swap: a pendingRevision written by anyone since we read is never lost.
+        kube.patch_status(
+            COMPOSITES, meta["namespace"], meta["name"], patch, meta.get("resourceVersion")
+        )
 
 
 def _refusal(obj: JSON, s: Settings, cat: Catalog) -> tuple[str, str] | None:

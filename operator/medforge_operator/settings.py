@@ -42,6 +42,10 @@ class Settings:
     metrics_port: int = 0  # 0: no Prometheus endpoint
     health_port: int = 0  # 0: no liveness endpoint
     requeue_seconds: float = 20.0
+    # Several replicas elect one leader on a Lease; only the leader reconciles.
+    leader_election: bool = True
+    lease_namespace: str = ""  # default: the pod's namespace, else "default"
+    lease_name: str = "medforge-operator"
 
     @property
     def presign_endpoint(self) -> str:
@@ -64,6 +68,9 @@ ENV = {
     "member_label": "MEDFORGE_MEMBER_LABEL",
     "forge_namespaces": "MEDFORGE_FORGE_NAMESPACES",
     "max_artifact_bytes": "MEDFORGE_MAX_ARTIFACT_BYTES",
+    "leader_election": "MEDFORGE_LEADER_ELECTION",
+    "lease_namespace": "MEDFORGE_LEASE_NAMESPACE",
+    "lease_name": "MEDFORGE_LEASE_NAME",
     "presign_expiry_seconds": "MEDFORGE_PRESIGN_EXPIRY_SECONDS",
     "trainer_image": "MEDFORGE_TRAINER_IMAGE",
     "merger_image": "MEDFORGE_MERGER_IMAGE",
@@ -132,6 +139,10 @@ def _typed(name: str, value: str) -> object:
         return tuple(n.strip() for n in value.split(",") if n.strip())
     if name in ("trainer_command", "merger_command"):
         return _command(value, what)
+    if name == "leader_election":
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise SettingsError(f"{what}: {value!r} is not true or false")
+        return value.lower() in ("true", "1", "yes")
     if name in INTEGERS:
         try:
             return int(value)

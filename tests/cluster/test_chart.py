@@ -70,7 +70,8 @@ def test_namespace_scoped_install_is_confined_to_its_namespaces(forge: Forge) ->
         "forgeNamespaces={forge}",
     )
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("Role") == 3 and kinds.count("RoleBinding") == 3
+    # One per watched namespace, and the leader-election Role in the release namespace.
+    assert kinds.count("Role") == 4 and kinds.count("RoleBinding") == 4
     cluster_role = next(
         d for d in docs if d["kind"] == "ClusterRole" and "operator" in d["metadata"]["name"]
     )
@@ -209,7 +210,11 @@ def test_chart_rbac_is_enough_and_least(
         kubeconfig.write_text(yaml.safe_dump(cfg))
         operator.stop()
         scoped = OperatorProcess(
-            cluster, forge, tmp_path / "sa-operator.log", KUBECONFIG=str(kubeconfig)
+            cluster,
+            forge,
+            tmp_path / "sa-operator.log",
+            KUBECONFIG=str(kubeconfig),
+            MEDFORGE_LEASE_NAMESPACE=namespace,  # as the chart sets it
         )
         scoped.start()
         try:

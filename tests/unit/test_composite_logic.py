@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from medforge_common.manifest import Manifest
 from medforge_common.uris import S3Uri
@@ -323,8 +324,16 @@ class FakeKube:
             }
         ]
 
-    def patch_status(self, plural: str, ns: str, name: str, status: JSON) -> None:
-        """A merge patch of status, as the API server applies it."""
+    def patch_status(
+        self, plural: str, ns: str, name: str, status: JSON, resource_version: str | None = None
+    ) -> None:
+        """A merge patch of status, as the API server applies it (409 on a stale version)."""
+        for obj in self.objects:
+            if obj["metadata"]["name"] == name:
+                current = obj["metadata"].get("resourceVersion")
+                if resource_version and current and resource_version != current:
+                    raise ApiException(status=409, reason="Conflict")
+                obj["metadata"]["resourceVersion"] = str(int(current or 0) + 1)
         self.statuses.append(status)
         for obj in self.objects:
             if obj["metadata"]["name"] == name:
@@ -450,3 +459,24 @@ def test_status_stays_bounded_with_500_failing_contributions() -> None:
     assert len(new["inputs"]) == composite.INPUTS_SHOWN and new["inputsOmitted"] == 300
     assert "xxxx" not in json.dumps(new)  # no copied text from other objects
     assert len(new["excluded"]) == 500  # only digests some contribution still carries
+
+
+def test_two_writers_never_lose_a_pending_revision() -> None:
+    """A round that read the composite before another writer changed it gets 409 from the API
+    server and writes nothing; its retry reads what is there now."""
+    kube = FakeKube([comp(), contribution("a", "sha256:1")])
+    kube.objects[0]["metadata"]["resourceVersion"] = "5"
+    stale = json_copy(kube.objects[0])
+    round_(kube, FakeStore())  # the leader starts revision 1 (version 5 -> 6)
+    assert kube.objects[0]["status"]["pendingRevision"]["revision"] == 1
+    with pytest.raises(ApiException):
+        # a second writer, on the copy it read at version 5, would drop pendingRevision
+        reconcile_composite._write(stale, cast(Kube, kube), {"phase": "Waiting", "revision": 0})
+    assert kube.objects[0]["status"]["pendingRevision"]["revision"] == 1
+
+
+def json_copy(obj: JSON) -> JSON:
+    import json
+
+    out: JSON = json.loads(json.dumps(obj))
+    return out
