@@ -65,6 +65,7 @@ class Reason(StrEnum):
     JOB_COMPLETE = "JobComplete"
     VERIFYING = "Verifying"
     NO_RESULT = "NoResult"  # the Job succeeded without a result JSON
+    JOB_NAME_TAKEN = "JobNameTaken"  # a Job of that name exists that MedForge did not make
     INVALID_RESULT = "InvalidResult"  # the result file does not match its digest, or is no result
     DIGEST_MISMATCH = "DigestMismatch"  # uploaded bytes differ from what was reported
     BASE_MODEL_MISMATCH = "BaseModelMismatch"  # trained for another base model

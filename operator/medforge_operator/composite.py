@@ -176,8 +176,12 @@ def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON])
     return Plan(revision, candidates, candidates)
 
 
-def output_prefix(bucket: str, namespace: str, name: str, revision: int) -> S3Uri:
-    return S3Uri(bucket, f"composites/{namespace}/{name}/rev-{revision}/")
+def output_prefix(bucket: str, obj: JSON, revision: int) -> S3Uri:
+    """Where a revision goes; the composite's uid is part of it (as for contributions)."""
+    meta = obj["metadata"]
+    return S3Uri(
+        bucket, f"composites/{meta['namespace']}/{meta['name']}/{meta['uid']}/rev-{revision}/"
+    )
 
 
 def artifact_refs(prefix: S3Uri, files: list[str]) -> list[JSON]:
@@ -238,9 +242,7 @@ def merge_plan(
         # Regressions are measured against the revision this one replaces, in either mode.
         cfg["previous"] = {"revision": current["revision"], "metrics": current.get("metrics", {})}
     if incremental and current is not None:
-        cprefix = output_prefix(
-            bucket, composite["metadata"]["namespace"], composite["metadata"]["name"], 0
-        )
+        cprefix = output_prefix(bucket, composite, 0)
         uri = str(current["uri"])
         if not uri.startswith(f"s3://{bucket}/{cprefix.key.removesuffix('rev-0/')}"):
             raise ValueError("status.current.uri is outside this composite's prefix")

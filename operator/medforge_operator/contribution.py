@@ -20,8 +20,13 @@ OUTPUT_FILES = CONTRIBUTION_FILES
 DATA_MOUNT = "/data"
 
 
-def output_prefix(bucket: str, namespace: str, name: str, generation: int) -> S3Uri:
-    return S3Uri(bucket, f"contributions/{namespace}/{name}/{generation}/")
+def output_prefix(bucket: str, obj: JSON, generation: int) -> S3Uri:
+    """Where a generation's artifact goes. The object's uid is part of it: a contribution
+    deleted and created again under its name never reads or overwrites its predecessor's."""
+    meta = obj["metadata"]
+    return S3Uri(
+        bucket, f"contributions/{meta['namespace']}/{meta['name']}/{meta['uid']}/{generation}/"
+    )
 
 
 def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]]:

@@ -305,6 +305,18 @@ def never_started(job: JSON) -> bool:
     )
 
 
+def owned_by(child: JSON, uid: str) -> bool:
+    """Whether a Job is this object's own child (its controller owner reference), not just a
+    Job that happens to have the right name."""
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+def made_by_us(job: JSON) -> bool:
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    return labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
+
+
 def owner_of(obj: JSON) -> str | None:
     """The name of the CR that a Job or pod of ours belongs to."""
     meta = obj.get("metadata") or {}

@@ -93,10 +93,13 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def job_pods(self, namespace: str, job_name: str) -> list[JSON]:
+    def job_pods(self, namespace: str, job: JSON) -> list[JSON]:
+        """The pods of this very Job (by its uid, which the Job controller labels them with),
+        never those of another Job of the same name."""
+        uid = job["metadata"]["uid"]
         resp = self.core.list_namespaced_pod(
             namespace,
-            label_selector=f"job-name={job_name}",
+            label_selector=f"batch.kubernetes.io/controller-uid={uid}",
             _preload_content=False,
             _request_timeout=TIMEOUT,
         )
@@ -119,10 +122,13 @@ class Kube:
         except ApiException as exc:
             if exc.status != 409:
                 raise
+            # The owner too: a Job deleted and made again under its name hands the Secret on
+            # (the garbage collector would otherwise remove it with the old Job).
             patch = {
                 "metadata": {
                     "labels": secret["metadata"]["labels"],
                     "annotations": secret["metadata"]["annotations"],
+                    "ownerReferences": secret["metadata"]["ownerReferences"],
                 },
                 "stringData": secret["stringData"],
             }

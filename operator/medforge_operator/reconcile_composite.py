@@ -10,6 +10,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from medforge_common.artifacts import RESULT_FILE
 from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_common.uris import UriError
 from medforge_operator import COMPOSITES, CONTRIBUTIONS, composite, jobs, names
@@ -142,14 +143,18 @@ def observe(
     if pending:
         job_name = names.merge_job_name(meta["name"], pending["revision"])
         o.job = kube.get_job(meta["namespace"], job_name)
+        if o.job is not None and not jobs.owned_by(o.job, meta["uid"]):
+            # Not this composite's own (left by one of the same name): the revision starts
+            # over under a new number; ours are removed, others' never touched.
+            if jobs.made_by_us(o.job):
+                kube.delete_job(meta["namespace"], job_name)
+            o.job = None
         if o.job is not None and jobs.job_state(o.job) == "Active":
             if not jobs.never_started(o.job):
                 cat.configs.ensure(o.job)  # fresh URLs for pods about to start
         elif o.job is not None:
-            uri = composite.output_prefix(
-                store.bucket, meta["namespace"], meta["name"], pending["revision"]
-            )
-            o.outcome = _outcome(o.job, kube, store, meta["namespace"], job_name, uri, spec)
+            uri = composite.output_prefix(store.bucket, obj, pending["revision"])
+            o.outcome = _outcome(o.job, kube, store, meta["namespace"], uri, spec)
             o.outcome.uri, o.outcome.job_name = str(uri), job_name
     try:
         o.base = cat.base_models.resolve(spec["baseModel"]["name"], None, "spec.baseModel")
@@ -170,10 +175,9 @@ def _start(
 ) -> None:
     """Create the revision's merge Job (its config Secret too, unless Kueue queues it); what
     happened goes into the observation."""
-    meta = obj["metadata"]
     if o.base is None:
         return
-    out = composite.output_prefix(store.bucket, meta["namespace"], meta["name"], plan.revision)
+    out = composite.output_prefix(store.bucket, obj, plan.revision)
     try:
         job_plan = composite.merge_plan(obj, plan, o.base, out, store.bucket)
         job = kube.create_job(composite.merge_job(obj, plan, s, job_plan))
@@ -261,15 +265,17 @@ def _tell_contributions(
 
 
 def _outcome(
-    job: JSON, kube: Kube, store: ForgeStore, ns: str, job_name: str, uri: Any, spec: JSON
+    job: JSON, kube: Kube, store: ForgeStore, ns: str, uri: Any, spec: JSON
 ) -> composite.Outcome:
-    pods = kube.job_pods(ns, job_name)
+    pods = kube.job_pods(ns, job)
     summary = jobs.pod_summary(pods)
     if jobs.job_state(job) == "Failed":
         reason, message = jobs.job_failure(job)
         detail = jobs.redact_urls(str(summary["failure_message"] or message))
         return composite.Outcome(RevisionState.FAILED, f"{reason}: {detail}")
     result = read_result(summary["success_message"] or "")
+    if not pods:  # the pods are gone: the result file in the store still tells
+        result = {"artifact": {}, "resultFile": {"name": RESULT_FILE, "digest": None}}
     if not result or "artifact" not in result:
         return composite.Outcome(RevisionState.FAILED, "the merge Job wrote no result JSON")
     try:

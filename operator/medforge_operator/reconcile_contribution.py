@@ -67,35 +67,23 @@ def reconcile(
     job_name = names.training_job_name(name, gen)
     o = contribution.Observation(generation=gen, job_name=job_name, job=None)
 
-    # A spec change retires the Jobs of older generations (generation 1 has none).
-    older = (
-        kube.list_jobs(
-            ns, f"{jobs.LABEL_OWNER}={names.label_value(name)},{jobs.LABEL_COMPONENT}=train"
-        )
-        if gen > 1
-        else []
-    )
-    for stale in older:
-        if stale["metadata"]["name"] != job_name:
-            kube.delete_job(ns, stale["metadata"]["name"])
-            event(
-                obj,
-                "Normal",
-                EventReason.RETIRED_JOB,
-                f"deleted Job {stale['metadata']['name']} of an older spec",
-            )
+    if gen > 1:  # a spec change retires the Jobs of older generations
+        _retire_older(obj, job_name, kube, event)
 
     # Before the first status, the Job cannot exist yet unless an earlier round was cut short;
     # create_job returns the existing Job on a name conflict either way.
     o.job = kube.get_job(ns, job_name) if old.get("observedGeneration") == gen else None
     if o.job is None and not (settled(obj) and old.get("phase") == Phase.FAILED):
         o.job = _create_job(obj, kube, store, s, cat, o)
+    if o.job is not None and not jobs.owned_by(o.job, meta["uid"]):
+        _not_ours(obj, o.job, kube, event, o)
+        o.job = None
     if o.job is not None and jobs.job_state(o.job) == "Active" and not jobs.never_started(o.job):
         cat.configs.ensure(o.job)  # fresh URLs for pods about to start
     elif o.job is not None and jobs.job_state(o.job) != "Active":
         cat.configs.forget(o.job)
     if o.job is not None and o.job.get("status") and not jobs.never_started(o.job):
-        o.pods = kube.job_pods(ns, job_name)
+        o.pods = kube.job_pods(ns, o.job)
         if jobs.job_state(o.job) == "Complete":
             verify(obj, o, store)
     new = contribution.compute_status(old, o)
@@ -115,6 +103,38 @@ def reconcile(
             )
             event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
     return new
+
+
+def _retire_older(obj: JSON, job_name: str, kube: Kube, event: EventFn) -> None:
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    selector = f"{jobs.LABEL_OWNER}={names.label_value(name)},{jobs.LABEL_COMPONENT}=train"
+    for stale in kube.list_jobs(ns, selector):
+        if stale["metadata"]["name"] != job_name and jobs.owned_by(stale, obj["metadata"]["uid"]):
+            kube.delete_job(ns, stale["metadata"]["name"])
+            event(
+                obj,
+                "Normal",
+                EventReason.RETIRED_JOB,
+                f"deleted Job {stale['metadata']['name']} of an older spec",
+            )
+
+
+def _not_ours(
+    obj: JSON, job: JSON, kube: Kube, event: EventFn, o: contribution.Observation
+) -> None:
+    """A Job with this generation's name that is not this object's: one of ours left by an
+    object of the same name that was deleted (it is removed; the next round makes ours), or
+    someone else's (reported, never adopted)."""
+    name = job["metadata"]["name"]
+    if jobs.made_by_us(job):
+        kube.delete_job(obj["metadata"]["namespace"], name)
+        event(obj, "Normal", EventReason.RETIRED_JOB, f"deleted Job {name} of an earlier object")
+        return
+    o.build_error = (
+        Reason.JOB_NAME_TAKEN,
+        f"a Job named {name} that MedForge did not create exists in this namespace; delete or "
+        "rename it",
+    )
 
 
 def _create_job(
@@ -139,9 +159,7 @@ def _create_job(
         base = cat.base_models.resolve(
             str(ref.get("name", "")), ref.get("digest"), "spec.baseModel"
         )
-        output = contribution.output_prefix(
-            store.bucket, meta["namespace"], meta["name"], o.generation
-        )
+        output = contribution.output_prefix(store.bucket, obj, o.generation)
         plan = contribution.train_plan(obj, base, output)
         job = kube.create_job(contribution.training_job(obj, s, base, plan))
         JOBS_CREATED.labels("train").inc()
@@ -171,7 +189,18 @@ def _api_message(exc: ApiException) -> str:
 def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
     """Check the uploaded files against the manifest before the contribution becomes Ready."""
     spec = obj["spec"]
+    prefix = contribution.output_prefix(store.bucket, obj, o.generation)
     result = contribution.success_result(o.pods)
+    if not o.pods:
+        # The pods are gone (pod GC, a node scaled down): the artifact is still in the store,
+        # and its manifest (checked file by file below) says what the result said.
+        try:
+            result = {"artifact": {"digest": store.manifest_digest(prefix)}}
+        except StoreUnreachable as exc:
+            o.verify_error = (Reason.STORE_UNREACHABLE, str(exc))
+            return
+        except VerificationFailed:
+            result = None
     if result is None or "artifact" not in result:
         o.verify_error = (
             Reason.NO_RESULT,
@@ -179,9 +208,6 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
         )
         return
     art = result["artifact"]
-    prefix = contribution.output_prefix(
-        store.bucket, obj["metadata"]["namespace"], obj["metadata"]["name"], o.generation
-    )
     expected_base = ((o.job or {}).get("metadata", {}).get("annotations") or {}).get(
         jobs.ANNOTATION_BASE_DIGEST, ""
     )

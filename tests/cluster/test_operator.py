@@ -75,7 +75,8 @@ def test_contribution_trains_verifies_and_reports(
     assert condition(st, "Stalled")["status"] == "False"
     assert st["job"]["name"] == "breakhis-train-g1" and st["job"]["attempts"] == 1
     art = st["artifact"]
-    assert art["uri"].endswith(f"/contributions/{namespace}/breakhis/1/")
+    uid = get_json(cluster, "lorac", "breakhis", "-n", namespace)["metadata"]["uid"]
+    assert art["uri"].endswith(f"/contributions/{namespace}/breakhis/{uid}/1/")  # per object
     assert art["digest"].startswith("sha256:") and art["baseModelDigest"] == base[1]
     assert st["metrics"]["accuracy"] == pytest.approx(0.81)
 
@@ -136,7 +137,7 @@ def test_spec_change_starts_a_new_job_and_retires_the_old(
 
     st = wait_until(regenerated, 90, what="generation 2 trained")
     assert st["job"]["name"] == "lung-train-g2"
-    assert st["artifact"]["uri"].endswith("/lung/2/")
+    assert "/lung/" in st["artifact"]["uri"] and st["artifact"]["uri"].endswith("/2/")
     wait_until(
         lambda: (
             cluster.kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()

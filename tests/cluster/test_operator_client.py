@@ -45,7 +45,7 @@ def test_events_and_jobs_reuse_one_connection(cluster: ClusterAccess, namespace:
         }
         kube.create_job(job)
         assert kube.get_job(namespace, f"client-{i}") is not None
-        assert kube.job_pods(namespace, f"client-{i}") == []
+        assert kube.job_pods(namespace, kube.get_job(namespace, f"client-{i}") or {}) == []
     api = kube.core.api_client
     pool = api.rest_client.pool_manager.connection_from_url(api.configuration.host)
     assert pool.num_connections == 1

@@ -86,7 +86,7 @@ def test_trainer_job_through_presigned_urls(
         s3_bucket.endpoint, s3_bucket.name, s3_bucket.access_key, s3_bucket.secret_key
     )
     store = ForgeStore(settings)
-    out = contribution.output_prefix(s3_bucket.name, namespace, "lung", 1)
+    out = contribution.output_prefix(s3_bucket.name, obj, 1)
     files = Manifest.from_json((base / "manifest.json").read_text()).files
     resolved = Resolved(
         "clip-tiny",

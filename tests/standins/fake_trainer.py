@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def put(url: str, data: bytes) -> None:
 def main() -> None:
     cfg = json.loads(Path(os.environ["MEDFORGE_JOB_CONFIG_FILE"]).read_text())
     task = cfg["task"]["name"]
+    if task.startswith("slow"):  # "slow-N": trains for N seconds
+        time.sleep(float(task.split("-")[1]))
     if task.startswith("fail"):
         fail("dataset unreadable: s3://hospital/data/ holds no class folders")
     base = {f["name"]: f["url"] for f in cfg["baseModel"]["files"]}

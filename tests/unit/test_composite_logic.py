@@ -307,7 +307,8 @@ class FakeKube:
         self.deleted.append(name)
         self.jobs.pop(name, None)
 
-    def job_pods(self, ns: str, job_name: str) -> list[JSON]:
+    def job_pods(self, ns: str, job: JSON) -> list[JSON]:
+        job_name = job["metadata"]["name"]
         result = (
             '{"artifact": {"digest": "sha256:m"}, '
             '"inputs": [{"namespace": "h", "name": "a", "digest": "sha256:1"}]}'
@@ -388,7 +389,14 @@ def test_a_round_starts_a_revision_and_writes_its_config() -> None:
 
 def test_a_job_that_already_exists_is_taken_as_it_is() -> None:
     """The API's 409 on create (a round cut short before its status was written)."""
-    existing = {"metadata": {"name": "f-merge-r1", "uid": "old"}, "spec": {"suspend": True}}
+    existing = {
+        "metadata": {
+            "name": "f-merge-r1",
+            "uid": "old",
+            "ownerReferences": [{"uid": "cu", "controller": True}],
+        },
+        "spec": {"suspend": True},
+    }
     kube = FakeKube([comp(), contribution("a", "sha256:1")], {"f-merge-r1": existing})
     round_(kube, FakeStore())
     assert kube.created == [] and kube.statuses[-1]["pendingRevision"]["revision"] == 1
@@ -397,7 +405,11 @@ def test_a_job_that_already_exists_is_taken_as_it_is() -> None:
 
 def test_a_store_outage_leaves_the_revision_pending() -> None:
     done: JSON = {
-        "metadata": {"name": "f-merge-r1", "uid": "u"},
+        "metadata": {
+            "name": "f-merge-r1",
+            "uid": "u",
+            "ownerReferences": [{"uid": "cu", "controller": True}],
+        },
         "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
     }
     kube = FakeKube([comp(PENDING), contribution("a", "sha256:1")], {"f-merge-r1": done})
@@ -426,7 +438,10 @@ def test_a_spec_change_retires_the_older_jobs_of_a_contribution() -> None:
         "dataset": {"uri": "s3://hospital-data/x/"},
     }
     obj["status"] = {"observedGeneration": 1, "phase": "Succeeded"}
-    kube = FakeKube([obj], {"a-train-g1": {"metadata": {"name": "a-train-g1"}}})
+    older = {
+        "metadata": {"name": "a-train-g1", "ownerReferences": [{"uid": "u", "controller": True}]}
+    }
+    kube = FakeKube([obj], {"a-train-g1": older})
     k, st = cast(Kube, kube), cast(ForgeStore, FakeStore())
     events: list[str] = []
     new = reconcile_contribution.reconcile(
@@ -480,3 +495,38 @@ def json_copy(obj: JSON) -> JSON:
 
     out: JSON = json.loads(json.dumps(obj))
     return out
+
+
+def test_a_job_of_the_right_name_but_another_owner_is_never_adopted() -> None:
+    """A contribution deleted and created again under its name finds its predecessor's Job:
+    it is ours, so it goes; a Job of that name that MedForge did not make is reported."""
+    obj = contribution("a", "sha256:1")
+    obj["metadata"] |= {"uid": "new-uid"}
+    obj["spec"] |= {
+        "baseModel": {"name": "clip"},
+        "task": {"name": "t", "classes": ["x", "y"]},
+        "dataset": {"uri": "s3://hospital-data/x/"},
+    }
+    obj["status"] = {}
+    stale = {
+        "metadata": {
+            "name": "a-train-g1",
+            "labels": {"app.kubernetes.io/managed-by": "medforge-operator"},
+            "ownerReferences": [{"uid": "old-uid", "controller": True}],
+        },
+        "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    kube = FakeKube([obj], {"a-train-g1": stale})
+    k, st = cast(Kube, kube), cast(ForgeStore, FakeStore())
+    new = reconcile_contribution.reconcile(
+        obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
+    )
+    assert kube.deleted == ["a-train-g1"] and new["phase"] == "Pending"  # never its result
+    foreign = {"metadata": {"name": "a-train-g1", "ownerReferences": []}, "status": {}}
+    kube = FakeKube([obj], {"a-train-g1": foreign})
+    k = cast(Kube, kube)
+    new = reconcile_contribution.reconcile(
+        obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
+    )
+    stalled = next(c for c in new["conditions"] if c["type"] == "Stalled")
+    assert kube.deleted == [] and stalled["reason"] == "JobNameTaken"

@@ -171,7 +171,7 @@ def ready_contribution(
 
 def test_inputs_and_revision_plan() -> None:
     comp: dict[str, Any] = {
-        "metadata": {"name": "f", "namespace": "forge"},
+        "metadata": {"name": "f", "namespace": "forge", "uid": "cu"},
         "spec": {
             "baseModel": {"digest": DIGEST},
             "minContributions": 2,
@@ -225,13 +225,13 @@ def test_settings_from_env_and_flags() -> None:
 def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
     current = {"revision": 3, "digest": "sha256:c", "metrics": {"lung": {"accuracy": 0.9}}}
     comp: dict[str, Any] = {
-        "metadata": {"name": "f", "namespace": "forge"},
+        "metadata": {"name": "f", "namespace": "forge", "uid": "cu"},
         "spec": {"baseModel": {"digest": DIGEST}, "integration": "full"},
         "status": {"current": current},
     }
-    current |= {"uri": "s3://b/composites/forge/f/rev-3/", "files": ["adapter.safetensors"]}
+    current |= {"uri": "s3://b/composites/forge/f/cu/rev-3/", "files": ["adapter.safetensors"]}
     plan = composite.Plan(4, [], [])
-    uri = composite.output_prefix("b", "forge", "f", 4)
+    uri = composite.output_prefix("b", comp, 4)
     full = composite.merge_plan(comp, plan, BASE, uri, "b")
     assert full["previous"] == {"revision": 3, "metrics": current["metrics"]}
     assert full["integration"] == "full" and "current" not in full
@@ -239,10 +239,10 @@ def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
     inc = composite.merge_plan(comp, plan, BASE, uri, "b")
     assert inc["integration"] == "incremental"
     assert inc["current"]["files"] == [
-        {"name": "manifest.json", "get": "s3://b/composites/forge/f/rev-3/manifest.json"},
+        {"name": "manifest.json", "get": "s3://b/composites/forge/f/cu/rev-3/manifest.json"},
         {
             "name": "adapter.safetensors",
-            "get": "s3://b/composites/forge/f/rev-3/adapter.safetensors",
+            "get": "s3://b/composites/forge/f/cu/rev-3/adapter.safetensors",
         },
     ]
     assert inc["previous"]["metrics"] == current["metrics"]
@@ -269,12 +269,12 @@ def test_a_finished_pod_before_the_job_completes_is_still_training() -> None:
 def test_dense_strategies_always_merge_in_full() -> None:
     current = {"revision": 1, "digest": "sha256:c", "inputs": [], "metrics": {}}
     comp: dict[str, Any] = {
-        "metadata": {"name": "f", "namespace": "forge"},
+        "metadata": {"name": "f", "namespace": "forge", "uid": "cu"},
         "spec": {"baseModel": {"digest": DIGEST}, "strategy": {"type": "ties"}},
         "status": {"current": current},
     }
     assert composite.effective_integration(comp["spec"]) == "full"
-    uri = composite.output_prefix("b", "forge", "f", 2)
+    uri = composite.output_prefix("b", comp, 2)
     cfg = composite.merge_plan(comp, composite.Plan(2, [], []), BASE, uri, "b")
     assert cfg["integration"] == "full" and "current" not in cfg  # dense deltas are not factors
     comp["spec"]["strategy"] = {"type": "svd", "rank": 4}

@@ -39,7 +39,7 @@ def fake_sign(kind: str) -> Any:
 
 def test_the_job_holds_no_url_and_mounts_its_config_from_a_secret() -> None:
     obj = lorac()
-    out = contribution.output_prefix("forge", "hospital-a", "breakhis", 1)
+    out = contribution.output_prefix("forge", obj, 1)
     plan = contribution.train_plan(obj, BASE, out)
     job = contribution.training_job(obj, SETTINGS, BASE, plan)
     text = json.dumps(job)
@@ -216,7 +216,7 @@ def test_composite_inputs_carry_reason_codes_only() -> None:
         }
 
     comp: dict[str, Any] = {
-        "metadata": {"name": "f", "namespace": "forge"},
+        "metadata": {"name": "f", "namespace": "forge", "uid": "cu"},
         "spec": {},
         "status": {"excluded": {"sha256:old": "ExcludedByMerger: rank is a string"}},
     }
@@ -240,7 +240,10 @@ def test_composite_inputs_carry_reason_codes_only() -> None:
 
 
 def test_merge_plan_reads_inputs_only_from_their_own_prefix() -> None:
-    comp: dict[str, Any] = {"metadata": {"name": "f", "namespace": "forge"}, "spec": {}}
+    comp: dict[str, Any] = {
+        "metadata": {"name": "f", "namespace": "forge", "uid": "cu"},
+        "spec": {},
+    }
     good = {
         "metadata": {"namespace": "h", "name": "a"},
         "status": {
@@ -251,7 +254,7 @@ def test_merge_plan_reads_inputs_only_from_their_own_prefix() -> None:
             }
         },
     }
-    uri = composite.output_prefix("forge", "forge", "f", 1)
+    uri = composite.output_prefix("forge", comp, 1)
     plan = composite.merge_plan(comp, composite.Plan(1, [good], [good]), BASE, uri, "forge")
     assert [f["get"] for f in plan["inputs"][0]["files"]] == [
         "s3://forge/contributions/h/a/1/manifest.json",
