@@ -211,6 +211,19 @@ class LocalCluster:
         if log:
             print(f"local cluster up in {time.monotonic() - t0:.1f} s (state in {self.dir})")
 
+    # ----- faults, for the fault-injection tests -----
+    def stop_s3(self) -> None:
+        """Stop the S3 server (its data stays): the store goes away as in an outage."""
+        st = self.state()
+        rec = st.processes.pop("s3", None)
+        if rec is not None and alive(rec):
+            stop(rec, timeout=15)
+        st.save(self.state_path)
+
+    def start_s3(self) -> None:
+        """Start the S3 server again on its port, with its data and credentials."""
+        self._start_s3(self.state(), binaries.ensure(["versitygw"], log=False)["versitygw"])
+
     def _record(self, st: State, rec: ProcessRecord) -> None:
         st.processes[rec.name] = rec
         st.save(self.state_path)

@@ -7,25 +7,29 @@ import hashlib
 import json
 import os
 import sys
-import urllib.request
+import tempfile
+import time
 from pathlib import Path
 
 from medforge_common.manifest import FileEntry, Manifest
 from medforge_common.result import result_reference
+from medforge_ml import transfers
 
 TERM = Path("/dev/termination-log")
 
 
 def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as r:
-        data: bytes = r.read()
-        return data
+    """Through the shared transfers, as the real merger: a store outage is retried."""
+    with tempfile.TemporaryDirectory() as d:
+        transfers.download(url, Path(d) / "f", "input")
+        return (Path(d) / "f").read_bytes()
 
 
 def put(url: str, data: bytes) -> None:
-    req = urllib.request.Request(url, data=data, method="PUT")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        assert r.status == 200
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        transfers.upload(url, Path(f.name), "output")
 
 
 def main() -> None:
@@ -44,6 +48,8 @@ def main() -> None:
         )
         metrics.update(cfg["current"].get("metrics") or {})
     for i in cfg["inputs"]:
+        if str(i.get("task") or "").startswith("slow-merge-"):  # "slow-merge-N": N seconds
+            time.sleep(float(str(i["task"]).rsplit("-", 1)[1]))
         files = {f["name"]: f["url"] for f in i["files"]}
         raw = get(files["manifest.json"])
         entry = {"namespace": i["namespace"], "name": i["name"], "digest": i["digest"]}
