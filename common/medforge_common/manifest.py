@@ -96,7 +96,7 @@ class Manifest:
     def from_json(cls, text: str, source: str = "manifest.json") -> Manifest:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # nesting past the parser's depth
             raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise ManifestError(f"{source}: expected a JSON object")

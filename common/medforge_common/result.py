@@ -69,7 +69,7 @@ def read_result(message: str) -> dict[str, Any] | None:
     """The operator's side: a JSON object for a success, None for a failure line."""
     try:
         data = json.loads(message)
-    except (json.JSONDecodeError, TypeError):
+    except (json.JSONDecodeError, TypeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

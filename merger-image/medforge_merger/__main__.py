@@ -53,6 +53,20 @@ class JobFailed(Exception):
     pass
 
 
+# Exit code of a verdict on every input (none passed the checks): the Job's podFailurePolicy
+# fails it at once instead of retrying, and the operator excludes the inputs, each with its
+# reason (the full report is result.json, as for a merge).
+VERDICT_EXIT = 3
+
+
+class NoUsableInput(Exception):
+    def __init__(self, report: list[JSON]) -> None:
+        super().__init__(
+            "no input passed verification: " + "; ".join(r.get("reason", "") for r in report)
+        )
+        self.report = report
+
+
 def fetch(spec: JSON, dest: Path) -> None:
     """One input file, from a presigned URL or a local path, streamed to disk."""
     check_safe_name(spec["name"])  # pickle formats are refused before a byte is read
@@ -200,9 +214,7 @@ def _screen(loaded: Loaded, current: Adapter | None, report_: list[JSON]) -> Loa
             report_.append(entry | {"state": "Excluded", "reason": rejected[ad.key]})
     use = [(a, w, e) for a, w, e in loaded if a.key not in rejected]
     if not use:
-        raise JobFailed(
-            "no input passed verification: " + "; ".join(r.get("reason", "") for r in report_)
-        )
+        raise NoUsableInput(report_)
     return use
 
 
@@ -342,6 +354,18 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
     return result
 
 
+def _verdict(cfg: JSON, exc: NoUsableInput, work: Path, output_dir: Path | None) -> str:
+    """The termination message of a merge whose every input was refused: one JSON line naming
+    the verdict, with the per-input report in result.json beside it (if it can be written)."""
+    line: JSON = {"verdict": "NoUsableInput", "message": failure_line(str(exc))[:1000]}
+    try:
+        ref = publish_result(cfg, {"artifact": {}, "inputs": exc.report}, work, output_dir)
+        line["resultFile"] = ref["resultFile"]
+    except JobFailed as err:  # the report then stays in the message alone
+        line["message"] = failure_line(f"{exc}; {err}")[:1000]
+    return json.dumps(line, sort_keys=True)
+
+
 def publish_result(cfg: JSON, result: JSON, work: Path, output_dir: Path | None) -> JSON:
     """The full result as result.json next to the composite; the small reference that the
     termination message carries (4 KiB would hold only about 20 inputs' entries)."""
@@ -377,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run(cfg, Path(tmp), out_dir)
             reference = publish_result(cfg, result, Path(tmp), out_dir)
+        except NoUsableInput as exc:
+            return finish(_verdict(cfg, exc, Path(tmp), out_dir), VERDICT_EXIT)
         except (JobFailed, MergeError, ManifestError, KeyError) as exc:
             return finish(failure_line(f"merge failed: {exc}"), 1)
         except MemoryError:

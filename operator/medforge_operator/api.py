@@ -84,6 +84,7 @@ class Reason(StrEnum):
     REVISION_ACCEPTED = "RevisionAccepted"
     REGRESSION_OVER_GATE = "RegressionOverGate"  # a task regressed beyond spec.gate
     MERGE_FAILED = "MergeFailed"
+    NO_USABLE_INPUT = "NoUsableInput"  # the merger refused every input: a verdict on each
     # A BaseModel's way.
     NOT_UPLOADED = "NotUploaded"
     VERIFICATION_FAILED = "VerificationFailed"
@@ -118,6 +119,7 @@ class InputReason(StrEnum):
     BASE_MODEL_MISMATCH = "BaseModelMismatch"
     REJECTED_BY_GATE = "RejectedByGate"
     MERGE_FAILED = "MergeFailed"
+    NO_USABLE_INPUT = "NoUsableInput"  # the merger refused every input: a verdict on each
     EXCLUDED_BY_MERGER = "ExcludedByMerger"
 
 

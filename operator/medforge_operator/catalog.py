@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from medforge_operator import BASEMODELS, basemodel, jobs
 from medforge_operator.kube import Kube
 from medforge_operator.settings import Settings
@@ -95,6 +97,11 @@ class BaseModels:
         self._cache.drop(name)
 
 
+class ConfigRefused(Exception):
+    """The API server refused a Job's config Secret (400, 403 or 422: an admission policy, a
+    quota): a status to report, not a round to retry forever."""
+
+
 class JobConfigs:
     """Writes each running Job's config Secret with fresh presigned URLs: when the Job starts
     (a queued Job only once admitted, so its URLs never age in the queue) and again whenever a
@@ -126,7 +133,14 @@ class JobConfigs:
         )
         until = now + lifetime
         stamp = dt.datetime.fromtimestamp(until, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.kube.apply_secret(jobs.config_secret(job, config, stamp))
+        try:
+            self.kube.apply_secret(jobs.config_secret(job, config, stamp))
+        except ApiException as exc:
+            if exc.status in (400, 403, 422):
+                raise ConfigRefused(
+                    f"the API server refused the Job's config Secret: {exc.reason}"
+                ) from exc
+            raise
         with self._lock:
             self._expires[uid] = until
 

@@ -277,6 +277,7 @@ def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -
         backoff_limit=1,
         active_deadline=None,
         ttl_seconds=settings.job_ttl_seconds,
+        verdict_exit_codes=(MERGE_VERDICT_EXIT,),
     )
 
 
@@ -293,6 +294,9 @@ def gate(result: JSON, max_regression: float) -> tuple[bool, str]:
     return True, "no task regressed beyond the gate"
 
 
+MERGE_VERDICT_EXIT = 3  # medforge-merge: every input refused (a verdict, not a fault)
+
+
 @dataclass
 class Outcome:
     """How a finished merge Job ended: a revision state, or StoreUnreachable while its upload
@@ -303,6 +307,7 @@ class Outcome:
     result: JSON = field(default_factory=dict)
     uri: str = ""
     job_name: str = ""
+    reason: str = ""  # for the Accepted condition, when it is not the state's usual one
 
 
 @dataclass
@@ -433,6 +438,7 @@ def finish_revision(
     entry: JSON = {
         "revision": pending["revision"],
         "state": outcome.state,
+        **({"reason": outcome.reason} if outcome.reason else {}),
         "message": outcome.message,
         "jobName": job_name,
         "completedAt": at,
@@ -497,7 +503,8 @@ def conditions_for(
             ok,
             R.REVISION_ACCEPTED
             if ok
-            else (
+            else last.get("reason")
+            or (
                 R.REGRESSION_OVER_GATE
                 if last.get("state") == RevisionState.REJECTED
                 else R.MERGE_FAILED

@@ -105,6 +105,7 @@ def job_manifest(
     backoff_limit: int,
     active_deadline: int | None,
     ttl_seconds: int,
+    verdict_exit_codes: tuple[int, ...] = (),
 ) -> JSON:
     all_labels = {
         "app.kubernetes.io/name": "medforge",
@@ -167,6 +168,20 @@ def job_manifest(
     }
     if active_deadline:
         spec["activeDeadlineSeconds"] = active_deadline
+    if verdict_exit_codes:
+        # An exit that is a verdict fails the Job at once: retrying it would only repeat it.
+        spec["podFailurePolicy"] = {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": component,
+                        "operator": "In",
+                        "values": list(verdict_exit_codes),
+                    },
+                }
+            ]
+        }
     if resources.get("queueName"):
         # Kueue admits queued Jobs by unsuspending them; created suspended, none starts early.
         spec["suspend"] = True

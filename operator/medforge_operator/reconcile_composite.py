@@ -18,7 +18,7 @@ from medforge_operator.api import CompositePhase, EventReason, InputState, Revis
 from medforge_operator.api import ConditionType as C
 from medforge_operator.api import Reason as R
 from medforge_operator.basemodel import BaseModelUnusable
-from medforge_operator.catalog import Catalog
+from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.conditions import Cond, merge_conditions, now
 from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
@@ -151,7 +151,10 @@ def observe(
             o.job = None
         if o.job is not None and jobs.job_state(o.job) == "Active":
             if not jobs.never_started(o.job):
-                cat.configs.ensure(o.job)  # fresh URLs for pods about to start
+                try:
+                    cat.configs.ensure(o.job)  # fresh URLs for pods about to start
+                except ConfigRefused as exc:
+                    o.start_problem = (R.INVALID_SPEC, str(exc))
         elif o.job is not None:
             uri = composite.output_prefix(store.bucket, obj, pending["revision"])
             o.outcome = _outcome(o.job, kube, store, meta["namespace"], uri, spec)
@@ -190,7 +193,10 @@ def _start(
         o.start_problem = (R.INVALID_SPEC, f"the API server refused the merge Job: {exc.reason}")
         return
     if jobs.job_state(job) == "Active" and not jobs.never_started(job):
-        cat.configs.ensure(job)
+        try:
+            cat.configs.ensure(job)
+        except ConfigRefused as exc:
+            o.start_problem = (R.INVALID_SPEC, str(exc))
     JOBS_CREATED.labels("merge").inc()
     o.started = {
         "revision": plan.revision,
@@ -264,12 +270,30 @@ def _tell_contributions(
             kube.patch_status(CONTRIBUTIONS, str(ns), str(name), {"usedBy": used})
 
 
+def _no_usable_input(store: ForgeStore, uri: Any, verdict: JSON) -> composite.Outcome:
+    """The merger refused every input: a verdict on each (excluded with its reason), not a
+    fault to retry."""
+    report: JSON = {"inputs": []}
+    try:
+        if "resultFile" in verdict:
+            report = store.read_json(uri, verdict["resultFile"], MAX_RESULT_FILE_BYTES, False)
+    except StoreUnreachable as exc:
+        return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
+    except VerificationFailed:
+        pass  # the inputs then go as rejected, without the merger's reasons
+    message = jobs.redact_urls(str(verdict.get("message") or "no input passed verification"))
+    return composite.Outcome(RevisionState.REJECTED, message, report, reason=R.NO_USABLE_INPUT)
+
+
 def _outcome(
     job: JSON, kube: Kube, store: ForgeStore, ns: str, uri: Any, spec: JSON
 ) -> composite.Outcome:
     pods = kube.job_pods(ns, job)
     summary = jobs.pod_summary(pods)
     if jobs.job_state(job) == "Failed":
+        verdict = read_result(summary["failure_message"] or "")
+        if verdict and verdict.get("verdict") == R.NO_USABLE_INPUT:
+            return _no_usable_input(store, uri, verdict)
         reason, message = jobs.job_failure(job)
         detail = jobs.redact_urls(str(summary["failure_message"] or message))
         return composite.Outcome(RevisionState.FAILED, f"{reason}: {detail}")

@@ -16,7 +16,7 @@ from medforge_operator import CONTRIBUTIONS, conditions, contribution, jobs, nam
 from medforge_operator.api import ConditionType, EventReason, Reason
 from medforge_operator.api import ContributionPhase as Phase
 from medforge_operator.basemodel import BaseModelUnusable
-from medforge_operator.catalog import Catalog
+from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import JOBS_CREATED, VERIFICATIONS
 from medforge_operator.settings import Settings
@@ -73,19 +73,26 @@ def reconcile(
     # Before the first status, the Job cannot exist yet unless an earlier round was cut short;
     # create_job returns the existing Job on a name conflict either way.
     o.job = kube.get_job(ns, job_name) if old.get("observedGeneration") == gen else None
+    if o.job is not None and _stale_plan(obj, o.job, store, cat):
+        # Still queued, but built for another base model or by other code: replaced, so that
+        # what starts is what the spec and the BaseModel say now.
+        kube.delete_job(ns, job_name)
+        event(obj, "Normal", EventReason.RETIRED_JOB, f"replaced Job {job_name}: its plan changed")
+        o.job = None
+        return _write(obj, kube, event, old, o)
     if o.job is None and not (settled(obj) and old.get("phase") == Phase.FAILED):
         o.job = _create_job(obj, kube, store, s, cat, o)
     if o.job is not None and not jobs.owned_by(o.job, meta["uid"]):
         _not_ours(obj, o.job, kube, event, o)
         o.job = None
-    if o.job is not None and jobs.job_state(o.job) == "Active" and not jobs.never_started(o.job):
-        cat.configs.ensure(o.job)  # fresh URLs for pods about to start
-    elif o.job is not None and jobs.job_state(o.job) != "Active":
-        cat.configs.forget(o.job)
-    if o.job is not None and o.job.get("status") and not jobs.never_started(o.job):
-        o.pods = kube.job_pods(ns, o.job)
-        if jobs.job_state(o.job) == "Complete":
-            verify(obj, o, store)
+    if o.job is not None:
+        _follow(obj, o, kube, store, cat)
+    return _write(obj, kube, event, old, o)
+
+
+def _write(obj: JSON, kube: Kube, event: EventFn, old: JSON, o: contribution.Observation) -> JSON:
+    """Write the status the observation gives, with an Event when the phase moves."""
+    ns, name, gen = obj["metadata"]["namespace"], obj["metadata"]["name"], o.generation
     new = contribution.compute_status(old, o)
     if contribution.status_changed(old, new):
         patch = dict(new)
@@ -103,6 +110,41 @@ def reconcile(
             )
             event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
     return new
+
+
+def _stale_plan(obj: JSON, job: JSON, store: ForgeStore, cat: Catalog) -> bool:
+    """Whether a Job of ours that never started differs from the plan it would get now (its
+    BaseModel re-registered with another digest, say). A running Job is never replaced."""
+    if not (jobs.owned_by(job, obj["metadata"]["uid"]) and jobs.never_started(job)):
+        return False
+    ref = obj["spec"].get("baseModel") or {}
+    try:
+        base = cat.base_models.resolve(
+            str(ref.get("name", "")), ref.get("digest"), "spec.baseModel"
+        )
+    except BaseModelUnusable:
+        return False  # nothing better to replace it with yet
+    out = contribution.output_prefix(store.bucket, obj, int(obj["metadata"]["generation"]))
+    return jobs.plan_of(job) != contribution.train_plan(obj, base, out)
+
+
+def _follow(
+    obj: JSON, o: contribution.Observation, kube: Kube, store: ForgeStore, cat: Catalog
+) -> None:
+    """The Job exists: its config Secret while it may start pods, its pods once it ran, the
+    artifact once it completed."""
+    job = o.job or {}
+    if jobs.job_state(job) == "Active" and not jobs.never_started(job):
+        try:
+            cat.configs.ensure(job)  # fresh URLs for pods about to start
+        except ConfigRefused as exc:
+            o.build_error = (Reason.INVALID_SPEC, str(exc))
+    elif jobs.job_state(job) != "Active":
+        cat.configs.forget(job)
+    if job.get("status") and not jobs.never_started(job):
+        o.pods = kube.job_pods(obj["metadata"]["namespace"], job)
+        if jobs.job_state(job) == "Complete":
+            verify(obj, o, store)
 
 
 def _retire_older(obj: JSON, job_name: str, kube: Kube, event: EventFn) -> None:

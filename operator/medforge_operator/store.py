@@ -156,7 +156,9 @@ class ForgeStore:
                 )
         return manifest
 
-    def read_json(self, prefix: S3Uri, ref: Any, limit: int) -> dict[str, Any]:
+    def read_json(
+        self, prefix: S3Uri, ref: Any, limit: int, artifact: bool = True
+    ) -> dict[str, Any]:
         """A JSON object a Job wrote beside its artifact, checked against the digest its
         termination message announced (`ref`: name, digest). Without a digest (the pods that
         announced it are gone) it is taken as found: the artifact digest it names is still
@@ -172,10 +174,12 @@ class ForgeStore:
             raise VerificationFailed(f"InvalidResult: {name} does not match its announced digest")
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise VerificationFailed(f"InvalidResult: {name} is not JSON ({exc})") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("artifact"), dict):
+        if not isinstance(data, dict) or (artifact and not isinstance(data.get("artifact"), dict)):
             raise VerificationFailed(f"InvalidResult: {name} holds no result object")
+        if not isinstance(data.get("inputs", []), list):
+            raise VerificationFailed(f"InvalidResult: {name}: inputs must be a list")
         return data
 
     def manifest_digest(self, prefix: S3Uri) -> str:

@@ -242,3 +242,47 @@ def test_the_operator_killed_anywhere_in_the_revision_path_loses_nothing(
     train = get_json(cluster, "jobs", "-n", namespace)["items"]
     assert sorted(j["metadata"]["name"] for j in train) == [f"site-{i}-train-g1" for i in range(6)]
     print(f"operator kills: injected {kills}, revisions {len(revisions)}, contributions lost 0")
+
+
+def test_a_poisoned_input_is_a_verdict_and_the_next_revision_goes_on(
+    cluster: ClusterAccess, namespace: str, forge_namespace: str, base: tuple[str, str]
+) -> None:
+    """The merger refuses the only input (a poisoned manifest): a verdict, so the Job fails at
+    once (no retry), the input is excluded with the merger's reason told to its owner, and a
+    good contribution after it is merged."""
+    comp = {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "CompositeModel",
+        "metadata": {"name": "forge"},
+        "spec": {
+            "baseModel": {"name": base[0]},
+            "contributions": {"selector": {"matchLabels": {"medforge.io/test": "yes"}}},
+            "strategy": {"type": "linear"},
+        },
+    }
+    cluster.apply(forge_namespace, json.dumps(comp))
+    for name, task in (("poisoned", "reject-me"), ("good", "lung")):
+        doc = json.loads(contribution(name, base, task=task))
+        doc["spec"]["sharing"] = {"forges": [f"{forge_namespace}/forge"]}
+        cluster.apply(namespace, json.dumps(doc))
+        wait_phase(cluster, namespace, name, "Succeeded", 90)
+
+        def settled(name: str = name) -> dict[str, Any] | None:
+            st = status(cluster, "cmodel", forge_namespace, "forge")
+            inputs = {i["name"]: i for i in st.get("inputs") or []}
+            return st if inputs.get(name, {}).get("state") in ("Included", "Excluded") else None
+
+        st = wait_until(settled, 120, what=f"{name} merged or excluded")
+        if name == "poisoned":
+            poisoned = next(i for i in st["inputs"] if i["name"] == "poisoned")
+            assert (poisoned["state"], poisoned["reason"]) == ("Excluded", "ExcludedByMerger")
+            assert st["history"][0]["state"] == "Rejected" and "retry" not in st
+            accepted = condition(st, "Accepted")
+            assert accepted["status"] == "False" and accepted["reason"] == "NoUsableInput"
+            job = get_json(cluster, "job", "forge-merge-r1", "-n", forge_namespace)
+            assert job["status"].get("failed") == 1  # the verdict is not retried
+            events = cluster.kubectl(
+                "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=poisoned"
+            ).stdout
+            assert "ExcludedByMerger" in events and "meta.rank" in events
+    assert st["current"]["inputCount"] == 1 and st["current"]["inputs"][0]["name"] == "good"

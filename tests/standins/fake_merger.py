@@ -56,6 +56,11 @@ def main() -> None:
         if "sha256:" + hashlib.sha256(raw).hexdigest() != i["digest"]:
             inputs.append(entry | {"state": "Excluded", "reason": "manifest digest mismatch"})
             continue
+        if str(i.get("task") or "").startswith("reject-"):  # a poisoned input
+            inputs.append(
+                entry | {"state": "Excluded", "reason": "manifest meta.rank 'x' is no number"}
+            )
+            continue
         manifest = Manifest.from_json(raw.decode())
         data = get(files["adapter.safetensors"])
         if hashlib.sha256(data).hexdigest() != manifest.files[0].sha256:
@@ -70,8 +75,14 @@ def main() -> None:
             regression[task] = 0.3
         inputs.append(entry | {"state": "Included", "coefficient": 0.5})
     if not any(i["state"] == "Included" for i in inputs):
-        TERM.write_text("no input passed verification")
-        sys.exit(1)
+        # The contract: a verdict on every input is exit 3 with one JSON line, the report in
+        # result.json.
+        report = json.dumps({"artifact": {}, "inputs": inputs}).encode()
+        put(cfg["output"]["files"]["result.json"], report)
+        ref = result_reference({"artifact": {}}, report, "result.json")
+        line = {"verdict": "NoUsableInput", "message": "no input passed verification"}
+        TERM.write_text(json.dumps(line | {"resultFile": ref["resultFile"]}))
+        sys.exit(3)
     composite = h.digest() * 32
     manifest = Manifest(
         "composite",

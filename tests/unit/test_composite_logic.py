@@ -530,3 +530,37 @@ def test_a_job_of_the_right_name_but_another_owner_is_never_adopted() -> None:
     )
     stalled = next(c for c in new["conditions"] if c["type"] == "Stalled")
     assert kube.deleted == [] and stalled["reason"] == "JobNameTaken"
+
+
+def test_a_queued_job_built_for_another_base_model_is_replaced() -> None:
+    """A Job still waiting in its queue is compared with the plan it would get now: unchanged,
+    it stays (every round); built for a BaseModel digest that is no longer the verified one,
+    it is replaced. A Job that started is never touched."""
+    obj = contribution("a", "sha256:1")
+    obj["metadata"] |= {"uid": "u1"}
+    obj["spec"] |= {
+        "baseModel": {"name": "clip"},
+        "task": {"name": "t", "classes": ["x", "y"]},
+        "dataset": {"uri": "s3://hospital-data/x/"},
+        "resources": {"queueName": "gpu"},
+    }
+    obj["status"] = {}
+    kube = FakeKube([obj])
+    k, st = cast(Kube, kube), cast(ForgeStore, FakeStore())
+
+    def round_once() -> JSON:
+        return reconcile_contribution.reconcile(
+            obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
+        )
+
+    obj["status"] = round_once()  # creates the queued Job
+    assert list(kube.jobs) == ["a-train-g1"] and kube.jobs["a-train-g1"]["spec"]["suspend"]
+    for _ in range(3):
+        obj["status"] = round_once()
+    assert kube.deleted == []  # the same plan: left alone
+    job = kube.jobs["a-train-g1"]
+    job["metadata"]["annotations"]["medforge.io/job-plan"] = job["metadata"]["annotations"][
+        "medforge.io/job-plan"
+    ].replace(DIGEST, "sha256:" + "e" * 64)
+    obj["status"] = round_once()
+    assert kube.deleted == ["a-train-g1"]

@@ -177,13 +177,18 @@ def test_bad_inputs_are_excluded_with_reasons_and_the_merge_goes_on(tmp_path: Pa
     assert "digest" in reasons["lying"]
 
 
-def test_no_usable_input_fails_with_one_line(tmp_path: Path) -> None:
+def test_no_usable_input_is_a_verdict_on_one_line(tmp_path: Path) -> None:
+    """Every input refused: a verdict (exit 3, not retried), one JSON line naming it, and the
+    per-input report in result.json."""
     d, _ = make_adapter(tmp_path / "other", 4, 1, base="sha256:" + "c" * 64)
     code, term, out = run_merge(tmp_path, config([entry("other", d, tmp_path / "other")]))
+    assert code == 3 and "\n" not in term
+    line = json.loads(term)
+    assert line["verdict"] == "NoUsableInput"
+    assert line["message"].startswith("no input passed verification")
+    report = json.loads((out / "result.json").read_text())
     assert (
-        code == 1
-        and "\n" not in term
-        and term.startswith("merge failed: no input passed verification")
+        report["inputs"][0]["state"] == "Excluded" and "base model" in report["inputs"][0]["reason"]
     )
     assert not (out / "adapter.safetensors").exists()
 
