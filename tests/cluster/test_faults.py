@@ -25,6 +25,22 @@ from tests.helpers import get_json, wait_until
 pytestmark = pytest.mark.usefixtures("operator")
 
 
+def forge_composite(base: tuple[str, str], **spec: Any) -> str:
+    """The forge's composite `forge`, over the test's labelled contributions."""
+    return json.dumps(
+        {
+            "apiVersion": "medforge.io/v1alpha1",
+            "kind": "CompositeModel",
+            "metadata": {"name": "forge"},
+            "spec": {
+                "baseModel": {"name": base[0]},
+                "contributions": {"selector": {"matchLabels": {"medforge.io/test": "yes"}}},
+                **spec,
+            },
+        }
+    )
+
+
 @pytest.fixture(scope="module")
 def base(cluster: ClusterAccess, forge: Forge, operator: OperatorProcess) -> tuple[str, str]:
     return base_model(cluster, forge, "clip-faults")
@@ -143,18 +159,9 @@ def test_store_outages_during_uploads_and_downloads_are_survived(
     doc["spec"]["sharing"] = {"forges": [f"{forge_namespace}/forge"]}
     cluster.apply(namespace, json.dumps(doc))
     wait_phase(cluster, namespace, "merge-outage", "Succeeded", 90)
-    comp = {
-        "apiVersion": "medforge.io/v1alpha1",
-        "kind": "CompositeModel",
-        "metadata": {"name": "forge"},
-        "spec": {
-            "baseModel": {"name": base[0]},
-            "contributions": {"selector": {"matchLabels": {"medforge.io/test": "yes"}}},
-            "minContributions": 2,
-            "strategy": {"type": "linear"},
-        },
-    }
-    cluster.apply(forge_namespace, json.dumps(comp))
+    cluster.apply(
+        forge_namespace, forge_composite(base, minContributions=2, strategy={"type": "linear"})
+    )
 
     def merging() -> dict[str, Any] | None:
         st = status(cluster, "cmodel", forge_namespace, "forge")
@@ -203,18 +210,9 @@ def test_the_operator_killed_anywhere_in_the_revision_path_loses_nothing(
     the composite's history has no gap."""
     operator = lone_operator
     rng = random.Random(12)
-    comp = {
-        "apiVersion": "medforge.io/v1alpha1",
-        "kind": "CompositeModel",
-        "metadata": {"name": "forge"},
-        "spec": {
-            "baseModel": {"name": base[0]},
-            "contributions": {"selector": {"matchLabels": {"medforge.io/test": "yes"}}},
-            "strategy": {"type": "linear"},
-            "historyLimit": 100,
-        },
-    }
-    cluster.apply(forge_namespace, json.dumps(comp))
+    cluster.apply(
+        forge_namespace, forge_composite(base, strategy={"type": "linear"}, historyLimit=100)
+    )
     kills = 0
     for i in range(6):
         doc = json.loads(contribution(f"site-{i}", base, task=f"task-{i}"))
@@ -250,17 +248,7 @@ def test_a_poisoned_input_is_a_verdict_and_the_next_revision_goes_on(
     """The merger refuses the only input (a poisoned manifest): a verdict, so the Job fails at
     once (no retry), the input is excluded with the merger's reason told to its owner, and a
     good contribution after it is merged."""
-    comp = {
-        "apiVersion": "medforge.io/v1alpha1",
-        "kind": "CompositeModel",
-        "metadata": {"name": "forge"},
-        "spec": {
-            "baseModel": {"name": base[0]},
-            "contributions": {"selector": {"matchLabels": {"medforge.io/test": "yes"}}},
-            "strategy": {"type": "linear"},
-        },
-    }
-    cluster.apply(forge_namespace, json.dumps(comp))
+    cluster.apply(forge_namespace, forge_composite(base, strategy={"type": "linear"}))
     for name, task in (("poisoned", "reject-me"), ("good", "lung")):
         doc = json.loads(contribution(name, base, task=task))
         doc["spec"]["sharing"] = {"forges": [f"{forge_namespace}/forge"]}
