@@ -68,6 +68,7 @@ class Reason(StrEnum):
     JOB_NAME_TAKEN = "JobNameTaken"  # a Job of that name exists that MedForge did not make
     INVALID_RESULT = "InvalidResult"  # the result file does not match its digest, or is no result
     DIGEST_MISMATCH = "DigestMismatch"  # uploaded bytes differ from what was reported
+    INVALID_MANIFEST = "InvalidManifest"  # the manifest is malformed (types, names, sizes)
     BASE_MODEL_MISMATCH = "BaseModelMismatch"  # trained for another base model
     VERIFIED = "Verified"
     DIGESTS_MATCH = "DigestsMatch"

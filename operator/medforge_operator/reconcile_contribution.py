@@ -20,7 +20,12 @@ from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import JOBS_CREATED, VERIFICATIONS
 from medforge_operator.settings import Settings
-from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed
+from medforge_operator.store import (
+    ForgeStore,
+    InvalidManifest,
+    StoreUnreachable,
+    VerificationFailed,
+)
 
 JSON = dict[str, Any]
 EventFn = Callable[[JSON, str, str, str], None]
@@ -260,7 +265,10 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
         return
     except VerificationFailed as exc:
         VERIFICATIONS.labels("failed").inc()
-        o.verify_error = (Reason.DIGEST_MISMATCH, str(exc))
+        bad = (
+            Reason.INVALID_MANIFEST if isinstance(exc, InvalidManifest) else Reason.DIGEST_MISMATCH
+        )
+        o.verify_error = (bad, str(exc))
         return
     if manifest.base_model_digest != expected_base:
         VERIFICATIONS.labels("failed").inc()

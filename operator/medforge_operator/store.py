@@ -29,6 +29,10 @@ class VerificationFailed(Exception):
     """What was uploaded does not match what the Job reported."""
 
 
+class InvalidManifest(VerificationFailed):
+    """The manifest itself is malformed (wrong types, duplicate or unsafe names, sizes)."""
+
+
 def _client(endpoint: str, s: Settings) -> Any:
     return boto3.client(
         "s3",
@@ -134,7 +138,7 @@ class ForgeStore:
         try:
             manifest = Manifest.from_json(raw.decode(), str(prefix.join(MANIFEST_FILE)))
         except (ManifestError, UnicodeDecodeError) as exc:
-            raise VerificationFailed(str(exc)) from exc
+            raise InvalidManifest(str(exc)) from exc
         cap = self.s.max_artifact_bytes
         for entry in manifest.files:
             if entry.size > cap:

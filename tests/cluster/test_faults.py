@@ -274,3 +274,19 @@ def test_a_poisoned_input_is_a_verdict_and_the_next_revision_goes_on(
             ).stdout
             assert "ExcludedByMerger" in events and "meta.rank" in events
     assert st["current"]["inputCount"] == 1 and st["current"]["inputs"][0]["name"] == "good"
+
+
+def test_a_malformed_manifest_is_a_clear_verdict(
+    cluster: ClusterAccess, namespace: str, base: tuple[str, str], operator: OperatorProcess
+) -> None:
+    """A manifest whose meta is a list and which lists a file twice (its digest as reported):
+    InvalidManifest on the status, and no traceback in the operator's log."""
+    start = operator.log.stat().st_size
+    cluster.apply(namespace, contribution("hostile", base, task="bad-manifest"))
+    st = wait_phase(cluster, namespace, "hostile", "Failed", 90)
+    verified = condition(st, "ArtifactVerified")
+    assert verified["status"] == "False" and verified["reason"] == "InvalidManifest"
+    assert "listed twice" in verified["message"] or "meta must be" in verified["message"]
+    with operator.log.open("rb") as f:
+        f.seek(start)
+        assert b"Traceback" not in f.read()

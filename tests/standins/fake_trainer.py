@@ -64,6 +64,11 @@ def main() -> None:
         },
     )
     body = manifest.to_json().encode()
+    if task.startswith("bad-manifest"):  # a hostile manifest: meta a list, a file twice
+        raw = json.loads(body)
+        raw["meta"] = ["not", "an", "object"]
+        raw["files"] = raw["files"] * 2
+        body = json.dumps(raw).encode()
     out = cfg["output"]["files"]
     put(out["adapter.safetensors"], adapter[::-1] if task.startswith("corrupt") else adapter)
     put(out["manifest.json"], body)
