@@ -40,7 +40,12 @@ def contribution(name: str, base: tuple[str, str], task: str = "breakhis", **spe
     return private_contribution(name, base, task, sharing={"forges": shared}, **spec)
 
 
-def composite_doc(base: tuple[str, str], tag: str, **spec: Any) -> str:
+def composite_doc(base: tuple[str, str], tag: str | None, **spec: Any) -> str:
+    """The forge's composite `forge` over the tests' labelled contributions, from the
+    namespaces labelled medforge.io/forge=<tag> (any shared namespace without a tag)."""
+    contributions: dict[str, Any] = {"selector": {"matchLabels": {"medforge.io/test": "yes"}}}
+    if tag is not None:
+        contributions["namespaceSelector"] = {"matchLabels": {"medforge.io/forge": tag}}
     return json.dumps(
         {
             "apiVersion": "medforge.io/v1alpha1",
@@ -48,10 +53,7 @@ def composite_doc(base: tuple[str, str], tag: str, **spec: Any) -> str:
             "metadata": {"name": "forge"},
             "spec": {
                 "baseModel": {"name": base[0]},
-                "contributions": {
-                    "selector": {"matchLabels": {"medforge.io/test": "yes"}},
-                    "namespaceSelector": {"matchLabels": {"medforge.io/forge": tag}},
-                },
+                "contributions": contributions,
                 "gate": {"maxRegression": 0.1},
                 **spec,
             },

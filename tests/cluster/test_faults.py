@@ -18,6 +18,7 @@ import pytest
 from medforge_localcluster.cluster import LocalCluster
 from medforge_localcluster.s3 import client
 from tests.cluster.conftest import Forge, OperatorProcess, base_model
+from tests.cluster.test_composite import composite_doc
 from tests.cluster.test_operator import condition, contribution, status, wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
@@ -27,18 +28,7 @@ pytestmark = pytest.mark.usefixtures("operator")
 
 def forge_composite(base: tuple[str, str], **spec: Any) -> str:
     """The forge's composite `forge`, over the test's labelled contributions."""
-    return json.dumps(
-        {
-            "apiVersion": "medforge.io/v1alpha1",
-            "kind": "CompositeModel",
-            "metadata": {"name": "forge"},
-            "spec": {
-                "baseModel": {"name": base[0]},
-                "contributions": {"selector": {"matchLabels": {"medforge.io/test": "yes"}}},
-                **spec,
-            },
-        }
-    )
+    return composite_doc(base, None, **spec)
 
 
 @pytest.fixture(scope="module")

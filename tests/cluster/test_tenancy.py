@@ -327,7 +327,7 @@ def test_a_job_queued_past_its_urls_lifetime_still_succeeds(
 
 
 def test_the_readme_can_i_table_holds(cluster: ClusterAccess, tenant_roles: None) -> None:
-    """Every row of the README's `kubectl auth can-i` table, checked against the cluster with
+    """Every row of docs/tenancy.md's `kubectl auth can-i` table, checked against the cluster with
     the chart's operator ClusterRole and the tenant roles."""
     ns = f"canitable-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
@@ -340,7 +340,7 @@ def test_the_readme_can_i_table_holds(cluster: ClusterAccess, tenant_roles: None
     who = {"operator": "medforge-operator", "contributor": "engineer", "viewer": "auditor"}
     rows = [
         [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
-        for line in (ROOT / "README.md").read_text().splitlines()
+        for line in (ROOT / "docs" / "tenancy.md").read_text().splitlines()
         if line.startswith("| `") and "can-i" not in line
     ]
     table = [r for r in rows if len(r) == 4 and r[1] in ("yes", "no")]

@@ -227,7 +227,7 @@ def test_three_institutions_against_averaging(setup: Setup, tmp_path: Path) -> N
     MedForge-Fusion beats the research code's averaging of lora_A and lora_B, fusion-exact beats
     exact uniform task arithmetic, and the searched mixture beats the uniform mixture of the same
     adapters (as on every seed of the benchmark) and any one hospital's adapter used alone.
-    (Fusion and Mixture do not beat the exact uniform average on this seed: see the README.)"""
+    (Fusion and Mixture do not beat the exact uniform average on this seed: see docs/benchmarks.md.)"""
     r = experiment(tmp_path, 0, setup)
     mean = {k: v["mean"] for k, v in r.items()}
     assert mean["fusion"] >= mean["average-ab"], mean
