@@ -118,7 +118,7 @@ def training_job(obj: JSON, settings: Settings, base: basemodel.Resolved, plan: 
         url_lifetime=url_lifetime(spec, settings),
         annotations={
             jobs.ANNOTATION_BASE_DIGEST: base.digest,
-            "medforge.io/base-model": base.name,
+            jobs.ANNOTATION_BASE_NAME: base.name,
         },
         env=env,
         labels={jobs.LABEL_GENERATION: str(meta["generation"])},
@@ -239,7 +239,7 @@ def compute_status(old: JSON, o: Observation) -> JSON:
     annotations = ((o.job or {}).get("metadata") or {}).get("annotations") or {}
     if annotations.get(jobs.ANNOTATION_BASE_DIGEST):
         status["baseModel"] = {
-            "name": annotations.get("medforge.io/base-model", ""),
+            "name": annotations.get(jobs.ANNOTATION_BASE_NAME, ""),
             "digest": annotations[jobs.ANNOTATION_BASE_DIGEST],
         }
     if old.get("usedBy"):
