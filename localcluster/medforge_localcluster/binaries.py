@@ -22,6 +22,8 @@ KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.6.16"
 VERSITYGW_VERSION = "v1.8.0"
 HELM_VERSION = "v3.22.0"
+PROMETHEUS_VERSION = "v0.316.0"  # Prometheus 3.16.0 (its Go module is tagged v0.3xx.y)
+CLI_UTILS_VERSION = "v0.37.2"  # sigs.k8s.io/cli-utils, whose kstatus Flux and kpt use
 HELM_K8S_MINOR = "37"  # the k8s.io modules helm v3.22.0 is built with (client-go v0.37)
 MIN_KUBERNETES = (1, 34)
 # Free space a cold build needs: module downloads plus Go's build cache (measured ~3 GiB).
@@ -93,7 +95,26 @@ COMPONENTS = (
         ),
     ),
 )
-BINARIES = {b: c for c in COMPONENTS for b in c.packages}
+# Used by the tests only: a real Prometheus scraping the operator and evaluating the chart's
+# alerts, promtool checking them, and kstatus-check computing what Flux and kpt would see.
+TEST_COMPONENTS = (
+    Component(
+        "prometheus",
+        PROMETHEUS_VERSION,
+        "prometheus",
+        {
+            "prometheus": "github.com/prometheus/prometheus/cmd/prometheus",
+            "promtool": "github.com/prometheus/prometheus/cmd/promtool",
+        },
+        (1, 26),
+        "-X github.com/prometheus/common/version.Version=3."
+        + PROMETHEUS_VERSION.split(".")[1][1:].lstrip("0")
+        + "."
+        + PROMETHEUS_VERSION.split(".")[2],
+    ),
+    Component("kstatus", CLI_UTILS_VERSION, "kstatus", {"kstatus-check": "."}, (1, 25)),
+)
+BINARIES = {b: c for c in (*COMPONENTS, *TEST_COMPONENTS) for b in c.packages}
 # Binaries whose version is checked before use: the control plane must be >= 1.34, and kubectl
 # within the supported skew of it (a machine's older kubectl on PATH is passed over).
 VERSIONED = {"kube-apiserver", "kube-controller-manager", "kubectl"}
@@ -232,7 +253,7 @@ def build(component: Component, log: bool = True) -> Path:
 
 def ensure(binaries: list[str] | None = None, log: bool = True) -> dict[str, Path]:
     """Return a path for every binary, building the missing components once each."""
-    wanted = binaries or list(BINARIES)
+    wanted = binaries or [b for c in COMPONENTS for b in c.packages]  # the cluster's own
     found: dict[str, Path] = {}
     missing: dict[str, Component] = {}
     for b in wanted:

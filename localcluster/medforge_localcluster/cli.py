@@ -15,7 +15,7 @@ from medforge_localcluster.errors import SetupError
 def _localcluster(args: argparse.Namespace) -> int:
     cluster = LocalCluster(Path(args.state_dir) if args.state_dir else None)
     if args.action == "build":
-        for name, path in sorted(binaries.ensure().items()):
+        for name, path in sorted(binaries.ensure(list(binaries.BINARIES)).items()):
             print(f"{name}: {path}")
     elif args.action == "up":
         cluster.up()

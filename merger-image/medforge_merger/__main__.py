@@ -306,6 +306,18 @@ def _publish(
     }
 
 
+def _figures(merged: Merged, seconds: float, inputs: int) -> JSON:
+    """The merge's own figures, which the operator exports as metrics."""
+    search = merged.meta.get("search") or {}
+    steps = merged.meta.get("steps") or []
+    return {
+        "seconds": round(seconds, 3),
+        "inputs": inputs,
+        # Each searched step asks the optimiser for `budget` points.
+        "searchEvaluations": int(search.get("budget", 0)) * len(steps),
+    }
+
+
 def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
     """Verify the inputs, merge, score, upload; the result JSON."""
     s = _strategy(cfg)
@@ -315,7 +327,8 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
     use = _screen(_inputs(cfg, work, report_), current, report_)
     t0 = time.monotonic()
     merged = _merge(cfg, s, use, current, scorer, work)
-    print(f"merged {len(use)} input(s) with {s.type} in {time.monotonic() - t0:.2f} s", flush=True)
+    merge_seconds = time.monotonic() - t0
+    print(f"merged {len(use)} input(s) with {s.type} in {merge_seconds:.2f} s", flush=True)
     metrics, regression = _score(cfg, scorer, work)
     bundle = scorer.save_tasks(work) if scorer else None
     files = [*merged.files, *([bundle] if bundle is not None else [])]
@@ -347,6 +360,7 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
         "metrics": metrics,
         "regression": regression,
         "integration": cfg.get("integration", "full"),
+        "merge": _figures(merged, merge_seconds, len(use)),
     }
     if metrics:
         scores = [float(m["accuracy"]) for m in metrics.values()]

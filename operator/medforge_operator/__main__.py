@@ -6,10 +6,11 @@ import logging
 import sys
 
 import kopf
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
-from medforge_operator import handlers
+from medforge_operator import handlers, metrics
 from medforge_operator.catalog import Catalog
+from medforge_operator.domain_metrics import DomainCollector
 from medforge_operator.kube import Kube, load_config
 from medforge_operator.settings import SettingsError, load
 from medforge_operator.store import ForgeStore
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     kube, store = Kube(settings.concurrency * 2), ForgeStore(settings)
     runtime = handlers.Runtime(settings, kube, store, Catalog(kube, store, settings))
     if settings.metrics_port:
-        start_http_server(settings.metrics_port)
+        metrics.preset()
+        REGISTRY.register(DomainCollector(runtime.observed, runtime.leading))
+        start_http_server(settings.metrics_port, addr=settings.metrics_address)
     logging.getLogger("medforge.operator").info(
         "watching %s; store %s bucket %s",
         ", ".join(settings.namespaces) or "all namespaces",

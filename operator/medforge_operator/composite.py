@@ -4,6 +4,7 @@ and the status (pure functions)."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -441,8 +442,12 @@ def finish_revision(
         **({"reason": outcome.reason} if outcome.reason else {}),
         "message": outcome.message,
         "jobName": job_name,
+        "startedAt": pending.get("startedAt"),
         "completedAt": at,
+        "attempt": int((status.get("retry") or {}).get("attempt", 0)) + 1,
+        **merge_figures(res.get("merge")),
     }
+    entry = {k: v for k, v in entry.items() if v is not None}
     if outcome.state == RevisionState.ACCEPTED:
         art = res["artifact"]
         merged = [i for i in res.get("inputs") or [] if i.get("state", IS.INCLUDED) == IS.INCLUDED]
@@ -461,6 +466,7 @@ def finish_revision(
             "completedAt": at,
             "inputCount": len(merged),
             "inputs": merged,
+            **merge_figures(res.get("merge")),
         }
         entry |= {"digest": art["digest"], "score": res.get("score")}
     elif outcome.state == RevisionState.REJECTED:
@@ -476,6 +482,22 @@ def finish_revision(
         out["retry"] = None
     out["excluded"] = excluded
     out["history"] = [entry, *(status.get("history") or [])][:history_limit]
+    return out
+
+
+def merge_figures(figures: Any) -> JSON:
+    """The merger's own figures (seconds, search evaluations) as revision fields: finite
+    numbers only, whatever the result file held."""
+    if not isinstance(figures, dict):
+        return {}
+    out: JSON = {}
+    for key, field_name in (
+        ("seconds", "mergeSeconds"),
+        ("searchEvaluations", "searchEvaluations"),
+    ):
+        v = figures.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+            out[field_name] = v
     return out
 
 
@@ -536,7 +558,8 @@ def conditions_for(
         ]
     if paused:
         return R.PAUSED, [
-            Cond(C.READY, current is not None, R.PAUSED, "spec.paused is true"),
+            # Paused is the user's intent, a steady state (kstatus Current), like waiting.
+            Cond(C.READY, True, R.PAUSED, "spec.paused is true"),
             Cond(C.RECONCILING, False, R.PAUSED, ""),
             Cond(C.STALLED, False, R.PAUSED, ""),
             merged,
@@ -544,9 +567,12 @@ def conditions_for(
         ]
     if current is None:
         msg = "waiting for enough Ready contributions (spec.minContributions)"
+        # Waiting is a steady state, not work in progress: Ready (kstatus Current), so that a
+        # GitOps tool waiting on the apply (Flux's wait, kpt) does not hang until hospitals
+        # contribute. The reason says it waits.
         return Phase.WAITING, [
-            Cond(C.READY, False, R.WAITING_FOR_CONTRIBUTIONS, msg),
-            Cond(C.RECONCILING, True, R.WAITING_FOR_CONTRIBUTIONS, msg),
+            Cond(C.READY, True, R.WAITING_FOR_CONTRIBUTIONS, msg),
+            Cond(C.RECONCILING, False, R.WAITING_FOR_CONTRIBUTIONS, ""),
             Cond(C.STALLED, False, R.WAITING_FOR_CONTRIBUTIONS, ""),
             merged,
             accepted,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,24 @@ class Observation:
     verify_error: tuple[str, str] | None = None  # (reason, message)
 
 
+TRAINING_FIGURES = ("imagesPerSecond", "seconds", "loss", "epochs", "batchSize")
+
+
+def training_figures(meta: Any) -> JSON:
+    """The trainer's own figures from the verified manifest: finite numbers only (they become
+    status fields and metrics; a hostile manifest must not put anything else there)."""
+    if not isinstance(meta, dict):
+        return {}
+    out: JSON = {}
+    for key in TRAINING_FIGURES:
+        v = meta.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = v
+    if isinstance(meta.get("device"), str) and meta["device"] in ("cpu", "cuda", "mps"):
+        out["device"] = meta["device"]
+    return out
+
+
 def _job_summary(o: Observation, pods: JSON) -> JSON | None:
     if o.job is None:
         return None
@@ -195,6 +214,8 @@ def _completed(o: Observation, status: JSON) -> tuple[Phase, list[Cond]]:
     if o.verified:
         status["artifact"] = o.verified["artifact"]
         status["metrics"] = o.verified.get("metrics", {})
+        if o.verified.get("training"):
+            status["training"] = o.verified["training"]
         msg = f"adapter {o.verified['artifact']['digest'][:19]}... verified"
         return Phase.SUCCEEDED, [
             Cond(C.READY, True, R.VERIFIED, msg),

@@ -39,6 +39,7 @@ from medforge_operator.metrics import (
     RECONCILE_TOTAL,
     RECONCILES,
 )
+from medforge_operator.observed import ObservedObjects
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
 from medforge_operator.workqueue import WorkQueue
@@ -88,6 +89,10 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)
     failed: FailedKeys = field(default_factory=FailedKeys)
     leader: LeaderElection | None = None
+    observed: ObservedObjects = field(default_factory=ObservedObjects)
+
+    def leading(self) -> bool:
+        return self.queue is not None and not self.stopping.is_set()
 
     def enqueue(self, plural: str, namespace: str, name: str, body: JSON | None = None) -> None:
         if self.queue is not None:
@@ -283,6 +288,7 @@ def plain(body: Any) -> JSON:
 @kopf.on.event(GROUP, VERSION, CONTRIBUTIONS)
 def contribution_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     r = rt(memo)
+    r.observed.observe(CONTRIBUTIONS, type, plain(body))
     if type == "DELETED":
         r.composites()
         return
@@ -299,8 +305,10 @@ def contribution_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.event(GROUP, VERSION, BASEMODELS)
 def basemodel_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if type != "DELETED" and not basemodel.settled(plain(body)):
-        rt(memo).enqueue(BASEMODELS, "", body["metadata"]["name"])
+    r, obj = rt(memo), plain(body)
+    r.observed.observe(BASEMODELS, type, obj)
+    if type != "DELETED" and not basemodel.settled(obj):
+        r.enqueue(BASEMODELS, "", body["metadata"]["name"])
 
 
 # ----- CompositeModel and its Jobs and pods -----
@@ -308,9 +316,11 @@ def basemodel_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
 
 @kopf.on.event(GROUP, VERSION, COMPOSITES)
 def composite_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    r = rt(memo)
+    r.observed.observe(COMPOSITES, type, plain(body))
     if type != "DELETED":
         meta = body["metadata"]
-        rt(memo).enqueue(COMPOSITES, meta["namespace"], meta["name"])
+        r.enqueue(COMPOSITES, meta["namespace"], meta["name"])
 
 
 def child_event(

@@ -8,6 +8,16 @@ JOBS_CREATED = Counter("medforge_jobs_created_total", "Jobs created by the opera
 VERIFICATIONS = Counter(
     "medforge_artifact_verifications_total", "Artifact verifications", ["outcome"]
 )
+VERIFIED_BYTES = Counter(
+    "medforge_artifact_verified_bytes_total",
+    "Bytes whose sha256 matched their manifest, by kind (contribution, composite, basemodel)",
+    ["kind"],
+)
+VERIFICATION_FAILURES = Counter(
+    "medforge_artifact_verification_failures_total",
+    "Artifacts refused at verification, by kind and reason",
+    ["kind", "reason"],
+)
 RECONCILES = Counter("medforge_reconciles_total", "Reconcile rounds", ["kind", "outcome"])
 RECONCILE_SECONDS = Histogram(
     "medforge_reconcile_seconds", "Duration of a reconcile round", ["kind"]
@@ -45,3 +55,41 @@ RECONCILE_ERRORS = Counter(
 RECONCILE_TIME = Histogram(
     "controller_runtime_reconcile_time_seconds", "Duration of a reconcile round", ["controller"]
 )
+
+
+def verified(kind: str, nbytes: int) -> None:
+    VERIFICATIONS.labels("ok").inc()
+    VERIFIED_BYTES.labels(kind).inc(nbytes)
+
+
+def verification_failed(kind: str, reason: str) -> None:
+    VERIFICATIONS.labels("failed").inc()
+    VERIFICATION_FAILURES.labels(kind, reason).inc()
+
+
+CONTROLLERS = ("contribution", "composite", "basemodel")
+# The reasons verification refuses an artifact for, per kind (api.Reason values).
+VERIFICATION_REASONS = {
+    "contribution": ("DigestMismatch", "InvalidManifest", "BaseModelMismatch"),
+    "composite": ("DigestMismatch", "InvalidResult"),
+    "basemodel": ("VerificationFailed",),
+}
+
+
+def preset(queue: str = "medforge") -> None:
+    """Create every known label set at 0, so that rates and alerts see a series from the
+    first scrape instead of nothing until the first error."""
+    for controller in CONTROLLERS:
+        RECONCILE_ERRORS.labels(controller)
+        ACTIVE_WORKERS.labels(controller)
+        for result in ("success", "error"):
+            RECONCILE_TOTAL.labels(controller, result)
+    for kind, reasons in VERIFICATION_REASONS.items():
+        VERIFIED_BYTES.labels(kind)
+        for reason in reasons:
+            VERIFICATION_FAILURES.labels(kind, reason)
+    WORKQUEUE_DEPTH.labels(queue)
+    WORKQUEUE_ADDS.labels(queue)
+    WORKQUEUE_RETRIES.labels(queue)
+    for outcome in ("accepted", "rejected", "failed"):
+        REVISIONS.labels(outcome)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from medforge_operator import BASEMODELS, basemodel, conditions
-from medforge_operator.api import BaseModelPhase, ConditionType
+from medforge_operator import BASEMODELS, basemodel, conditions, metrics
+from medforge_operator.api import BaseModelPhase, ConditionType, Reason
 from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
 from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed
@@ -27,6 +27,7 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, event: EventFn) -> JSON:
     try:
         digest = store.manifest_digest(prefix)
         manifest = store.verify_artifact(prefix, (obj.get("spec") or {}).get("digest") or digest)
+        metrics.verified("basemodel", sum(f.size for f in manifest.files))
         o.verified = {
             "digest": digest,
             "sizeBytes": sum(f.size for f in manifest.files),
@@ -39,6 +40,7 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, event: EventFn) -> JSON:
             o.missing = str(exc)
         else:
             o.invalid = str(exc)
+            metrics.verification_failed("basemodel", Reason.VERIFICATION_FAILED)
     new = basemodel.compute_status(old, o)
     if status_changed(old, new):
         patch = dict(new)

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from medforge_common.artifacts import RESULT_FILE
 from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_common.uris import UriError
-from medforge_operator import COMPOSITES, CONTRIBUTIONS, composite, jobs, names
+from medforge_operator import COMPOSITES, CONTRIBUTIONS, composite, jobs, metrics, names
 from medforge_operator.api import CompositePhase, EventReason, InputState, RevisionState
 from medforge_operator.api import ConditionType as C
 from medforge_operator.api import Reason as R
@@ -310,8 +310,12 @@ def _outcome(
         return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
     except VerificationFailed as exc:
         text = str(exc)
-        prefix = "" if text.startswith(R.INVALID_RESULT) else f"{R.DIGEST_MISMATCH}: "
-        return composite.Outcome(RevisionState.FAILED, prefix + text)
+        invalid = text.startswith(R.INVALID_RESULT)
+        metrics.verification_failed("composite", R.INVALID_RESULT if invalid else R.DIGEST_MISMATCH)
+        return composite.Outcome(
+            RevisionState.FAILED, ("" if invalid else f"{R.DIGEST_MISMATCH}: ") + text
+        )
+    metrics.verified("composite", sum(f.size for f in manifest.files))
     result["artifact"]["files"] = [f.name for f in manifest.files]
     ok, message = composite.gate(result, float((spec.get("gate") or {}).get("maxRegression", 0.05)))
     message = jobs.redact_urls(message)

@@ -12,13 +12,13 @@ from kubernetes.client.exceptions import ApiException
 
 from medforge_common.artifacts import DISTILLED_FILE
 from medforge_common.uris import UriError
-from medforge_operator import CONTRIBUTIONS, conditions, contribution, jobs, names
+from medforge_operator import CONTRIBUTIONS, conditions, contribution, jobs, metrics, names
 from medforge_operator.api import ConditionType, EventReason, Reason
 from medforge_operator.api import ContributionPhase as Phase
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.kube import Kube
-from medforge_operator.metrics import JOBS_CREATED, VERIFICATIONS
+from medforge_operator.metrics import JOBS_CREATED
 from medforge_operator.settings import Settings
 from medforge_operator.store import (
     ForgeStore,
@@ -264,14 +264,14 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
         o.verify_error = (Reason.STORE_UNREACHABLE, str(exc))
         return
     except VerificationFailed as exc:
-        VERIFICATIONS.labels("failed").inc()
         bad = (
             Reason.INVALID_MANIFEST if isinstance(exc, InvalidManifest) else Reason.DIGEST_MISMATCH
         )
+        metrics.verification_failed("contribution", bad)
         o.verify_error = (bad, str(exc))
         return
     if manifest.base_model_digest != expected_base:
-        VERIFICATIONS.labels("failed").inc()
+        metrics.verification_failed("contribution", Reason.BASE_MODEL_MISMATCH)
         o.verify_error = (
             Reason.BASE_MODEL_MISMATCH,
             f"the adapter was trained for base model "
@@ -279,7 +279,7 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
             f"{spec['baseModel']['name']}'s {expected_base[:19]}...",
         )
         return
-    VERIFICATIONS.labels("ok").inc()
+    metrics.verified("contribution", sum(f.size for f in manifest.files))
     meta = manifest.meta
     artifact: JSON = {
         "uri": str(prefix),
@@ -294,4 +294,8 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
     if DISTILLED_FILE in artifact["files"]:
         d = next(f for f in manifest.files if f.name == DISTILLED_FILE)
         artifact["distilled"] = {"uri": str(prefix.join(d.name)), "digest": "sha256:" + d.sha256}
-    o.verified = {"artifact": artifact, "metrics": result.get("metrics") or meta.get("metrics", {})}
+    o.verified = {
+        "artifact": artifact,
+        "metrics": result.get("metrics") or meta.get("metrics", {}),
+        "training": contribution.training_figures(meta.get("training")),
+    }

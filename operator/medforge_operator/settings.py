@@ -40,6 +40,8 @@ class Settings:
     concurrency: int = 32
     job_ttl_seconds: int = 7 * 24 * 3600
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    # Every interface in a pod (Prometheus scrapes the pod IP); 127.0.0.1 on a workstation.
+    metrics_address: str = "0.0.0.0"  # noqa: S104
     health_port: int = 0  # 0: no liveness endpoint
     requeue_seconds: float = 20.0
     # Several replicas elect one leader on a Lease; only the leader reconciles.
@@ -79,9 +81,12 @@ ENV = {
     "concurrency": "MEDFORGE_CONCURRENCY",
     "job_ttl_seconds": "MEDFORGE_JOB_TTL_SECONDS",
     "metrics_port": "MEDFORGE_METRICS_PORT",
+    "metrics_address": "MEDFORGE_METRICS_ADDRESS",
     "health_port": "MEDFORGE_HEALTH_PORT",
 }
-REQUIRED = ("store_endpoint", "store_bucket", "store_access_key", "store_secret_key")
+# The store's keys may be left out together: boto3's default chain then finds the pod's
+# identity (IRSA or EKS Pod Identity web-identity tokens, an instance profile, a shared file).
+REQUIRED = ("store_endpoint", "store_bucket")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,6 +127,12 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     raw.setdefault("store_access_key", env.get("AWS_ACCESS_KEY_ID", ""))
     raw.setdefault("store_secret_key", env.get("AWS_SECRET_ACCESS_KEY", ""))
     missing = [ENV[k] for k in REQUIRED if not raw.get(k)]
+    if bool(raw.get("store_access_key")) != bool(raw.get("store_secret_key")):
+        missing.append(
+            "MEDFORGE_STORE_SECRET_ACCESS_KEY"
+            if raw.get("store_access_key")
+            else "MEDFORGE_STORE_ACCESS_KEY_ID"
+        )
     if missing:
         raise SettingsError(
             f"missing settings: {', '.join(missing)} (set them in the "

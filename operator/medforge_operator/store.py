@@ -37,8 +37,9 @@ def _client(endpoint: str, s: Settings) -> Any:
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id=s.store_access_key,
-        aws_secret_access_key=s.store_secret_key,
+        # None: boto3's default chain (the pod's identity) when no static keys are set.
+        aws_access_key_id=s.store_access_key or None,
+        aws_secret_access_key=s.store_secret_key or None,
         region_name=s.store_region,
         config=Config(
             signature_version="s3v4",

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,13 @@ def forge(cluster: ClusterAccess) -> Iterator[Forge]:
     yield Forge(bucket, cluster.s3_endpoint, cluster.s3_access_key, cluster.s3_secret_key)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 class OperatorProcess:
     def __init__(self, cluster: ClusterAccess, forge: Forge, log: Path, **env: str) -> None:
         self.log = log
@@ -143,6 +151,7 @@ class OperatorProcess:
             }
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0  # where it serves /metrics, when it does
 
     def start(self) -> None:
         with self.log.open("ab") as f:
@@ -174,8 +183,42 @@ class OperatorProcess:
 def operator(
     cluster: ClusterAccess, crds: None, forge: Forge, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster, forge, tmp_path_factory.mktemp("operator") / "operator.log")
+    port = free_port()
+    op = OperatorProcess(
+        cluster,
+        forge,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        MEDFORGE_METRICS_PORT=str(port),
+        MEDFORGE_METRICS_ADDRESS="127.0.0.1",
+    )
+    op.metrics_port = port
     op.start()
     time.sleep(1)
     yield op
     op.stop()
+
+
+def composite_manifest(
+    name: str,
+    base: tuple[str, str],
+    selector: dict[str, str],
+    namespaces: dict[str, str],
+    **spec: Any,
+) -> str:
+    """A CompositeModel over the contributions labelled `selector` in the namespaces labelled
+    `namespaces`."""
+    return json.dumps(
+        {
+            "apiVersion": "medforge.io/v1alpha1",
+            "kind": "CompositeModel",
+            "metadata": {"name": name},
+            "spec": {
+                "baseModel": {"name": base[0]},
+                "contributions": {
+                    "selector": {"matchLabels": selector},
+                    "namespaceSelector": {"matchLabels": namespaces},
+                },
+                **spec,
+            },
+        }
+    )

@@ -4,6 +4,7 @@ enough for the operator to do its work and no more (it cannot read Secrets)."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from medforge_localcluster import binaries
 from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model
 from tests.cluster.test_operator import contribution, status, wait_phase
 from tests.conftest import ClusterAccess
-from tests.helpers import wait_until
+from tests.helpers import get_json, wait_until
 
 CHART = ROOT / "helm" / "medforge"
 SA = "medforge-operator"
@@ -266,3 +267,188 @@ def test_chart_rbac_is_enough_and_least(
 @pytest.fixture(autouse=True)
 def _helm_built() -> None:
     binaries.ensure(["helm"], log=False)
+
+
+def helm_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(binaries.ensure(["helm"], log=False)["helm"]), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("store.endpont=https://s3.example.org", "endpont"),  # a typo
+        ("replicas=two", "/replicas"),
+        ("monitoring.alerts.stalledFor=fifteen", "stalledFor"),
+        ("serviceAccount.annotations.role=", None),  # an empty annotation value is fine
+        ("memberLabel.key=Not A Label", "/memberLabel/key"),
+        ("store.endpoint=s3.example.org", "/store/endpoint"),  # no scheme
+    ],
+)
+def test_values_schema_refuses_bad_values_and_names_them(setting: str, named: str | None) -> None:
+    proc = helm_run(
+        "template",
+        "medforge",
+        str(CHART),
+        "--set",
+        "store.endpoint=https://s3.example.org",
+        "--set",
+        setting,
+    )
+    if named is None:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode != 0 and named in proc.stderr, proc.stderr
+
+
+def test_rendered_chart_is_valid_kubernetes_and_takes_the_platform_settings(forge: Forge) -> None:
+    import kubernetes_validate
+
+    docs = render(
+        "forge-system",
+        forge,
+        "--set",
+        "fullnameOverride=forge-op",
+        "--set",
+        "imagePullSecrets[0].name=regcred",
+        "--set",
+        "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/m",
+        "--set",
+        "podAnnotations.team=platform",
+        "--set",
+        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ".nodeSelectorTerms[0].matchExpressions[0].key=pool",
+        "--set",
+        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ".nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+        "--set",
+        "store.credentialsSecret=",
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+        "--set",
+        "monitoring.podMonitor.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+    )
+    monitoring_kinds = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    for d in docs:
+        if d["kind"] not in monitoring_kinds:  # no public schema for the Prometheus Operator's
+            kubernetes_validate.validate(d, "1.35", strict=True)
+    by_kind = {d["kind"]: d for d in docs}
+    assert monitoring_kinds <= set(by_kind)
+    deploy = by_kind["Deployment"]
+    pod = deploy["spec"]["template"]
+    assert deploy["metadata"]["name"] == "forge-op"
+    assert pod["spec"]["serviceAccountName"] == "forge-op"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["metadata"]["annotations"] == {"team": "platform"}
+    assert "nodeAffinity" in pod["spec"]["affinity"]
+    env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+    # No static keys: the pod's identity (IRSA) through boto3's default chain.
+    assert "MEDFORGE_STORE_ACCESS_KEY_ID" not in env
+    sa = by_kind["ServiceAccount"]
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/m"}
+    # The monitors find the operator's metrics port.
+    service = by_kind["Service"]
+    assert by_kind["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert by_kind["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "metrics"
+    ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert by_kind["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    board = next(
+        d for d in docs if d["kind"] == "ConfigMap" and "dashboard" in d["metadata"]["name"]
+    )
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(board["data"]["medforge.json"])["uid"] == "medforge-overview"
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert len(crds) == 3
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
+    no_crds = render("forge-system", forge, "--set", "crds.enabled=false")
+    assert not any(d["kind"] == "CustomResourceDefinition" for d in no_crds)
+
+
+CRD_NAMES = [f"{p}.medforge.io" for p in ("basemodels", "compositemodels", "loracontributions")]
+
+
+def test_helm_install_then_upgrade_updates_the_crds_and_the_operator_works_after_each(
+    cluster: ClusterAccess,
+    namespace: str,
+    forge_namespace: str,
+    forge: Forge,
+    operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    kube = f"--kubeconfig={cluster.kubeconfig}"
+    common = [
+        "-n",
+        namespace,
+        kube,
+        "--set",
+        f"store.endpoint={forge.endpoint}",
+        "--set",
+        f"store.bucket={forge.bucket}",
+        "--set",
+        f"forgeNamespaces={{{forge_namespace}}}",
+        # The tests' operator process reconciles; the chart's pods would be a second one.
+        "--set",
+        "replicas=0",
+        # Cluster-wide and fixed-name: other tests of this session may hold them already.
+        "--set",
+        "tenantRoles.enabled=false",
+    ]
+    # The CRDs were applied with kubectl before: the release adopts them, as a platform team
+    # moving to the chart's CRDs does.
+    for crd in CRD_NAMES:
+        cluster.kubectl("label", "crd", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+        cluster.kubectl(
+            "annotate",
+            "crd",
+            crd,
+            "meta.helm.sh/release-name=medforge",
+            f"meta.helm.sh/release-namespace={namespace}",
+            "--overwrite",
+        )
+    base = base_model(cluster, forge, "clip-helm")
+    try:
+        out = helm_run("install", "medforge", str(CHART), *common)
+        assert out.returncode == 0, out.stderr
+        assert "NOTES:" in out.stdout and "forgeNamespaces" not in out.stdout
+        assert forge_namespace in out.stdout  # NOTES say where composites go
+        crd = get_json(cluster, "crd", "loracontributions.medforge.io")
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        cluster.apply(namespace, contribution("after-install", base))
+        wait_phase(cluster, namespace, "after-install", "Succeeded", 90)
+
+        # A new chart version whose CRD gained a printer column: upgrade applies it.
+        changed = tmp_path / "medforge"
+        shutil.copytree(CHART, changed, symlinks=False)
+        path = changed / "files" / "crds" / "loracontributions.medforge.io.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["spec"]["versions"][0]["additionalPrinterColumns"].append(
+            {"name": "Upgraded", "type": "string", "jsonPath": ".spec.task.name"}
+        )
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        out = helm_run("upgrade", "medforge", str(changed), *common)
+        assert out.returncode == 0, out.stderr
+        crd = get_json(cluster, "crd", "loracontributions.medforge.io")
+        columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+        assert "Upgraded" in columns
+        cluster.apply(namespace, contribution("after-upgrade", base))
+        wait_phase(cluster, namespace, "after-upgrade", "Succeeded", 90)
+        shown = cluster.kubectl("get", "lorac", "after-upgrade", "-n", namespace).stdout
+        assert "UPGRADED" in shown and "breakhis" in shown
+
+        out = helm_run("uninstall", "medforge", "-n", namespace, kube)
+        assert out.returncode == 0, out.stderr
+        # Kept: the CRDs, and with them every contribution.
+        assert get_json(cluster, "lorac", "after-install", "-n", namespace)["status"]["phase"] == (
+            "Succeeded"
+        )
+    finally:
+        helm_run("uninstall", "medforge", "-n", namespace, kube)
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))

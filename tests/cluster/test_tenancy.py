@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model
+from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model, composite_manifest
 from tests.cluster.test_chart import render
 from tests.cluster.test_operator import condition, contribution, status, wait_phase
 from tests.conftest import ClusterAccess
@@ -95,21 +95,7 @@ def url_paths(cfg: dict[str, Any]) -> list[str]:
 
 
 def composite(name: str, base: tuple[str, str], tag: str, **spec: Any) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "medforge.io/v1alpha1",
-            "kind": "CompositeModel",
-            "metadata": {"name": name},
-            "spec": {
-                "baseModel": {"name": base[0]},
-                "contributions": {
-                    "selector": {"matchLabels": {"medforge.io/test": "yes"}},
-                    "namespaceSelector": {"matchLabels": {"tenant": tag}},
-                },
-                **spec,
-            },
-        }
-    )
+    return composite_manifest(name, base, {"medforge.io/test": "yes"}, {"tenant": tag}, **spec)
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,8 @@ def main() -> None:
             "task": task,
             "rank": cfg["lora"].get("rank"),
             "targetModules": cfg["lora"].get("targetModules"),
+            # The figures the real trainer reports (the operator exports them as metrics).
+            "training": {"imagesPerSecond": 250.0, "seconds": 1.5, "loss": 0.42, "epochs": 1},
         },
     )
     body = manifest.to_json().encode()

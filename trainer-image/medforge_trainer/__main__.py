@@ -6,6 +6,7 @@ non-zero exit and a one-line reason there."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
@@ -127,6 +128,8 @@ def _manifest_meta(
             "learningRate": cfg.training.learning_rate,
             "device": device,
             "imagesPerSecond": round(stats["imagesPerSecond"], 2),
+            "seconds": round(stats["seconds"], 3),
+            "loss": round(stats["loss"], 6) if math.isfinite(stats["loss"]) else None,
         },
         "distillation": {
             "imagesPerClass": cfg.distillation.images_per_class,
@@ -183,7 +186,11 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
         out.append(_distilled(cfg, clf, p, norm, rt.device, work))
     meta = _manifest_meta(cfg, p, metrics, stats, rt.device.type)
     manifest = Manifest("contribution", cfg.base_digest, [], meta)
-    return {"artifact": _publish(cfg, manifest, out, work, output_dir), "metrics": metrics}
+    return {
+        "artifact": _publish(cfg, manifest, out, work, output_dir),
+        "metrics": metrics,
+        "training": meta["training"],
+    }
 
 
 def prepare_base_model(directory: Path) -> int:

@@ -1,4 +1,8 @@
-{{- define "medforge.name" -}}medforge-operator{{- end -}}
+{{- define "medforge.name" -}}{{ default "medforge-operator" .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}{{- end -}}
+{{- define "medforge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}{{ default (include "medforge.name" .) .Values.serviceAccount.name }}
+{{- else -}}{{ required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}{{- end -}}
+{{- end -}}
 {{- define "medforge.labels" -}}
 app.kubernetes.io/name: medforge
 app.kubernetes.io/component: operator
