@@ -134,7 +134,7 @@ def _draw(
     ax.set_xticks([])
     ax.set_yticks([])
     if kind == "stat":
-        text = "\n".join(f"{v:g}" for _, v in values[:2]) or "-"
+        text = "\n".join(f"{v:.3g}" for _, v in values[:2]) or "-"
         ax.text(
             0.5,
             0.45,

@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         "$MEDFORGE_LOCALCLUSTER_DIR or ~/.cache/medforge/localcluster)",
     )
     lc.add_argument("--purge", action="store_true", help="with down: delete all state too")
-    args = parser.parse_args(argv)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`medforge localcluster ACTION` (also reached through medforge_cli's `medforge`)."""
     try:
         return _localcluster(args)
     except SetupError as exc:

@@ -176,8 +176,11 @@ def _composite_gauges() -> dict[str, GaugeMetricFamily]:
             "Seconds since the last accepted revision (since creation while none was)",
             ident,
         ),
-        "merge_seconds": ("Seconds the newest finished merge spent merging", ident),
-        "search_evaluations": ("Coefficient-search evaluations of the newest merge", ident),
+        "merge_seconds": ("Seconds the newest merge that ran spent merging", ident),
+        "search_evaluations": (
+            "Coefficient-search evaluations of the newest merge that ran",
+            ident,
+        ),
     }
     return {
         key: GaugeMetricFamily(f"medforge_composite_{key}", doc, labels=labels)
@@ -230,9 +233,14 @@ def _history(
             [*ident, str(last.get("state") or ""), str(last.get("reason") or "")],
             number(last.get("revision")) or 0.0,
         )
-        for key in ("merge_seconds", "search_evaluations"):
-            field = "mergeSeconds" if key == "merge_seconds" else "searchEvaluations"
-            if (v := number(last.get(field))) is not None:
+    # The newest revision that merged at all (a verdict without a merge reports no figures).
+    merged = next((h for h in history if number(h.get("mergeSeconds")) is not None), None)
+    if merged is not None:
+        for key, field in (
+            ("merge_seconds", "mergeSeconds"),
+            ("search_evaluations", "searchEvaluations"),
+        ):
+            if (v := number(merged.get(field))) is not None:
                 g[key].add_metric(ident, v)
     by_state: Counter[tuple[str, str]] = Counter()
     for h in history:

@@ -22,9 +22,9 @@ import yaml
 from medforge_localcluster import binaries
 from medforge_operator import monitoring
 from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model, free_port
-from tests.cluster.test_composite import composite_doc
+from tests.cluster.test_composite import composite_doc, revision_state
 from tests.cluster.test_composite import contribution as shared_contribution
-from tests.cluster.test_operator import contribution, status, wait_phase
+from tests.cluster.test_operator import contribution, wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import wait_until
 
@@ -157,23 +157,26 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
     # Stalled: the base model it names is not registered.
     cluster.apply(namespace, contribution("stuck", ("no-such-model", "")))
     wait_phase(cluster, namespace, "seen", "Succeeded", 120)
-    cluster.apply(forge_namespace, composite_doc(base, None, minContributions=1))
-    wait_until(
-        lambda: (status(cluster, "cmodel", forge_namespace, "forge").get("current") or {}).get(
-            "revision"
-        ),
-        120,
-        what="revision 1",
-    )
+    comp = composite_doc(base, None, minContributions=1, integration="incremental")
+    cluster.apply(forge_namespace, comp)
+    revision_state(cluster, forge_namespace, 1, "Accepted")
+    cluster.apply(namespace, shared_contribution("more", base, task="derm"))
+    revision_state(cluster, forge_namespace, 2, "Accepted")
+    # A poisoned input alone in a revision: rejected, revision 2 stays served.
+    cluster.apply(namespace, shared_contribution("poison", base, task="reject-me"))
+    revision_state(cluster, forge_namespace, 3, "Rejected")
 
     # The domain state reached Prometheus: the served revision and the trainer's figures.
     def scraped() -> list[dict[str, Any]] | None:
         got = prometheus.query(
-            f'medforge_composite_revision{{namespace="{forge_namespace}", name="forge"}} >= 1'
+            f'medforge_composite_last_revision_outcome{{namespace="{forge_namespace}", '
+            'name="forge", state="Rejected"} == 3'
         )
         return got or None
 
-    wait_until(scraped, 60, every=1, what="the composite's revision in Prometheus")
+    wait_until(scraped, 60, every=1, what="the rejected revision in Prometheus")
+    served = prometheus.query(f'medforge_composite_revision{{namespace="{forge_namespace}"}}')
+    assert served and float(served[0]["value"][1]) == 2
     ips = prometheus.query(
         f'medforge_contribution_images_per_second{{namespace="{namespace}", name="seen"}}'
     )
@@ -211,6 +214,20 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
         return None
 
     alert = wait_until(firing, 60, every=1, what="MedForgeContributionStalled to fire")
+
+    def rejected() -> dict[str, Any] | None:
+        return next(
+            (
+                a
+                for a in prometheus.alerts()
+                if a["labels"].get("alertname") == "MedForgeRevisionRejected"
+                and a["labels"].get("namespace") == forge_namespace
+                and a["state"] == "firing"
+            ),
+            None,
+        )
+
+    assert wait_until(rejected, 30, every=1)["labels"]["reason"] == "NoUsableInput"
     assert alert["labels"]["namespace"] == namespace
     assert alert["labels"]["reason"] == "BaseModelNotFound"
     assert "stuck" in alert["annotations"]["summary"]

@@ -317,7 +317,7 @@ def test_the_readme_can_i_table_holds(cluster: ClusterAccess, tenant_roles: None
     the chart's operator ClusterRole and the tenant roles."""
     ns = f"canitable-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
-    docs = render(ns, Forge("b", "http://s3", "a", "s"))
+    docs = render(ns, Forge("forge-bucket", "http://s3", "a", "s"))
     ops = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "ServiceAccount")]
     ops = [d for d in ops if "operator" in d["metadata"]["name"]]
     cluster.apply(ns, "\n---\n".join(yaml.safe_dump(d) for d in ops))

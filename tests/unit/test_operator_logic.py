@@ -11,6 +11,7 @@ from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, composite, contribution, jobs, names
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings, SettingsError, load
+from medforge_operator.store import ForgeStore
 
 SETTINGS = Settings("http://s3", "forge", "ak", "sk")
 DIGEST = "sha256:" + "a" * 64
@@ -220,6 +221,41 @@ def test_settings_from_env_and_flags() -> None:
         load([], {"MEDFORGE_STORE_ENDPOINT": "http://s3"})
     with pytest.raises(SettingsError, match="PRESIGN_EXPIRY"):
         load(["--presign-expiry-seconds", "10"], env)
+
+
+def test_store_keys_may_come_from_the_pods_identity_but_not_half_of_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No static keys: boto3's default chain (IRSA, EKS Pod Identity, an instance profile)."""
+    env = {"MEDFORGE_STORE_ENDPOINT": "https://s3", "MEDFORGE_STORE_BUCKET": "forge"}
+    s = load([], env)
+    assert s.store_access_key == "" and s.store_secret_key == ""
+    # Whatever the chain finds (here its environment provider) signs the URLs.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIA-from-the-chain")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "chain-secret")
+    url = ForgeStore(s).presign_get(S3Uri("forge", "a/b"), 600)
+    assert "ASIA-from-the-chain" in url
+    with pytest.raises(SettingsError, match="MEDFORGE_STORE_SECRET_ACCESS_KEY"):
+        load([], env | {"MEDFORGE_STORE_ACCESS_KEY_ID": "AKIA-only-half"})
+
+
+def test_reported_figures_keep_finite_numbers_only() -> None:
+    meta = {
+        "imagesPerSecond": 812.5,
+        "seconds": float("inf"),
+        "loss": True,
+        "epochs": 3,
+        "device": "cuda; rm -rf /",
+        "extra": 1,
+    }
+    assert contribution.training_figures(meta) == {"imagesPerSecond": 812.5, "epochs": 3}
+    assert contribution.training_figures(["not", "a", "dict"]) == {}
+    assert composite.merge_figures({"seconds": 4.5, "searchEvaluations": 80}) == {
+        "mergeSeconds": 4.5,
+        "searchEvaluations": 80,
+    }
+    assert composite.merge_figures({"seconds": -1, "searchEvaluations": "many"}) == {}
+    assert composite.merge_figures(None) == {}
 
 
 def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
