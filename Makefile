@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= localcluster,operator,train,merge,dev
+EXTRAS ?= localcluster,operator,train,merge,cli,dev
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
 .PHONY: help venv binaries up down env status demo lint unit cluster test clean

@@ -204,6 +204,41 @@ def peft_svd(root: Path, layers: int, width: int) -> tuple[float, dict[str, torc
     return elapsed, out
 
 
+SUBSPACE = {
+    "iso-c": {},
+    "iso-cts": {},
+    "tsv": {},
+    "knots-ties": {"density": 0.2},
+}
+
+
+def subspace_only(layers: int, width: int) -> int:
+    """The subspace merges against svd in the same run (the target: each within 3x)."""
+    with tempfile.TemporaryDirectory(prefix="medforge-merge-bench-") as tmp:
+        root = Path(tmp)
+        inputs = make_inputs(root, layers, width)
+        svd_s, _, svd_rss = run_merger(root, inputs, {"type": "svd", "rank": RANK}, "svd")
+        result: dict[str, object] = {
+            "adapters": N_ADAPTERS,
+            "rank": RANK,
+            "layers": layers,
+            "width": width,
+            "svd_merge_s": round(svd_s, 2),
+            "svd_peak_rss_mib": round(svd_rss, 1),
+        }
+        for kind, extra in SUBSPACE.items():
+            spec = {"type": kind, "scale": 1.0, **extra}
+            s, _, rss = run_merger(root, inputs, spec, kind)
+            result[f"{kind}_merge_s"] = round(s, 2)
+            result[f"{kind}_over_svd"] = round(s / svd_s, 2)
+            result[f"{kind}_peak_rss_mib"] = round(rss, 1)
+        result["threads"] = torch.get_num_threads()
+    print(json.dumps(result, indent=2))
+    out = ROOT / "benchmarks" / "results"
+    (out / "merge_speed_subspace.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=64)
@@ -211,7 +246,14 @@ def main() -> int:
     ap.add_argument(
         "--peft-layers", type=int, default=64, help="layers given to peft (its svd is slow)"
     )
+    ap.add_argument(
+        "--subspace-only",
+        action="store_true",
+        help="only svd and the subspace merges (iso-c, iso-cts, tsv, knots-ties), side by side",
+    )
     args = ap.parse_args()
+    if args.subspace_only:
+        return subspace_only(args.layers, args.width)
     with tempfile.TemporaryDirectory(prefix="medforge-merge-bench-") as tmp:
         root = Path(tmp)
         inputs = make_inputs(root, args.layers, args.width)

@@ -55,14 +55,67 @@ def check_safe_name(name: str) -> None:
         raise ManifestError(f"{name}: file names must be plain names, without directories")
 
 
+# A base model is a save_pretrained folder: weights (possibly sharded, possibly in nested
+# folders such as text_encoder/), configs and tokenizer files. Code files are refused: nothing
+# MedForge loads ever runs a model's own Python (trust_remote_code stays off).
+MODEL_REFUSED_SUFFIXES = (".py", ".pyc", ".so", ".sh", ".exe", ".dll")
+BASE_MODEL_KIND = "base-model"
+
+
+def check_model_file_name(name: str) -> None:
+    """A file of a base model: a relative path of plain segments, never a pickle or code."""
+    lower = name.lower()
+    if lower.endswith(PICKLE_SUFFIXES):
+        raise ManifestError(
+            f"{name}: pickle-based files are refused because loading them can run code; "
+            "save the model with safe_serialization=True (model.safetensors)"
+        )
+    if lower.endswith(MODEL_REFUSED_SUFFIXES):
+        raise ManifestError(f"{name}: code files are refused; a base model is weights and configs")
+    parts = name.split("/")
+    if (
+        not name
+        or "\\" in name
+        or len(name) > 512
+        or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
+    ):
+        raise ManifestError(
+            f"{name!r}: a base model's files must be relative paths of plain names "
+            "(no '..', no absolute paths, no hidden files)"
+        )
+
+
+def looks_like_pickle(path: Path) -> bool:
+    """True for a pickle stream or a torch.save archive (a zip holding data.pkl), whatever the
+    file is called."""
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(4)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode
+        return True
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith((".pkl", "data.pkl")) for n in z.namelist())
+        except zipfile.BadZipFile:
+            return False
+    return False
+
+
 MAX_FILES = 64  # an artifact is a handful of files; anything more is not ours
+MAX_MODEL_FILES = 4096  # a sharded model with its tokenizer and sub-models
 MAX_FILE_BYTES = 1 << 40
 
 
-def _files(raw: Any, source: str) -> list[FileEntry]:
-    """The file list, each entry checked: a plain safe name, once; a hex sha256; a size."""
-    if not isinstance(raw, list) or len(raw) > MAX_FILES:
-        raise ManifestError(f"{source}: files must be a list of at most {MAX_FILES} entries")
+def _files(raw: Any, source: str, kind: Any = "") -> list[FileEntry]:
+    """The file list, each entry checked: a safe name (a plain artifact name, or a base
+    model's relative path), once; a hex sha256; a size."""
+    model = kind == BASE_MODEL_KIND
+    limit = MAX_MODEL_FILES if model else MAX_FILES
+    check = check_model_file_name if model else check_safe_name
+    if not isinstance(raw, list) or len(raw) > limit:
+        raise ManifestError(f"{source}: files must be a list of at most {limit} entries")
     files: list[FileEntry] = []
     for f in raw:
         if not isinstance(f, dict):
@@ -74,7 +127,7 @@ def _files(raw: Any, source: str) -> list[FileEntry]:
             raise ManifestError(f"{source}: {name}: sha256 must be 64 lower-case hex digits")
         if not 0 <= size <= MAX_FILE_BYTES:
             raise ManifestError(f"{source}: {name}: size {size} is out of range")
-        check_safe_name(name)
+        check(name)
         if any(e.name == name for e in files):
             raise ManifestError(f"{source}: {name} is listed twice")
         files.append(FileEntry(name, sha, size))
@@ -109,7 +162,7 @@ class Manifest:
         for key in ("kind", "base_model_digest", "files"):
             if key not in data:
                 raise ManifestError(f"{source}: the field {key!r} is missing")
-        files = _files(data["files"], source)
+        files = _files(data["files"], source, data["kind"])
         meta = data.get("meta")
         if meta is not None and not isinstance(meta, dict):
             raise ManifestError(f"{source}: meta must be a JSON object, not {type(meta).__name__}")

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from medforge_common.manifest import (
-    PICKLE_SUFFIXES,
     FileEntry,
     Manifest,
     ManifestError,
+    check_model_file_name,
     sha256_file,
     verify_file,
 )
@@ -23,15 +23,13 @@ from medforge_ml.transfers import download
 
 
 def check_base_file_name(name: str) -> None:
-    """Base models carry tokenizer files (merges.txt, vocab.json) besides safetensors; anything
-    pickle-based is refused before a byte is read."""
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise ModelError(
-            f"base model file {name}: pickle-based weights are refused because loading them can "
-            "run code; save the model with safe_serialization (model.safetensors)"
-        )
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise ModelError(f"base model file {name!r}: expected a plain file name")
+    """Base models carry tokenizer files (merges.txt, vocab.json) besides safetensors, possibly
+    in nested folders; anything pickle-based, code, or a path leaving the folder is refused
+    before a byte is read."""
+    try:
+        check_model_file_name(name)
+    except ManifestError as exc:
+        raise ModelError(f"base model file {exc}") from exc
 
 
 def fetch_model_dir(digest: str, files: list[dict[str, Any]], path: str | None, dest: Path) -> Path:
@@ -59,6 +57,7 @@ def fetch_model_dir(digest: str, files: list[dict[str, Any]], path: str | None, 
         check_base_file_name(entry.name)
         if entry.name not in by_name:
             raise ModelError(f"base model file {entry.name}: listed in its manifest but not given")
+        (dest / entry.name).parent.mkdir(parents=True, exist_ok=True)
         _get(by_name[entry.name], dest / entry.name)
         _verify(dest / entry.name, entry)
     return dest
@@ -110,10 +109,15 @@ def _verify(path: Path, entry: Any) -> None:
 def prepare_model_dir(directory: Path, tool: str) -> Manifest:
     """Write manifest.json (every file's sha256 and size) for a save_pretrained folder; refuses
     pickle-based files. Returns the manifest, whose digest() a BaseModel pins."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != "manifest.json")
-    for p in files:
-        check_base_file_name(p.name)
-    entries = [FileEntry(p.name, *sha256_file(p)) for p in files]
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.relative_to(directory).as_posix() != "manifest.json"
+    )
+    names = [p.relative_to(directory).as_posix() for p in files]
+    for n in names:
+        check_base_file_name(n)
+    entries = [FileEntry(n, *sha256_file(p)) for n, p in zip(names, files, strict=True)]
     manifest = Manifest("base-model", "", entries, {"tool": tool})
     (directory / "manifest.json").write_text(manifest.to_json())
     return manifest

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from medforge_merger.adapters import (
     check_compatible,
     load_adapter,
 )
-from medforge_merger.merge import SEARCHED, Strategy, merge_to_file
+from medforge_merger.merge import SEARCHED, SUBSPACE, Strategy, merge_to_file
 from medforge_merger.strategies import MergeError
 from medforge_ml import transfers
 from medforge_ml.errors import ModelError
@@ -137,6 +137,7 @@ def _strategy(cfg: JSON) -> Strategy:
         strat.get("rank"),
         float(strat.get("density", 1.0)),
         int((strat.get("search") or {}).get("seed", 0)),
+        float(strat.get("scale", 1.0)),
     )
 
 
@@ -244,12 +245,25 @@ def _merge(
     merged = [a for a, _, _ in use]
     weights = [w for _, w, _ in use]
     if current is not None:
+        if s.type in SUBSPACE:
+            raise JobFailed(f"strategy {s.type} merges every input afresh: use integration: full")
         merged.insert(0, current)
         weights.insert(0, 1.0)
     rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)
+    meta: JSON = {}
     if scorer is not None:
         scorer.exact([a for a, _, _ in use], work / ADAPTER_FILE)
-    return Merged([work / ADAPTER_FILE], [w for _, w, _ in use], rank)
+        if s.type in SUBSPACE and "scale" not in (cfg.get("strategy") or {}) and scorer.tasks:
+            search_cfg = (cfg.get("strategy") or {}).get("search") or {}
+            from medforge_merger.search import SearchSettings
+
+            settings = SearchSettings(budget=int(search_cfg.get("budget", 40)), seed=s.seed)
+            s = replace(s, scale=scorer.search_scale(settings))
+            rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)  # at the found scale
+            meta["search"] = {"budget": settings.budget, "seed": settings.seed}
+    if s.type in SUBSPACE:
+        meta["scale"] = round(s.scale, 6)
+    return Merged([work / ADAPTER_FILE], [w for _, w, _ in use], rank, meta)
 
 
 def _score(cfg: JSON, scorer: Scorer | None, work: Path) -> tuple[JSON, JSON]:

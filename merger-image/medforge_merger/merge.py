@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medforge_merger import strategies as st
+from medforge_merger import subspace
 from medforge_merger.adapters import (
     SUFFIX_A,
     SUFFIX_B,
@@ -20,6 +23,7 @@ from medforge_merger.adapters import (
 FACTOR = ("linear", "cat", "svd")
 DENSE = ("ties", "dare-linear", "dare-ties")
 SEARCHED = ("fusion", "fusion-exact", "mixture")
+SUBSPACE = ("knots-ties", "iso-c", "iso-cts", "tsv")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Strategy:
     rank: int | None = None
     density: float = 1.0
     seed: int = 0
+    scale: float = 1.0  # the subspace merges' final scale
 
 
 def _inputs_for(
@@ -80,7 +85,12 @@ def merge_to_file(
                     delta = st.dare_ties(deltas, ws, s.density, s.seed)
                 writer.write(m + SUFFIX_DELTA, delta)
                 continue
-            f = st.svd(factors, ws, s.rank or 1) if s.type == "svd" else st.stack(factors, ws)
+            if s.type in SUBSPACE:
+                f = _padded(subspace.merge(s.type, factors, ws, s.scale, s.density), factors)
+            elif s.type == "svd":
+                f = st.svd(factors, ws, s.rank or 1)
+            else:
+                f = st.stack(factors, ws)
             max_rank = max(max_rank, f.rank)
             writer.write(m + SUFFIX_A, f.A)
             writer.write(m + SUFFIX_B, f.B)
@@ -89,3 +99,15 @@ def merge_to_file(
         raise
     writer.close()
     return max_rank
+
+
+def _padded(f: st.Factors, inputs: list[st.Factors]) -> st.Factors:
+    """A subspace merge's factors (rank at most the inputs' total) at the total rank the layout
+    declared: zero columns of B and rows of A add nothing."""
+    total = sum(x.rank for x in inputs)
+    pad = total - f.rank
+    if pad <= 0:
+        return f
+    B = np.concatenate([f.B, np.zeros((f.B.shape[0], pad), f.B.dtype)], axis=1)
+    A = np.concatenate([f.A, np.zeros((pad, f.A.shape[1]), f.A.dtype)], axis=0)
+    return st.Factors(B, A)

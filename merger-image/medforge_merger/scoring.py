@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from medforge_common.artifacts import ADAPTER_FILE, MIXTURE_FILE, TASKS_FILE
 from medforge_common.manifest import sha256_file
-from medforge_merger.adapters import SUFFIX_A, SUFFIX_B, SUFFIX_DELTA, Adapter
+from medforge_merger.adapters import SUFFIX_A, SUFFIX_B, Adapter
 from medforge_merger.evaluate import Deltas, Evaluator
 from medforge_merger.mixture import OBJECTIVE, Mixture
 from medforge_merger.search import (
@@ -27,10 +27,12 @@ from medforge_merger.search import (
     dense,
     fusion,
     mixture,
+    search_scale,
 )
 from medforge_merger.strategies import Factors, MergeError
 from medforge_merger.tasks import Task, from_contribution, load_bundle, save_bundle
 from medforge_ml.basemodel import fetch_model_dir
+from medforge_ml.composite import file_deltas
 from medforge_ml.errors import ModelError
 from medforge_ml.metrics import classification_metrics
 
@@ -51,16 +53,9 @@ def factor_map(ad: Adapter) -> FactorMap:
 
 
 def composite_deltas(path: Path) -> Deltas:
-    """Dense updates of a composite written by the exact strategies (factors or deltas)."""
-    out: Deltas = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in sorted(f.keys()):
-            if k.endswith(SUFFIX_DELTA):
-                out[k.removesuffix(SUFFIX_DELTA)] = f.get_tensor(k).float()
-            elif k.endswith(SUFFIX_A):
-                m = k.removesuffix(SUFFIX_A)
-                out[m] = f.get_tensor(m + SUFFIX_B).float() @ f.get_tensor(k).float()
-    return out
+    """Dense updates of a composite written by the exact strategies (factors or deltas): the
+    same reading `medforge predict` does."""
+    return file_deltas(path)
 
 
 def _round(m: JSON) -> JSON:
@@ -190,6 +185,28 @@ class Scorer:
             self.deltas = dense(theta)
         out.meta["steps"] = _steps(steps)
         return out
+
+    def search_scale(self, search: SearchSettings) -> float:
+        """The scale of a subspace merge that minimises the mean cross-entropy over every task's
+        distilled set; the composite's updates (at scale 1) are scaled to it."""
+        ev = self.ev
+        if ev is None or not self.tasks:
+            return 1.0
+        base = self.deltas
+
+        def loss(alpha: float) -> float:
+            scaled = {m: alpha * d for m, d in base.items()}
+            return sum(
+                float(torch.nn.functional.cross_entropy(ev.logits(t, scaled), t.labels))
+                for t in self.tasks
+            ) / len(self.tasks)
+
+        alpha, value = search_scale(loss, search)
+        print(
+            f"scale {alpha:.4f} (mean cross-entropy {value:.4f} on the distilled sets)", flush=True
+        )
+        self.deltas = {m: alpha * d for m, d in base.items()}
+        return alpha
 
     def exact(self, adapters: list[Adapter], composite: Path) -> None:
         """After an exact merge: collect the tasks, and the composite's updates for scoring."""

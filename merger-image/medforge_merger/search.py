@@ -20,6 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,22 @@ class SearchSettings:
     bound: float = 1.5
 
 
+def _minimize(param: Any, objective: Callable[[Any], float], budget: int) -> Any:
+    """NGOpt over `param` (seeded by the caller), its helper threads stopped afterwards."""
+    import nevergrad as ng
+
+    # NGOpt's COBYLA stage warns about its own default tolerance on every call.
+    warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
+    # At large budgets its CMA stage reports every suggested point it did not use.
+    warnings.filterwarnings("ignore", message="orphanated injected solution")
+    opt = ng.optimizers.NGOpt(parametrization=param, budget=budget)
+    before = set(threading.enumerate())
+    try:
+        return opt.minimize(objective).value
+    finally:
+        _stop_search_threads(before)
+
+
 def search_pair(
     loss: Callable[[float, float], float],
     s: SearchSettings,
@@ -51,13 +68,8 @@ def search_pair(
     w are the weights `penalised(a, b)` (by default a and b themselves)."""
     import nevergrad as ng
 
-    # NGOpt's COBYLA stage warns about its own default tolerance on every call.
-    warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
-    # At large budgets its CMA stage reports every suggested point it did not use.
-    warnings.filterwarnings("ignore", message="orphanated injected solution")
     param = ng.p.Array(init=np.array([s.init, s.init])).set_bounds(-s.bound, s.bound)
     param.random_state.seed(s.seed + step)
-    opt = ng.optimizers.NGOpt(parametrization=param, budget=s.budget)
 
     def objective(x: np.ndarray) -> float:
         a, b = float(x[0]), float(x[1])
@@ -65,13 +77,24 @@ def search_pair(
         value = loss(a, b) + s.l1 * sum(abs(v) for v in w) / len(w)
         return value if math.isfinite(value) else 1e9
 
-    before = set(threading.enumerate())
-    try:
-        rec = opt.minimize(objective)
-    finally:
-        _stop_search_threads(before)
-    a, b = (float(v) for v in rec.value)
+    a, b = (float(v) for v in _minimize(param, objective, s.budget))
     return a, b, objective(np.array([a, b]))
+
+
+def search_scale(loss: Callable[[float], float], s: SearchSettings) -> tuple[float, float]:
+    """(alpha, loss) minimising loss(alpha) over [0, 2 * bound] with NGOpt, seeded: the one
+    scale of a subspace merge (iso-c, iso-cts, tsv, knots-ties), on the distilled sets."""
+    import nevergrad as ng
+
+    param = ng.p.Scalar(init=1.0).set_bounds(0.0, 2 * s.bound)
+    param.random_state.seed(s.seed)
+
+    def objective(x: float) -> float:
+        value = loss(float(x))
+        return value if math.isfinite(value) else 1e9
+
+    alpha = float(_minimize(param, objective, s.budget))
+    return alpha, objective(alpha)
 
 
 def _stop_search_threads(before: set[threading.Thread]) -> None:

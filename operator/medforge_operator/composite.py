@@ -149,10 +149,12 @@ class Plan:
 # TIES and DARE composites hold dense updates, which cannot be merged into again as factors: their
 # revisions always merge every input afresh.
 DENSE_STRATEGIES = ("ties", "dare-linear", "dare-ties")
+# The subspace merges are not sums either: each revision merges every input afresh too.
+SUBSPACE_STRATEGIES = ("knots-ties", "iso-c", "iso-cts", "tsv")
 
 
 def effective_integration(spec: JSON) -> str:
-    if (spec.get("strategy") or {}).get("type") in DENSE_STRATEGIES:
+    if (spec.get("strategy") or {}).get("type") in (*DENSE_STRATEGIES, *SUBSPACE_STRATEGIES):
         return "full"
     return str(spec.get("integration", "incremental"))
 
@@ -468,7 +470,12 @@ def finish_revision(
             "inputs": merged,
             **merge_figures(res.get("merge")),
         }
-        entry |= {"digest": art["digest"], "score": res.get("score")}
+        # Per-task metrics too: `medforge describe` charts each task over the revisions.
+        entry |= {
+            "digest": art["digest"],
+            "score": res.get("score"),
+            "metrics": res.get("metrics", {}),
+        }
     elif outcome.state == RevisionState.REJECTED:
         # A verdict on what these inputs did to the model: they are not merged again.
         for d in pending.get("digests") or []:

@@ -313,3 +313,35 @@ def test_a_thousand_inputs_report_through_a_small_message(tmp_path: Path) -> Non
     states = [i["state"] for i in result["inputs"]]
     assert len(states) == 1000 and states.count("Included") == 999
     assert any(i["name"] == "site-0500" and i["state"] == "Excluded" for i in result["inputs"])
+
+
+def test_subspace_strategies_run_as_jobs_exactly_at_their_scale(tmp_path: Path) -> None:
+    """iso-c, iso-cts, tsv and knots-ties through `medforge-merge`: the file holds what the
+    factor-space functions give (checked against dense references in test_merge_subspace.py),
+    at the fixed scale (no distilled set to search on), padded to the declared rank."""
+    from medforge_merger import subspace
+    from medforge_merger.strategies import Factors
+
+    made = [make_adapter(tmp_path / f"a{i}", r, i) for i, r in enumerate([4, 8])]
+    inputs = [entry(f"a{i}", d, tmp_path / f"a{i}") for i, (d, _) in enumerate(made)]
+    for kind in ("iso-c", "iso-cts", "tsv", "knots-ties"):
+        extra = {"density": 0.5} if kind == "knots-ties" else {}
+        code, term, out = run_merge(
+            tmp_path, config(inputs, type=kind, scale=0.7, **extra), out=f"out-{kind}"
+        )
+        assert code == 0, term
+        merged = load(out / "adapter.safetensors")
+        assert json.loads((out / "manifest.json").read_text())["meta"]["scale"] == 0.7
+        for m in MODULES:
+            layers = [
+                Factors(
+                    t[f"{m}.lora_B.weight"].double().numpy() * (16.0 / r),
+                    t[f"{m}.lora_A.weight"].double().numpy(),
+                )
+                for (_, t), r in zip(made, [4, 8], strict=True)
+            ]
+            want = subspace.merge(kind, layers, [1.0, 1.0], 0.7, 0.5)
+            ours = merged[f"{m}.lora_B.weight"].double() @ merged[f"{m}.lora_A.weight"].double()
+            ref = torch.from_numpy(want.B @ want.A)
+            assert rel(ours, ref) < 1e-4, kind
+            assert merged[f"{m}.lora_A.weight"].shape[0] == 12  # padded to the ranks' total

@@ -305,3 +305,25 @@ def test_a_broken_distilled_set_names_its_contribution(setup: Setup, tmp_path: P
     broken = Setup(setup.base, setup.digest, [setup.adapters[0], d], setup.heldout)
     with pytest.raises(AssertionError, match="hospital-1/lung: its distilled set cannot be used"):
         merge(broken, tmp_path, {"type": "linear"}, "broken")
+
+
+@pytest.mark.parametrize("strategy", ["iso-c", "iso-cts", "tsv", "knots-ties"])
+def test_subspace_strategies_search_their_scale_on_the_distilled_sets(
+    setup: Setup, tmp_path: Path, strategy: str
+) -> None:
+    spec: dict[str, Any] = {"type": strategy, "search": {"seed": 1, "budget": 12}}
+    if strategy == "knots-ties":
+        spec["density"] = 0.8
+    out = merge(setup, tmp_path, spec, "c")
+    meta = manifest(out).meta
+    assert meta["strategy"] == strategy and 0 <= meta["scale"] <= 3
+    assert meta["search"] == {"budget": 12, "seed": 1}
+    res = result(tmp_path, "c")
+    assert sorted(res["metrics"]) == sorted(t[0] for t in INSTITUTIONS)
+    # Seeded: the same scale again.
+    again = merge(setup, tmp_path, spec, "d")
+    assert manifest(again).meta["scale"] == meta["scale"]
+    # Held-out: every task above chance on average.
+    scores = heldout_scores(setup, out)
+    chance = [1 / len(t[1]) for t in INSTITUTIONS]
+    assert sum(scores) / 3 > sum(chance) / 3 + 0.1, scores

@@ -390,3 +390,10 @@ def test_long_names_become_valid_label_values() -> None:
     # The full name travels in an annotation, which is how the operator finds the owner.
     assert jobs.owner_of(job) == long
     assert jobs.owner_of({"metadata": job["spec"]["template"]["metadata"]}) == long
+
+
+def test_dense_and_subspace_strategies_always_merge_every_input_afresh() -> None:
+    for kind in ("ties", "dare-ties", "iso-c", "iso-cts", "tsv", "knots-ties"):
+        spec = {"strategy": {"type": kind}, "integration": "incremental"}
+        assert composite.effective_integration(spec) == "full", kind
+    assert composite.effective_integration({"strategy": {"type": "fusion"}}) == "incremental"

@@ -293,7 +293,7 @@ def test_pickle_base_model_is_refused(assets: dict[str, Any], tmp_path: Path) ->
         text=True,
     )
     assert proc.returncode == 1
-    assert "pytorch_model.bin: pickle-based weights are refused" in proc.stderr
+    assert "pytorch_model.bin: pickle-based files are refused" in proc.stderr
 
 
 def test_out_of_memory_advises_a_smaller_batch(assets: dict[str, Any], tmp_path: Path) -> None:

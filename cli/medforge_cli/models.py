@@ -1,0 +1,411 @@
+"""`medforge model push|verify` and `medforge composite pull`: models into and out of the forge
+store, every byte checked against a manifest digest. No torch is imported here."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medforge_cli import export
+from medforge_cli.errors import CliError
+from medforge_common.manifest import (
+    FileEntry,
+    Manifest,
+    ManifestError,
+    check_model_file_name,
+    looks_like_pickle,
+    sha256_file,
+)
+
+JSON = dict[str, Any]
+MANIFEST = "manifest.json"
+BASE_PREFIX = "base-models/"
+PART = 64 * 1024 * 1024  # multipart threshold and part size
+SKIPPED_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
+
+
+@dataclass
+class Store:
+    client: Any
+    bucket: str
+    endpoint: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, bucket: str | None = None) -> Store:
+        import boto3
+        from botocore.config import Config
+
+        endpoint = args.endpoint or os.environ.get("MEDFORGE_STORE_ENDPOINT", "")
+        bucket = bucket or args.bucket or os.environ.get("MEDFORGE_STORE_BUCKET", "")
+        if not endpoint or not bucket:
+            missing = (
+                "--endpoint (or MEDFORGE_STORE_ENDPOINT)"
+                if not endpoint
+                else ("--bucket (or MEDFORGE_STORE_BUCKET)")
+            )
+            raise CliError(f"the forge store is not set: pass {missing}", 2)
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=args.region or os.environ.get("MEDFORGE_STORE_REGION", "us-east-1"),
+            # Keys: MEDFORGE_STORE_ACCESS_KEY_ID/..._SECRET_ACCESS_KEY, else boto3's default
+            # chain (AWS_* variables, a profile, the pod's or the machine's identity).
+            aws_access_key_id=os.environ.get("MEDFORGE_STORE_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=os.environ.get("MEDFORGE_STORE_SECRET_ACCESS_KEY") or None,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                connect_timeout=10,
+                retries={"max_attempts": 5, "mode": "standard"},
+            ),
+        )
+        return cls(client, bucket, endpoint)
+
+    @contextlib.contextmanager
+    def errors(self, what: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise CliError(f"{what}: not found in the forge store") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise CliError(f"{what}: the store refused your credentials ({code})") from None
+            raise CliError(f"{what}: the store answered {code or exc}") from None
+        except BotoCoreError as exc:
+            raise CliError(
+                f"{what}: cannot reach the forge store at {self.endpoint} ({exc})"
+            ) from None
+
+    def read(self, key: str, limit: int = 16 << 20) -> bytes:
+        with self.errors(f"s3://{self.bucket}/{key}"):
+            obj = self.client.get_object(Bucket=self.bucket, Key=key)
+            if int(obj.get("ContentLength", 0)) > limit:
+                raise CliError(f"s3://{self.bucket}/{key} is larger than {limit} bytes")
+            data: bytes = obj["Body"].read()
+        return data
+
+    def size(self, key: str) -> int:
+        with self.errors(f"s3://{self.bucket}/{key}"):
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+
+    def upload(self, path: Path, key: str, progress: Callable[[int], None]) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=4)
+        with self.errors(f"uploading {path.name}"):
+            self.client.upload_file(str(path), self.bucket, key, Config=cfg, Callback=progress)
+
+    def download_verified(self, key: str, entry: FileEntry, dest: Path) -> None:
+        """Stream one file to `dest`, hashing as it comes; refuse it unless it matches."""
+        import hashlib
+
+        h = hashlib.sha256()
+        size = 0
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self.errors(f"s3://{self.bucket}/{key}"):
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with dest.open("wb") as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+                    if size > entry.size:
+                        break
+                    f.write(chunk)
+        if size != entry.size or h.hexdigest() != entry.sha256:
+            dest.unlink(missing_ok=True)
+            raise CliError(
+                f"{entry.name}: the stored file does not match the manifest "
+                f"({size} bytes, sha256 {h.hexdigest()[:12]}...; expected {entry.size} bytes, "
+                f"{entry.sha256[:12]}...); it was changed or damaged in the store"
+            )
+
+
+class Progress:
+    """One status line on a terminal; a line every 10 % otherwise (logs, CI)."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.done, self.what = max(total, 1), 0, what
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+        self.t0 = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        pct = int(100 * self.done / self.total)
+        if self.tty or pct // 10 != self.last // 10:
+            rate = self.done / max(time.monotonic() - self.t0, 1e-6) / 1e6
+            end = "\r" if self.tty else "\n"
+            print(
+                f"{self.what}: {pct:3d}% of {self.total / 1e6:.1f} MB ({rate:.1f} MB/s)",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last = pct
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def model_files(directory: Path) -> list[Path]:
+    """Every file of a save_pretrained folder, nested folders included; pickle refused by name
+    and by content, before anything is hashed or uploaded."""
+    if not directory.is_dir():
+        raise CliError(f"{directory}: not a folder (give a save_pretrained folder)", 2)
+    files = []
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.startswith("."))
+        for n in sorted(names):
+            p = Path(root) / n
+            rel = p.relative_to(directory).as_posix()
+            if rel == MANIFEST or n.startswith("."):
+                continue
+            if p.is_symlink():
+                raise CliError(f"{rel}: a symbolic link; copy the file itself into the folder", 2)
+            try:
+                check_model_file_name(rel)
+            except ManifestError as exc:
+                raise CliError(str(exc), 2) from None
+            if looks_like_pickle(p):
+                raise CliError(
+                    f"{rel}: its content is a pickle (or a torch.save archive), which can run "
+                    "code when loaded; save the model with safe_serialization=True",
+                    2,
+                )
+            files.append(p)
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise CliError(
+            f"{directory}: no .safetensors weights (save_pretrained(..., "
+            "safe_serialization=True) writes them)",
+            2,
+        )
+    if not (directory / "config.json").is_file():
+        raise CliError(f"{directory}: no config.json: not a save_pretrained folder", 2)
+    return files
+
+
+def push(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    files = model_files(directory)
+    store = Store.from_args(args)
+    prefix = BASE_PREFIX + args.name.strip("/") + "/"
+    entries = [FileEntry(p.relative_to(directory).as_posix(), *sha256_file(p)) for p in files]
+    manifest = Manifest("base-model", "", entries, {"tool": "medforge model push"})
+    body = manifest.to_json().encode()
+    digest = manifest.digest()
+    progress = Progress(sum(e.size for e in entries), f"uploading {len(entries)} files")
+    for p, e in zip(files, entries, strict=True):
+        store.upload(p, prefix + e.name, progress)
+    progress.close()
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        Path(tmp.name).write_bytes(body)
+        store.upload(Path(tmp.name), prefix + MANIFEST, lambda _: None)  # last: the commit
+    # What landed: every size, and the manifest's digest read back.
+    for e in entries:
+        if store.size(prefix + e.name) != e.size:
+            raise CliError(f"{e.name}: the store holds another size than uploaded; push again")
+    import hashlib
+
+    landed = "sha256:" + hashlib.sha256(store.read(prefix + MANIFEST)).hexdigest()
+    if landed != digest:
+        raise CliError("manifest.json in the store is not the one uploaded; push again")
+    print(f"pushed {len(entries)} files to s3://{store.bucket}/{prefix}")
+    print(f"digest {digest}")
+    doc = basemodel_manifest(args.name, digest)
+    if args.register:
+        from medforge_cli.cluster import Cluster
+
+        Cluster.connect(args.kubeconfig, args.context).apply_basemodel(doc)
+        print(
+            f"BaseModel {args.name} registered; the operator verifies it now "
+            f"(medforge wait basemodel {args.name})"
+        )
+    else:
+        print("register it (platform team):\n---")
+        print(_yaml(doc), end="")
+    return 0
+
+
+def basemodel_manifest(name: str, digest: str) -> JSON:
+    return {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "BaseModel",
+        "metadata": {"name": name},
+        "spec": {"path": name, "digest": digest},
+    }
+
+
+def _yaml(doc: JSON) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def verify(args: argparse.Namespace) -> int:
+    import hashlib
+
+    store = Store.from_args(args)
+    prefix = BASE_PREFIX + args.name.strip("/") + "/"
+    raw = store.read(prefix + MANIFEST)
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if args.digest and digest != args.digest:
+        raise CliError(f"manifest.json has digest {digest}, not {args.digest}")
+    try:
+        manifest = Manifest.from_json(raw.decode(), f"s3://{store.bucket}/{prefix}{MANIFEST}")
+    except (ManifestError, UnicodeDecodeError) as exc:
+        raise CliError(str(exc)) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        for e in manifest.files:
+            store.download_verified(prefix + e.name, e, Path(tmp) / "f")
+            print(f"ok  {e.name}  {e.size} bytes")
+    print(f"verified {len(manifest.files)} files, digest {digest}")
+    return 0
+
+
+def _revision(obj: JSON, revision: int | None) -> tuple[int, str, str, JSON]:
+    """(revision, s3 uri, manifest digest, history entry) of an accepted revision."""
+    st = obj.get("status") or {}
+    current = st.get("current") or {}
+    name = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+    if not current:
+        raise CliError(f"composite {name} has no accepted revision yet")
+    want = revision if revision is not None else int(current["revision"])
+    if want == int(current["revision"]):
+        return want, str(current["uri"]), str(current["digest"]), current
+    entry = next((h for h in st.get("history") or [] if h.get("revision") == want), None)
+    if entry is None:
+        raise CliError(f"composite {name} keeps no revision {want} (status.history)")
+    if entry.get("state") != "Accepted" or not entry.get("digest"):
+        raise CliError(
+            f"revision {want} of {name} was {entry.get('state')} "
+            f"({entry.get('reason', '')}): only accepted revisions are published"
+        )
+    uri = str(current["uri"]).rstrip("/")
+    uri = uri[: uri.rindex("/")] + f"/rev-{want}/"
+    return want, uri, str(entry["digest"]), entry
+
+
+def pull(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from medforge_cli.cluster import Cluster
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise CliError(f"{out}: not empty; give a new folder", 2)
+    cl = Cluster.connect(args.kubeconfig, args.context)
+    ns = args.namespace or cl.default_namespace
+    obj = cl.get("composite", ns, args.name)
+    revision, uri, digest, _ = _revision(obj, args.revision)
+    base_name = str(((obj.get("spec") or {}).get("baseModel") or {}).get("name", ""))
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    store = Store.from_args(args, bucket=bucket)
+    raw = store.read(key + MANIFEST)
+    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+        raise CliError(
+            f"manifest.json of revision {revision} does not match the digest in the "
+            f"composite's status ({digest[:19]}...); the store was changed"
+        )
+    try:
+        manifest = Manifest.from_json(raw.decode(), uri + MANIFEST)
+    except (ManifestError, UnicodeDecodeError) as exc:
+        raise CliError(str(exc)) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / MANIFEST).write_bytes(raw)
+        progress = Progress(sum(e.size for e in manifest.files), "downloading")
+        for e in manifest.files:
+            store.download_verified(key + e.name, e, work / e.name)
+            progress(e.size)
+        progress.close()
+        out.mkdir(parents=True, exist_ok=True)
+        report: JSON = {}
+        if args.format == "raw":
+            for p in work.iterdir():
+                shutil.copy2(p, out / p.name)
+        elif args.format == "peft":
+            report = export.to_peft(work, manifest, out, args.rank)
+        else:
+            base_dir = fetch_base_model(cl, args, base_name, manifest.base_model_digest)
+            from medforge_cli import inference
+
+            inference.merged(base_dir, work, out)
+    summary = {
+        "composite": f"{ns}/{args.name}",
+        "revision": revision,
+        "digest": digest,
+        "format": args.format,
+        "baseModel": {"name": base_name, "digest": manifest.base_model_digest},
+        **report,
+    }
+    (out / "medforge-export.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"revision {revision} of {ns}/{args.name} ({digest[:19]}...) written to {out} "
+        f"as {args.format}"
+    )
+    if report.get("relativeError") is not None:
+        print(f"low-rank reconstruction error (relative Frobenius): {report['relativeError']:.2e}")
+    return 0
+
+
+def cache_root() -> Path:
+    if env := os.environ.get("MEDFORGE_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medforge"
+
+
+def fetch_base_model(cl: Any, args: argparse.Namespace, name: str, digest: str) -> Path:
+    """The base model's verified files in the local cache (by digest), from the BaseModel's
+    verified status and the forge store."""
+    import hashlib
+
+    target = cache_root() / "base-models" / digest.removeprefix("sha256:")
+    if (target / ".complete").is_file():
+        return target
+    bm = cl.get("basemodel", "", name)
+    st = bm.get("status") or {}
+    if st.get("digest") != digest or not st.get("uri"):
+        raise CliError(
+            f"BaseModel {name} is not verified at {digest[:19]}... (it reports "
+            f"{str(st.get('digest'))[:19]}...); the composite was merged on another one"
+        )
+    bucket, _, key = str(st["uri"]).removeprefix("s3://").partition("/")
+    key = key if key.endswith("/") else key + "/"
+    store = Store.from_args(args, bucket=bucket)
+    raw = store.read(key + MANIFEST)
+    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+        raise CliError(f"the stored manifest of BaseModel {name} is not {digest[:19]}...")
+    manifest = Manifest.from_json(raw.decode(), f"{st['uri']}{MANIFEST}")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    progress = Progress(sum(e.size for e in manifest.files), f"base model {name}")
+    for e in manifest.files:
+        store.download_verified(key + e.name, e, partial / e.name)
+        progress(e.size)
+    progress.close()
+    (partial / MANIFEST).write_bytes(raw)
+    (partial / ".complete").write_text(digest)
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "model":
+        return push(args) if args.action == "push" else verify(args)
+    return pull(args)

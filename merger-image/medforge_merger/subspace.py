@@ -1,0 +1,168 @@
+"""The data-free subspace merges of 2024-2025, exact on the stacked LoRA factors.
+
+Every task's update dW_i = B_i A_i lives in span(B) x span(A) of the stacked factors
+B = [B_1 ... B_n] (d x R) and A = [A_1; ...; A_n] (R x k), R = sum r_i. With orthonormal bases
+Q_b (d x R_b) and Q_a (k x R_a) of those spans, dW_i = Q_b C_i Q_a^T for a small core
+C_i = Q_b^T B_i A_i Q_a (R_b x R_a). Every SVD below is of a core (or of cores side by side),
+never of a d x k matrix, and the result goes back as factors Q_b M and Q_a^T: cost
+O((d + k) R^2 + n R^3) per layer.
+
+- iso-c (Marczak et al. 2025): the SVD of the summed update with its singular values made equal
+  (their mean). Restricted to the update's own rank: the reference code averages over all
+  min(d, k) singular values and keeps their (arbitrary) null directions; we keep the nonzero
+  ones only, which is well defined.
+- iso-cts: the summed update's top singular directions (the common subspace, a fraction of the
+  joint rank) plus each task's top directions outside it, both sides orthogonalised (polar
+  factor), singular values made equal (their mean). Same rank restriction.
+- tsv (TSV-M, Gargiulo et al. 2025): each task's top 1/n of its own singular components, the
+  concatenated bases orthogonalised (polar factor, Procrustes), singular values kept.
+- knots-ties (Stoica et al. 2024): one SVD of the updates side by side, [dW_1 ... dW_n] =
+  U S [V_1^T ... V_n^T]; TIES on the per-task blocks V_i; dW = U S V^T.
+Each result is scaled by `scale`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from medforge_merger.strategies import Array, Factors, MergeError, _check, disjoint_merge, trim
+
+RELATIVE_TOLERANCE = 1e-10  # singular values below this fraction of the largest are zero
+COMMON_FRACTION = 0.8  # iso-cts: the common subspace's share of the joint rank (the paper's)
+
+
+def _basis(x: Array) -> Array:
+    """An orthonormal basis of the column span of x (n x R), from the small Gram matrix."""
+    lam, v = np.linalg.eigh(x.T @ x)
+    keep = lam > lam.max(initial=0.0) * RELATIVE_TOLERANCE**2
+    lam, v = lam[keep], v[:, keep]
+    out: Array = x @ (v / np.sqrt(lam))
+    return out
+
+
+def cores(layers: Sequence[Factors], weights: Sequence[float]) -> tuple[Array, Array, list[Array]]:
+    """(Q_b, Q_a, [C_i]) with w_i B_i A_i = Q_b C_i Q_a^T exactly, in float64."""
+    _check(layers, weights)
+    bs = [w * np.asarray(f.B, dtype=np.float64) for f, w in zip(layers, weights, strict=True)]
+    as_ = [np.asarray(f.A, dtype=np.float64) for f in layers]
+    qb = _basis(np.concatenate(bs, axis=1))
+    qa = _basis(np.concatenate(as_, axis=0).T)
+    return qb, qa, [(qb.T @ b) @ (a @ qa) for b, a in zip(bs, as_, strict=True)]
+
+
+def _nonzero(s: Array) -> int:
+    return int((s > s.max(initial=0.0) * RELATIVE_TOLERANCE).sum()) if s.size else 0
+
+
+def _polar(x: Array) -> Array:
+    """The orthonormal factor of x (the nearest matrix with orthonormal columns)."""
+    u, _, vh = np.linalg.svd(x, full_matrices=False)
+    out: Array = u @ vh
+    return out
+
+
+def _factors(qb: Array, qa: Array, core: Array, dtype: np.dtype[np.generic]) -> Factors:
+    """dW = Q_b core Q_a^T as factors of rank min(R_b, R_a) (core's SVD keeps it small)."""
+    u, s, vh = np.linalg.svd(core, full_matrices=False)
+    n = max(_nonzero(s), 1)
+    return Factors((qb @ (u[:, :n] * s[:n])).astype(dtype), (vh[:n] @ qa.T).astype(dtype))
+
+
+def _top(
+    c: Array,
+    how_many: Callable[[int], int],
+    us: list[Array],
+    ss: list[Array],
+    vs: list[Array],
+) -> None:
+    """Append the top singular triplets of c (how_many(its rank) of them) to us, ss, vs."""
+    u, s, vh = np.linalg.svd(c, full_matrices=False)
+    keep = how_many(_nonzero(s))
+    us.append(u[:, :keep])
+    ss.append(s[:keep])
+    vs.append(vh[:keep].T)
+
+
+def iso_c(layers: Sequence[Factors], weights: Sequence[float], scale: float = 1.0) -> Factors:
+    qb, qa, cs = cores(layers, weights)
+    u, s, vh = np.linalg.svd(sum(cs), full_matrices=False)
+    n = _nonzero(s)
+    core = (scale * (s[:n].mean() if n else 0.0)) * (u[:, :n] @ vh[:n])
+    return _factors(qb, qa, core, np.asarray(layers[0].B).dtype)
+
+
+def iso_cts(
+    layers: Sequence[Factors],
+    weights: Sequence[float],
+    scale: float = 1.0,
+    common_fraction: float = COMMON_FRACTION,
+) -> Factors:
+    qb, qa, cs = cores(layers, weights)
+    total = min(qb.shape[1], qa.shape[1])  # the joint rank: where the updates live
+    n_tasks = len(cs)
+    common = int(total * common_fraction)
+    per_task = round((total - common) / n_tasks)
+    common = max(total - per_task * n_tasks, 0)
+    u, s, vh = np.linalg.svd(sum(cs), full_matrices=False)
+    common = min(common, _nonzero(s))
+    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
+    uc = u[:, :common]
+    for c in cs:
+        # A low-rank task has no more directions than its rank.
+        _top(c - uc @ (uc.T @ c), lambda n: min(per_task, n), us, ss, vs)
+    sv = np.concatenate(ss)
+    if not sv.size:
+        return _factors(qb, qa, np.zeros((qb.shape[1], qa.shape[1])), np.asarray(layers[0].B).dtype)
+    uo, vo = _polar(np.concatenate(us, axis=1)), _polar(np.concatenate(vs, axis=1))
+    core = (scale * sv.mean()) * (uo @ vo.T)
+    return _factors(qb, qa, core, np.asarray(layers[0].B).dtype)
+
+
+def tsv(layers: Sequence[Factors], weights: Sequence[float], scale: float = 1.0) -> Factors:
+    qb, qa, cs = cores(layers, weights)
+    us: list[Array] = []
+    ss: list[Array] = []
+    vs: list[Array] = []
+    for c in cs:
+        # 1/n of the task's own components (at least one; none for a task with no update).
+        _top(c, lambda n: max(1, math.floor(n / len(cs))) if n else 0, us, ss, vs)
+    sv = np.concatenate(ss)
+    if not sv.size:
+        return _factors(qb, qa, np.zeros((qb.shape[1], qa.shape[1])), np.asarray(layers[0].B).dtype)
+    uo, vo = _polar(np.concatenate(us, axis=1)), _polar(np.concatenate(vs, axis=1))
+    core = scale * (uo * sv) @ vo.T
+    return _factors(qb, qa, core, np.asarray(layers[0].B).dtype)
+
+
+def knots_ties(
+    layers: Sequence[Factors], weights: Sequence[float], density: float, scale: float = 1.0
+) -> Factors:
+    """KnOTS with TIES on the per-task blocks of V (k x rank each: never d x k)."""
+    qb, qa, cs = cores(layers, weights)
+    u, s, wh = np.linalg.svd(np.concatenate(cs, axis=1), full_matrices=False)
+    n = _nonzero(s)
+    if n == 0:
+        return _factors(qb, qa, np.zeros((qb.shape[1], qa.shape[1])), np.asarray(layers[0].B).dtype)
+    ra = qa.shape[1]
+    # Task i's block of V in the layer's own input coordinates: Q_a W_i (k x n).
+    blocks = [qa @ wh[:n, i * ra : (i + 1) * ra].T for i in range(len(cs))]
+    v = disjoint_merge([trim(b, density) for b in blocks], [1.0] * len(blocks))
+    dtype = np.asarray(layers[0].B).dtype
+    return Factors((scale * (qb @ (u[:, :n] * s[:n]))).astype(dtype), v.T.astype(dtype))
+
+
+def merge(
+    kind: str, layers: Sequence[Factors], weights: Sequence[float], scale: float, density: float
+) -> Factors:
+    if kind == "iso-c":
+        return iso_c(layers, weights, scale)
+    if kind == "iso-cts":
+        return iso_cts(layers, weights, scale)
+    if kind == "tsv":
+        return tsv(layers, weights, scale)
+    if kind == "knots-ties":
+        return knots_ties(layers, weights, density, scale)
+    raise MergeError(f"unknown subspace strategy {kind}")
