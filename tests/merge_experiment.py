@@ -25,6 +25,7 @@ from medforge_merger.mixture import Mixture
 from medforge_merger.search import dense
 from medforge_merger.strategies import Factors
 from medforge_merger.tasks import Task
+from medforge_ml.composite import file_deltas
 from medforge_trainer import dataset, model
 from medforge_trainer.__main__ import main as train_main
 from tests.train_helpers import job_config, make_dataset, prepare, tiny_clip
@@ -233,12 +234,12 @@ def heldout_scores(setup: Setup, composite: Composite) -> list[float]:
             float((mix.probabilities(ev, t).argmax(1) == t.labels).double().mean())
             for t in setup.heldout
         ]
-    factors = (
-        read_factors(composite / "adapter.safetensors")
+    # A composite file may hold dense layers (ties, dare) besides factors.
+    deltas = (
+        file_deltas(composite / "adapter.safetensors")
         if isinstance(composite, Path)
-        else composite
+        else dense(composite)
     )
-    deltas = dense(factors)
     return [
         float((ev.logits(t, deltas).argmax(1) == t.labels).double().mean()) for t in setup.heldout
     ]
@@ -256,18 +257,34 @@ def single_adapter_scores(setup: Setup, i: int) -> list[float]:
 
 
 def experiment(
-    root: Path, seed: int = 0, setup: Setup | None = None, **build_args: Any
+    root: Path,
+    seed: int = 0,
+    setup: Setup | None = None,
+    every_strategy: bool = False,
+    **build_args: Any,
 ) -> dict[str, Any]:
     """Held-out accuracy per task and its mean for each way of combining the three adapters
-    (and of the base alone)."""
+    (and of the base alone, and of each hospital's own adapter on its own task). With
+    `every_strategy`, the data-free merges too (task arithmetic, ties, dare, the subspace
+    merges with their searched scale)."""
     setup = setup or build(root, seed, **build_args)
     uniform = {f"hospital-{i}/{t[0]}": 1 / 3 for i, t in enumerate(INSTITUTIONS)}
-    strategies = {
+    strategies: dict[str, dict[str, Any]] = {
         "uniform": {"type": "linear", "weights": uniform},
         "fusion": {"type": "fusion", "search": {"seed": seed}},
         "fusion-exact": {"type": "fusion-exact", "search": {"seed": seed}},
         "mixture": {"type": "mixture", "search": {"seed": seed}},
     }
+    if every_strategy:
+        strategies |= {
+            "task-arithmetic": {"type": "linear"},
+            "ties": {"type": "ties", "density": 0.2},
+            "dare-ties": {"type": "dare-ties", "density": 0.5, "search": {"seed": seed}},
+            "iso-c": {"type": "iso-c", "search": {"seed": seed}},
+            "iso-cts": {"type": "iso-cts", "search": {"seed": seed}},
+            "tsv": {"type": "tsv", "search": {"seed": seed}},
+            "knots-ties": {"type": "knots-ties", "density": 0.2, "search": {"seed": seed}},
+        }
     maps = [scaled_factors(d) for d in setup.adapters]
     composites: dict[str, Composite] = {
         "average-ab": averaged_ab(setup),
@@ -280,6 +297,8 @@ def experiment(
     # The best single hospital's adapter, used alone for every task, and the bare base.
     alone = [single_adapter_scores(setup, i) for i in range(len(setup.adapters))]
     scores["best-single"] = max(alone, key=sum)
+    # The ceiling of normalised accuracy: each hospital's own adapter on its own task.
+    scores["own-adapter"] = [alone[i][i] for i in range(len(alone))]
     scores["base"] = heldout_scores(setup, {})
     return {
         name: {"per_task": [round(x, 4) for x in s], "mean": round(sum(s) / len(s), 4)}

@@ -54,6 +54,8 @@ def layout(
             out.append((m + SUFFIX_DELTA, (d, k)))
             continue
         r = min(s.rank, total) if s.type == "svd" and s.rank else total
+        if s.type == "tsv":  # 1/n of each task's components (at least one each)
+            r = sum(max(1, a.shapes[m][1] // len(ads)) for a in ads)
         out += [(m + SUFFIX_A, (r, k)), (m + SUFFIX_B, (d, r))]
     return out
 
@@ -86,7 +88,9 @@ def merge_to_file(
                 writer.write(m + SUFFIX_DELTA, delta)
                 continue
             if s.type in SUBSPACE:
-                f = _padded(subspace.merge(s.type, factors, ws, s.scale, s.density), factors)
+                f = _padded(
+                    subspace.merge(s.type, factors, ws, s.scale, s.density), factors, s.type
+                )
             elif s.type == "svd":
                 f = st.svd(factors, ws, s.rank or 1)
             else:
@@ -101,10 +105,13 @@ def merge_to_file(
     return max_rank
 
 
-def _padded(f: st.Factors, inputs: list[st.Factors]) -> st.Factors:
-    """A subspace merge's factors (rank at most the inputs' total) at the total rank the layout
-    declared: zero columns of B and rows of A add nothing."""
-    total = sum(x.rank for x in inputs)
+def _padded(f: st.Factors, inputs: list[st.Factors], kind: str) -> st.Factors:
+    """A subspace merge's factors at the rank the layout declared (at most the inputs' total;
+    tsv's share for tsv): zero columns of B and rows of A add nothing."""
+    if kind == "tsv":
+        total = sum(max(1, x.rank // len(inputs)) for x in inputs)
+    else:
+        total = sum(x.rank for x in inputs)
     pad = total - f.rank
     if pad <= 0:
         return f

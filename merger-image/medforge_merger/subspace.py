@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,23 +36,55 @@ RELATIVE_TOLERANCE = 1e-10  # singular values below this fraction of the largest
 COMMON_FRACTION = 0.8  # iso-cts: the common subspace's share of the joint rank (the paper's)
 
 
-def _basis(x: Array) -> Array:
-    """An orthonormal basis of the column span of x (n x R), from the small Gram matrix."""
-    lam, v = np.linalg.eigh(x.T @ x)
+def _projector(gram: Array) -> Array:
+    """P with X P orthonormal, for X^T X = gram: an orthonormal basis of X's column span
+    without forming it. Directions with eigenvalues below tolerance^2 of the largest go."""
+    lam, v = np.linalg.eigh(gram)
     keep = lam > lam.max(initial=0.0) * RELATIVE_TOLERANCE**2
-    lam, v = lam[keep], v[:, keep]
-    out: Array = x @ (v / np.sqrt(lam))
+    out: Array = v[:, keep] / np.sqrt(lam[keep])
     return out
 
 
-def cores(layers: Sequence[Factors], weights: Sequence[float]) -> tuple[Array, Array, list[Array]]:
-    """(Q_b, Q_a, [C_i]) with w_i B_i A_i = Q_b C_i Q_a^T exactly, in float64."""
+@dataclass(frozen=True)
+class Space:
+    """The joint span of the stacked factors: Q_b = xb @ pb (d x R_b), Q_a = xa.T @ pa
+    (k x R_a); only the R x R transforms are kept, never the d x R bases."""
+
+    xb: Array  # d x R, the weighted B's side by side
+    xa: Array  # R x k, the A's stacked
+    pb: Array  # R x R_b
+    pa: Array  # R x R_a
+    dtype: Any
+
+    def zero(self) -> Array:
+        return np.zeros((self.pb.shape[1], self.pa.shape[1]))
+
+    def factors(self, core: Array) -> Factors:
+        """dW = Q_b core Q_a^T as factors of rank at most min(R_b, R_a)."""
+        u, s, vh = np.linalg.svd(core, full_matrices=False)
+        n = max(_nonzero(s), 1)
+        b = self.xb @ (self.pb @ (u[:, :n] * s[:n]))
+        a = (vh[:n] @ self.pa.T) @ self.xa
+        return Factors(b.astype(self.dtype), a.astype(self.dtype))
+
+
+def cores(layers: Sequence[Factors], weights: Sequence[float]) -> tuple[Space, list[Array]]:
+    """The joint span and the cores C_i with w_i B_i A_i = Q_b C_i Q_a^T exactly (float64):
+    C_i = pb^T (X_b^T B_i)(A_i X_a^T) pa, from the column blocks of the two Gram matrices."""
     _check(layers, weights)
-    bs = [w * np.asarray(f.B, dtype=np.float64) for f, w in zip(layers, weights, strict=True)]
-    as_ = [np.asarray(f.A, dtype=np.float64) for f in layers]
-    qb = _basis(np.concatenate(bs, axis=1))
-    qa = _basis(np.concatenate(as_, axis=0).T)
-    return qb, qa, [(qb.T @ b) @ (a @ qa) for b, a in zip(bs, as_, strict=True)]
+    xb = np.concatenate(
+        [w * np.asarray(f.B, dtype=np.float64) for f, w in zip(layers, weights, strict=True)],
+        axis=1,
+    )
+    xa = np.concatenate([np.asarray(f.A, dtype=np.float64) for f in layers], axis=0)
+    gb, ga = xb.T @ xb, xa @ xa.T
+    pb, pa = _projector(gb), _projector(ga)
+    out, start = [], 0
+    for f in layers:
+        cols = slice(start, start + f.rank)
+        out.append((pb.T @ gb[:, cols]) @ (ga[cols, :] @ pa))
+        start += f.rank
+    return Space(xb, xa, pb, pa, np.asarray(layers[0].B).dtype), out
 
 
 def _nonzero(s: Array) -> int:
@@ -62,13 +96,6 @@ def _polar(x: Array) -> Array:
     u, _, vh = np.linalg.svd(x, full_matrices=False)
     out: Array = u @ vh
     return out
-
-
-def _factors(qb: Array, qa: Array, core: Array, dtype: np.dtype[np.generic]) -> Factors:
-    """dW = Q_b core Q_a^T as factors of rank min(R_b, R_a) (core's SVD keeps it small)."""
-    u, s, vh = np.linalg.svd(core, full_matrices=False)
-    n = max(_nonzero(s), 1)
-    return Factors((qb @ (u[:, :n] * s[:n])).astype(dtype), (vh[:n] @ qa.T).astype(dtype))
 
 
 def _top(
@@ -87,11 +114,11 @@ def _top(
 
 
 def iso_c(layers: Sequence[Factors], weights: Sequence[float], scale: float = 1.0) -> Factors:
-    qb, qa, cs = cores(layers, weights)
+    space, cs = cores(layers, weights)
     u, s, vh = np.linalg.svd(sum(cs), full_matrices=False)
     n = _nonzero(s)
     core = (scale * (s[:n].mean() if n else 0.0)) * (u[:, :n] @ vh[:n])
-    return _factors(qb, qa, core, np.asarray(layers[0].B).dtype)
+    return space.factors(core)
 
 
 def iso_cts(
@@ -100,8 +127,8 @@ def iso_cts(
     scale: float = 1.0,
     common_fraction: float = COMMON_FRACTION,
 ) -> Factors:
-    qb, qa, cs = cores(layers, weights)
-    total = min(qb.shape[1], qa.shape[1])  # the joint rank: where the updates live
+    space, cs = cores(layers, weights)
+    total = min(space.pb.shape[1], space.pa.shape[1])  # the joint rank: where updates live
     n_tasks = len(cs)
     common = int(total * common_fraction)
     per_task = round((total - common) / n_tasks)
@@ -115,14 +142,14 @@ def iso_cts(
         _top(c - uc @ (uc.T @ c), lambda n: min(per_task, n), us, ss, vs)
     sv = np.concatenate(ss)
     if not sv.size:
-        return _factors(qb, qa, np.zeros((qb.shape[1], qa.shape[1])), np.asarray(layers[0].B).dtype)
+        return space.factors(space.zero())
     uo, vo = _polar(np.concatenate(us, axis=1)), _polar(np.concatenate(vs, axis=1))
     core = (scale * sv.mean()) * (uo @ vo.T)
-    return _factors(qb, qa, core, np.asarray(layers[0].B).dtype)
+    return space.factors(core)
 
 
 def tsv(layers: Sequence[Factors], weights: Sequence[float], scale: float = 1.0) -> Factors:
-    qb, qa, cs = cores(layers, weights)
+    space, cs = cores(layers, weights)
     us: list[Array] = []
     ss: list[Array] = []
     vs: list[Array] = []
@@ -131,27 +158,33 @@ def tsv(layers: Sequence[Factors], weights: Sequence[float], scale: float = 1.0)
         _top(c, lambda n: max(1, math.floor(n / len(cs))) if n else 0, us, ss, vs)
     sv = np.concatenate(ss)
     if not sv.size:
-        return _factors(qb, qa, np.zeros((qb.shape[1], qa.shape[1])), np.asarray(layers[0].B).dtype)
+        return space.factors(space.zero())
     uo, vo = _polar(np.concatenate(us, axis=1)), _polar(np.concatenate(vs, axis=1))
     core = scale * (uo * sv) @ vo.T
-    return _factors(qb, qa, core, np.asarray(layers[0].B).dtype)
+    return space.factors(core)
 
 
 def knots_ties(
     layers: Sequence[Factors], weights: Sequence[float], density: float, scale: float = 1.0
 ) -> Factors:
     """KnOTS with TIES on the per-task blocks of V (k x rank each: never d x k)."""
-    qb, qa, cs = cores(layers, weights)
+    space, cs = cores(layers, weights)
     u, s, wh = np.linalg.svd(np.concatenate(cs, axis=1), full_matrices=False)
     n = _nonzero(s)
     if n == 0:
-        return _factors(qb, qa, np.zeros((qb.shape[1], qa.shape[1])), np.asarray(layers[0].B).dtype)
-    ra = qa.shape[1]
-    # Task i's block of V in the layer's own input coordinates: Q_a W_i (k x n).
-    blocks = [qa @ wh[:n, i * ra : (i + 1) * ra].T for i in range(len(cs))]
+        return space.factors(space.zero())
+    ra = space.pa.shape[1]
+    # Task i's block of V in the layer's own input coordinates, Q_a W_i (k x n): TIES works on
+    # entries, so these (never a d x k matrix) are formed, in the adapters' own precision
+    # (float32 halves the largest products; float64 inputs stay float64).
+    work = np.result_type(space.dtype, np.float32)
+    xa_t = space.xa.T.astype(work)
+    blocks = [
+        xa_t @ (space.pa @ wh[:n, i * ra : (i + 1) * ra].T).astype(work) for i in range(len(cs))
+    ]
     v = disjoint_merge([trim(b, density) for b in blocks], [1.0] * len(blocks))
-    dtype = np.asarray(layers[0].B).dtype
-    return Factors((scale * (qb @ (u[:, :n] * s[:n]))).astype(dtype), v.T.astype(dtype))
+    b = space.xb @ (space.pb @ (u[:, :n] * s[:n]))
+    return Factors((scale * b).astype(space.dtype), v.T.astype(space.dtype))
 
 
 def merge(
