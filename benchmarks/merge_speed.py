@@ -209,6 +209,7 @@ SUBSPACE = {
     "iso-cts": {},
     "tsv": {},
     "knots-ties": {"density": 0.2},
+    "core-ties": {"density": 0.2},
 }
 
 

@@ -284,6 +284,7 @@ def experiment(
             "iso-cts": {"type": "iso-cts", "search": {"seed": seed}},
             "tsv": {"type": "tsv", "search": {"seed": seed}},
             "knots-ties": {"type": "knots-ties", "density": 0.2, "search": {"seed": seed}},
+            "core-ties": {"type": "core-ties", "density": 0.2, "search": {"seed": seed}},
         }
     maps = [scaled_factors(d) for d in setup.adapters]
     composites: dict[str, Composite] = {

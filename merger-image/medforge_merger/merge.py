@@ -23,7 +23,7 @@ from medforge_merger.adapters import (
 FACTOR = ("linear", "cat", "svd")
 DENSE = ("ties", "dare-linear", "dare-ties")
 SEARCHED = ("fusion", "fusion-exact", "mixture")
-SUBSPACE = ("knots-ties", "iso-c", "iso-cts", "tsv")
+SUBSPACE = ("knots-ties", "iso-c", "iso-cts", "tsv", "core-ties")
 
 
 @dataclass(frozen=True)

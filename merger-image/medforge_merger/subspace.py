@@ -18,6 +18,8 @@ O((d + k) R^2 + n R^3) per layer.
   concatenated bases orthogonalised (polar factor, Procrustes), singular values kept.
 - knots-ties (Stoica et al. 2024): one SVD of the updates side by side, [dW_1 ... dW_n] =
   U S [V_1^T ... V_n^T]; TIES on the per-task blocks V_i; dW = U S V^T.
+- core-ties (Core Space, Panariello et al. 2025): TIES on the cores C_i themselves, in the
+  singular bases of the stacked B's and A's; far cheaper than KnOTS.
 Each result is scaled by `scale`.
 """
 
@@ -187,6 +189,17 @@ def knots_ties(
     return Factors((scale * b).astype(space.dtype), v.T.astype(space.dtype))
 
 
+def core_ties(
+    layers: Sequence[Factors], weights: Sequence[float], density: float, scale: float = 1.0
+) -> Factors:
+    """Core Space (Panariello et al. 2025) with TIES: the bases are the singular vectors of the
+    stacked B's and of the stacked A's; every task's update becomes a small core in them
+    (lossless), TIES runs on the cores (R_b x R_a each), and the merged core goes back."""
+    space, cs = cores(layers, weights)
+    merged = disjoint_merge([trim(c, density) for c in cs], [1.0] * len(cs))
+    return space.factors(scale * merged)
+
+
 def merge(
     kind: str, layers: Sequence[Factors], weights: Sequence[float], scale: float, density: float
 ) -> Factors:
@@ -198,4 +211,6 @@ def merge(
         return tsv(layers, weights, scale)
     if kind == "knots-ties":
         return knots_ties(layers, weights, density, scale)
+    if kind == "core-ties":
+        return core_ties(layers, weights, density, scale)
     raise MergeError(f"unknown subspace strategy {kind}")

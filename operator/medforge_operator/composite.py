@@ -150,7 +150,7 @@ class Plan:
 # revisions always merge every input afresh.
 DENSE_STRATEGIES = ("ties", "dare-linear", "dare-ties")
 # The subspace merges are not sums either: each revision merges every input afresh too.
-SUBSPACE_STRATEGIES = ("knots-ties", "iso-c", "iso-cts", "tsv")
+SUBSPACE_STRATEGIES = ("knots-ties", "iso-c", "iso-cts", "tsv", "core-ties")
 
 
 def effective_integration(spec: JSON) -> str:

@@ -324,8 +324,8 @@ def test_subspace_strategies_run_as_jobs_exactly_at_their_scale(tmp_path: Path) 
 
     made = [make_adapter(tmp_path / f"a{i}", r, i) for i, r in enumerate([4, 8])]
     inputs = [entry(f"a{i}", d, tmp_path / f"a{i}") for i, (d, _) in enumerate(made)]
-    for kind in ("iso-c", "iso-cts", "tsv", "knots-ties"):
-        extra = {"density": 0.5} if kind == "knots-ties" else {}
+    for kind in ("iso-c", "iso-cts", "tsv", "knots-ties", "core-ties"):
+        extra = {"density": 0.5} if kind in ("knots-ties", "core-ties") else {}
         code, term, out = run_merge(
             tmp_path, config(inputs, type=kind, scale=0.7, **extra), out=f"out-{kind}"
         )

@@ -307,12 +307,12 @@ def test_a_broken_distilled_set_names_its_contribution(setup: Setup, tmp_path: P
         merge(broken, tmp_path, {"type": "linear"}, "broken")
 
 
-@pytest.mark.parametrize("strategy", ["iso-c", "iso-cts", "tsv", "knots-ties"])
+@pytest.mark.parametrize("strategy", ["iso-c", "iso-cts", "tsv", "knots-ties", "core-ties"])
 def test_subspace_strategies_search_their_scale_on_the_distilled_sets(
     setup: Setup, tmp_path: Path, strategy: str
 ) -> None:
     spec: dict[str, Any] = {"type": strategy, "search": {"seed": 1, "budget": 12}}
-    if strategy == "knots-ties":
+    if strategy in ("knots-ties", "core-ties"):
         spec["density"] = 0.8
     out = merge(setup, tmp_path, spec, "c")
     meta = manifest(out).meta

@@ -80,6 +80,17 @@ def knots_ref(deltas: list[np.ndarray], density: float) -> Any:
     return (u[:, :n] * s[:n]) @ v.T
 
 
+def core_ties_ref(fs: list[Factors], deltas: list[np.ndarray], density: float) -> Any:
+    """Core Space: left singular vectors of the stacked B's and of the stacked A^T's, each
+    update projected to its core, TIES on the cores, back."""
+    ub = np.linalg.svd(
+        np.concatenate([w * f.B for f, w in zip(fs, WEIGHTS, strict=True)], 1), full_matrices=False
+    )[0]
+    ua = np.linalg.svd(np.concatenate([f.A for f in fs], 0).T, full_matrices=False)[0]
+    cs = [ub.T @ d @ ua for d in deltas]
+    return ub @ disjoint_merge([trim(c, density) for c in cs], [1.0] * len(cs)) @ ua.T
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_each_strategy_equals_its_dense_reference(seed: int) -> None:
     fs = layers(seed)
@@ -89,6 +100,7 @@ def test_each_strategy_equals_its_dense_reference(seed: int) -> None:
         "iso-cts": iso_cts_ref(deltas),
         "tsv": tsv_ref(deltas),
         "knots-ties": knots_ref(deltas, 0.5),
+        "core-ties": core_ties_ref(fs, deltas, 0.5),
     }
     for kind, want in cases.items():
         got = subspace.merge(kind, fs, WEIGHTS, 1.0, 0.5)
@@ -127,7 +139,7 @@ def test_the_same_adapter_twice_and_zero_layers_are_handled() -> None:
     twice = subspace.iso_c([f, f], [1.0, 1.0])
     assert np.linalg.matrix_rank(twice.B @ twice.A) == RANKS[0]
     zero = Factors(np.zeros((D, 2)), np.zeros((2, K)))
-    for kind in ("iso-c", "iso-cts", "tsv", "knots-ties"):
+    for kind in ("iso-c", "iso-cts", "tsv", "knots-ties", "core-ties"):
         got = subspace.merge(kind, [f, zero], [1.0, 1.0], 1.0, 0.5)
         assert np.isfinite(got.B).all() and np.isfinite(got.A).all(), kind
     # An empty task adds nothing to TSV: the other task's own share, as if alone.

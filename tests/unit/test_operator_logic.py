@@ -393,7 +393,7 @@ def test_long_names_become_valid_label_values() -> None:
 
 
 def test_dense_and_subspace_strategies_always_merge_every_input_afresh() -> None:
-    for kind in ("ties", "dare-ties", "iso-c", "iso-cts", "tsv", "knots-ties"):
+    for kind in ("ties", "dare-ties", "iso-c", "iso-cts", "tsv", "knots-ties", "core-ties"):
         spec = {"strategy": {"type": kind}, "integration": "incremental"}
         assert composite.effective_integration(spec) == "full", kind
     assert composite.effective_integration({"strategy": {"type": "fusion"}}) == "incremental"
