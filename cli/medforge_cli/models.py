@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -198,7 +199,16 @@ def model_files(directory: Path) -> list[Path]:
     return files
 
 
+NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
 def push(args: argparse.Namespace) -> int:
+    if not NAME.match(args.name) or len(args.name) > 253:
+        raise CliError(
+            f"--name {args.name!r}: a BaseModel name is lower-case letters, digits, '-' and '.' "
+            "(for example clip-vit-b16)",
+            2,
+        )
     directory = Path(args.directory)
     files = model_files(directory)
     store = Store.from_args(args)

@@ -132,3 +132,13 @@ def test_push_refuses_pickle_by_name_and_by_content_and_takes_nested_folders(
     (nested / "text_encoder" / "extra.safetensors").write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(CliError, match="pickle"):
         models.model_files(nested)
+
+
+def test_push_refuses_a_name_that_is_no_basemodel_name(
+    base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medforge_cli.main import main
+
+    assert main(["model", "push", str(base), "--name", "../Other_Model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--name" in err[0]
