@@ -10,7 +10,7 @@ MedForge paper, where adapters sit on a pretrained CLIP."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +59,31 @@ def pretrain(base: Path, seed: int, noise: float) -> None:
         images, labels = all_images(base, data, classes, validation=0.0)
         head = model.Classifier(clip, "clip-prompt", tuple(classes), tokenizer)
         public.append((head, images, labels))
+    train_vision(clip, public, seed, PUBLIC_LEARNING_RATE, epochs=1)
+    clip.save_pretrained(str(base))
+
+
+def train_vision(
+    clip: Any, sets: list[tuple[Any, torch.Tensor, torch.Tensor]], seed: int, lr: float, epochs: int
+) -> None:
+    """Full-parameter training of the vision tower on (head, images, labels) sets, batches of 16
+    (CLIP-prompt cross-entropy): the public pretraining of the merge benchmarks' bases."""
     params = [*clip.vision_model.parameters(), *clip.visual_projection.parameters()]
     for p in params:
         p.requires_grad_(True)
     clip.train()
-    opt = torch.optim.AdamW(params, lr=PUBLIC_LEARNING_RATE)
+    opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    for head, images, labels in public:
-        order = torch.randperm(len(labels), generator=gen)
-        for b in range(0, len(order), 16):
-            idx = order[b : b + 16]
-            loss = torch.nn.functional.cross_entropy(head(images[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
+    for _ in range(epochs):
+        for head, images, labels in sets:
+            order = torch.randperm(len(labels), generator=gen)
+            for b in range(0, len(order), 16):
+                idx = order[b : b + 16]
+                loss = torch.nn.functional.cross_entropy(head(images[idx]), labels[idx])
+                opt.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
     clip.eval()
-    clip.save_pretrained(str(base))
 
 
 @dataclass
@@ -83,6 +92,8 @@ class Setup:
     digest: str
     adapters: list[Path]
     heldout: list[Task]
+    # The hospitals' task names, in the adapters' order (the three institutions by default).
+    names: list[str] = field(default_factory=lambda: [t[0] for t in INSTITUTIONS])
 
 
 def build(
@@ -167,7 +178,7 @@ def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str, **extra
         inputs.append(
             {
                 "namespace": f"hospital-{i}",
-                "name": INSTITUTIONS[i][0],
+                "name": setup.names[i],
                 "digest": Manifest.from_json(raw).digest(),
                 "files": files,
             }
