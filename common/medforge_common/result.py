@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -63,6 +64,14 @@ def result_reference(result: dict[str, Any], body: bytes, name: str) -> dict[str
     if "score" in result:
         ref["score"] = result["score"]
     return ref
+
+
+def finite_number(value: Any) -> float | None:
+    """A figure a job reported, if it is a finite number (not a bool, a string, NaN or Inf):
+    what may become a status field or a metric."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def read_result(message: str) -> dict[str, Any] | None:

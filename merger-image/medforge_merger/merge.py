@@ -49,15 +49,22 @@ def layout(
     for m in modules_of(list(adapters)):
         ads, _ = _inputs_for(m, adapters, weights)
         d, _, k = ads[0].shapes[m]
-        total = sum(a.shapes[m][1] for a in ads)
         if s.type in DENSE:
             out.append((m + SUFFIX_DELTA, (d, k)))
             continue
-        r = min(s.rank, total) if s.type == "svd" and s.rank else total
-        if s.type == "tsv":  # 1/n of each task's components (at least one each)
-            r = sum(max(1, a.shapes[m][1] // len(ads)) for a in ads)
+        r = declared_rank(s, [a.shapes[m][1] for a in ads])
         out += [(m + SUFFIX_A, (r, k)), (m + SUFFIX_B, (d, r))]
     return out
+
+
+def declared_rank(s: Strategy, ranks: Sequence[int]) -> int:
+    """The rank a factor strategy writes for one layer whose inputs have these ranks."""
+    total = sum(ranks)
+    if s.type == "svd" and s.rank:
+        return min(s.rank, total)
+    if s.type == "tsv":  # 1/n of each task's components (at least one each)
+        return sum(max(1, r // len(ranks)) for r in ranks)
+    return total
 
 
 def merge_to_file(
@@ -88,9 +95,8 @@ def merge_to_file(
                 writer.write(m + SUFFIX_DELTA, delta)
                 continue
             if s.type in SUBSPACE:
-                f = _padded(
-                    subspace.merge(s.type, factors, ws, s.scale, s.density), factors, s.type
-                )
+                merged = subspace.merge(s.type, factors, ws, s.scale, s.density)
+                f = _padded(merged, declared_rank(s, [x.rank for x in factors]))
             elif s.type == "svd":
                 f = st.svd(factors, ws, s.rank or 1)
             else:
@@ -105,14 +111,10 @@ def merge_to_file(
     return max_rank
 
 
-def _padded(f: st.Factors, inputs: list[st.Factors], kind: str) -> st.Factors:
-    """A subspace merge's factors at the rank the layout declared (at most the inputs' total;
-    tsv's share for tsv): zero columns of B and rows of A add nothing."""
-    if kind == "tsv":
-        total = sum(max(1, x.rank // len(inputs)) for x in inputs)
-    else:
-        total = sum(x.rank for x in inputs)
-    pad = total - f.rank
+def _padded(f: st.Factors, rank: int) -> st.Factors:
+    """A subspace merge's factors at the rank the layout declared: zero columns of B and rows
+    of A add nothing."""
+    pad = rank - f.rank
     if pad <= 0:
         return f
     B = np.concatenate([f.B, np.zeros((f.B.shape[0], pad), f.B.dtype)], axis=1)

@@ -4,11 +4,11 @@ and the status (pure functions)."""
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
+from medforge_common.result import finite_number
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, jobs, names
 from medforge_operator.api import CompositePhase as Phase
@@ -503,7 +503,7 @@ def merge_figures(figures: Any) -> JSON:
         ("searchEvaluations", "searchEvaluations"),
     ):
         v = figures.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+        if (n := finite_number(v)) is not None and n >= 0:
             out[field_name] = v
     return out
 

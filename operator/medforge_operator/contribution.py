@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from medforge_common.artifacts import CONTRIBUTION_FILES
-from medforge_common.result import read_result
+from medforge_common.result import finite_number, read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
 from medforge_operator import basemodel, jobs, names
 from medforge_operator.api import ConditionType as C
@@ -157,7 +156,7 @@ def training_figures(meta: Any) -> JSON:
     out: JSON = {}
     for key in TRAINING_FIGURES:
         v = meta.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+        if finite_number(v) is not None:
             out[key] = v
     if isinstance(meta.get("device"), str) and meta["device"] in ("cpu", "cuda", "mps"):
         out["device"] = meta["device"]

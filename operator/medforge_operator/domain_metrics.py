@@ -8,7 +8,6 @@ rules (monitoring.py) are written against them and tested against a real Prometh
 from __future__ import annotations
 
 import datetime as dt
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from medforge_common.result import finite_number
 from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS
 from medforge_operator.api import BaseModelPhase, CompositePhase, ContributionPhase
 from medforge_operator.observed import ObservedObjects
@@ -39,12 +39,6 @@ def parse_time(value: Any) -> float | None:
         return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-def number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _condition(status: JSON, ctype: str) -> JSON:
@@ -121,17 +115,17 @@ def contribution_families(contribs: list[JSON]) -> Iterator[Metric]:
         )
         training = status.get("training") or {}
         for family, key in ((rate, "imagesPerSecond"), (loss, "loss"), (seconds, "seconds")):
-            if (v := number(training.get(key))) is not None:
+            if (v := finite_number(training.get(key))) is not None:
                 family.add_metric([ns, name, task], v)
         for metric, value in sorted((status.get("metrics") or {}).items()):
-            if (v := number(value)) is not None:
+            if (v := finite_number(value)) is not None:
                 validation.add_metric([ns, name, task, str(metric)], v)
         job = status.get("job") or {}
         if ph in (ContributionPhase.SUCCEEDED, ContributionPhase.FAILED):
             start, end = parse_time(job.get("startTime")), parse_time(job.get("completionTime"))
             if start is not None and end is not None and end >= start:
                 durations.append(end - start)
-            if (n := number(job.get("attempts"))) is not None:
+            if (n := finite_number(job.get("attempts"))) is not None:
                 attempts.append(n)
     for ns, task in sorted(tasks):
         for ph in ContributionPhase:  # zeros too: a phase emptied shows as 0, not as a gap
@@ -200,16 +194,16 @@ def _one_composite(
         [*ident, str(cond.get("reason") or "")], 1.0 if cond.get("status") == "True" else 0.0
     )
     current = status.get("current") or {}
-    g["revision"].add_metric(ident, number(current.get("revision")) or 0.0)
-    g["latest_revision"].add_metric(ident, number(status.get("revision")) or 0.0)
+    g["revision"].add_metric(ident, finite_number(current.get("revision")) or 0.0)
+    g["latest_revision"].add_metric(ident, finite_number(status.get("revision")) or 0.0)
     for state, n in sorted((status.get("inputCounts") or {}).items()):
-        if (v := number(n)) is not None:
+        if (v := finite_number(n)) is not None:
             g["inputs"].add_metric([*ident, str(state)], v)
-    if (score := number(current.get("score"))) is not None:
+    if (score := finite_number(current.get("score"))) is not None:
         g["score"].add_metric(ident, score)
     for task, values in sorted((current.get("metrics") or {}).items()):
         for metric, value in sorted((values or {}).items() if isinstance(values, dict) else []):
-            if (v := number(value)) is not None:
+            if (v := finite_number(value)) is not None:
                 g["task_metric"].add_metric([*ident, str(task), str(metric)], v)
     _history(g, ident, status, durations, tries)
     since = parse_time(current.get("completedAt")) or parse_time(
@@ -231,16 +225,16 @@ def _history(
         last = history[0]
         g["last_revision_outcome"].add_metric(
             [*ident, str(last.get("state") or ""), str(last.get("reason") or "")],
-            number(last.get("revision")) or 0.0,
+            finite_number(last.get("revision")) or 0.0,
         )
     # The newest revision that merged at all (a verdict without a merge reports no figures).
-    merged = next((h for h in history if number(h.get("mergeSeconds")) is not None), None)
+    merged = next((h for h in history if finite_number(h.get("mergeSeconds")) is not None), None)
     if merged is not None:
         for key, field in (
             ("merge_seconds", "mergeSeconds"),
             ("search_evaluations", "searchEvaluations"),
         ):
-            if (v := number(merged.get(field))) is not None:
+            if (v := finite_number(merged.get(field))) is not None:
                 g[key].add_metric(ident, v)
     by_state: Counter[tuple[str, str]] = Counter()
     for h in history:
@@ -248,7 +242,7 @@ def _history(
         start, end = parse_time(h.get("startedAt")), parse_time(h.get("completedAt"))
         if start is not None and end is not None and end >= start:
             durations.append(end - start)
-        if (n := number(h.get("attempt"))) is not None:
+        if (n := finite_number(h.get("attempt"))) is not None:
             tries.append(n)
     for (state, reason), n in sorted(by_state.items()):
         g["revisions"].add_metric([*ident, state, reason], float(n))
@@ -284,7 +278,7 @@ def basemodel_families(models: list[JSON]) -> Iterator[Metric]:
     for ph in BaseModelPhase:
         by_phase.add_metric([ph.value], float(counts[ph.value]))
     for m in models:
-        if (v := number((m.get("status") or {}).get("sizeBytes"))) is not None:
+        if (v := finite_number((m.get("status") or {}).get("sizeBytes"))) is not None:
             size.add_metric([_ident(m)[1]], v)
     yield from (by_phase, size)
 
