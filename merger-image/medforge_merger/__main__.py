@@ -37,6 +37,7 @@ from medforge_merger.adapters import (
     check_compatible,
     load_adapter,
 )
+from medforge_merger.allocator import keep_freed_memory
 from medforge_merger.merge import SEARCHED, SUBSPACE, Strategy, merge_to_file
 from medforge_merger.strategies import MergeError
 from medforge_ml import transfers
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p = job_parser("medforge-merge", __doc__.splitlines()[0], "the composite")
     args = p.parse_args(argv)
     term = Path(args.termination_log)
+    keep_freed_memory()
 
     def finish(text: str, code: int) -> int:
         return report(term, text, code)

@@ -35,6 +35,7 @@ import numpy as np
 from medforge_merger.strategies import Array, Factors, MergeError, _check, disjoint_merge, trim
 
 RELATIVE_TOLERANCE = 1e-10  # singular values below this fraction of the largest are zero
+GRAM_TOLERANCE = 1e-7  # knots-ties: the smallest singular value, relative, it resolves
 COMMON_FRACTION = 0.8  # iso-cts: the common subspace's share of the joint rank (the paper's)
 
 
@@ -65,14 +66,23 @@ class Space:
         """dW = Q_b core Q_a^T as factors of rank at most min(R_b, R_a)."""
         u, s, vh = np.linalg.svd(core, full_matrices=False)
         n = max(_nonzero(s), 1)
-        b = self.xb @ (self.pb @ (u[:, :n] * s[:n]))
-        a = (vh[:n] @ self.pa.T) @ self.xa
-        return Factors(b.astype(self.dtype), a.astype(self.dtype))
+        return self.product(u[:, :n] * s[:n], vh[:n].T)
+
+    def product(self, left: Array, right: Array) -> Factors:
+        """dW = Q_b left right^T Q_a^T, formed in the adapters' own precision (float32 inputs:
+        the largest products in float32; float64 inputs stay float64)."""
+        work = np.result_type(self.dtype, np.float32)
+        b = self.xb.astype(work) @ (self.pb @ left).astype(work)
+        a = (right.T @ self.pa.T).astype(work) @ self.xa.astype(work)
+        return Factors(b.astype(self.dtype, copy=False), a.astype(self.dtype, copy=False))
 
 
-def cores(layers: Sequence[Factors], weights: Sequence[float]) -> tuple[Space, list[Array]]:
-    """The joint span and the cores C_i with w_i B_i A_i = Q_b C_i Q_a^T exactly (float64):
-    C_i = pb^T (X_b^T B_i)(A_i X_a^T) pa, from the column blocks of the two Gram matrices."""
+def core_factors(
+    layers: Sequence[Factors], weights: Sequence[float]
+) -> tuple[Space, list[tuple[Array, Array]]]:
+    """The joint span and each task's core C_i = L_i R_i as its two thin factors, with
+    w_i B_i A_i = Q_b C_i Q_a^T exactly (float64): L_i = pb^T (X_b^T B_i) (R_b x r_i) and
+    R_i = (A_i X_a^T) pa (r_i x R_a), from the column blocks of the two Gram matrices."""
     _check(layers, weights)
     xb = np.concatenate(
         [w * np.asarray(f.B, dtype=np.float64) for f, w in zip(layers, weights, strict=True)],
@@ -81,12 +91,19 @@ def cores(layers: Sequence[Factors], weights: Sequence[float]) -> tuple[Space, l
     xa = np.concatenate([np.asarray(f.A, dtype=np.float64) for f in layers], axis=0)
     gb, ga = xb.T @ xb, xa @ xa.T
     pb, pa = _projector(gb), _projector(ga)
+    left, right = pb.T @ gb, ga @ pa
     out, start = [], 0
     for f in layers:
         cols = slice(start, start + f.rank)
-        out.append((pb.T @ gb[:, cols]) @ (ga[cols, :] @ pa))
+        out.append((left[:, cols], right[cols, :]))
         start += f.rank
     return Space(xb, xa, pb, pa, np.asarray(layers[0].B).dtype), out
+
+
+def cores(layers: Sequence[Factors], weights: Sequence[float]) -> tuple[Space, list[Array]]:
+    """The joint span and the cores C_i (R_b x R_a) with w_i B_i A_i = Q_b C_i Q_a^T."""
+    space, pairs = core_factors(layers, weights)
+    return space, [lf @ rf for lf, rf in pairs]
 
 
 def _nonzero(s: Array) -> int:
@@ -101,26 +118,40 @@ def _polar(x: Array) -> Array:
 
 
 def _top(
-    c: Array,
+    left: Array,
+    right: Array,
     how_many: Callable[[int], int],
     us: list[Array],
     ss: list[Array],
     vs: list[Array],
 ) -> None:
-    """Append the top singular triplets of c (how_many(its rank) of them) to us, ss, vs."""
-    u, s, vh = np.linalg.svd(c, full_matrices=False)
+    """Append the top singular triplets of left @ right (how_many(its rank) of them) to us,
+    ss, vs. The product has the rank r of its thin factors, so the SVD is of an r x r core
+    between their QR factors, not of the R_b x R_a product."""
+    ql, fl = np.linalg.qr(left)
+    qr, fr = np.linalg.qr(right.T)
+    u, s, vh = np.linalg.svd(fl @ fr.T)
     keep = how_many(_nonzero(s))
-    us.append(u[:, :keep])
+    us.append(ql @ u[:, :keep])
     ss.append(s[:keep])
-    vs.append(vh[:keep].T)
+    vs.append(qr @ vh[:keep].T)
 
 
 def iso_c(layers: Sequence[Factors], weights: Sequence[float], scale: float = 1.0) -> Factors:
-    space, cs = cores(layers, weights)
-    u, s, vh = np.linalg.svd(sum(cs), full_matrices=False)
+    space, cs = core_factors(layers, weights)
+    u, s, vh = np.linalg.svd(_summed(cs), full_matrices=False)
     n = _nonzero(s)
-    core = (scale * (s[:n].mean() if n else 0.0)) * (u[:, :n] @ vh[:n])
-    return space.factors(core)
+    if n == 0:
+        return space.factors(space.zero())
+    return space.product(u[:, :n] * (scale * s[:n].mean()), vh[:n].T)
+
+
+def _summed(cs: Sequence[tuple[Array, Array]]) -> Array:
+    """sum_i L_i R_i as one product of the factors side by side."""
+    out: Array = np.concatenate([lf for lf, _ in cs], axis=1) @ np.concatenate(
+        [rf for _, rf in cs], axis=0
+    )
+    return out
 
 
 def iso_cts(
@@ -129,41 +160,118 @@ def iso_cts(
     scale: float = 1.0,
     common_fraction: float = COMMON_FRACTION,
 ) -> Factors:
-    space, cs = cores(layers, weights)
+    space, cs = core_factors(layers, weights)
     total = min(space.pb.shape[1], space.pa.shape[1])  # the joint rank: where updates live
     n_tasks = len(cs)
     common = int(total * common_fraction)
     per_task = round((total - common) / n_tasks)
     common = max(total - per_task * n_tasks, 0)
-    u, s, vh = np.linalg.svd(sum(cs), full_matrices=False)
+    u, s, vh = np.linalg.svd(_summed(cs), full_matrices=False)
     common = min(common, _nonzero(s))
     us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
     uc = u[:, :common]
-    for c in cs:
-        # A low-rank task has no more directions than its rank.
-        _top(c - uc @ (uc.T @ c), lambda n: min(per_task, n), us, ss, vs)
+    for lf, rf in cs:
+        # What the common subspace leaves of the task: (I - U_c U_c^T) L_i R_i. A low-rank
+        # task has no more directions than its rank.
+        _top(lf - uc @ (uc.T @ lf), rf, lambda n: min(per_task, n), us, ss, vs)
     sv = np.concatenate(ss)
     if not sv.size:
         return space.factors(space.zero())
     uo, vo = _polar(np.concatenate(us, axis=1)), _polar(np.concatenate(vs, axis=1))
-    core = (scale * sv.mean()) * (uo @ vo.T)
-    return space.factors(core)
+    return space.product(uo * (scale * sv.mean()), vo)
 
 
 def tsv(layers: Sequence[Factors], weights: Sequence[float], scale: float = 1.0) -> Factors:
-    space, cs = cores(layers, weights)
+    space, cs = core_factors(layers, weights)
     us: list[Array] = []
     ss: list[Array] = []
     vs: list[Array] = []
-    for c in cs:
+    for lf, rf in cs:
         # 1/n of the task's own components (at least one; none for a task with no update).
-        _top(c, lambda n: max(1, math.floor(n / len(cs))) if n else 0, us, ss, vs)
+        _top(lf, rf, lambda n: max(1, math.floor(n / len(cs))) if n else 0, us, ss, vs)
     sv = np.concatenate(ss)
     if not sv.size:
         return space.factors(space.zero())
     uo, vo = _polar(np.concatenate(us, axis=1)), _polar(np.concatenate(vs, axis=1))
-    core = scale * (uo * sv) @ vo.T
-    return space.factors(core)
+    return space.product(uo * (scale * sv), vo)
+
+
+def _row_space(c: Array) -> tuple[Array, Array, Array]:
+    """U, S, W^T of a wide c (R x N, N >> R) from the eigendecomposition of the small c c^T,
+    keeping singular values above GRAM_TOLERANCE of the largest: a LAPACK SVD of the R x N
+    matrix costs ten times more, and below that fraction the Gram route cannot resolve a
+    direction (nor can float32 adapters carry one). S is each row's norm of U^T c, W^T those
+    rows normalised."""
+    lam, u = np.linalg.eigh(c @ c.T)
+    u = u[:, lam > lam.max(initial=0.0) * GRAM_TOLERANCE**2][:, ::-1]
+    m = u.T @ c
+    s = np.linalg.norm(m, axis=1)
+    return u, s, m / s[:, None]
+
+
+CHUNK_ENTRIES = 1 << 16  # ties_blocks works on this many entries of each block at a time
+
+
+def ties_blocks(blocks: Sequence[Array], density: float) -> Array:
+    """`disjoint_merge` of the `trim`med blocks (weights 1) without stacking them: the sign of
+    each entry's sum comes from the sums of values and of magnitudes, the number that agree
+    from the counts of nonzero and of positive entries. After each block's threshold, the
+    blocks are walked a chunk of rows at a time, so that every step's operands stay in the
+    core's own cache (a third faster than whole blocks; two threads were no faster)."""
+    if not 0 < density <= 1:
+        raise MergeError(f"density must be in (0, 1], got {density}")
+    shape, size, dtype = blocks[0].shape, blocks[0].size, blocks[0].dtype
+    keep = round(density * size)
+    out: Array = np.zeros(shape, dtype)
+    if keep == 0:
+        return out
+    flat = [b.reshape(size) for b in blocks]
+    ordered = np.empty(size, dtype)
+    thresholds = []
+    for b in flat:
+        np.abs(b, out=ordered)
+        ordered.partition(size - keep)
+        thresholds.append(ordered[size - keep])
+    step = min(CHUNK_ENTRIES, size)
+    count = np.min_scalar_type(len(blocks))  # the narrowest integers that hold the counts
+    total, magnitudes, magnitude, values = (np.empty(step, dtype) for _ in range(4))
+    nonzero, positives = np.empty(step, count), np.empty(step, count)
+    kept = np.empty(step, bool)
+    merged = out.reshape(size)
+    for start in range(0, size, step):
+        n = min(step, size - start)
+        t, m, mag, v = total[:n], magnitudes[:n], magnitude[:n], values[:n]
+        nz, pos, k = nonzero[:n], positives[:n], kept[:n]
+        for x in (t, m, nz, pos):
+            x.fill(0)
+        for b, threshold in zip(flat, thresholds, strict=True):
+            chunk = b[start : start + n]
+            np.abs(chunk, out=mag)
+            np.greater_equal(mag, threshold, out=k)
+            np.multiply(chunk, k, out=v)
+            np.multiply(mag, k, out=mag)
+            t += v
+            m += mag
+            np.not_equal(v, 0, out=k)
+            np.add(nz, k, out=nz, casting="unsafe")
+            np.greater(v, 0, out=k)
+            np.add(pos, k, out=pos, casting="unsafe")
+        # Positive entries sum to (|.| + sum) / 2, negative ones to (sum - |.|) / 2.
+        nz -= pos
+        np.maximum(pos, 1, out=pos)
+        np.maximum(nz, 1, out=nz)
+        np.add(m, t, out=mag)
+        mag /= pos
+        mag *= 0.5
+        np.subtract(t, m, out=v)
+        v /= nz
+        v *= 0.5
+        np.greater(t, 0, out=k)
+        mag *= k
+        np.less(t, 0, out=k)
+        v *= k
+        np.add(mag, v, out=merged[start : start + n])
+    return out
 
 
 def knots_ties(
@@ -171,22 +279,21 @@ def knots_ties(
 ) -> Factors:
     """KnOTS with TIES on the per-task blocks of V (k x rank each: never d x k)."""
     space, cs = cores(layers, weights)
-    u, s, wh = np.linalg.svd(np.concatenate(cs, axis=1), full_matrices=False)
-    n = _nonzero(s)
+    u, s, wh = _row_space(np.concatenate(cs, axis=1))
+    n = s.shape[0]
     if n == 0:
         return space.factors(space.zero())
     ra = space.pa.shape[1]
-    # Task i's block of V in the layer's own input coordinates, Q_a W_i (k x n): TIES works on
-    # entries, so these (never a d x k matrix) are formed, in the adapters' own precision
-    # (float32 halves the largest products; float64 inputs stay float64).
+    # Task i's block of V^T in the layer's own input coordinates, W_i Q_a^T (n x k): TIES works
+    # on entries, so these (never a d x k matrix) are formed, in the adapters' own precision
+    # (float32 halves the largest products; float64 inputs stay float64), as is B's side. Rows
+    # of length k are what the merged A is written as: no transposed copy.
     work = np.result_type(space.dtype, np.float32)
-    xa_t = space.xa.T.astype(work)
-    blocks = [
-        xa_t @ (space.pa @ wh[:n, i * ra : (i + 1) * ra].T).astype(work) for i in range(len(cs))
-    ]
-    v = disjoint_merge([trim(b, density) for b in blocks], [1.0] * len(blocks))
-    b = space.xb @ (space.pb @ (u[:, :n] * s[:n]))
-    return Factors((scale * b).astype(space.dtype), v.T.astype(space.dtype))
+    xa = np.concatenate([np.asarray(f.A, dtype=work) for f in layers], axis=0)
+    blocks = [(wh[:, i * ra : (i + 1) * ra] @ space.pa.T).astype(work) @ xa for i in range(len(cs))]
+    a = ties_blocks(blocks, density)
+    b = space.xb.astype(work) @ (space.pb @ (u * (scale * s))).astype(work)
+    return Factors(b.astype(space.dtype, copy=False), a.astype(space.dtype, copy=False))
 
 
 def core_ties(

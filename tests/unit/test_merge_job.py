@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -239,6 +240,29 @@ def test_streaming_writer_round_trips_and_aborts_cleanly(tmp_path: Path) -> None
     assert not path.exists()  # nothing half-written is left
 
 
+def test_a_failed_background_write_surfaces_and_leaves_no_file(tmp_path: Path) -> None:
+    """The writer's thread fails (a full disk, say): the error reaches the caller at the next
+    write or at close, and the half-written file is gone."""
+    path = tmp_path / "x.safetensors"
+    w = StreamingWriter(path, [("a", (2, 3)), ("b", (4,))])
+
+    def full(data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    w._f.write = full  # type: ignore[method-assign]
+    w.write("a", np.zeros((2, 3)))
+    with pytest.raises(OSError, match="No space left"):
+        w.write("b", np.ones(4))
+    w.abort()
+    assert not path.exists()
+    w = StreamingWriter(path, [("a", (2, 3))])
+    w._f.write = full  # type: ignore[method-assign]
+    w.write("a", np.zeros((2, 3)))
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    assert not path.exists()
+
+
 def test_a_merge_that_overflows_uploads_nothing(tmp_path: Path) -> None:
     """Finite inputs can still merge into Inf (a weight past float32's range): the output is
     checked before the first upload."""
@@ -346,3 +370,13 @@ def test_subspace_strategies_run_as_jobs_exactly_at_their_scale(tmp_path: Path) 
             assert rel(ours, ref) < 1e-4, kind
             # Padded to the ranks' total (tsv: its share of each, 4 // 2 + 8 // 2).
             assert merged[f"{m}.lora_A.weight"].shape[0] == (6 if kind == "tsv" else 12)
+
+
+def test_the_merge_process_keeps_freed_memory_on_glibc() -> None:
+    """The allocator settings a merge starts with take on this (glibc) machine, and say so
+    where they cannot (another C library)."""
+    import platform
+
+    from medforge_merger.allocator import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
