@@ -31,7 +31,9 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.child_peak import peak_mib, peak_script, run_module_script  # noqa: E402
 from medforge_common.manifest import Manifest  # noqa: E402
+from tests.merge_experiment import job_args  # noqa: E402
 
 BASE = "sha256:" + "b" * 64
 N_ADAPTERS, RANK, ALPHA = 8, 16, 16.0
@@ -77,21 +79,6 @@ def read_floor(root: Path) -> float:
     return time.perf_counter() - t0
 
 
-# The child reports its own high-water mark (VmHWM starts afresh at exec). ru_maxrss from wait4
-# would not do: Linux carries the forked parent's resident size across exec into it.
-PEAK = (
-    "import atexit, re, sys\n"
-    "def _peak():\n"
-    "    kb = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
-    "    open({path!r}, 'w').write(kb)\n"
-    "atexit.register(_peak)\n"
-)
-
-
-def child_peak_mib(path: Path) -> float:
-    return int(path.read_text()) / 1024
-
-
 def run_merger(
     root: Path, inputs: list[dict[str, Any]], strategy: dict[str, Any], out: str
 ) -> tuple[float, float, float]:
@@ -107,22 +94,9 @@ def run_merger(
     log = root / f"{out}.log"
     t0 = time.perf_counter()
     with log.open("w") as stdout:
-        script = PEAK.format(path=str(root / f"{out}.peak")) + (
-            "import runpy; sys.argv[0] = 'medforge-merge'\n"
-            "runpy.run_module('medforge_merger', run_name='__main__')\n"
-        )
+        script = run_module_script(root / f"{out}.peak", "medforge_merger", "medforge-merge")
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                script,
-                "--config",
-                str(root / f"{out}.json"),
-                "--output-dir",
-                str(root / out),
-                "--termination-log",
-                str(root / f"{out}.term"),
-            ],
+            [sys.executable, "-c", script, *job_args(root, out, root / f"{out}.json")],
             stdout=stdout,
         )
         status = proc.wait()
@@ -130,15 +104,15 @@ def run_merger(
     if status != 0:
         raise RuntimeError((root / f"{out}.term").read_text())
     m = re.search(r"with \S+ in ([0-9.]+) s", log.read_text())
-    return float(m.group(1)) if m else float("nan"), elapsed, child_peak_mib(root / f"{out}.peak")
+    return float(m.group(1)) if m else float("nan"), elapsed, peak_mib(root / f"{out}.peak")
 
 
 def import_baseline_rss(root: Path) -> float:
     """Peak RSS of a process that only imports the merger."""
     path = root / "import.peak"
-    script = PEAK.format(path=str(path)) + "import medforge_merger.__main__\n"
+    script = peak_script(path, "import medforge_merger.__main__\n")
     subprocess.run([sys.executable, "-c", script], check=True)
-    return child_peak_mib(path)
+    return peak_mib(path)
 
 
 def dense_linear(root: Path, layers: int) -> float:

@@ -169,7 +169,10 @@ def heldout_tasks(base: Path, root: Path, seed: int, noise: float = 50.0) -> lis
     return heldout
 
 
-def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str, **extra: Any) -> Path:
+def merge_config(
+    setup: Setup, root: Path, strategy: dict[str, Any], name: str, **extra: Any
+) -> Path:
+    """The merge Job's config for every adapter of the setup, written to root/<name>.json."""
     inputs = []
     for i, d in enumerate(setup.adapters):
         raw = (d / "manifest.json").read_text()
@@ -192,20 +195,29 @@ def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str, **extra
         "output": {},
         **extra,
     }
-    (root / f"{name}.json").write_text(json.dumps(cfg))
-    out = root / name
-    rc = merge_main(
-        [
-            "--config",
-            str(root / f"{name}.json"),
-            "--output-dir",
-            str(out),
-            "--termination-log",
-            str(root / f"{name}.term"),
-        ]
-    )
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def job_args(root: Path, name: str, config: Path) -> list[str]:
+    """`medforge-merge`'s arguments: the composite goes to root/<name>, the result line to
+    root/<name>.term."""
+    return [
+        "--config",
+        str(config),
+        "--output-dir",
+        str(root / name),
+        "--termination-log",
+        str(root / f"{name}.term"),
+    ]
+
+
+def merge(setup: Setup, root: Path, strategy: dict[str, Any], name: str, **extra: Any) -> Path:
+    config = merge_config(setup, root, strategy, name, **extra)
+    rc = merge_main(job_args(root, name, config))
     assert rc == 0, (root / f"{name}.term").read_text()
-    return out
+    return root / name
 
 
 def read_factors(path: Path, scale: float = 1.0) -> dict[str, Factors]:

@@ -48,7 +48,17 @@ def write_tokenizer(directory: Path) -> dict[str, int]:
     return vocab
 
 
-def tiny_clip(directory: Path, image_size: int = 32, seed: int = 0) -> Path:
+def tiny_clip(
+    directory: Path,
+    image_size: int = 32,
+    seed: int = 0,
+    *,
+    width: int = 32,
+    layers: int = 2,
+    patch: int = 8,
+) -> Path:
+    """A CLIP built from a config (random weights): by default a 2-layer, 32-wide vision tower
+    with 8 px patches; the merge benchmarks ask for a larger one."""
     from transformers import CLIPConfig, CLIPModel
     from transformers.utils import logging as hf_logging
 
@@ -70,12 +80,12 @@ def tiny_clip(directory: Path, image_size: int = 32, seed: int = 0) -> Path:
             "pad_token_id": vocab["<|endoftext|>"],
         },
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": layers,
+            "num_attention_heads": max(width // 16, 1),
             "image_size": image_size,
-            "patch_size": 8,
+            "patch_size": patch,
         },
         projection_dim=16,
     )

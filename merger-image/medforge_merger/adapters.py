@@ -8,13 +8,11 @@ as `<module>.delta.weight`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import struct
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +193,7 @@ _DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64"}
 
 class StreamingWriter:
     """Writes a safetensors file tensor by tensor: the header (names, dtypes, shapes) is known
-    up front, so no more than one tensor is ever held for writing. That write runs on a thread
-    of its own while the caller computes the next tensor (file writes release the GIL)."""
+    up front, so no more than one tensor is ever held for writing."""
 
     def __init__(
         self,
@@ -226,41 +223,23 @@ class StreamingWriter:
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="safetensors-writer")
-        self._pending: Future[int] | None = None
 
     def write(self, name: str, tensor: np.ndarray[Any, Any]) -> None:
         expected, shape = self._order[self._next]
         if name != expected or tuple(tensor.shape) != shape:
             raise ValueError(f"expected {expected} {shape}, got {name} {tuple(tensor.shape)}")
-        data = np.ascontiguousarray(tensor, dtype=self._le).data.cast("B")
-        self._wait()
-        self._pending = self._thread.submit(self._f.write, data)
+        # The array's own buffer, not a bytes copy of it.
+        self._f.write(np.ascontiguousarray(tensor, dtype=self._le).data.cast("B"))
         self._next += 1
-
-    def _wait(self) -> None:
-        """The previous write's outcome (its error, if any, raised here)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
 
     def abort(self) -> None:
         """Close and remove a half-written file: nothing half-written is left behind."""
-        with contextlib.suppress(Exception):
-            self._wait()
-        self._thread.shutdown()
         self._f.close()
         Path(self._f.name).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._next != len(self._order):
             raise ValueError(f"{len(self._order) - self._next} tensors were never written")
-        try:
-            self._wait()
-        except BaseException:
-            self.abort()
-            raise
-        self._thread.shutdown()
         self._f.close()
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -238,29 +237,6 @@ def test_streaming_writer_round_trips_and_aborts_cleanly(tmp_path: Path) -> None
     w = StreamingWriter(path, [("a", (2, 3))])
     w.abort()
     assert not path.exists()  # nothing half-written is left
-
-
-def test_a_failed_background_write_surfaces_and_leaves_no_file(tmp_path: Path) -> None:
-    """The writer's thread fails (a full disk, say): the error reaches the caller at the next
-    write or at close, and the half-written file is gone."""
-    path = tmp_path / "x.safetensors"
-    w = StreamingWriter(path, [("a", (2, 3)), ("b", (4,))])
-
-    def full(data: object) -> int:
-        raise OSError(28, "No space left on device")
-
-    w._f.write = full  # type: ignore[method-assign]
-    w.write("a", np.zeros((2, 3)))
-    with pytest.raises(OSError, match="No space left"):
-        w.write("b", np.ones(4))
-    w.abort()
-    assert not path.exists()
-    w = StreamingWriter(path, [("a", (2, 3))])
-    w._f.write = full  # type: ignore[method-assign]
-    w.write("a", np.zeros((2, 3)))
-    with pytest.raises(OSError, match="No space left"):
-        w.close()
-    assert not path.exists()
 
 
 def test_a_merge_that_overflows_uploads_nothing(tmp_path: Path) -> None:

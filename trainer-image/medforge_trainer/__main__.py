@@ -66,29 +66,32 @@ def _prepare(cfg: config.TrainConfig, work: Path) -> Prepared:
         cfg.dataset.validation_fraction,
         cfg.training.seed,
         cfg.dataset.max_corrupt_fraction,
+        spill_dir=work / "decoded",
     )
     log(
         f"dataset: {len(data.train.labels)} train / {len(data.validation.labels)} validation "
         f"images, {len(cfg.classes)} classes, {data.corrupt} unreadable or oversized and "
-        f"{data.outside} outside links skipped"
+        f"{data.outside} outside links skipped; decoded at {data.decode_images_per_second:.0f} "
+        f"images/s on {data.workers} thread(s)"
     )
     return Prepared(base, tokenizer, base_config, mean, std, data)
 
 
 def _distilled(
-    cfg: config.TrainConfig, clf: Any, p: Prepared, norm: Any, device: Any, work: Path
-) -> Path:
-    """The distilled summary set (distribution matching on the frozen features), saved."""
+    cfg: config.TrainConfig, clf: Any, p: Prepared, norm: Any, rt: train.Runtime, work: Path
+) -> tuple[Path, dict[str, float]]:
+    """The distilled summary set (distribution matching on the frozen features), saved, and
+    the distillation's figures."""
     for param in clf.parameters():
         param.requires_grad_(False)
-    images, labels = distill.distill(
+    images, labels, figures = distill.distill(
         clf.features,
         p.data.train,
         len(cfg.classes),
         cfg.distillation,
         norm,
         cfg.training.seed,
-        device,
+        rt,
         log,
     )
     save_file(
@@ -102,11 +105,20 @@ def _distilled(
             "image_std": json.dumps(list(p.std)),
         },
     )
-    return work / DISTILLED_FILE
+    return work / DISTILLED_FILE, figures
+
+
+def _finite(x: float, digits: int) -> float | None:
+    return round(x, digits) if math.isfinite(x) else None
 
 
 def _manifest_meta(
-    cfg: config.TrainConfig, p: Prepared, metrics: JSON, stats: JSON, device: str
+    cfg: config.TrainConfig,
+    p: Prepared,
+    metrics: JSON,
+    stats: JSON,
+    device: str,
+    distilled: dict[str, float],
 ) -> JSON:
     return {
         "task": cfg.task,
@@ -124,16 +136,20 @@ def _manifest_meta(
         "seed": cfg.training.seed,
         "training": {
             "epochs": cfg.training.epochs,
-            "batchSize": cfg.training.batch_size,
+            "batchSize": int(stats["batchSize"]),
             "learningRate": cfg.training.learning_rate,
             "device": device,
             "imagesPerSecond": round(stats["imagesPerSecond"], 2),
+            "imagesPerSecondAfterFirstEpoch": _finite(stats["imagesPerSecondAfterFirstEpoch"], 2),
+            "secondsToFirstStep": _finite(stats["secondsToFirstStep"], 3),
+            "decodeImagesPerSecond": _finite(p.data.decode_images_per_second, 1),
             "seconds": round(stats["seconds"], 3),
-            "loss": round(stats["loss"], 6) if math.isfinite(stats["loss"]) else None,
+            "loss": _finite(stats["loss"], 6),
         },
         "distillation": {
             "imagesPerClass": cfg.distillation.images_per_class,
             "iterations": cfg.distillation.iterations,
+            **{k: _finite(v, 3) for k, v in distilled.items()},
         },
         "baseModelType": p.base_config.get("model_type"),
         "tool": f"medforge-train {VERSION}",
@@ -162,17 +178,19 @@ def _publish(
 
 def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
     """Fetch and verify, train, validate, distil, upload; the result JSON."""
+    started = time.perf_counter()
     torch.manual_seed(cfg.training.seed)
-    rt = train.pick_runtime(cfg.training.precision)
+    rt = train.pick_runtime(cfg.training.precision, cfg.training.compile)
     p = _prepare(cfg, work)
     clf = model.add_lora(model.Classifier(p.base, cfg.head, cfg.classes, p.tokenizer), cfg.lora)
     clf.to(rt.device)
     norm = train.normalizer(p.mean, p.std, rt.device)
+    log(f"training on {rt.describe()}")
+    stats = train.train(clf, p.data.train, cfg.training, rt, norm, log, started=started)
     log(
-        f"training on {rt.device.type}"
-        + (f" with {rt.autocast_dtype} autocast" if rt.autocast_dtype else " in fp32")
+        f"trained at batch size {int(stats['batchSize'])}: first step after "
+        f"{stats['secondsToFirstStep']:.1f} s, {stats['imagesPerSecond']:.1f} img/s"
     )
-    stats = train.train(clf, p.data.train, cfg.training, rt, norm, log)
     metrics = train.evaluate(clf, p.data.validation, rt, norm)
     log("validation: " + json.dumps(metrics))
 
@@ -182,9 +200,11 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
     if head:
         save_file(head, str(work / HEAD_FILE), metadata={"format": "pt"})
         out.append(work / HEAD_FILE)
+    distilled: dict[str, float] = {}
     if cfg.distillation.images_per_class > 0:
-        out.append(_distilled(cfg, clf, p, norm, rt.device, work))
-    meta = _manifest_meta(cfg, p, metrics, stats, rt.device.type)
+        path, distilled = _distilled(cfg, clf, p, norm, rt, work)
+        out.append(path)
+    meta = _manifest_meta(cfg, p, metrics, stats, rt.device.type, distilled)
     manifest = Manifest("contribution", cfg.base_digest, [], meta)
     return {
         "artifact": _publish(cfg, manifest, out, work, output_dir),
@@ -244,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             if is_oom(exc):
                 return finish(
                     failure_line(
-                        f"training failed: out of memory at batch size "
-                        f"{cfg.training.batch_size}; lower spec.training.batchSize or give the "
-                        "Job more memory"
+                        "training failed: out of memory at batch size "
+                        f"{cfg.training.batch_size or 'auto'}; set a lower "
+                        "spec.training.batchSize or give the Job more memory"
                     ),
                     1,
                 )

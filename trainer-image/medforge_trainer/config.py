@@ -14,6 +14,7 @@ from medforge_trainer.errors import ConfigError
 JSON = dict[str, Any]
 HEADS = ("clip-prompt", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE = ("auto", "on", "off")  # torch.compile: auto = on a GPU only
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,12 @@ class LoraSettings:
 @dataclass(frozen=True)
 class TrainingSettings:
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 32 on a CPU, the largest that fits on a GPU
     learning_rate: float = 1e-4
     seed: int = 0
     precision: str = "auto"
     weight_decay: float = 0.0
+    compile: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -183,13 +185,20 @@ def _training(cfg: JSON) -> TrainingSettings:
         raise ConfigError(
             f"training.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"
         )
+    compile_ = tr.get("compile", "auto")
+    if compile_ not in COMPILE:
+        raise ConfigError(f"training.compile: {compile_!r} is not one of {', '.join(COMPILE)}")
+    batch = tr.get("batchSize")
     return TrainingSettings(
         epochs=_num(tr, "epochs", "training", 3, 1, 1000, integer=True),
-        batch_size=_num(tr, "batchSize", "training", 32, 1, 4096, integer=True),
+        batch_size=(
+            None if batch is None else _num(tr, "batchSize", "training", 32, 1, 4096, integer=True)
+        ),
         learning_rate=_num(tr, "learningRate", "training", 1e-4, 0.0, 1.0, lo_open=True),
         seed=_num(tr, "seed", "training", 0, 0, 2**32 - 1, integer=True),
         precision=precision,
         weight_decay=_num(tr, "weightDecay", "training", 0.0, 0.0, 1.0),
+        compile=compile_,
     )
 
 

@@ -8,6 +8,7 @@ from patients' images, so no real image is copied into the summary set."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from medforge_trainer.config import DistillSettings
 from medforge_trainer.dataset import Split
+from medforge_trainer.train import Feeder, Runtime
 
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,10 +68,13 @@ def distill(
     settings: DistillSettings,
     normalize: Callable[[torch.Tensor], torch.Tensor],
     seed: int,
-    device: torch.device,
+    rt: Runtime,
     log: Callable[[str], None] = print,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in normalised pixel space, n x 3 x H x W float32; labels int64)."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(images in normalised pixel space, n x 3 x H x W float32; labels int64; figures). On the
+    training's runtime: its device, its autocast for the frozen features, the same feeder of
+    real images (on the GPU when they fit there)."""
+    device = rt.device
     ipc = settings.images_per_class
     gen = torch.Generator().manual_seed(seed)
     shape = data.images.shape[1:]
@@ -77,7 +82,10 @@ def distill(
     labels = torch.arange(num_classes).repeat_interleave(ipc)
     opt = torch.optim.SGD([syn], lr=settings.learning_rate, momentum=0.5)
     by_class = [torch.nonzero(data.labels == c).flatten() for c in range(num_classes)]
+    feed = Feeder(data, rt, settings.real_batch)
     every = max(1, settings.iterations // 10)
+    seen = 0
+    start = time.perf_counter()
     for it in range(1, settings.iterations + 1):
         loss: torch.Tensor = torch.zeros((), device=device)
         for c in range(num_classes):
@@ -86,15 +94,22 @@ def distill(
                 continue
             pick = pool[torch.randperm(len(pool), generator=gen)[: settings.real_batch]]
             aug = Augment.draw(gen)
-            with torch.no_grad():
-                real = features(aug(normalize(data.images[pick]))).mean(dim=0)
-            fake = features(aug(syn[c * ipc : (c + 1) * ipc])).mean(dim=0)
+            with torch.no_grad(), rt.autocast():
+                real = features(aug(normalize(feed(pick)[0]))).float().mean(dim=0)
+            with rt.autocast():
+                fake = features(aug(syn[c * ipc : (c + 1) * ipc])).float().mean(dim=0)
             diff: torch.Tensor = ((real - fake) ** 2).sum()
             loss = loss + diff
+            seen += len(pick) + ipc
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         loss = loss.detach()
         if it % every == 0 or it == settings.iterations:
             log(f"distill iteration {it}/{settings.iterations} loss {loss.item():.5f}")
-    return syn.detach().float().cpu(), labels
+    seconds = time.perf_counter() - start
+    figures = {"seconds": seconds, "imagesPerSecond": seen / seconds if seconds else 0.0}
+    log(
+        f"distilled {len(labels)} images in {seconds:.1f} s ({figures['imagesPerSecond']:.0f} img/s)"
+    )
+    return syn.detach().float().cpu(), labels, figures
