@@ -12,9 +12,9 @@ of a useful base, as in the MedForge paper:
   32 px patches. Three hospitals: DAB-stained versus unstained tissue and nucleus-rich versus
   nucleus-poor tissue on the same slide (the same images, labels that cut across each other),
   and vessel versus background on the retina. Labels come from the stain separation
-  (skimage.color.rgb2hed) and a vesselness filter (skimage.filters.sato), split at the median;
-  the public part, the held-out part and each hospital's part are disjoint regions of the
-  images.
+  (skimage.color.rgb2hed) and a vesselness filter (skimage.filters.sato): the top and bottom
+  35 % of patches by stained, nuclear or vessel area (the ambiguous middle is left out); the
+  public part, the held-out part and each hospital's part are disjoint regions of the images.
 
 For every strategy: accuracy on each hospital's held-out images divided by that hospital's own
 adapter's accuracy on them (normalised accuracy, as the merging literature reports it), its
@@ -187,16 +187,19 @@ def patches(
 
 def labelled(
     found: list[tuple[np.ndarray, float]],
-    threshold: float,
+    bounds: tuple[float, float],
     classes: list[str],
     per_class: int,
     rng: np.random.Generator,
 ) -> dict[str, list[np.ndarray]]:
-    """Patches above the threshold are classes[0], the rest classes[1]; at most per_class of
-    each, drawn at random."""
+    """Patches scoring above bounds[1] are classes[0], below bounds[0] classes[1]; those in
+    between (ambiguous) are left out; at most per_class of each, drawn at random."""
     out: dict[str, list[np.ndarray]] = {c: [] for c in classes}
     for img, s in found:
-        out[classes[0] if s > threshold else classes[1]].append(img)
+        if s > bounds[1]:
+            out[classes[0]].append(img)
+        elif s < bounds[0]:
+            out[classes[1]].append(img)
     for c in classes:
         order = rng.permutation(len(out[c]))[:per_class]
         out[c] = [out[c][i] for i in order]
@@ -230,15 +233,16 @@ def tissue(seed: int) -> Data:
     hospitals = []
     for name, classes, image, score, mask, own in tasks:
         pub, held = regions[name.split("-")[0]]
-        everywhere = patches(image, score, mask, 0, image.shape[1])
-        threshold = float(np.median([s for _, s in everywhere]))
-        public |= labelled(patches(image, score, mask, *pub), threshold, classes, 40, rng)
+        everywhere = [s for _, s in patches(image, score, mask, 0, image.shape[1])]
+        # The top and bottom 35 % of all patches: the middle third is ambiguous and left out.
+        bounds = (float(np.quantile(everywhere, 0.35)), float(np.quantile(everywhere, 0.65)))
+        public |= labelled(patches(image, score, mask, *pub), bounds, classes, 40, rng)
         hospitals.append(
             Hospital(
                 name,
                 classes,
-                labelled(patches(image, score, mask, *own), threshold, classes, 150, rng),
-                labelled(patches(image, score, mask, *held), threshold, classes, 40, rng),
+                labelled(patches(image, score, mask, *own), bounds, classes, 150, rng),
+                labelled(patches(image, score, mask, *held), bounds, classes, 40, rng),
             )
         )
     return Data(public, hospitals)

@@ -39,15 +39,17 @@ def test_compile_and_batch_size_settings_are_checked() -> None:
     cfg["training"] = {}
     parsed = config.parse(cfg)
     assert parsed.training.batch_size is None and parsed.training.compile == "auto"
-    cfg["training"] = {"compile": "off", "batchSize": 8}
+    cfg["training"] = {"compile": "never", "batchSize": 8}
     parsed = config.parse(cfg)
-    assert parsed.training.batch_size == 8 and parsed.training.compile == "off"
+    assert parsed.training.batch_size == 8 and parsed.training.compile == "never"
     cfg["training"] = {"compile": "yes"}
-    with pytest.raises(ConfigError, match=r"training\.compile: 'yes' is not one of auto, on, off"):
+    with pytest.raises(
+        ConfigError, match=r"training\.compile: 'yes' is not one of auto, always, never"
+    ):
         config.parse(cfg)
     # On a CPU, torch.compile only when asked.
     assert not train.pick_runtime("auto", "auto").compile
-    assert train.pick_runtime("auto", "on").compile
+    assert train.pick_runtime("auto", "always").compile
 
 
 def test_unset_batch_size_is_32_on_a_cpu(assets: dict[str, Any]) -> None:

@@ -14,7 +14,8 @@ from medforge_trainer.errors import ConfigError
 JSON = dict[str, Any]
 HEADS = ("clip-prompt", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE = ("auto", "on", "off")  # torch.compile: auto = on a GPU only
+COMPILE = ("auto", "always", "never")  # torch.compile: auto = on a GPU only
+# (not on/off: YAML 1.1, which kubectl reads, turns those into booleans)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ def pick_runtime(precision: str, compile_setting: str = "auto") -> Runtime:
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         bf16 = precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-        return Runtime(dev, torch.bfloat16 if bf16 else None, compile_setting != "off")
-    return Runtime(torch.device("cpu"), None, compile_setting == "on")
+        return Runtime(dev, torch.bfloat16 if bf16 else None, compile_setting != "never")
+    return Runtime(torch.device("cpu"), None, compile_setting == "always")
 
 
 def normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Normalize:
