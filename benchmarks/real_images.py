@@ -26,6 +26,7 @@ scored on the other half only).
     .venv/bin/python benchmarks/real_images.py --data digits --institutions 5
     .venv/bin/python benchmarks/real_images.py --data digits --institutions 10
     .venv/bin/python benchmarks/real_images.py --data tissue
+    .venv/bin/python benchmarks/real_images.py --data generated   (the three generated tasks)
 
 Writes benchmarks/results/real_images_<data>_<n>.json.
 """
@@ -248,6 +249,41 @@ def tissue(seed: int) -> Data:
     return Data(public, hospitals)
 
 
+# --- generated ------------------------------------------------------------------------------
+
+
+def generated(seed: int) -> Data:
+    """The generated three-institution tasks of tests/merge_experiment.py (their images, noise
+    50) on this benchmark's pipeline: the pretrained base, the adapters and the scoring above."""
+    import torch
+
+    from medforge_ml.synthetic import make_image
+    from tests.merge_experiment import INSTITUTIONS, PUBLIC_PER_CLASS
+
+    def images(
+        classes: list[str], n: int, gen_seed: int, style: int
+    ) -> dict[str, list[np.ndarray]]:
+        gen = torch.Generator().manual_seed(gen_seed)
+        return {
+            c: [make_image(label, 32, gen, style, 50.0).permute(1, 2, 0).numpy() for _ in range(n)]
+            for label, c in enumerate(classes)
+        }
+
+    public: dict[str, list[np.ndarray]] = {}
+    hospitals = []
+    for i, (task, classes, style) in enumerate(INSTITUTIONS):
+        public |= images(classes, PUBLIC_PER_CLASS, 7000 + 100 * seed + i, style)
+        hospitals.append(
+            Hospital(
+                task,
+                classes,
+                images(classes, 40, 100 * seed + i, style),
+                images(classes, 30, 100 * seed + 50 + i, style),
+            )
+        )
+    return Data(public, hospitals)
+
+
 # --- the experiment -------------------------------------------------------------------------
 
 
@@ -401,15 +437,21 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def load_data(kind: str, seed: int, institutions: int) -> Data:
+    if kind == "digits":
+        return digits(seed, institutions)
+    return tissue(seed) if kind == "tissue" else generated(seed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", choices=["digits", "tissue"], default="digits")
+    p.add_argument("--data", choices=["digits", "tissue", "generated"], default="digits")
     p.add_argument("--institutions", type=int, choices=sorted(PAIRS), default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = p.parse_args()
     runs: dict[str, Any] = {}
     for seed in args.seeds:
-        data = digits(seed, args.institutions) if args.data == "digits" else tissue(seed)
+        data = load_data(args.data, seed, args.institutions)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
             runs[str(seed)] = run_seed(Path(d), seed, data)
