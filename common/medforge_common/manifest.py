@@ -41,14 +41,17 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _refuse_pickle(name: str, instead: str) -> None:
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise ManifestError(
+            f"{name}: pickle-based files are refused because loading them can run code; {instead}"
+        )
+
+
 def check_safe_name(name: str) -> None:
     """Refuse pickle formats and path tricks, with the reason."""
+    _refuse_pickle(name, "export the weights as .safetensors")
     lower = name.lower()
-    if lower.endswith(PICKLE_SUFFIXES):
-        raise ManifestError(
-            f"{name}: pickle-based files are refused because loading them can run code; "
-            "export the weights as .safetensors"
-        )
     if not lower.endswith(ALLOWED_SUFFIXES):
         raise ManifestError(f"{name}: only .safetensors and .json files are accepted")
     if "/" in name or "\\" in name or name.startswith("."):
@@ -64,12 +67,8 @@ BASE_MODEL_KIND = "base-model"
 
 def check_model_file_name(name: str) -> None:
     """A file of a base model: a relative path of plain segments, never a pickle or code."""
+    _refuse_pickle(name, "save the model with safe_serialization=True (model.safetensors)")
     lower = name.lower()
-    if lower.endswith(PICKLE_SUFFIXES):
-        raise ManifestError(
-            f"{name}: pickle-based files are refused because loading them can run code; "
-            "save the model with safe_serialization=True (model.safetensors)"
-        )
     if lower.endswith(MODEL_REFUSED_SUFFIXES):
         raise ManifestError(f"{name}: code files are refused; a base model is weights and configs")
     parts = name.split("/")

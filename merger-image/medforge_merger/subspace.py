@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from medforge_merger.strategies import Array, Factors, MergeError, _check, disjoint_merge, trim
+from medforge_merger.strategies import Array, Factors, MergeError, _check, ties
 
 RELATIVE_TOLERANCE = 1e-10  # singular values below this fraction of the largest are zero
 GRAM_TOLERANCE = 1e-7  # knots-ties: the smallest singular value, relative, it resolves
@@ -209,71 +209,6 @@ def _row_space(c: Array) -> tuple[Array, Array, Array]:
     return u, s, m / s[:, None]
 
 
-CHUNK_ENTRIES = 1 << 16  # ties_blocks works on this many entries of each block at a time
-
-
-def ties_blocks(blocks: Sequence[Array], density: float) -> Array:
-    """`disjoint_merge` of the `trim`med blocks (weights 1) without stacking them: the sign of
-    each entry's sum comes from the sums of values and of magnitudes, the number that agree
-    from the counts of nonzero and of positive entries. After each block's threshold, the
-    blocks are walked a chunk of rows at a time, so that every step's operands stay in the
-    core's own cache (a third faster than whole blocks; two threads were no faster)."""
-    if not 0 < density <= 1:
-        raise MergeError(f"density must be in (0, 1], got {density}")
-    shape, size, dtype = blocks[0].shape, blocks[0].size, blocks[0].dtype
-    keep = round(density * size)
-    out: Array = np.zeros(shape, dtype)
-    if keep == 0:
-        return out
-    flat = [b.reshape(size) for b in blocks]
-    ordered = np.empty(size, dtype)
-    thresholds = []
-    for b in flat:
-        np.abs(b, out=ordered)
-        ordered.partition(size - keep)
-        thresholds.append(ordered[size - keep])
-    step = min(CHUNK_ENTRIES, size)
-    count = np.min_scalar_type(len(blocks))  # the narrowest integers that hold the counts
-    total, magnitudes, magnitude, values = (np.empty(step, dtype) for _ in range(4))
-    nonzero, positives = np.empty(step, count), np.empty(step, count)
-    kept = np.empty(step, bool)
-    merged = out.reshape(size)
-    for start in range(0, size, step):
-        n = min(step, size - start)
-        t, m, mag, v = total[:n], magnitudes[:n], magnitude[:n], values[:n]
-        nz, pos, k = nonzero[:n], positives[:n], kept[:n]
-        for x in (t, m, nz, pos):
-            x.fill(0)
-        for b, threshold in zip(flat, thresholds, strict=True):
-            chunk = b[start : start + n]
-            np.abs(chunk, out=mag)
-            np.greater_equal(mag, threshold, out=k)
-            np.multiply(chunk, k, out=v)
-            np.multiply(mag, k, out=mag)
-            t += v
-            m += mag
-            np.not_equal(v, 0, out=k)
-            np.add(nz, k, out=nz, casting="unsafe")
-            np.greater(v, 0, out=k)
-            np.add(pos, k, out=pos, casting="unsafe")
-        # Positive entries sum to (|.| + sum) / 2, negative ones to (sum - |.|) / 2.
-        nz -= pos
-        np.maximum(pos, 1, out=pos)
-        np.maximum(nz, 1, out=nz)
-        np.add(m, t, out=mag)
-        mag /= pos
-        mag *= 0.5
-        np.subtract(t, m, out=v)
-        v /= nz
-        v *= 0.5
-        np.greater(t, 0, out=k)
-        mag *= k
-        np.less(t, 0, out=k)
-        v *= k
-        np.add(mag, v, out=merged[start : start + n])
-    return out
-
-
 def knots_ties(
     layers: Sequence[Factors], weights: Sequence[float], density: float, scale: float = 1.0
 ) -> Factors:
@@ -291,7 +226,7 @@ def knots_ties(
     work = np.result_type(space.dtype, np.float32)
     xa = np.concatenate([np.asarray(f.A, dtype=work) for f in layers], axis=0)
     blocks = [(wh[:, i * ra : (i + 1) * ra] @ space.pa.T).astype(work) @ xa for i in range(len(cs))]
-    a = ties_blocks(blocks, density)
+    a = ties(blocks, [1.0] * len(blocks), density)
     b = space.xb.astype(work) @ (space.pb @ (u * (scale * s))).astype(work)
     return Factors(b.astype(space.dtype, copy=False), a.astype(space.dtype, copy=False))
 
@@ -303,7 +238,7 @@ def core_ties(
     stacked B's and of the stacked A's; every task's update becomes a small core in them
     (lossless), TIES runs on the cores (R_b x R_a each), and the merged core goes back."""
     space, cs = cores(layers, weights)
-    merged = disjoint_merge([trim(c, density) for c in cs], [1.0] * len(cs))
+    merged = ties(cs, [1.0] * len(cs), density)
     return space.factors(scale * merged)
 
 

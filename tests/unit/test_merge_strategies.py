@@ -140,3 +140,27 @@ def test_cat_matches_peft_add_weighted_adapter() -> None:
         layer.lora_B["merged"].weight @ layer.lora_A["merged"].weight
     ).detach().double().numpy() * layer.scaling["merged"]
     assert rel(st.cat(ours, weights).dense(), theirs) < 1e-5
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.2, 0.01, 1e-9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+@pytest.mark.parametrize("weights", [[1.0] * 5, [0.5, -1.0, 2.0, 1.0, 0.0]])
+def test_ties_equals_trim_and_disjoint_merge(
+    density: float, dtype: Any, chunk: int, weights: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunked TIES (dense ties, knots-ties' V blocks, core-ties' cores) gives what the plain
+    trim + disjoint_merge give, with ties at the threshold, exact zeros, entries where the
+    deltas' signs cancel and negative or zero weights, whatever the chunk."""
+    monkeypatch.setattr(st, "CHUNK_ENTRIES", chunk)
+    rng = np.random.default_rng(7)
+    # Multiples of 1/8: sums are exact in any order, so a cancellation is exactly zero.
+    blocks = [(rng.standard_normal((40, 12)) * 8).round().astype(dtype) / 8 for _ in range(5)]
+    blocks[1][:3] = 0.0
+    blocks[2][5] = -blocks[3][5]
+    blocks[4][7] = 0.0
+    blocks[4][7, :4] = 0.25
+    want = st.disjoint_merge([st.trim(b, density) for b in blocks], weights)
+    got = st.ties(blocks, weights, density)
+    assert got.dtype == dtype
+    assert np.allclose(got, want, atol=1e-6 if dtype == np.float32 else 1e-12)

@@ -148,25 +148,3 @@ def test_the_same_adapter_twice_and_zero_layers_are_handled() -> None:
     u, s, vh = np.linalg.svd(f.B @ f.A, full_matrices=False)
     assert np.allclose(with_zero.B @ with_zero.A, s[0] * np.outer(u[:, 0], vh[0]), atol=1e-9)
     assert np.allclose(alone.B @ alone.A, f.B @ f.A, atol=1e-9)
-
-
-@pytest.mark.parametrize("density", [1.0, 0.5, 0.2, 0.01, 1e-9])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("chunk", [7, 1 << 16])
-def test_ties_blocks_equals_trim_and_disjoint_merge(
-    density: float, dtype: Any, chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """knots-ties' blockwise TIES gives what the plain trim + disjoint_merge give, with ties at
-    the threshold, exact zeros and entries where the blocks' signs cancel, whatever the chunk."""
-    monkeypatch.setattr(subspace, "CHUNK_ENTRIES", chunk)
-    rng = np.random.default_rng(7)
-    # Multiples of 1/8: sums are exact in any order, so a cancellation is exactly zero.
-    blocks = [(rng.standard_normal((40, 12)) * 8).round().astype(dtype) / 8 for _ in range(5)]
-    blocks[1][:3] = 0.0
-    blocks[2][5] = -blocks[3][5]
-    blocks[4][7] = 0.0
-    blocks[4][7, :4] = 0.25
-    want = disjoint_merge([trim(b, density) for b in blocks], [1.0] * len(blocks))
-    got = subspace.ties_blocks(blocks, density)
-    assert got.dtype == dtype
-    assert np.allclose(got, want, atol=1e-6 if dtype == np.float32 else 1e-12)

@@ -6,7 +6,6 @@ non-zero exit and a one-line reason there."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from medforge_common.result import (
     JobConfigError,
     encode_result,
     failure_line,
+    finite_number,
     job_parser,
     read_job_config,
 )
@@ -109,7 +109,8 @@ def _distilled(
 
 
 def _finite(x: float, digits: int) -> float | None:
-    return round(x, digits) if math.isfinite(x) else None
+    n = finite_number(x)
+    return None if n is None else round(n, digits)
 
 
 def _manifest_meta(
