@@ -28,12 +28,12 @@ from kubernetes import client, config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_cluster import peak_rss_mib, prepare  # noqa: E402
 from medforge_localcluster.cluster import LocalCluster  # noqa: E402
 from medforge_localcluster.kube import Kube  # noqa: E402
 from medforge_operator import contribution as contribution_status  # noqa: E402
 from medforge_operator.kube import Kube as OperatorKube  # noqa: E402
-from tests.cluster.conftest import Forge, OperatorProcess, register_base_model  # noqa: E402
-from tests.conftest import ClusterAccess  # noqa: E402
+from tests.cluster.conftest import OperatorProcess, register_base_model  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -84,13 +84,6 @@ def direct_job(name: str, ns: str) -> dict[str, Any]:
     }
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -116,22 +109,8 @@ def main() -> int:
     lc.up(log=False)
     op: OperatorProcess | None = None
     try:
-        creds = lc.s3_credentials()
-        access = ClusterAccess(
-            lc.kubeconfig,
-            str(lc.kubectl()),
-            lc.s3_endpoint(),
-            creds["access_key"],
-            creds["secret_key"],
-            state,
-        )
-        access.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        access.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-        forge = Forge("medforge", lc.s3_endpoint(), creds["access_key"], creds["secret_key"])
+        access, forge = prepare(lc, state, spaces)
         base = forge.upload_base_model("bench-model")
-        for ns in spaces:
-            access.kubectl("create", "namespace", ns)
-            access.kubectl("label", "namespace", ns, "medforge.io/member=true")
         time.sleep(2)  # default ServiceAccounts
         config.load_kube_config(str(lc.kubeconfig))
         cfg = client.Configuration.get_default_copy()

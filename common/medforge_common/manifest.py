@@ -105,6 +105,7 @@ def looks_like_pickle(path: Path) -> bool:
 MAX_FILES = 64  # an artifact is a handful of files; anything more is not ours
 MAX_MODEL_FILES = 4096  # a sharded model with its tokenizer and sub-models
 MAX_FILE_BYTES = 1 << 40
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists at most MAX_FILES entries and a small meta
 
 
 def _files(raw: Any, source: str, kind: Any = "") -> list[FileEntry]:

@@ -12,8 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medforge_common.redact import redact
+
 DEFAULT_PATH = Path("/dev/termination-log")
 MAX_BYTES = 4096  # what a kubelet keeps of a termination message
+# The merge Job's exit codes besides 0 (merged), 1 (a failure nothing explains) and 2 (a bad
+# job config): every input refused is a verdict (the Job fails at once, the inputs are
+# excluded); the store unreachable is a fault no input caused (retried, never blamed on one).
+VERDICT_EXIT = 3
+STORE_FAULT_EXIT = 4
 
 
 class ResultTooLarge(ValueError):
@@ -32,7 +39,7 @@ def encode_result(result: dict[str, Any]) -> str:
 
 def failure_line(reason: str) -> str:
     """One line, cut to fit, for a failed Job."""
-    line = " ".join(reason.split())
+    line = " ".join(redact(reason).split())
     return line.encode()[: MAX_BYTES - 1].decode(errors="ignore")
 
 
@@ -85,7 +92,9 @@ def read_result(message: str) -> dict[str, Any] | None:
 
 def finish(path: Path, text: str, code: int) -> int:
     """Write the result (or failure line) to the termination-message path and echo it; returns
-    the exit code. Run by hand there may be no such path: the echo then says it all."""
+    the exit code. Run by hand there may be no such path: the echo then says it all. No
+    presigned query is ever written there (the termination message is visible to viewers)."""
+    text = redact(text)
     with contextlib.suppress(OSError):
         path.write_text(text)
     print(text, file=sys.stdout if code == 0 else sys.stderr, flush=True)

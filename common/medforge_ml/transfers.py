@@ -10,6 +10,7 @@ from pathlib import Path
 import urllib3
 from urllib3.util.retry import Retry
 
+from medforge_common.redact import redact
 from medforge_ml.errors import ModelError
 
 CHUNK = 1 << 20
@@ -30,21 +31,53 @@ def _pool(retries: Retry = RETRIES) -> urllib3.PoolManager:
     return urllib3.PoolManager(retries=retries, timeout=urllib3.Timeout(connect=10, read=300))
 
 
-def download(url: str, target: Path, what: str, retries: Retry = RETRIES) -> None:
-    """GET a presigned URL into a file, streamed."""
+class StoreError(ModelError):
+    """The store could not be reached or refused the request (an outage, an expired URL): a
+    fault of the store, retried by whoever asked, never a verdict on what was asked for."""
+
+
+class TooLarge(ModelError):
+    """The object is larger than the reader allows: a verdict on whoever wrote it, not a fault
+    of the store."""
+
+
+def _copy_capped(resp: urllib3.BaseHTTPResponse, target: Path, what: str, cap: int) -> None:
+    declared = resp.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise TooLarge(f"{what}: {int(declared)} bytes, more than the {cap} expected")
+    seen = 0
+    with target.open("wb") as out:
+        while chunk := resp.read(CHUNK):
+            seen += len(chunk)
+            if seen > cap:
+                raise TooLarge(f"{what}: more than the {cap} bytes expected; not read further")
+            out.write(chunk)
+
+
+def download(
+    url: str, target: Path, what: str, retries: Retry = RETRIES, max_bytes: int | None = None
+) -> None:
+    """GET a presigned URL into a file, streamed; with `max_bytes`, never more than that is
+    read (TooLarge, the part read removed)."""
     try:
         resp = _pool(retries).request("GET", url, preload_content=False)
         try:
             if resp.status != 200:
-                raise ModelError(f"{what}: the store answered HTTP {resp.status} (expired URL?)")
-            with target.open("wb") as out:
-                shutil.copyfileobj(resp, out, CHUNK)
+                raise StoreError(f"{what}: the store answered HTTP {resp.status} (expired URL?)")
+            if max_bytes is not None:
+                _copy_capped(resp, target, what, max_bytes)
+            else:
+                with target.open("wb") as out:
+                    shutil.copyfileobj(resp, out, CHUNK)
+        except TooLarge:
+            target.unlink(missing_ok=True)
+            raise
         finally:
             resp.release_conn()
     except urllib3.exceptions.HTTPError as exc:
-        raise ModelError(f"{what}: cannot be read ({exc})") from exc
+        raise StoreError(f"{what}: cannot be read ({redact(str(exc))})") from exc
     except OSError as exc:
-        raise ModelError(f"{what}: cannot be written ({exc})") from exc
+        raise ModelError(f"{what}: cannot be written ({redact(str(exc))})") from exc
 
 
 def upload(url: str, source: Path, what: str, retries: Retry = RETRIES) -> None:
@@ -52,6 +85,6 @@ def upload(url: str, source: Path, what: str, retries: Retry = RETRIES) -> None:
     try:
         resp = _pool(retries).request("PUT", url, body=source.read_bytes())
     except urllib3.exceptions.HTTPError as exc:
-        raise ModelError(f"upload of {what} failed ({exc})") from exc
+        raise StoreError(f"upload of {what} failed ({redact(str(exc))})") from exc
     if resp.status not in (200, 201):
-        raise ModelError(f"upload of {what} answered HTTP {resp.status} (expired URL?)")
+        raise StoreError(f"upload of {what} answered HTTP {resp.status} (expired URL?)")

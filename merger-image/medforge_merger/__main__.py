@@ -15,14 +15,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medforge_common import gate
 from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, RESULT_FILE
-from medforge_common.manifest import (
-    Manifest,
-    ManifestError,
-    check_safe_name,
-    verify_dir,
-)
+from medforge_common.manifest import Manifest, ManifestError, verify_dir
+from medforge_common.redact import redact
 from medforge_common.result import (
+    STORE_FAULT_EXIT,
+    VERDICT_EXIT,
     JobConfigError,
     encode_result,
     failure_line,
@@ -31,17 +30,22 @@ from medforge_common.result import (
     result_reference,
 )
 from medforge_common.result import finish as report
-from medforge_merger.adapters import (
-    Adapter,
-    InputRejected,
-    check_compatible,
-    load_adapter,
-)
+from medforge_merger import blame
+from medforge_merger.adapters import Adapter, InputRejected, load_adapter
 from medforge_merger.allocator import keep_freed_memory
+from medforge_merger.inputs import (
+    Loaded,
+    StoreFault,
+    compatible,
+    exclude,
+    fetch,
+    fetch_artifact,
+    read_inputs,
+)
 from medforge_merger.merge import SEARCHED, SUBSPACE, Strategy, merge_to_file
 from medforge_merger.strategies import MergeError
 from medforge_ml import transfers
-from medforge_ml.errors import ModelError
+from medforge_ml.transfers import StoreError
 
 if TYPE_CHECKING:
     from medforge_merger.scoring import Scorer
@@ -54,12 +58,6 @@ class JobFailed(Exception):
     pass
 
 
-# Exit code of a verdict on every input (none passed the checks): the Job's podFailurePolicy
-# fails it at once instead of retrying, and the operator excludes the inputs, each with its
-# reason (the full report is result.json, as for a merge).
-VERDICT_EXIT = 3
-
-
 class NoUsableInput(Exception):
     def __init__(self, report: list[JSON]) -> None:
         super().__init__(
@@ -68,47 +66,21 @@ class NoUsableInput(Exception):
         self.report = report
 
 
-def fetch(spec: JSON, dest: Path) -> None:
-    """One input file, from a presigned URL or a local path, streamed to disk."""
-    check_safe_name(spec["name"])  # pickle formats are refused before a byte is read
-    target = dest / spec["name"]
-    if "path" in spec:
-        shutil.copyfile(spec["path"], target)
-        return
-    try:
-        transfers.download(spec["url"], target, spec["name"])  # retried on timeouts and 5xx
-    except ModelError as exc:
-        # The store, not the input, failed: a fault for the whole revision (the operator
-        # retries it), never a verdict that excludes this input.
-        raise JobFailed(f"cannot fetch an input: {exc}") from exc
-
-
 def put(url_or_path: str, source: Path) -> None:
     if url_or_path.startswith(("http://", "https://")):
         try:
             transfers.upload(url_or_path, source, source.name)
-        except ModelError as exc:
-            raise JobFailed(str(exc)) from exc
+        except StoreError as exc:
+            raise StoreFault(str(exc)) from exc
     else:
         shutil.copyfile(source, url_or_path)
-
-
-def weight_for(item: JSON, weights: JSON) -> float:
-    """spec.strategy.weights is keyed by namespace/name or by name; unnamed inputs weigh 1."""
-    for key in (f"{item['namespace']}/{item['name']}", item["name"]):
-        if key in weights:
-            return float(weights[key])
-    return 1.0
 
 
 def _load_current(item: JSON, d: Path, base_digest: str) -> Adapter | None:
     """The current revision, verified: a factor composite (an adapter with scale 1), or None
     for a mixture bundle (which only the torch side reads)."""
-    for f in item["files"]:
-        fetch(f, d)
+    fetch_artifact(item, d)
     raw = (d / MANIFEST_FILE).read_bytes()
-    if "sha256:" + hashlib.sha256(raw).hexdigest() != item["digest"]:
-        raise InputRejected("manifest.json does not match the current revision's digest")
     manifest = Manifest.from_json(raw.decode(), "current/manifest.json")
     verify_dir(d, manifest)
     if manifest.base_model_digest != base_digest:
@@ -116,9 +88,6 @@ def _load_current(item: JSON, d: Path, base_digest: str) -> Adapter | None:
     if (d / MIXTURE_FILE).is_file():
         return None
     return load_adapter(d, f"revision-{item.get('revision', '?')}", item["digest"], base_digest)
-
-
-Loaded = list[tuple[Adapter, float, JSON]]  # (adapter, fixed weight, its entry in the result)
 
 
 @dataclass
@@ -173,53 +142,6 @@ def _current(cfg: JSON, s: Strategy, work: Path, scorer: Scorer | None) -> Adapt
     return current
 
 
-def _inputs(cfg: JSON, work: Path, report_: list[JSON]) -> Loaded:
-    """Every input fetched and verified; those that fail go to the report, excluded."""
-    weights = (cfg.get("strategy") or {}).get("weights") or {}
-    loaded: Loaded = []
-    for i, item in enumerate(cfg.get("inputs") or []):
-        key = f"{item['namespace']}/{item['name']}".lstrip("/")
-        entry = {"namespace": item["namespace"], "name": item["name"], "digest": item["digest"]}
-        d = work / f"input-{i}"
-        d.mkdir()
-        try:
-            for f in item["files"]:
-                fetch(f, d)
-            ad = load_adapter(d, key, item["digest"], cfg["baseModel"]["digest"])
-        except (InputRejected, ManifestError, OSError, KeyError) as exc:
-            report_.append(entry | {"state": "Excluded", "reason": str(exc)})
-            print(f"excluded {key}: {exc}", flush=True)
-            continue
-        loaded.append((ad, weight_for(item, weights), entry))
-    return loaded
-
-
-def _screen(loaded: Loaded, current: Adapter | None, report_: list[JSON]) -> Loaded:
-    """The inputs that fit together (and the current revision): outliers and clashing shapes
-    are excluded into the report. The outlier test is for contributions only: a composite's
-    norm grows with every revision."""
-    _, rejected = check_compatible([a for a, _, _ in loaded])
-    if current is not None:
-        for ad, _, _ in loaded:
-            clash = next(
-                (
-                    m
-                    for m, (d_, _, k_) in current.shapes.items()
-                    if m in ad.shapes and (ad.shapes[m][0], ad.shapes[m][2]) != (d_, k_)
-                ),
-                None,
-            )
-            if clash and ad.key not in rejected:
-                rejected[ad.key] = f"target module {clash} does not fit the current revision's"
-    for ad, _, entry in loaded:
-        if ad.key in rejected:
-            report_.append(entry | {"state": "Excluded", "reason": rejected[ad.key]})
-    use = [(a, w, e) for a, w, e in loaded if a.key not in rejected]
-    if not use:
-        raise NoUsableInput(report_)
-    return use
-
-
 def _merge(
     cfg: JSON, s: Strategy, use: Loaded, current: Adapter | None, scorer: Scorer | None, work: Path
 ) -> Merged:
@@ -272,7 +194,7 @@ def _score(cfg: JSON, scorer: Scorer | None, work: Path) -> tuple[JSON, JSON]:
     if cfg.get("evaluation") and scorer is None:
         raise JobFailed("evaluation sets need the base model: baseModel.files is empty")
     metrics: JSON = scorer.metrics(cfg.get("evaluation") or [], work) if scorer else {}
-    previous = (cfg.get("previous") or cfg.get("current") or {}).get("metrics") or {}
+    previous = _previous_metrics(cfg)
     regression = {
         name: round(float(prev["accuracy"]) - float(metrics[name]["accuracy"]), 4)
         for name, prev in previous.items()
@@ -321,6 +243,11 @@ def _publish(
     }
 
 
+def _public(entry: JSON) -> JSON:
+    """An input's entry as the result reports it (without the merge's own bookkeeping)."""
+    return {k: v for k, v in entry.items() if k != "new"}
+
+
 def _figures(merged: Merged, seconds: float, inputs: int) -> JSON:
     """The merge's own figures, which the operator exports as metrics."""
     search = merged.meta.get("search") or {}
@@ -333,22 +260,73 @@ def _figures(merged: Merged, seconds: float, inputs: int) -> JSON:
     }
 
 
+def _previous_metrics(cfg: JSON) -> JSON:
+    """The scores of the revision this one replaces, as the operator recorded them."""
+    return dict((cfg.get("previous") or cfg.get("current") or {}).get("metrics") or {})
+
+
+def _merge_and_blame(
+    cfg: JSON,
+    s: Strategy,
+    use: Loaded,
+    current: Adapter | None,
+    scorer: Scorer | None,
+    work: Path,
+    report_: list[JSON],
+) -> tuple[Merged, JSON, JSON, Loaded]:
+    """Merge and score; when that regresses the gate's tasks and several new inputs arrived
+    together, leave each out once and exclude those the regression is due to, then merge the
+    rest. (merged, metrics, regression, the inputs merged)."""
+    start = scorer.snapshot() if scorer is not None else None
+
+    def attempt(inputs: Loaded, evaluate: bool = True) -> tuple[Merged, JSON, JSON]:
+        if scorer is not None and start is not None:
+            scorer.restore(start)  # every attempt from the same tasks and state
+        merged = _merge(cfg, s, inputs, current, scorer, work)
+        # A left-out input may own the task an evaluation set names: the gate reads the
+        # distilled sets only, so the extra merges skip the evaluation sets.
+        return (merged, *_score(cfg if evaluate else {**cfg, "evaluation": []}, scorer, work))
+
+    merged, metrics, regression = attempt(use)
+    rule = gate.Rule.from_spec(cfg.get("gate"))
+    blamed = blame.leave_one_out(
+        _previous_metrics(cfg),
+        rule,
+        [e for _, _, e in use],
+        metrics,
+        lambda left: attempt([u for u in use if u[2] is not left], evaluate=False)[1],
+    )
+    if not blamed:
+        return merged, metrics, regression, use
+    for _, _, e in use:
+        if e["digest"] in blamed:
+            tasks = ", ".join(blamed[e["digest"]])
+            why = f"the revision regresses significantly with it and not without it: {tasks}"
+            exclude(report_, e, why, code="RejectedByGate")
+    use = [u for u in use if u[2]["digest"] not in blamed]
+    if not use:
+        raise NoUsableInput(report_)
+    return (*attempt(use), use)
+
+
 def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
-    """Verify the inputs, merge, score, upload; the result JSON."""
+    """Verify and screen the inputs, merge, score (finding whom a regression is due to),
+    upload; the result JSON."""
     s = _strategy(cfg)
     scorer = _scorer(cfg, s, work)
     report_: list[JSON] = []
     current = _current(cfg, s, work, scorer)
-    use = _screen(_inputs(cfg, work, report_), current, report_)
+    use = compatible(read_inputs(cfg, work, report_, scorer), current, report_)
+    if not use:
+        raise NoUsableInput(report_)
     t0 = time.monotonic()
-    merged = _merge(cfg, s, use, current, scorer, work)
+    merged, metrics, regression, use = _merge_and_blame(cfg, s, use, current, scorer, work, report_)
     merge_seconds = time.monotonic() - t0
     print(f"merged {len(use)} input(s) with {s.type} in {merge_seconds:.2f} s", flush=True)
-    metrics, regression = _score(cfg, scorer, work)
     bundle = scorer.save_tasks(work) if scorer else None
     files = [*merged.files, *([bundle] if bundle is not None else [])]
     included = [
-        e | {"state": "Included", "coefficient": round(c, 6)}
+        _public(e) | {"state": "Included", "coefficient": round(c, 6)}
         for (_, _, e), c in zip(use, merged.coefficients[-len(use) :], strict=True)
     ]
     manifest = Manifest(
@@ -371,7 +349,7 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
     )
     result: JSON = {
         "artifact": _publish(cfg, manifest, files, work, output_dir),
-        "inputs": included + report_,
+        "inputs": included + [_public(e) for e in report_],
         "metrics": metrics,
         "regression": regression,
         "integration": cfg.get("integration", "full"),
@@ -388,9 +366,10 @@ def _verdict(cfg: JSON, exc: NoUsableInput, work: Path, output_dir: Path | None)
     the verdict, with the per-input report in result.json beside it (if it can be written)."""
     line: JSON = {"verdict": "NoUsableInput", "message": failure_line(str(exc))[:1000]}
     try:
-        ref = publish_result(cfg, {"artifact": {}, "inputs": exc.report}, work, output_dir)
+        report_ = [_public(e) for e in exc.report]
+        ref = publish_result(cfg, {"artifact": {}, "inputs": report_}, work, output_dir)
         line["resultFile"] = ref["resultFile"]
-    except JobFailed as err:  # the report then stays in the message alone
+    except (JobFailed, StoreFault) as err:  # the report then stays in the message alone
         line["message"] = failure_line(f"{exc}; {err}")[:1000]
     return json.dumps(line, sort_keys=True)
 
@@ -433,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             reference = publish_result(cfg, result, Path(tmp), out_dir)
         except NoUsableInput as exc:
             return finish(_verdict(cfg, exc, Path(tmp), out_dir), VERDICT_EXIT)
+        except (StoreFault, StoreError) as exc:
+            # No input explains it: the operator retries the revision and blames nobody.
+            return finish(failure_line(f"merge failed: the store: {exc}"), STORE_FAULT_EXIT)
         except (JobFailed, MergeError, ManifestError, KeyError) as exc:
             return finish(failure_line(f"merge failed: {exc}"), 1)
         except MemoryError:
@@ -440,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 failure_line("merge failed: out of memory; give the merge Job more memory"), 1
             )
         except Exception as exc:  # one line for the operator, never a bare traceback
-            traceback.print_exc()
+            print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
             return finish(failure_line(f"merge failed: {type(exc).__name__}: {exc}"), 1)
     return finish(encode_result(reference), 0)
 

@@ -47,6 +47,10 @@ class Adapter:
     task: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     norm: float = 0.0
+    # Its task (a tasks.Task: distilled set, classes, head, own score), once screened; None
+    # when it carries no distilled set.
+    distilled: Any = None
+    screened: bool = False
 
     def factors(self, module: str) -> Factors:
         """One module's factors (scale folded into B), read on demand in float32 (numpy)."""

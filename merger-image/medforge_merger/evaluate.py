@@ -26,8 +26,20 @@ class EvaluationError(MergeError):
 
 class Evaluator:
     def __init__(self, base_dir: Path) -> None:
-        self.base, self.tokenizer, _ = classifier.load_base(base_dir)
+        self.base, self.tokenizer, config = classifier.load_base(base_dir)
+        self.image_size = classifier.image_settings(base_dir, config)[0]
         self._classifiers: dict[str, classifier.Classifier] = {}
+
+    def check_update(self, name: str, shape: tuple[int, int]) -> None:
+        """EvaluationError unless `name` is a linear layer of the base model whose weight has
+        `shape` (d_out x d_in): an update that would not fit is refused before any merge."""
+        mod = self._module(name)
+        out_dim, in_dim = mod.weight.shape
+        if (out_dim, in_dim) != shape:
+            raise EvaluationError(
+                f"{name}: an update of {shape[0]} x {shape[1]} does not fit the base model's "
+                f"weight {out_dim} x {in_dim}"
+            )
 
     def classifier(self, task: Task) -> classifier.Classifier:
         clf = self._classifiers.get(task.name)

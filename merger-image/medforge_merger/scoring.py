@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from medforge_common.artifacts import ADAPTER_FILE, MIXTURE_FILE, TASKS_FILE
 from medforge_common.manifest import sha256_file
-from medforge_merger.adapters import SUFFIX_A, SUFFIX_B, Adapter
-from medforge_merger.evaluate import Deltas, Evaluator
+from medforge_merger.adapters import SUFFIX_A, SUFFIX_B, Adapter, InputRejected
+from medforge_merger.evaluate import Deltas, EvaluationError, Evaluator
 from medforge_merger.mixture import OBJECTIVE, Mixture
 from medforge_merger.search import (
     FactorMap,
@@ -35,8 +35,12 @@ from medforge_ml.basemodel import fetch_model_dir
 from medforge_ml.composite import file_deltas
 from medforge_ml.errors import ModelError
 from medforge_ml.metrics import classification_metrics
+from medforge_ml.transfers import StoreError
 
 JSON = dict[str, Any]
+# The trainer distils at most 1,000 images per class (the CRD's bound); a set beyond that is not
+# one it made.
+MAX_DISTILLED_PER_CLASS = 1000
 
 
 class ScoringFailed(MergeError):
@@ -87,6 +91,8 @@ class Scorer:
                     base_digest, list(base.get("files") or []), base.get("path"), work / "base"
                 )
                 self.ev = Evaluator(directory)
+            except StoreError:
+                raise  # the store's fault, not the base model's: retried
             except ModelError as exc:  # the shared loader names what is wrong
                 raise ScoringFailed(str(exc)) from exc
         self.tasks: list[Task] = []
@@ -94,36 +100,76 @@ class Scorer:
         self.mix: Mixture | None = None  # the new revision, for mixture
         self.deltas: Deltas = {}  # the new revision's updates, for the other strategies
 
+    def snapshot(self) -> tuple[list[Task], Mixture | None, Deltas]:
+        """The state a merge changes (tasks collected, the new revision's updates), so that the
+        gate's extra merges each start from the same place."""
+        return list(self.tasks), self.mix, self.deltas
+
+    def restore(self, state: tuple[list[Task], Mixture | None, Deltas]) -> None:
+        self.tasks, self.mix, self.deltas = list(state[0]), state[1], state[2]
+
     def load_current(self, directory: Path) -> None:
         if (directory / TASKS_FILE).is_file():
             self.tasks = load_bundle(directory / TASKS_FILE)
         if (directory / MIXTURE_FILE).is_file():
             self.current_mixture = Mixture.load(directory / MIXTURE_FILE)
 
+    def screen(self, ad: Adapter, taken: set[str]) -> None:
+        """Everything one input brings that could break the merge, checked alone before any
+        merge (InputRejected names what): each update against the base model's layer, and the
+        distilled set and head against its task, the base model's image size, and a score of
+        the input on its own set. `taken` holds the task names in use: a second hospital with
+        the same task gets `<task>@<namespace/name>`, so that sets, heads and scores never mix."""
+        if self.ev is not None:
+            for m, (d, r, k) in sorted(ad.shapes.items()):
+                try:
+                    self.ev.check_update(m, (d, k))
+                except EvaluationError as exc:
+                    raise InputRejected(f"target module {exc}") from exc
+                if r > min(d, k):
+                    raise InputRejected(f"{m}: rank {r} exceeds the layer's {d} x {k}")
+        try:
+            t = from_contribution(ad.path.parent, ad.meta)
+            if t is not None:
+                if t.name in taken:
+                    t.name = f"{t.name}@{ad.key}"
+                self._check_task(t)
+                if self.ev is not None:
+                    t.solo = _round(self.ev.metrics(t, dense(factor_map(ad))))
+        except Exception as exc:  # whatever the set does, a verdict on its owner
+            raise InputRejected(f"its distilled set cannot be used ({exc})") from exc
+        if t is not None:
+            taken.add(t.name)
+        ad.distilled, ad.screened = t, True
+
+    def _check_task(self, t: Task) -> None:
+        n = len(t.classes)
+        size = self.ev.image_size if self.ev is not None else None
+        if t.images.ndim != 4 or t.images.shape[1] != 3 or len(t.images) != len(t.labels):
+            raise ScoringFailed("images must be n x 3 x H x W with one label each")
+        if size is not None and tuple(t.images.shape[2:]) != (size, size):
+            raise ScoringFailed(
+                f"images are {t.images.shape[2]} x {t.images.shape[3]}, the base model "
+                f"takes {size} x {size}"
+            )
+        if n < 2 or len(t.labels) == 0 or int(t.labels.min()) < 0 or int(t.labels.max()) >= n:
+            raise ScoringFailed(f"labels must index the {n} classes of its manifest")
+        if len(t.labels) > MAX_DISTILLED_PER_CLASS * n:
+            raise ScoringFailed(
+                f"{len(t.labels)} images, more than {MAX_DISTILLED_PER_CLASS} per class"
+            )
+        if not torch.isfinite(t.images).all():
+            raise ScoringFailed("images hold NaN or Inf")
+        if self.ev is not None:
+            self.ev.classifier(t)  # the head is built (and a linear head loaded) here
+
     def new_tasks(self, adapters: list[Adapter]) -> list[Task | None]:
-        """Each input's distilled set, with the input's own score on it (`solo`). Two hospitals
-        may contribute the same task: the second one's set is named `<task>@<namespace/name>`
-        so that sets, heads and scores never mix."""
-        out: list[Task | None] = []
+        """Each input's task, as screened (inputs are screened once, before any merge)."""
         taken = {t.name for t in self.tasks}
         for ad in adapters:
-            try:
-                t = from_contribution(ad.path.parent, ad.meta)
-                if t is not None:
-                    if t.name in taken:
-                        t.name = f"{t.name}@{ad.key}"
-                    taken.add(t.name)
-                    n = len(t.classes)
-                    if t.images.ndim != 4 or len(t.images) != len(t.labels):
-                        raise ScoringFailed("images must be n x 3 x H x W with one label each")
-                    if n < 2 or int(t.labels.min()) < 0 or int(t.labels.max()) >= n:
-                        raise ScoringFailed(f"labels must index the {n} classes of its manifest")
-                    if self.ev is not None:
-                        t.solo = _round(self.ev.metrics(t, dense(factor_map(ad))))
-            except Exception as exc:  # a bad set fails with its owner named, never a traceback
-                raise ScoringFailed(f"{ad.key}: its distilled set cannot be used ({exc})") from exc
-            out.append(t)
-        return out
+            if not ad.screened:
+                self.screen(ad, taken)
+        return [ad.distilled for ad in adapters]
 
     def searched(
         self,
@@ -228,8 +274,10 @@ class Scorer:
             return {}
         out: JSON = {}
         for t in self.tasks:
-            out[t.name] = _round(self._score(t)) | (
-                {"solo": t.solo["accuracy"]} if "accuracy" in t.solo else {}
+            out[t.name] = (
+                _round(self._score(t))
+                | {"classes": len(t.classes)}  # the gate's minimum set size is per class
+                | ({"solo": t.solo["accuracy"]} if "accuracy" in t.solo else {})
             )
         for i, spec in enumerate(evaluation):
             task = next((t for t in self.tasks if t.name == spec.get("task")), None)

@@ -66,6 +66,10 @@ class Reason(StrEnum):
     VERIFYING = "Verifying"
     NO_RESULT = "NoResult"  # the Job succeeded without a result JSON
     JOB_NAME_TAKEN = "JobNameTaken"  # a Job of that name exists that MedForge did not make
+    # A Job of that name claims to be ours, but its uid is not the one recorded: deleted and
+    # made again (a look-alike, or ours from a round cut short before its status was written).
+    JOB_NOT_RECORDED = "JobNotRecorded"
+    SIGNING_REFUSED = "SigningRefused"  # a plan asked for a URL outside its Job's grant
     INVALID_RESULT = "InvalidResult"  # the result file does not match its digest, or is no result
     DIGEST_MISMATCH = "DigestMismatch"  # uploaded bytes differ from what was reported
     INVALID_MANIFEST = "InvalidManifest"  # the manifest is malformed (types, names, sizes)
@@ -86,6 +90,9 @@ class Reason(StrEnum):
     REGRESSION_OVER_GATE = "RegressionOverGate"  # a task regressed beyond spec.gate
     MERGE_FAILED = "MergeFailed"
     NO_USABLE_INPUT = "NoUsableInput"  # the merger refused every input: a verdict on each
+    # A revision failed twice (or was rejected with several new inputs): its new inputs are
+    # tried in halves until the one that causes it is found; the others merge meanwhile.
+    ISOLATING = "Isolating"
     # A BaseModel's way.
     NOT_UPLOADED = "NotUploaded"
     VERIFICATION_FAILED = "VerificationFailed"
@@ -122,6 +129,8 @@ class InputReason(StrEnum):
     MERGE_FAILED = "MergeFailed"
     NO_USABLE_INPUT = "NoUsableInput"  # the merger refused every input: a verdict on each
     EXCLUDED_BY_MERGER = "ExcludedByMerger"
+    # Every merge with it failed, alone too, while merges without it succeeded.
+    ISOLATED_AFTER_FAILURES = "IsolatedAfterFailures"
 
 
 class EventReason(StrEnum):
@@ -130,3 +139,4 @@ class EventReason(StrEnum):
     RETIRED_JOB = "RetiredJob"
     REVISION_STARTED = "RevisionStarted"
     EXCLUDED_BY_MERGER = "ExcludedByMerger"
+    ISOLATED_AFTER_FAILURES = "IsolatedAfterFailures"

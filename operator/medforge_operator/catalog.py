@@ -11,7 +11,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from medforge_operator import BASEMODELS, basemodel, jobs
+from medforge_operator import BASEMODELS, basemodel, jobs, signing
 from medforge_operator.kube import Kube
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
@@ -106,7 +106,9 @@ class JobConfigs:
     """Writes each running Job's config Secret with fresh presigned URLs: when the Job starts
     (a queued Job only once admitted, so its URLs never age in the queue) and again whenever a
     round finds them past half their lifetime (a retry after a long wait, a restarted
-    operator). The URLs live as long as the Job's own time limit and no longer."""
+    operator). The caller derives the plan afresh from the custom resource and passes the
+    grant it must stay inside (medforge_operator.signing); nothing is read back from the Job
+    but its uid (checked by the caller against the one it recorded) and its deadline."""
 
     def __init__(self, kube: Kube, store: ForgeStore) -> None:
         self.kube = kube
@@ -114,27 +116,33 @@ class JobConfigs:
         self._expires: dict[str, float] = {}  # Job uid -> when its URLs expire (epoch s)
         self._lock = threading.Lock()
 
-    def ensure(self, job: JSON) -> None:
-        """Called for a Job that may start pods now: Active, not waiting in a queue."""
+    def ensure(self, job: JSON, plan: JSON, grant: signing.Grant, lifetime: int) -> None:
+        """Called for a Job of ours that may start pods now: Active, not waiting in a queue.
+        Raises signing.SigningRefused (nothing signed) or ConfigRefused."""
         uid = job["metadata"]["uid"]
-        lifetime = jobs.url_lifetime(job, self.store.s.presign_expiry_seconds)
+        lifetime = jobs.capped_lifetime(job, lifetime, time.time())
         with self._lock:
             expires = self._expires.get(uid)
         now = time.time()
         if expires is not None and expires - now > lifetime / 2:
             return
-        plan = jobs.plan_of(job)
-        if plan is None:
-            return  # not a Job of this operator's making (no plan): nothing to sign
-        config = jobs.sign(
+        config = signing.sign(
             plan,
+            grant,
             lambda u: self.store.presign_get(u, lifetime),
             lambda u: self.store.presign_put(u, lifetime),
         )
         until = now + lifetime
         stamp = dt.datetime.fromtimestamp(until, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        secret = jobs.config_secret(job, config, stamp)
+        if jobs.secret_size(secret) > jobs.MAX_CONFIG_BYTES:
+            raise ConfigRefused(
+                f"the Job's config ({jobs.secret_size(secret)} bytes with its URLs) is larger "
+                f"than a Secret may hold ({jobs.MAX_CONFIG_BYTES}); the base model has too many "
+                "files: merge its shards into fewer files"
+            )
         try:
-            self.kube.apply_secret(jobs.config_secret(job, config, stamp))
+            self.kube.apply_secret(secret)
         except ApiException as exc:
             if exc.status in (400, 403, 422):
                 raise ConfigRefused(

@@ -7,10 +7,11 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from medforge_common import gate as gate_rule
 from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
-from medforge_common.result import finite_number
+from medforge_common.result import VERDICT_EXIT, finite_number
 from medforge_common.uris import S3Uri
-from medforge_operator import basemodel, jobs, names
+from medforge_operator import basemodel, contribution, isolation, jobs, names, signing
 from medforge_operator.api import CompositePhase as Phase
 from medforge_operator.api import ConditionType as C
 from medforge_operator.api import ContributionPhase, RevisionState
@@ -83,6 +84,12 @@ def ready_since(c: JSON) -> str:
     return str(ready.get("lastTransitionTime", ""))
 
 
+def has_verified_copy(c: JSON) -> bool:
+    """Whether status.artifact.uri is the operator's own verified copy of this very object's
+    artifact (a contribution verified before copies were kept waits for its copy)."""
+    return contribution.has_verified_copy(c)
+
+
 def evaluate_inputs(
     composite: JSON, contribs: list[JSON], base_digest: str | None
 ) -> tuple[list[JSON], list[JSON]]:
@@ -123,6 +130,8 @@ def evaluate_inputs(
             entry |= {"state": IS.PENDING, "reason": IR.BASE_MODEL_NOT_READY}
         elif art.get("baseModelDigest") != base_digest:
             entry |= {"state": IS.EXCLUDED, "reason": IR.BASE_MODEL_MISMATCH}
+        elif not has_verified_copy(c):
+            entry |= {"state": IS.PENDING, "reason": IR.NOT_READY}
         elif digest in excluded:
             entry |= {"state": IS.EXCLUDED, "reason": reason_code(excluded[digest])}
         elif digest in in_flight:
@@ -168,6 +177,12 @@ def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON])
     if current is None and len(candidates) < int(spec.get("minContributions", 1)):
         return None
     revision = int(status.get("revision") or 0) + 1
+    trial = isolation.group(status.get("isolation"))
+    if trial is not None:
+        # Isolating: only the group under trial, newcomers wait until it is over.
+        candidates = [c for c in candidates if c["status"]["artifact"]["digest"] in trial]
+        if not candidates:
+            return None
     if current is not None and effective_integration(spec) == "full":
         merged = {i["digest"] for i in current.get("inputs") or []}
         included = [
@@ -180,17 +195,59 @@ def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON])
 
 
 def output_prefix(bucket: str, obj: JSON, revision: int) -> S3Uri:
-    """Where a revision goes; the composite's uid is part of it (as for contributions)."""
+    """Where a revision's merge Job uploads; the composite's uid is part of it (as for
+    contributions)."""
     meta = obj["metadata"]
-    return S3Uri(
-        bucket, f"composites/{meta['namespace']}/{meta['name']}/{meta['uid']}/rev-{revision}/"
-    )
+    return signing.revision_output(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
+
+
+def verified_prefix(bucket: str, obj: JSON, revision: int) -> S3Uri:
+    """The operator's own copy of a verified revision: what later merges and pulls read."""
+    meta = obj["metadata"]
+    return signing.verified_revision(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
 
 
 def artifact_refs(prefix: S3Uri, files: list[str]) -> list[JSON]:
     """An artifact's files (manifest first) as a job plan lists them."""
     names_ = [MANIFEST_FILE, *[f for f in files if f != MANIFEST_FILE]]
     return [{"name": f, "get": str(prefix.join(f))} for f in names_]
+
+
+def input_prefix(bucket: str, c: JSON) -> S3Uri:
+    """Where a contribution's verified copy lies, derived from its identity and digest; the
+    status must agree (an artifact verified before the operator kept copies waits for its copy)."""
+    art = c["status"]["artifact"]
+    meta = c["metadata"]
+    prefix = signing.verified_contribution(
+        bucket, meta["namespace"], meta["name"], meta["uid"], str(art.get("digest", ""))
+    )
+    if str(art.get("uri", "")) != str(prefix):
+        raise ValueError(f"{key(c)}: status.artifact.uri is not its verified copy yet")
+    return prefix
+
+
+def merge_inputs(
+    pending: JSON, contribs: list[JSON], base_digest: str
+) -> tuple[list[JSON], list[JSON]]:
+    """(new, all) inputs of a pending revision, found again among the contributions that still
+    consent, are Ready and were trained for its base model: the plan a merge Job is signed for
+    is derived afresh each time from these, never read back from the Job."""
+    wanted = set(pending.get("inputs") or pending.get("digests") or [])
+    new_digests = set(pending.get("digests") or [])
+    found: list[JSON] = []
+    for c in contribs:
+        st = c.get("status") or {}
+        art = st.get("artifact") or {}
+        if (
+            art.get("digest") in wanted
+            and is_true(st.get("conditions"), C.READY)
+            and st.get("observedGeneration") == c["metadata"].get("generation")
+            and art.get("baseModelDigest") == base_digest
+        ):
+            found.append(c)
+    order = {d: i for i, d in enumerate(pending.get("inputs") or pending.get("digests") or [])}
+    found.sort(key=lambda c: order.get(c["status"]["artifact"]["digest"], 0))
+    return [c for c in found if c["status"]["artifact"]["digest"] in new_digests], found
 
 
 def merge_plan(
@@ -201,27 +258,24 @@ def merge_plan(
     bucket: str,
 ) -> JSON:
     """The merge Job's config with store URIs in place of URLs (signed when the Job may start).
-    Inputs are read from where the operator itself verified them, in the forge bucket only."""
+    Inputs are read from the operator's verified copies, in the forge bucket only."""
     spec, status = composite["spec"], composite.get("status") or {}
     current = status.get("current")
     incremental = effective_integration(spec) == "incremental" and current is not None
     inputs = []
+    new = {c["status"]["artifact"]["digest"] for c in plan.new}
     for c in plan.all_inputs:
         art = c["status"]["artifact"]
         meta = c["metadata"]
-        prefix = S3Uri(bucket, f"contributions/{meta['namespace']}/{meta['name']}/")
-        uri = str(art.get("uri", ""))
-        if not uri.startswith(f"s3://{bucket}/{prefix.key}"):
-            raise ValueError(f"{key(c)}: status.artifact.uri is outside its contribution prefix")
         inputs.append(
             {
                 "namespace": meta["namespace"],
                 "name": meta["name"],
                 "digest": art["digest"],
+                # Inputs merged before are never blamed for a newcomer's regression.
+                "new": art["digest"] in new,
                 "task": art.get("task"),
-                "files": artifact_refs(
-                    S3Uri(bucket, uri.removeprefix(f"s3://{bucket}/")), art.get("files", [])
-                ),
+                "files": artifact_refs(input_prefix(bucket, c), art.get("files", [])),
             }
         )
     cfg: JSON = {
@@ -245,19 +299,24 @@ def merge_plan(
         # Regressions are measured against the revision this one replaces, in either mode.
         cfg["previous"] = {"revision": current["revision"], "metrics": current.get("metrics", {})}
     if incremental and current is not None:
-        cprefix = output_prefix(bucket, composite, 0)
-        uri = str(current["uri"])
-        if not uri.startswith(f"s3://{bucket}/{cprefix.key.removesuffix('rev-0/')}"):
-            raise ValueError("status.current.uri is outside this composite's prefix")
+        cprefix = verified_prefix(bucket, composite, int(current["revision"]))
+        if str(current["uri"]) != str(cprefix):
+            raise ValueError("status.current.uri is not this composite's verified revision")
         cfg["current"] = {
             "revision": current["revision"],
             "digest": current["digest"],
             "metrics": current.get("metrics", {}),
-            "files": artifact_refs(
-                S3Uri(bucket, uri.removeprefix(f"s3://{bucket}/")), current.get("files", [])
-            ),
+            "files": artifact_refs(cprefix, current.get("files", [])),
         }
     return cfg
+
+
+def merge_grant(
+    bucket: str, composite: JSON, plan: Plan, base: basemodel.Resolved
+) -> signing.Grant:
+    return signing.merge_grant(
+        bucket, composite, plan.revision, base.uri, base.files, plan.all_inputs
+    )
 
 
 def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -> JSON:
@@ -269,8 +328,6 @@ def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -
         component="merge",
         image=settings.merger_image,
         command=list(settings.merger_command),
-        plan=job_plan,
-        url_lifetime=settings.presign_expiry_seconds,
         annotations={jobs.ANNOTATION_BASE_DIGEST: job_plan["baseModel"]["digest"]},
         env=[],
         labels={jobs.LABEL_REVISION: str(plan.revision)},
@@ -284,20 +341,14 @@ def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -
     )
 
 
-def gate(result: JSON, max_regression: float) -> tuple[bool, str]:
-    """Accept unless some task regressed by more than the gate allows."""
-    worst = max(
-        ((float(v), t) for t, v in (result.get("regression") or {}).items()), default=(0.0, "")
-    )
-    if worst[0] > max_regression:
-        return False, (
-            f"task {worst[1]} regressed by {worst[0]:.3f}, more than "
-            f"gate.maxRegression {max_regression:.3f}"
-        )
-    return True, "no task regressed beyond the gate"
+def gate(result: JSON, previous: JSON, spec_gate: Any) -> tuple[bool, str]:
+    """Accept unless at least gate.corroboration tasks regress significantly, measured
+    against the metrics this operator recorded for the revision replaced (`previous`), never
+    against what the merger says they were."""
+    return gate_rule.verdict(previous, result.get("metrics"), gate_rule.Rule.from_spec(spec_gate))
 
 
-MERGE_VERDICT_EXIT = 3  # medforge-merge: every input refused (a verdict, not a fault)
+MERGE_VERDICT_EXIT = VERDICT_EXIT  # medforge-merge: every input refused (a verdict, not a fault)
 
 
 @dataclass
@@ -311,6 +362,9 @@ class Outcome:
     uri: str = ""
     job_name: str = ""
     reason: str = ""  # for the Accepted condition, when it is not the state's usual one
+    # A Failed Job that its inputs can explain (jobs.caused_by_inputs), as opposed to a fault of
+    # the store or the node, which is retried and never counts toward isolating an input.
+    by_inputs: bool = False
 
 
 @dataclass
@@ -375,6 +429,15 @@ def problem_of(status: JSON, o: Observation) -> tuple[str, str] | None:
     problem = o.start_problem or o.base_problem
     last = (status.get("history") or [{}])[0]
     failed = last.get("state") == RevisionState.FAILED and in_flight(status, o) is None
+    iso = status.get("isolation")
+    if problem is None and iso and in_flight(status, o) is None:
+        groups = iso.get("groups") or []
+        why = "failed twice" if iso.get("cause") == R.MERGE_FAILED else "regressed"
+        problem = (
+            R.ISOLATING,
+            f"revision {iso.get('revision')} {why}: its new inputs are tried in groups to find "
+            f"the one that causes it ({len(groups)} group(s) left)",
+        )
     if problem is None and failed:
         retry = status.get("retry") or {}
         when = (
@@ -388,7 +451,7 @@ def compute_status(old: JSON, composite: JSON, o: Observation, changes: JSON) ->
     """The new status: `composite` carries the status after this round's changes (`changes`,
     the fields settle and a started revision set)."""
     status = composite.get("status") or {}
-    inputs, _ = evaluate_inputs(composite, o.contribs, o.base.digest if o.base else None)
+    inputs, candidates = evaluate_inputs(composite, o.contribs, o.base.digest if o.base else None)
     paused = bool(composite["spec"].get("paused"))
     phase, conds = conditions_for(status, paused, in_flight(status, o), problem_of(status, o))
     # Exclusions of adapters no contribution carries any more (deleted, retrained, no longer
@@ -398,6 +461,11 @@ def compute_status(old: JSON, composite: JSON, o: Observation, changes: JSON) ->
     kept = {d: r for d, r in excluded.items() if d in digests}
     if kept != excluded or "excluded" in changes:
         changes = {**changes, "excluded": kept}
+    # An input withdrawn, retrained or excluded meanwhile is no suspect any more.
+    iso = status.get("isolation")
+    waiting = {c["status"]["artifact"]["digest"] for c in candidates}
+    if iso and o.base is not None and (pruned := isolation.prune(iso, waiting)) != iso:
+        changes = {**changes, "isolation": pruned}
     return build_status(old, o.generation, inputs, phase, conds, changes)
 
 
@@ -437,7 +505,7 @@ def finish_revision(
         if i.get("state") == IS.EXCLUDED and i.get("digest"):
             # A code only: the merger's text about a hospital's input goes to that hospital (an
             # Event on its contribution), not into the forge's status.
-            excluded[i["digest"]] = IR.EXCLUDED_BY_MERGER
+            excluded[i["digest"]] = merger_code(i)
     entry: JSON = {
         "revision": pending["revision"],
         "state": outcome.state,
@@ -446,50 +514,114 @@ def finish_revision(
         "jobName": job_name,
         "startedAt": pending.get("startedAt"),
         "completedAt": at,
-        "attempt": int((status.get("retry") or {}).get("attempt", 0)) + 1,
+        "attempt": int(finite_number((status.get("retry") or {}).get("attempt")) or 0) + 1,
         **merge_figures(res.get("merge")),
     }
     entry = {k: v for k, v in entry.items() if v is not None}
     if outcome.state == RevisionState.ACCEPTED:
         art = res["artifact"]
-        merged = [i for i in res.get("inputs") or [] if i.get("state", IS.INCLUDED) == IS.INCLUDED]
-        prev = (status.get("current") or {}).get("inputs") or []
-        if res.get("integration") == "incremental" or pending.get("incremental"):
-            known = {i["digest"] for i in merged}
-            merged = [*[p for p in prev if p["digest"] not in known], *merged]
-        out["current"] = {
-            "revision": pending["revision"],
-            "uri": uri,
-            "digest": art["digest"],
-            "files": art.get("files", []),
-            "metrics": res.get("metrics", {}),
-            "score": res.get("score"),
-            "jobName": job_name,
-            "completedAt": at,
-            "inputCount": len(merged),
-            "inputs": merged,
-            **merge_figures(res.get("merge")),
-        }
+        out["current"] = accepted_current(status, pending, res, uri, job_name, at)
         # Per-task metrics too: `medforge describe` charts each task over the revisions.
         entry |= {
             "digest": art["digest"],
             "score": res.get("score"),
             "metrics": res.get("metrics", {}),
         }
-    elif outcome.state == RevisionState.REJECTED:
-        # A verdict on what these inputs did to the model: they are not merged again.
-        for d in pending.get("digests") or []:
-            excluded.setdefault(d, IR.REJECTED_BY_GATE)
-    if outcome.state == RevisionState.FAILED:
-        # The Job failed as a whole (OOM, a lost node, a store outage, a bug): a fault, not a
-        # verdict on any input. The inputs stay pending; the revision is retried with backoff.
-        attempt = int((status.get("retry") or {}).get("attempt", 0)) + 1
-        out["retry"] = {"attempt": attempt, "notBefore": later(at, retry_delay(attempt))}
-    else:
-        out["retry"] = None
+    changes, blamed = after_revision(status, pending, outcome, excluded, at)
+    for d, code in blamed.items():
+        excluded.setdefault(d, code)
+    out |= changes
     out["excluded"] = excluded
     out["history"] = [entry, *(status.get("history") or [])][:history_limit]
     return out
+
+
+def accepted_current(
+    status: JSON, pending: JSON, res: JSON, uri: str, job_name: str, at: str
+) -> JSON:
+    """status.current for an accepted revision: an incremental one keeps the inputs merged
+    before and adds the new ones."""
+    art = res["artifact"]
+    merged = [i for i in res.get("inputs") or [] if i.get("state", IS.INCLUDED) == IS.INCLUDED]
+    prev = (status.get("current") or {}).get("inputs") or []
+    if res.get("integration") == "incremental" or pending.get("incremental"):
+        known = {i["digest"] for i in merged}
+        merged = [*[p for p in prev if p["digest"] not in known], *merged]
+    return {
+        "revision": pending["revision"],
+        "uri": uri,
+        "digest": art["digest"],
+        "files": art.get("files", []),
+        "metrics": res.get("metrics", {}),
+        "score": res.get("score"),
+        "jobName": job_name,
+        "completedAt": at,
+        "inputCount": len(merged),
+        "inputs": merged,
+        **merge_figures(res.get("merge")),
+    }
+
+
+def merger_code(entry: JSON) -> str:
+    """The exclusion code of an input the merger excluded: its gate verdict when it names
+    one, ExcludedByMerger for every reason found in the input itself."""
+    return (
+        IR.REJECTED_BY_GATE if entry.get("code") == IR.REJECTED_BY_GATE else IR.EXCLUDED_BY_MERGER
+    )
+
+
+def trial_result(outcome: Outcome) -> str:
+    """How a revision ended, as isolation counts it."""
+    if outcome.state == RevisionState.ACCEPTED:
+        return isolation.MERGED
+    if outcome.state == RevisionState.REJECTED:
+        return isolation.VERDICT if outcome.reason == R.NO_USABLE_INPUT else isolation.REJECTED
+    return isolation.FAILED if outcome.by_inputs else isolation.FAULT
+
+
+def after_revision(
+    status: JSON, pending: JSON, outcome: Outcome, excluded: JSON, at: str
+) -> tuple[JSON, dict[str, str]]:
+    """({retry, isolation}, {digest: exclusion code}) after a revision ended.
+
+    A Job that failed as a whole is retried with backoff; twice by its inputs, its new inputs
+    are isolated (tried in halves, the next trial at once). A rejected revision excludes its one
+    new input, or isolates several (a regression no single input was found to cause)."""
+    result = trial_result(outcome)
+    stored = status.get("retry")
+    retry: JSON = stored if isinstance(stored, dict) else {}
+    attempts = int(finite_number(retry.get("attempt")) or 0)
+    input_failures = int(finite_number(retry.get("inputFailures")) or 0)
+    isolating = status.get("isolation")
+    tried = [str(d) for d in pending.get("digests") or []]
+    iso: JSON | None = None
+    blamed: dict[str, str] = {}
+    if isolating:
+        iso, blamed = isolation.step(isolating, tried, result)
+        if iso is None and not blamed and result == isolation.FAILED:
+            input_failures = 0  # every trial failed: a fault; isolating again needs two more
+    elif result == isolation.REJECTED:
+        left = [d for d in tried if d not in excluded]
+        iso = isolation.begin(int(pending["revision"]), left, R.REGRESSION_OVER_GATE)
+        if iso is None:
+            # A verdict on what this input did to the model: it is not merged again.
+            blamed = {d: IR.REJECTED_BY_GATE for d in left}
+    elif result == isolation.FAILED and input_failures + 1 >= isolation.BLAME_AFTER:
+        iso = isolation.begin(int(pending["revision"]), tried, R.MERGE_FAILED)
+    if result not in (isolation.FAILED, isolation.FAULT) or blamed:
+        return {"retry": None, "isolation": iso}, blamed  # merged, or explained by a verdict
+    # The Job failed as a whole. A fault (the store, a lost node) is retried with backoff and
+    # counts toward nothing; a failure its inputs explain counts toward isolating them.
+    attempt = attempts + 1
+    at_once = iso is not None and result == isolation.FAILED
+    return {
+        "retry": {
+            "attempt": attempt,
+            "inputFailures": input_failures + (result == isolation.FAILED and iso is None),
+            "notBefore": at if at_once else later(at, retry_delay(attempt)),
+        },
+        "isolation": iso,
+    }, blamed
 
 
 def merge_figures(figures: Any) -> JSON:
@@ -508,6 +640,42 @@ def merge_figures(figures: Any) -> JSON:
     return out
 
 
+def revision_conditions(last: JSON) -> tuple[Cond, Cond]:
+    """Merged and Accepted, from the newest finished revision (`last`, {} when none)."""
+    if not last:
+        return (
+            Cond(C.MERGED, None, R.NO_REVISION_YET, ""),
+            Cond(C.ACCEPTED, None, R.NO_REVISION_YET, ""),
+        )
+    ok = last.get("state") == RevisionState.ACCEPTED
+    message = f"revision {last.get('revision')}: {last.get('message', '')}"
+    merged = Cond(
+        C.MERGED, last.get("state") != RevisionState.FAILED, last.get("state", ""), message
+    )
+    refused = (
+        R.REGRESSION_OVER_GATE if last.get("state") == RevisionState.REJECTED else R.MERGE_FAILED
+    )
+    reason = R.REVISION_ACCEPTED if ok else last.get("reason") or refused
+    return merged, Cond(C.ACCEPTED, ok, reason, message)
+
+
+def problem_conditions(status: JSON, problem: tuple[str, str]) -> tuple[str, list[Cond]]:
+    """(phase, Ready, Reconciling, Stalled) while something keeps the composite from moving on."""
+    current = status.get("current")
+    reason, message = problem
+    # A merge that failed as a whole is retried by itself, and an isolation goes on by itself:
+    # in progress, not stuck.
+    retrying = (reason == R.MERGE_FAILED and bool(status.get("retry"))) or (reason == R.ISOLATING)
+    phase = Phase.FAILED if current is None and not retrying else Phase.READY
+    if current is None and retrying:
+        phase = Phase.WAITING
+    return phase, [
+        Cond(C.READY, current is not None and reason != R.STORE_UNREACHABLE, reason, message),
+        Cond(C.RECONCILING, retrying, reason, message if retrying else ""),
+        Cond(C.STALLED, not retrying, reason, "" if retrying else message),
+    ]
+
+
 def conditions_for(
     status: JSON,
     paused: bool,
@@ -516,44 +684,10 @@ def conditions_for(
 ) -> tuple[str, list[Cond]]:
     """(phase, conditions) from the composite's state."""
     current = status.get("current")
-    last = (status.get("history") or [{}])[0]
-    merged = Cond(C.MERGED, None, R.NO_REVISION_YET, "")
-    accepted = Cond(C.ACCEPTED, None, R.NO_REVISION_YET, "")
-    if last:
-        ok = last.get("state") == RevisionState.ACCEPTED
-        merged = Cond(
-            C.MERGED,
-            last.get("state") != RevisionState.FAILED,
-            last.get("state", ""),
-            f"revision {last.get('revision')}: {last.get('message', '')}",
-        )
-        accepted = Cond(
-            C.ACCEPTED,
-            ok,
-            R.REVISION_ACCEPTED
-            if ok
-            else last.get("reason")
-            or (
-                R.REGRESSION_OVER_GATE
-                if last.get("state") == RevisionState.REJECTED
-                else R.MERGE_FAILED
-            ),
-            f"revision {last.get('revision')}: {last.get('message', '')}",
-        )
+    merged, accepted = revision_conditions((status.get("history") or [{}])[0])
     if problem:
-        reason, message = problem
-        # A merge that failed as a whole is retried by itself: in progress, not stuck.
-        retrying = reason == R.MERGE_FAILED and bool(status.get("retry"))
-        phase = Phase.FAILED if current is None and not retrying else Phase.READY
-        if current is None and retrying:
-            phase = Phase.WAITING
-        return phase, [
-            Cond(C.READY, current is not None and reason != R.STORE_UNREACHABLE, reason, message),
-            Cond(C.RECONCILING, retrying, reason, message if retrying else ""),
-            Cond(C.STALLED, not retrying, reason, "" if retrying else message),
-            merged,
-            accepted,
-        ]
+        phase, conds = problem_conditions(status, problem)
+        return phase, [*conds, merged, accepted]
     if running:
         msg = f"merging revision {running['revision']}"
         return R.MERGING, [
@@ -600,7 +734,8 @@ def build_status(
     status = {
         k: v
         for k, v in old.items()
-        if k in ("revision", "current", "history", "excluded", "pendingRevision", "retry")
+        if k
+        in ("revision", "current", "history", "excluded", "pendingRevision", "retry", "isolation")
     }
     status |= extra
     counts = {state.value: 0 for state in IS}

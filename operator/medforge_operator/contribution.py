@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from medforge_common.artifacts import CONTRIBUTION_FILES
 from medforge_common.result import finite_number, read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
-from medforge_operator import basemodel, jobs, names
+from medforge_operator import basemodel, jobs, names, signing
 from medforge_operator.api import ConditionType as C
 from medforge_operator.api import ContributionPhase as Phase
 from medforge_operator.api import Reason as R
@@ -24,9 +25,37 @@ def output_prefix(bucket: str, obj: JSON, generation: int) -> S3Uri:
     """Where a generation's artifact goes. The object's uid is part of it: a contribution
     deleted and created again under its name never reads or overwrites its predecessor's."""
     meta = obj["metadata"]
-    return S3Uri(
-        bucket, f"contributions/{meta['namespace']}/{meta['name']}/{meta['uid']}/{generation}/"
+    return signing.contribution_output(
+        bucket, meta["namespace"], meta["name"], meta["uid"], generation
     )
+
+
+def verified_prefix(bucket: str, obj: JSON, digest: str) -> S3Uri:
+    """The operator's own copy of a verified artifact: what every later reader reads."""
+    meta = obj["metadata"]
+    return signing.verified_contribution(
+        bucket, meta["namespace"], meta["name"], meta["uid"], digest
+    )
+
+
+def has_verified_copy(obj: JSON) -> bool:
+    """Whether status.artifact.uri is the operator's own verified copy of this very object's
+    artifact."""
+    art = (obj.get("status") or {}).get("artifact") or {}
+    meta = obj["metadata"]
+    want = signing.verified_contribution(
+        "",
+        str(meta.get("namespace", "")),
+        str(meta.get("name", "")),
+        str(meta.get("uid", "")),
+        str(art.get("digest", "")),
+    ).key
+    uri = str(art.get("uri", ""))
+    return uri.startswith("s3://") and uri.split("/", 3)[-1] == want
+
+
+def training_grant(bucket: str, obj: JSON, base: basemodel.Resolved) -> signing.Grant:
+    return signing.training_grant(bucket, obj, base.uri, base.files)
 
 
 def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]]:
@@ -64,8 +93,9 @@ def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]
 
 
 def train_plan(obj: JSON, base: basemodel.Resolved, output_uri: S3Uri) -> JSON:
-    """The training Job's config with store URIs in place of URLs (signed when the Job may
-    start; see jobs.sign)."""
+    """The training Job's config with store URIs in place of URLs, derived from the object and
+    its verified BaseModel only (signed when the Job may start, inside the training grant;
+    see medforge_operator.signing)."""
     spec = obj["spec"]
     meta = obj["metadata"]
     dataset, _, _, _ = dataset_wiring(spec)
@@ -99,7 +129,7 @@ def url_lifetime(spec: JSON, settings: Settings) -> int:
     return settings.presign_expiry_seconds
 
 
-def training_job(obj: JSON, settings: Settings, base: basemodel.Resolved, plan: JSON) -> JSON:
+def training_job(obj: JSON, settings: Settings, base: basemodel.Resolved) -> JSON:
     """Raises ValueError (naming the field) when the spec breaks the base model's limits."""
     spec = obj["spec"]
     meta = obj["metadata"]
@@ -114,8 +144,6 @@ def training_job(obj: JSON, settings: Settings, base: basemodel.Resolved, plan: 
         component="train",
         image=str(base.training.get("image") or settings.trainer_image),
         command=list(settings.trainer_command),
-        plan=plan,
-        url_lifetime=url_lifetime(spec, settings),
         annotations={
             jobs.ANNOTATION_BASE_DIGEST: base.digest,
             jobs.ANNOTATION_BASE_NAME: base.name,
@@ -143,14 +171,22 @@ class Observation:
     build_error: tuple[str, str] | None = None
     verified: JSON | None = None  # {"artifact": ..., "metrics": ...} once verification passed
     verify_error: tuple[str, str] | None = None  # (reason, message)
+    # The operator's own record of the Job it created for this generation (uid, planDigest,
+    # baseModel): the only thing that makes a Job of that name its own. Kept in status.job.
+    record: JSON | None = None
 
 
-TRAINING_FIGURES = ("imagesPerSecond", "seconds", "loss", "epochs", "batchSize")
+TRAINING_FIGURES = ("imagesPerSecond", "seconds", "loss")
+TRAINING_COUNTS = ("epochs", "batchSize")  # integers in the CRD: 3.5 would fail every patch
+# The validation metrics a trainer reports; nothing else from a result reaches status or the
+# metrics' label sets.
+VALIDATION_METRICS = ("accuracy", "f1", "auc", "samples")
 
 
 def training_figures(meta: Any) -> JSON:
-    """The trainer's own figures from the verified manifest: finite numbers only (they become
-    status fields and metrics; a hostile manifest must not put anything else there)."""
+    """The trainer's own figures from the verified manifest: finite numbers only, counts as
+    whole numbers (they become status fields and metrics; a hostile manifest must not put
+    anything else there)."""
     if not isinstance(meta, dict):
         return {}
     out: JSON = {}
@@ -158,25 +194,84 @@ def training_figures(meta: Any) -> JSON:
         v = meta.get(key)
         if finite_number(v) is not None:
             out[key] = v
+    for key in TRAINING_COUNTS:
+        n = finite_number(meta.get(key))
+        if n is not None and n >= 0 and n == int(n) and n < 2**53:
+            out[key] = int(n)
     if isinstance(meta.get("device"), str) and meta["device"] in ("cpu", "cuda", "mps"):
         out["device"] = meta["device"]
     return out
 
 
+def validation_metrics(metrics: Any) -> JSON:
+    """The known validation metrics, finite numbers only."""
+    if not isinstance(metrics, dict):
+        return {}
+    return {k: metrics[k] for k in VALIDATION_METRICS if finite_number(metrics.get(k)) is not None}
+
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class InvalidResult(ValueError):
+    """What a Job reported does not have the shape of a result; the message names the field."""
+
+
+def announced_digest(result: Any) -> str:
+    """The artifact digest a training Job's result announces, or InvalidResult naming the
+    field. A termination message is the tenant's to write: it is parsed as untrusted input."""
+    if not isinstance(result, dict):
+        raise InvalidResult("the termination message is not a JSON object")
+    art = result.get("artifact")
+    if not isinstance(art, dict):
+        raise InvalidResult("artifact: must be an object with the manifest's digest")
+    digest = art.get("digest")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise InvalidResult("artifact.digest: must be sha256: and 64 hexadecimal digits")
+    return digest
+
+
+def manifest_matches_spec(meta: Any, spec: JSON, files: list[str] | None = None) -> str | None:
+    """Why a verified manifest does not describe this contribution's task, if it does not. Its
+    files are the contract's alone (what else would become status is the tenant's choice)."""
+    task = spec.get("task") or {}
+    unknown = sorted(set(files or []) - set(OUTPUT_FILES) - {"manifest.json"})
+    if unknown:
+        return f"files: {unknown[0][:64]!r} is not a contribution file ({', '.join(OUTPUT_FILES)})"
+    if not isinstance(meta, dict):
+        return "meta: must be an object"
+    if meta.get("task") != task.get("name"):
+        return (
+            f"meta.task {str(meta.get('task'))[:64]!r} is not spec.task.name {task.get('name')!r}"
+        )
+    if meta.get("classes") != list(task.get("classes") or []):
+        return "meta.classes differ from spec.task.classes (names and order)"
+    return None
+
+
+def _count(value: Any) -> int:
+    n = finite_number(value)
+    return int(n) if n is not None and n >= 0 else 0
+
+
 def _job_summary(o: Observation, pods: JSON) -> JSON | None:
-    if o.job is None:
+    record = o.record or {}
+    if o.job is None and not record:
         return None
-    js = o.job.get("status", {})
-    attempts = max(
-        pods["attempts"],
-        int(js.get("failed", 0)) + int(js.get("succeeded", 0)) + int(js.get("active", 0)),
-    )
-    summary = {
+    summary: JSON = {
         "name": o.job_name,
-        "attempts": attempts,
-        "startTime": js.get("startTime"),
-        "completionTime": js.get("completionTime"),
+        "uid": record.get("uid"),
+        "planDigest": record.get("planDigest"),
     }
+    if o.job is not None:
+        js = o.job.get("status") or {}
+        summary["attempts"] = max(
+            pods["attempts"],
+            _count(js.get("failed")) + _count(js.get("succeeded")) + _count(js.get("active")),
+        )
+        for key in ("startTime", "completionTime"):
+            if jobs.parse_time(js.get(key)) is not None:
+                summary[key] = js[key]
     return {k: v for k, v in summary.items() if v is not None}
 
 
@@ -256,12 +351,8 @@ def compute_status(old: JSON, o: Observation) -> JSON:
     status: JSON = {"observedGeneration": o.generation}
     if (summary := _job_summary(o, pods)) is not None:
         status["job"] = summary
-    annotations = ((o.job or {}).get("metadata") or {}).get("annotations") or {}
-    if annotations.get(jobs.ANNOTATION_BASE_DIGEST):
-        status["baseModel"] = {
-            "name": annotations.get(jobs.ANNOTATION_BASE_NAME, ""),
-            "digest": annotations[jobs.ANNOTATION_BASE_DIGEST],
-        }
+    if o.record and o.record.get("baseModel"):
+        status["baseModel"] = dict(o.record["baseModel"])  # what the operator gave the Job
     if old.get("usedBy"):
         status["usedBy"] = old["usedBy"]  # written by the composites that merged it
     phase: Phase
@@ -288,7 +379,8 @@ def compute_status(old: JSON, o: Observation) -> JSON:
 
 
 def success_result(pods: list[JSON]) -> JSON | None:
-    """The result JSON the trainer wrote to its termination message."""
+    """The result JSON the trainer wrote to its termination message (untrusted: see
+    announced_digest)."""
     message = jobs.pod_summary(pods)["success_message"]
     return read_result(message) if message else None
 

@@ -153,6 +153,15 @@ def _composite_gauges() -> dict[str, GaugeMetricFamily]:
         "revision": ("The revision served now (0: none accepted yet)", ident),
         "latest_revision": ("The newest revision planned", ident),
         "inputs": ("Inputs by state (Included, Excluded, Pending)", [*ident, "state"]),
+        "excluded_inputs": (
+            "Excluded inputs by reason code (IsolatedAfterFailures, RejectedByGate, ...)",
+            [*ident, "reason"],
+        ),
+        "isolation_groups": (
+            "Groups of new inputs still to try while isolating a failing or regressing "
+            "revision (0 when not isolating)",
+            ident,
+        ),
         "score": ("Mean accuracy of the served revision over its evaluation tasks", ident),
         "task_metric": (
             "Per-task metrics of the served revision",
@@ -199,6 +208,13 @@ def _one_composite(
     for state, n in sorted((status.get("inputCounts") or {}).items()):
         if (v := finite_number(n)) is not None:
             g["inputs"].add_metric([*ident, str(state)], v)
+    excluded = status.get("excluded")
+    reasons = Counter(str(r) for r in (excluded.values() if isinstance(excluded, dict) else []))
+    for reason, n in sorted(reasons.items()):
+        g["excluded_inputs"].add_metric([*ident, reason], float(n))
+    iso = status.get("isolation")
+    groups = iso.get("groups") if isinstance(iso, dict) else None
+    g["isolation_groups"].add_metric(ident, float(len(groups) if isinstance(groups, list) else 0))
     if (score := finite_number(current.get("score"))) is not None:
         g["score"].add_metric(ident, score)
     for task, values in sorted((current.get("metrics") or {}).items()):

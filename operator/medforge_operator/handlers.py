@@ -169,7 +169,7 @@ def _round(r: Runtime, plural: str, ns: str, name: str, body: JSON | None) -> No
 def _waiting_on_base_models(r: Runtime) -> None:
     """A base model became usable: queue what may have waited for it."""
     for ns in r.settings.namespaces or (None,):
-        for c in r.kube.list_objects(CONTRIBUTIONS, ns):
+        for c in r.kube.iter_objects(CONTRIBUTIONS, ns):
             if rcon.needs_polling(c):
                 r.enqueue(CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
     r.composites()
@@ -184,6 +184,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
+    # Member namespaces are the tenants' to fill: the initial listing is read a chunk at a time,
+    # and an object's worker (holding its newest body) goes soon after its events stop.
+    settings.watching.chunk_size = 500
+    settings.queueing.idle_timeout = 1.0
     r = rt(memo)
     if not r.settings.leader_election:
         lead(r)
@@ -234,7 +238,7 @@ def _resync_pass(r: Runtime, full: bool) -> None:
     failed = r.failed.snapshot()
     seen: set[Key] = set()
     for ns in r.settings.namespaces or (None,):
-        for c in r.kube.list_objects(CONTRIBUTIONS, ns):
+        for c in r.kube.iter_objects(CONTRIBUTIONS, ns):
             key = (CONTRIBUTIONS, c["metadata"]["namespace"], c["metadata"]["name"])
             seen.add(key)
             if rcon.needs_polling(c) or ((full or key in failed) and not rcon.settled(c)):
@@ -278,7 +282,12 @@ def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 def plain(body: Any) -> JSON:
+    """A plain copy of a watched object, without what no round reads: managedFields and
+    kubectl's copy of the last applied spec (as large as the spec itself)."""
     out: JSON = json.loads(json.dumps(dict(body)))
+    meta = out.get("metadata") or {}
+    meta.pop("managedFields", None)
+    (meta.get("annotations") or {}).pop("kubectl.kubernetes.io/last-applied-configuration", None)
     return out
 
 
@@ -287,17 +296,17 @@ def plain(body: Any) -> JSON:
 
 @kopf.on.event(GROUP, VERSION, CONTRIBUTIONS)
 def contribution_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    r = rt(memo)
-    r.observed.observe(CONTRIBUTIONS, type, plain(body))
+    r, obj = rt(memo), plain(body)
+    r.observed.observe(CONTRIBUTIONS, type, obj)
     if type == "DELETED":
         r.composites()
         return
-    status = body.get("status") or {}
+    status = obj.get("status") or {}
     # A status that already describes this generation was written by us: its Job's and pods'
     # events (and the resync) drive what happens next, so our own write does not re-trigger.
-    if status.get("observedGeneration") != body["metadata"].get("generation"):
-        meta = body["metadata"]
-        r.enqueue(CONTRIBUTIONS, meta["namespace"], meta["name"], plain(body))
+    if status.get("observedGeneration") != obj["metadata"].get("generation"):
+        meta = obj["metadata"]
+        r.enqueue(CONTRIBUTIONS, meta["namespace"], meta["name"], obj)
 
 
 # ----- BaseModel (cluster-scoped) -----

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
-import re
-from collections.abc import Callable
 from typing import Any
 
-from medforge_common.uris import S3Uri, parse_uri
+from medforge_common.redact import redact
+from medforge_common.result import STORE_FAULT_EXIT
+from medforge_common.uris import S3Uri
 from medforge_operator import GROUP, VERSION, names
 
 JSON = dict[str, Any]
@@ -19,10 +21,8 @@ LABEL_OWNER_NS = "medforge.io/owner-namespace"
 LABEL_GENERATION = "medforge.io/generation"
 LABEL_REVISION = "medforge.io/revision"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
-# The job's config without any URL (store URIs to be signed), kept on the Job so that fresh URLs
-# can be signed whenever a pod is about to need them; the URL lifetime; the base model's digest.
-ANNOTATION_PLAN = "medforge.io/job-plan"
-ANNOTATION_URL_LIFETIME = "medforge.io/url-lifetime-seconds"
+# For people reading the Job only: a member namespace is the tenant's to write, so the operator
+# never reads its children's annotations back (its record of each Job is in the owner's status).
 ANNOTATION_BASE_DIGEST = "medforge.io/base-model-digest"
 ANNOTATION_BASE_NAME = "medforge.io/base-model"
 ANNOTATION_EXPIRES = "medforge.io/urls-expire-at"
@@ -95,8 +95,6 @@ def job_manifest(
     component: str,
     image: str,
     command: list[str],
-    plan: JSON,
-    url_lifetime: int,
     annotations: dict[str, str],
     env: list[JSON],
     labels: dict[str, str],
@@ -133,7 +131,9 @@ def job_manifest(
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
             {"name": "scratch", "mountPath": "/scratch"},
@@ -196,8 +196,6 @@ def job_manifest(
             "annotations": {
                 **annotations,
                 ANNOTATION_OWNER: owner["metadata"]["name"],
-                ANNOTATION_PLAN: json.dumps(plan, sort_keys=True, separators=(",", ":")),
-                ANNOTATION_URL_LIFETIME: str(url_lifetime),
             },
             "ownerReferences": [owner_reference(owner)],
         },
@@ -215,55 +213,54 @@ def put_ref(uri: S3Uri) -> JSON:
     return {"put": str(uri)}
 
 
-def sign(
-    plan: Any, presign_get: Callable[[S3Uri], str], presign_put: Callable[[S3Uri], str]
-) -> Any:
-    """The job config from its plan: every {"get": uri} becomes "url" beside the entry's other
-    keys, every {"put": uri} becomes the PUT URL itself."""
-    if isinstance(plan, list):
-        return [sign(v, presign_get, presign_put) for v in plan]
-    if not isinstance(plan, dict):
-        return plan
-    if set(plan) == {"put"}:
-        return presign_put(_s3(plan["put"]))
-    out = {k: sign(v, presign_get, presign_put) for k, v in plan.items() if k != "get"}
-    if isinstance(plan.get("get"), str):
-        out["url"] = presign_get(_s3(plan["get"]))
-    return out
+def plan_digest(plan: JSON) -> str:
+    """A plan's identity, recorded in the owner's status when its Job is created: a queued Job
+    whose plan would differ now is replaced before it starts."""
+    raw = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def _s3(value: str) -> S3Uri:
-    uri = parse_uri(value, "job plan")
-    if not isinstance(uri, S3Uri):
-        raise ValueError(f"job plan: {value} is not an s3:// URI")
-    return uri
+MAX_URL_LIFETIME = 7 * 24 * 3600  # SigV4's limit
+URL_SLACK = 600  # URLs outlive the Job's deadline by this much (clock skew, a slow upload)
 
 
-def plan_of(job: JSON) -> JSON | None:
-    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_PLAN)
-    try:
-        plan = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
+def capped_lifetime(job: JSON, lifetime: int, now: float) -> int:
+    """The URL lifetime the spec and settings give, capped by what is left of the Job's own
+    deadline (activeDeadlineSeconds from its start): a value read from the Job can only
+    shorten it."""
+    spec = job.get("spec") or {}
+    deadline = spec.get("activeDeadlineSeconds")
+    out = min(int(lifetime), MAX_URL_LIFETIME)
+    if isinstance(deadline, int) and not isinstance(deadline, bool) and deadline > 0:
+        left = deadline + URL_SLACK
+        started = parse_time((job.get("status") or {}).get("startTime"))
+        if started is not None:
+            left = int(started + deadline + URL_SLACK - now)
+        out = min(out, left)
+    return max(60, out)
+
+
+def parse_time(value: Any) -> float | None:
+    if not isinstance(value, str):
         return None
-    return plan if isinstance(plan, dict) else None
-
-
-def url_lifetime(job: JSON, default: int) -> int:
-    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_URL_LIFETIME)
     try:
-        return max(60, min(int(raw or default), 7 * 24 * 3600))
+        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
     except ValueError:
-        return default
+        return None
+
+
+MAX_CONFIG_BYTES = 900_000  # a Secret holds at most 1 MiB; room for its metadata
+
+
+def secret_size(secret: JSON) -> int:
+    return sum(len(v.encode()) for v in (secret.get("stringData") or {}).values())
 
 
 def config_secret(job: JSON, config: JSON, expires_at: str) -> JSON:
     """The Secret that carries a Job's config, owned by the Job (deleted with it)."""
     meta = job["metadata"]
-    labels = {
-        k: v
-        for k, v in (meta.get("labels") or {}).items()
-        if k.startswith(("app.kubernetes.io/", "medforge.io/"))
-    }
+    # The operator's own labels, never copied from the Job (which the tenant may relabel).
+    labels = {"app.kubernetes.io/name": "medforge", "app.kubernetes.io/managed-by": MANAGED_BY}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -288,13 +285,13 @@ def config_secret(job: JSON, config: JSON, expires_at: str) -> JSON:
     }
 
 
-_SIGNED_QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
-
-
 def redact_urls(text: str) -> str:
-    """Drop the query (the signature) of every URL in a message copied into status or Events:
-    a presigned URL quoted in an error must not become readable to anyone who may view."""
-    return _SIGNED_QUERY.sub(r"\1?<redacted>", text)
+    """Remove every presigned query (its signature and credential) from a message copied into
+    status, Events or logs (medforge_common.redact, shared with the job programs)."""
+    return redact(text)
+
+
+MAX_MESSAGE_CHARS = 4096  # a kubelet keeps at most 4 KiB of a termination message
 
 
 def job_state(job: JSON | None) -> str:
@@ -369,6 +366,9 @@ def pod_summary(pods: list[JSON]) -> JSON:
         "config_error": None,
         "success_message": None,
         "failure_message": None,
+        "failure_exit": None,  # exit code and reason (OOMKilled, Error) of the newest failure
+        "failure_reason": None,
+        "disrupted": False,  # the newest pod was evicted or disrupted (a node drained or lost)
     }
     ordered = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
     for i, pod in enumerate(ordered):
@@ -378,6 +378,11 @@ def pod_summary(pods: list[JSON]) -> JSON:
         phase = pod.get("status", {}).get("phase")
         if phase == "Running":
             out["running"] = True
+        if newest:
+            out["disrupted"] = pod.get("status", {}).get("reason") == "Evicted" or any(
+                c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                for c in pod.get("status", {}).get("conditions") or []
+            )
         for cs in pod.get("status", {}).get("containerStatuses") or []:
             state = cs.get("state") or {}
             waiting = state.get("waiting") or {}
@@ -394,12 +399,30 @@ def pod_summary(pods: list[JSON]) -> JSON:
                 and own_secret not in str(waiting.get("message", ""))
             ):
                 # Our own config Secret follows the Job by a moment: not the user's problem.
-                out["config_error"] = (
+                out["config_error"] = redact_urls(
                     f"{waiting['reason']} in pod {pod['metadata']['name']}: "
-                    f"{waiting.get('message', '')}"
+                    f"{str(waiting.get('message', ''))[:MAX_MESSAGE_CHARS]}"
                 )
             term = state.get("terminated")
             if term:
                 key = "success_message" if term.get("exitCode") == 0 else "failure_message"
-                out[key] = redact_urls(str(term.get("message", "")))
+                out[key] = redact_urls(str(term.get("message", ""))[:MAX_MESSAGE_CHARS])
+                if term.get("exitCode") != 0:
+                    out["failure_exit"] = term.get("exitCode")
+                    out["failure_reason"] = term.get("reason")
     return out
+
+
+def caused_by_inputs(summary: JSON) -> bool:
+    """Whether a failed Job's newest pod failed in a way its inputs can explain: the program
+    exited non-zero by itself (or was killed for memory), not because the store could not be
+    reached, the pod was evicted or disrupted, or its node was lost (no exit code at all). Only
+    such failures count toward isolating an input; the others are retried."""
+    code = summary.get("failure_exit")
+    if summary.get("disrupted") or not isinstance(code, int) or isinstance(code, bool):
+        return False
+    if summary.get("failure_reason") == "OOMKilled":
+        return True
+    # 2: the job config was refused (the operator's doing, never an input's). 137 and 143
+    # without OOMKilled: SIGKILL or SIGTERM from outside (a node shutting down).
+    return code not in (2, STORE_FAULT_EXIT, 137, 143)

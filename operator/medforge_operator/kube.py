@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from medforge_common.redact import redact, redact_all
 from medforge_operator import GROUP, VERSION
 
 JSON = dict[str, Any]
@@ -59,8 +61,10 @@ class Kube:
                 return None
             raise
 
-    def create_job(self, job: JSON) -> JSON:
-        """Create the Job, or return the one that already exists under its name."""
+    def create_job(self, job: JSON) -> tuple[JSON, bool]:
+        """Create the Job: (the Job, True); or (the one that already exists under its name,
+        False), which the caller must not trust as its own: anyone who may create Jobs in the
+        namespace may have made it, owner references and labels included."""
         ns = job["metadata"]["namespace"]
         try:
             resp = self.batch.create_namespaced_job(
@@ -69,12 +73,12 @@ class Kube:
                 _preload_content=False,
                 _request_timeout=TIMEOUT,
             )
-            return _data(resp)
+            return _data(resp), True
         except ApiException as exc:
             if exc.status == 409:
                 existing = self.get_job(ns, job["metadata"]["name"])
                 if existing is not None:
-                    return existing
+                    return existing, False
             raise
 
     def list_jobs(self, namespace: str, selector: str) -> list[JSON]:
@@ -150,7 +154,8 @@ class Kube:
         """A merge patch of status. With `resource_version` it is a compare-and-swap: the API
         server answers 409 when the object changed since it was read (the round then runs
         again on what is there now), so two writers never overwrite each other's state."""
-        body: JSON = {"status": status}
+        # Whatever a round copied into status, no presigned query reaches it.
+        body: JSON = {"status": redact_all(status)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
@@ -201,6 +206,29 @@ class Kube:
             )
         return cast(list[JSON], cast(JSON, resp)["items"])
 
+    def iter_objects(
+        self, plural: str, namespace: str | None = None, selector: str = "", page: int = 500
+    ) -> Iterator[JSON]:
+        """Every object, a page at a time: a pass over every contribution in the cluster holds
+        one page, not the whole list (tenants decide how many and how large they are)."""
+        token: str | None = None
+        while True:
+            kw: JSON = {"label_selector": selector, "limit": page, "_request_timeout": TIMEOUT}
+            if token:
+                kw["_continue"] = token
+            if namespace:
+                resp = self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, plural, **kw
+                )
+            else:
+                resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
+            body = cast(JSON, resp)
+            yield from cast(list[JSON], body["items"])
+            del resp, body["items"]
+            token = (body.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
     def post_event(self, obj: JSON, etype: str, reason: str, message: str) -> None:
         """A core/v1 Event about one of our objects (what `kubectl describe` shows)."""
         meta = obj["metadata"]
@@ -219,7 +247,7 @@ class Kube:
             },
             "type": etype,
             "reason": reason,
-            "message": message[:1024],
+            "message": redact(message)[:1024],
             "source": {"component": "medforge-operator"},
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,

@@ -14,7 +14,8 @@ def child_name(parent: str, suffix: str) -> str:
         return name
     digest = hashlib.sha256(parent.encode()).hexdigest()[:8]
     keep = MAX - len(suffix) - len(digest) - 2
-    return f"{parent[:keep].rstrip('-')}-{digest}-{suffix}"
+    # A valid name may hold '.' and '-' anywhere inside: cut there, "x.-" would be invalid.
+    return f"{parent[:keep].rstrip('-.')}-{digest}-{suffix}"
 
 
 def label_value(value: str) -> str:

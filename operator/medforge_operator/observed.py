@@ -11,17 +11,41 @@ import threading
 from typing import Any
 
 JSON = dict[str, Any]
-# Only what the metrics read: a contribution's status may be large (inputs, history), but a
-# copy of spec and status per object is small beside what kopf itself keeps.
+# Only what the metrics read. A member namespace's objects are the tenants' to write: keeping
+# whole copies of every contribution cluster-wide would let them grow the operator's memory, so
+# a contribution keeps its task name and the status fields the metrics use (status is the
+# operator's own, bounded by what it writes).
 KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp")
+KEPT_STATUS = {
+    "loracontributions": ("phase", "conditions", "training", "metrics", "job"),
+    "compositemodels": (
+        "phase",
+        "conditions",
+        "current",
+        "revision",
+        "inputCounts",
+        "history",
+        "excluded",
+        "isolation",
+    ),
+    "basemodels": ("phase", "conditions", "sizeBytes"),
+}
 
 
-def slim(body: JSON) -> JSON:
+def slim(body: JSON, plural: str = "") -> JSON:
     meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    spec = body.get("spec") or {}
+    kept = KEPT_STATUS.get(plural)
+    if kept is not None:
+        status = {k: status[k] for k in kept if k in status}
+    if plural == "loracontributions":
+        task = spec.get("task") or {}
+        spec = {"task": {"name": task.get("name")}} if isinstance(task, dict) else {}
     return {
         "metadata": {k: meta[k] for k in KEPT_METADATA if k in meta},
-        "spec": body.get("spec") or {},
-        "status": body.get("status") or {},
+        "spec": spec,
+        "status": status,
     }
 
 
@@ -38,7 +62,7 @@ class ObservedObjects:
             if event_type == "DELETED":
                 objects.pop(key, None)
             else:
-                objects[key] = slim(body)
+                objects[key] = slim(body, plural)
 
     def snapshot(self) -> dict[str, list[JSON]]:
         with self._lock:

@@ -13,8 +13,22 @@ from kubernetes.client.exceptions import ApiException
 from medforge_common.artifacts import RESULT_FILE
 from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_common.uris import UriError
-from medforge_operator import COMPOSITES, CONTRIBUTIONS, composite, jobs, metrics, names
-from medforge_operator.api import CompositePhase, EventReason, InputState, RevisionState
+from medforge_operator import (
+    COMPOSITES,
+    CONTRIBUTIONS,
+    composite,
+    jobs,
+    metrics,
+    names,
+    signing,
+)
+from medforge_operator.api import (
+    CompositePhase,
+    EventReason,
+    InputReason,
+    InputState,
+    RevisionState,
+)
 from medforge_operator.api import ConditionType as C
 from medforge_operator.api import Reason as R
 from medforge_operator.basemodel import BaseModelUnusable
@@ -39,11 +53,13 @@ def matching_contributions(obj: JSON, kube: Kube, s: Settings, cat: Catalog) -> 
     spec = obj["spec"].get("contributions") or {}
     selector = composite.selector_string(spec.get("selector"))
     ns_sel = spec.get("namespaceSelector")
-    if s.namespaces:
-        found = [c for ns in s.namespaces for c in kube.list_objects(CONTRIBUTIONS, ns, selector)]
-    else:
-        found = kube.list_objects(CONTRIBUTIONS, None, selector)
-    found = [c for c in found if composite.shares_with(c, me)]
+    # A page at a time, keeping only those that consented to this composite.
+    found = [
+        c
+        for ns in (s.namespaces or (None,))
+        for c in kube.iter_objects(CONTRIBUTIONS, ns, selector)
+        if composite.shares_with(c, me)
+    ]
     if ns_sel:
         found = [
             c
@@ -82,6 +98,7 @@ def reconcile(
     new = composite.compute_status(old, settled, o, changes)
     _write(fresh, kube, new)
     _announce(fresh, old, o, plan, kube, event, cat)
+    _tell_excluded(fresh, old, new, o, event)
 
 
 def _apply(status: JSON, changes: JSON) -> JSON:
@@ -136,35 +153,68 @@ def observe(
     obj: JSON, kube: Kube, store: ForgeStore, s: Settings, cat: Catalog
 ) -> composite.Observation:
     """Everything the round decides on. A pending revision whose Job ended is read here: its
-    pods' result and the uploaded composite, checked against the store."""
+    pods' result and the uploaded composite, copied and checked in the store."""
     meta, spec = obj["metadata"], obj["spec"]
     o = composite.Observation(generation=int(meta["generation"]))
-    pending = (obj.get("status") or {}).get("pendingRevision")
-    if pending:
-        job_name = names.merge_job_name(meta["name"], pending["revision"])
-        o.job = kube.get_job(meta["namespace"], job_name)
-        if o.job is not None and not jobs.owned_by(o.job, meta["uid"]):
-            # Not this composite's own (left by one of the same name): the revision starts
-            # over under a new number; ours are removed, others' never touched.
-            if jobs.made_by_us(o.job):
-                kube.delete_job(meta["namespace"], job_name)
-            o.job = None
-        if o.job is not None and jobs.job_state(o.job) == "Active":
-            if not jobs.never_started(o.job):
-                try:
-                    cat.configs.ensure(o.job)  # fresh URLs for pods about to start
-                except ConfigRefused as exc:
-                    o.start_problem = (R.INVALID_SPEC, str(exc))
-        elif o.job is not None:
-            uri = composite.output_prefix(store.bucket, obj, pending["revision"])
-            o.outcome = _outcome(o.job, kube, store, meta["namespace"], uri, spec)
-            o.outcome.uri, o.outcome.job_name = str(uri), job_name
     try:
         o.base = cat.base_models.resolve(spec["baseModel"]["name"], None, "spec.baseModel")
     except BaseModelUnusable as exc:
         o.base_problem = (exc.reason, exc.message)
     o.contribs = matching_contributions(obj, kube, s, cat)
+    pending = (obj.get("status") or {}).get("pendingRevision")
+    if not pending:
+        return o
+    job_name = names.merge_job_name(meta["name"], pending["revision"])
+    o.job = kube.get_job(meta["namespace"], job_name)
+    if o.job is not None and o.job["metadata"].get("uid") != pending.get("jobUid"):
+        # Not the Job this revision recorded (a look-alike, or one left by an object of the
+        # same name): the revision starts over under a new number; one that claims to be ours
+        # is removed, others are never touched.
+        if jobs.made_by_us(o.job) or jobs.owned_by(o.job, meta["uid"]):
+            kube.delete_job(meta["namespace"], job_name)
+        o.job = None
+    if o.job is not None and jobs.job_state(o.job) == "Active":
+        if not jobs.never_started(o.job):
+            _sign(obj, pending, o, store, s, cat)
+    elif o.job is not None:
+        uri = composite.output_prefix(store.bucket, obj, pending["revision"])
+        verified = composite.verified_prefix(store.bucket, obj, pending["revision"])
+        previous = ((obj.get("status") or {}).get("current") or {}).get("metrics") or {}
+        o.outcome = _outcome(o.job, kube, store, meta["namespace"], uri, verified, spec, previous)
+        o.outcome.uri, o.outcome.job_name = str(verified), job_name
     return o
+
+
+def _sign(
+    obj: JSON,
+    pending: JSON,
+    o: composite.Observation,
+    store: ForgeStore,
+    s: Settings,
+    cat: Catalog,
+) -> None:
+    """Fresh URLs for the merge Job's pods, for the plan derived again from the composite, its
+    recorded base model and the inputs that still consent (never read back from the Job),
+    inside the merge grant."""
+    try:
+        base = cat.base_models.resolve(
+            obj["spec"]["baseModel"]["name"], pending.get("baseDigest"), "spec.baseModel"
+        )
+        new, every = composite.merge_inputs(pending, o.contribs, base.digest)
+        plan = composite.Plan(int(pending["revision"]), new, every)
+        out = composite.output_prefix(store.bucket, obj, plan.revision)
+        job_plan = composite.merge_plan(obj, plan, base, out, store.bucket)
+        grant = composite.merge_grant(store.bucket, obj, plan, base)
+        cat.configs.ensure(o.job or {}, job_plan, grant, s.presign_expiry_seconds)
+    except BaseModelUnusable as exc:
+        o.start_problem = (exc.reason, exc.message)
+    except (UriError, ValueError) as exc:
+        o.start_problem = (R.INVALID_SPEC, str(exc))
+    except signing.SigningRefused as exc:
+        log.warning("%s/%s: %s", obj["metadata"]["namespace"], obj["metadata"]["name"], exc)
+        o.start_problem = (R.SIGNING_REFUSED, str(exc))
+    except ConfigRefused as exc:
+        o.start_problem = (R.INVALID_SPEC, str(exc))
 
 
 def _start(
@@ -177,13 +227,14 @@ def _start(
     o: composite.Observation,
 ) -> None:
     """Create the revision's merge Job (its config Secret too, unless Kueue queues it); what
-    happened goes into the observation."""
+    happened goes into the observation. The Job's uid is recorded in pendingRevision: nothing
+    else makes a Job of that name this revision's."""
     if o.base is None:
         return
     out = composite.output_prefix(store.bucket, obj, plan.revision)
     try:
         job_plan = composite.merge_plan(obj, plan, o.base, out, store.bucket)
-        job = kube.create_job(composite.merge_job(obj, plan, s, job_plan))
+        job, created = kube.create_job(composite.merge_job(obj, plan, s, job_plan))
     except (UriError, ValueError) as exc:
         o.start_problem = (R.INVALID_SPEC, str(exc))
         return
@@ -192,18 +243,35 @@ def _start(
             raise
         o.start_problem = (R.INVALID_SPEC, f"the API server refused the merge Job: {exc.reason}")
         return
-    if jobs.job_state(job) == "Active" and not jobs.never_started(job):
-        try:
-            cat.configs.ensure(job)
-        except ConfigRefused as exc:
-            o.start_problem = (R.INVALID_SPEC, str(exc))
+    if not created:
+        name = job["metadata"]["name"]
+        if jobs.made_by_us(job) or jobs.owned_by(job, obj["metadata"]["uid"]):
+            kube.delete_job(obj["metadata"]["namespace"], name)
+            o.start_problem = (
+                R.JOB_NOT_RECORDED,
+                f"deleted Job {name}: it claims to be this composite's, but no revision "
+                "recorded it; the revision starts again",
+            )
+        else:
+            o.start_problem = (
+                R.JOB_NAME_TAKEN,
+                f"a Job named {name} that MedForge did not create exists in this namespace; "
+                "delete or rename it",
+            )
+        return
     JOBS_CREATED.labels("merge").inc()
     o.started = {
         "revision": plan.revision,
         "digests": [c["status"]["artifact"]["digest"] for c in plan.new],
+        "inputs": [c["status"]["artifact"]["digest"] for c in plan.all_inputs],
+        "baseDigest": o.base.digest,
+        "jobUid": job["metadata"]["uid"],
         "incremental": job_plan["integration"] == "incremental",
         "startedAt": now(),
     }
+    if jobs.job_state(job) == "Active" and not jobs.never_started(job):
+        o.job = job
+        _sign(obj, o.started, o, store, s, cat)
 
 
 def _announce(
@@ -236,6 +304,39 @@ def _announce(
             EventReason.REVISION_STARTED,
             f"merging revision {plan.revision} with {len(plan.new)} new contribution(s)",
         )
+
+
+def _tell_excluded(
+    obj: JSON, old: JSON, new: JSON, o: composite.Observation, event: EventFn
+) -> None:
+    """The operator's own verdicts (an input isolated after failures, or rejected by the gate
+    on its own) reach the hospital as an Event on its contribution, in its namespace; what the
+    merger excluded is told with the merger's reason (_tell_contributions)."""
+    before = old.get("excluded") or {}
+    by_merger = {
+        i.get("digest")
+        for i in (o.outcome.result.get("inputs") or [] if o.outcome else [])
+        if i.get("state") == InputState.EXCLUDED
+    }
+    me = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+    for c in o.contribs:
+        digest = ((c.get("status") or {}).get("artifact") or {}).get("digest")
+        code = (new.get("excluded") or {}).get(digest)
+        if code is None or digest in before or digest in by_merger:
+            continue
+        why = {
+            InputReason.ISOLATED_AFTER_FAILURES: (
+                "every merge with it failed, alone too, while merges without it succeeded; "
+                "it is not merged again (train a new contribution to try again)"
+            ),
+            InputReason.REJECTED_BY_GATE: (
+                "the revision that added it regressed the composite's tasks significantly "
+                "beyond the gate; "
+                "it is not merged again"
+            ),
+        }.get(code)
+        if why:
+            event(c, "Warning", str(code), f"{me}: {why}")
 
 
 # How many composites a contribution lists in status.usedBy.
@@ -286,8 +387,17 @@ def _no_usable_input(store: ForgeStore, uri: Any, verdict: JSON) -> composite.Ou
 
 
 def _outcome(
-    job: JSON, kube: Kube, store: ForgeStore, ns: str, uri: Any, spec: JSON
+    job: JSON,
+    kube: Kube,
+    store: ForgeStore,
+    ns: str,
+    uri: Any,
+    verified: Any,
+    spec: JSON,
+    previous: JSON,
 ) -> composite.Outcome:
+    """How the pending revision's Job ended; `previous` holds the metrics recorded for the
+    revision it replaces, which the gate compares with."""
     pods = kube.job_pods(ns, job)
     summary = jobs.pod_summary(pods)
     if jobs.job_state(job) == "Failed":
@@ -296,7 +406,11 @@ def _outcome(
             return _no_usable_input(store, uri, verdict)
         reason, message = jobs.job_failure(job)
         detail = jobs.redact_urls(str(summary["failure_message"] or message))
-        return composite.Outcome(RevisionState.FAILED, f"{reason}: {detail}")
+        return composite.Outcome(
+            RevisionState.FAILED,
+            f"{reason}: {detail}",
+            by_inputs=jobs.caused_by_inputs(summary),
+        )
     result = read_result(summary["success_message"] or "")
     if not pods:  # the pods are gone: the result file in the store still tells
         result = {"artifact": {}, "resultFile": {"name": RESULT_FILE, "digest": None}}
@@ -305,19 +419,24 @@ def _outcome(
     try:
         if "resultFile" in result:  # the full result went to the store beside the composite
             result = store.read_json(uri, result["resultFile"], MAX_RESULT_FILE_BYTES)
-        manifest = store.verify_artifact(uri, str(result["artifact"].get("digest", "")))
+        art = result.get("artifact")
+        digest = art.get("digest") if isinstance(art, dict) else None
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            raise VerificationFailed(f"{R.INVALID_RESULT}: artifact.digest is missing")
+        manifest = store.verify_copy(uri, verified, digest)
     except StoreUnreachable as exc:
         return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
     except VerificationFailed as exc:
-        text = str(exc)
+        text = jobs.redact_urls(str(exc))
         invalid = text.startswith(R.INVALID_RESULT)
         metrics.verification_failed("composite", R.INVALID_RESULT if invalid else R.DIGEST_MISMATCH)
         return composite.Outcome(
-            RevisionState.FAILED, ("" if invalid else f"{R.DIGEST_MISMATCH}: ") + text
-        )
+            RevisionState.FAILED,
+            ("" if invalid else f"{R.DIGEST_MISMATCH}: ") + text,
+        )  # the merge's own output: no input explains it, so it never counts toward blame
     metrics.verified("composite", sum(f.size for f in manifest.files))
     result["artifact"]["files"] = [f.name for f in manifest.files]
-    ok, message = composite.gate(result, float((spec.get("gate") or {}).get("maxRegression", 0.05)))
+    ok, message = composite.gate(result, previous, spec.get("gate"))
     message = jobs.redact_urls(message)
     state = RevisionState.ACCEPTED if ok else RevisionState.REJECTED
     return composite.Outcome(state, message, result)

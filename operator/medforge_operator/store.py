@@ -14,11 +14,11 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from medforge_common.artifacts import MANIFEST_FILE
-from medforge_common.manifest import Manifest, ManifestError
+from medforge_common.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError
 from medforge_common.uris import S3Uri, UriError, parse_uri
 from medforge_operator.settings import Settings
 
-MAX_MANIFEST_BYTES = 1 << 20
+MAX_SINGLE_COPY = 5 << 30  # S3's limit for one CopyObject request
 
 
 class StoreUnreachable(Exception):
@@ -115,8 +115,9 @@ class ForgeStore:
             raise VerificationFailed(f"{uri} is larger than {limit} bytes")
         return body
 
-    def sha256(self, uri: S3Uri) -> tuple[str, int]:
-        """Stream an object and hash it (constant memory)."""
+    def sha256(self, uri: S3Uri, limit: int | None = None) -> tuple[str, int]:
+        """Stream an object and hash it (constant memory); past `limit` bytes it stops: the
+        object is not what the manifest says."""
         h = hashlib.sha256()
         size = 0
         with self._reading(uri, "was not uploaded"):
@@ -124,12 +125,46 @@ class ForgeStore:
             for chunk in obj["Body"].iter_chunks(1 << 20):
                 h.update(chunk)
                 size += len(chunk)
+                if limit is not None and size > limit:
+                    raise VerificationFailed(f"{uri} holds more than the {limit} bytes expected")
         return h.hexdigest(), size
 
-    def verify_artifact(self, prefix: S3Uri, digest: str | None) -> Manifest:
-        """Check manifest.json against the expected digest (None: take it as it is), then every
-        file it lists: its size first (HEAD: an upload larger than the manifest says, or than
-        the operator's cap, is refused before a byte is downloaded), then its sha256."""
+    def copy(self, src: S3Uri, dst: S3Uri, limit: int, exact: int | None = None) -> None:
+        """A server-side copy, after a HEAD shows the source is no larger than `limit` (and,
+        given, exactly `exact` bytes). The copy is made only of the version that HEAD saw: an
+        object replaced in between fails the copy's precondition."""
+        with self._reading(src, "was not uploaded"):
+            head = self._api.head_object(Bucket=src.bucket, Key=src.key)
+        size = int(head.get("ContentLength", 0))
+        if size > limit or (exact is not None and size != exact):
+            want = f"the manifest lists {exact}" if exact is not None else f"at most {limit}"
+            raise VerificationFailed(f"{src.key.rsplit('/', 1)[-1]}: {size} bytes stored, {want}")
+        source: dict[str, str] = {"Bucket": src.bucket, "Key": src.key}
+        extra: dict[str, Any] = {}
+        if head.get("ETag"):
+            extra["CopySourceIfMatch"] = head["ETag"]
+        try:
+            with self._reading(src, "was not uploaded"):
+                if size <= MAX_SINGLE_COPY:
+                    self._api.copy_object(
+                        Bucket=dst.bucket, Key=dst.key, CopySource=source, **extra
+                    )
+                else:  # past S3's single-request copy limit: a multipart copy
+                    self._api.copy(source, dst.bucket, dst.key)
+        except StoreUnreachable as exc:
+            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                raise VerificationFailed(
+                    f"{src.key.rsplit('/', 1)[-1]} changed while it was being verified"
+                ) from exc
+            raise
+
+    def delete(self, uris: list[S3Uri]) -> None:
+        """Best effort: what a failed verification copied is removed (a retry copies again)."""
+        for uri in uris:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self._api.delete_object(Bucket=uri.bucket, Key=uri.key)
+
+    def _manifest(self, prefix: S3Uri, digest: str | None) -> Manifest:
         raw = self.read(prefix.join(MANIFEST_FILE))
         actual = "sha256:" + hashlib.sha256(raw).hexdigest()
         if digest is not None and actual != digest:
@@ -147,18 +182,48 @@ class ForgeStore:
                     f"{entry.name}: the manifest lists {entry.size} bytes, more than the "
                     f"operator's limit of {cap} (MEDFORGE_MAX_ARTIFACT_BYTES)"
                 )
-            stored = self.size(prefix.join(entry.name))
-            if stored != entry.size:
-                raise VerificationFailed(
-                    f"{entry.name}: {stored} bytes stored, the manifest lists {entry.size}"
-                )
+        return manifest
+
+    def _hash_files(self, prefix: S3Uri, manifest: Manifest) -> None:
         for entry in manifest.files:
-            sha, size = self.sha256(prefix.join(entry.name))
+            sha, size = self.sha256(prefix.join(entry.name), entry.size)
             if sha != entry.sha256 or size != entry.size:
                 raise VerificationFailed(
                     f"{entry.name}: sha256 {sha[:12]}... ({size} bytes) does not match the "
                     f"manifest's {entry.sha256[:12]}... ({entry.size} bytes)"
                 )
+
+    def verify_artifact(self, prefix: S3Uri, digest: str | None) -> Manifest:
+        """Check manifest.json against the expected digest (None: take it as it is), then every
+        file it lists: its size first (HEAD: an upload larger than the manifest says, or than
+        the operator's cap, is refused before a byte is downloaded), then its sha256. For what
+        only the operator writes (a BaseModel's files); uploads go through verify_copy."""
+        manifest = self._manifest(prefix, digest)
+        for entry in manifest.files:
+            stored = self.size(prefix.join(entry.name))
+            if stored != entry.size:
+                raise VerificationFailed(
+                    f"{entry.name}: {stored} bytes stored, the manifest lists {entry.size}"
+                )
+        self._hash_files(prefix, manifest)
+        return manifest
+
+    def verify_copy(self, upload: S3Uri, verified: S3Uri, digest: str) -> Manifest:
+        """Copy an upload server-side into `verified` (a prefix no presigned PUT ever targets),
+        then check the copy, never the upload: a presigned PUT cannot be revoked, so the upload
+        may change while it is hashed, and whatever changes there later is read by no one. On
+        a verdict the copy is removed."""
+        copied = [verified.join(MANIFEST_FILE)]
+        try:
+            self.copy(upload.join(MANIFEST_FILE), copied[0], MAX_MANIFEST_BYTES)
+            manifest = self._manifest(verified, digest)
+            for entry in manifest.files:
+                copied.append(verified.join(entry.name))
+                self.copy(upload.join(entry.name), copied[-1], entry.size, entry.size)
+            self._hash_files(verified, manifest)
+        except VerificationFailed:
+            self.delete(copied)
+            raise
         return manifest
 
     def read_json(

@@ -29,6 +29,9 @@ from medforge_operator.metrics import (
 log = logging.getLogger("medforge.workqueue")
 
 
+MAX_BODIES = 256
+
+
 class WorkQueue:
     def __init__(
         self,
@@ -59,7 +62,10 @@ class WorkQueue:
 
     def add(self, key: Hashable, body: Any = None) -> None:
         with self._cv:
-            if body is not None:
+            # Bodies are kept for at most MAX_BODIES waiting keys: objects in member namespaces
+            # are the tenants' to write (and to make large), so a deep queue holds keys, and
+            # its rounds read their objects fresh.
+            if body is not None and (key in self._bodies or len(self._bodies) < MAX_BODIES):
                 self._bodies[key] = body
             else:
                 self._bodies.pop(key, None)  # a bare trigger: the worker reads the object fresh

@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from medforge_localcluster import binaries
+from medforge_operator import jobs
 from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model
 from tests.cluster.test_operator import contribution, status, wait_phase
 from tests.conftest import ClusterAccess
@@ -106,34 +108,116 @@ def can_i(cluster: ClusterAccess, ns: str, *args: str) -> bool:
     return out.stdout.strip() == "yes"
 
 
-JOB_AS_OPERATOR = """
-apiVersion: batch/v1
-kind: Job
-metadata:
-  name: {name}
-  labels: {{app.kubernetes.io/managed-by: medforge-operator}}
-spec:
-  template:
-    spec:
-      restartPolicy: Never
-      automountServiceAccountToken: false
-      securityContext: {{runAsNonRoot: true, runAsUser: 10001, seccompProfile: {{type: RuntimeDefault}}}}
-      containers:
-        - name: c
-          image: busybox
-          securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
-          {mounts}
-      {volumes}
-"""
-
-
-def job_as_operator(cluster: ClusterAccess, release_ns: str, ns: str, name: str, host: bool) -> str:
-    """Create a Job as the operator's ServiceAccount (impersonated); the API's answer."""
-    doc = JOB_AS_OPERATOR.format(
+def operator_job(name: str) -> dict[str, Any]:
+    """A Job of the shape the operator's builder makes (restricted, no token, only its own
+    volumes), from the builder itself."""
+    owner = {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "LoRAContribution",
+        "metadata": {"name": name, "uid": "0000"},
+    }
+    job = jobs.job_manifest(
         name=name,
-        mounts="volumeMounts: [{name: h, mountPath: /h}]" if host else "",
-        volumes="volumes: [{name: h, hostPath: {path: /etc}}]" if host else "",
+        namespace="x",
+        owner=owner,
+        component="train",
+        image="busybox",
+        command=["true"],
+        annotations={},
+        env=[],
+        labels={},
+        resources={},
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "d", "readOnly": True}}],
+        volume_mounts=[],
+        backoff_limit=0,
+        active_deadline=None,
+        ttl_seconds=60,
     )
+    del job["metadata"]["namespace"], job["metadata"]["ownerReferences"]
+    return job
+
+
+def _pod(doc: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = doc["spec"]["template"]["spec"]
+    return pod
+
+
+def _container(doc: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any] = _pod(doc)["containers"][0]
+    return c
+
+
+# One violation of the restricted shape per field, with the policy message it must meet.
+VIOLATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "hostpath": (
+        lambda d: _pod(d)["volumes"].append({"name": "h", "hostPath": {"path": "/etc"}}),
+        "no host paths",
+    ),
+    "nfs": (
+        lambda d: _pod(d)["volumes"].append(
+            {"name": "n", "nfs": {"server": "127.0.0.1", "path": "/"}}
+        ),
+        "no host paths, nfs",
+    ),
+    "projected-token": (
+        lambda d: _pod(d)["volumes"].append(
+            {"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}
+        ),
+        "projected ServiceAccount tokens",
+    ),
+    "service-account": (
+        lambda d: _pod(d).update(serviceAccountName="medforge-operator"),
+        "default ServiceAccount",
+    ),
+    "token": (
+        lambda d: _pod(d).update(automountServiceAccountToken=True),
+        "no token mounted",
+    ),
+    "host-port": (
+        lambda d: _container(d).update(ports=[{"containerPort": 80, "hostPort": 80}]),
+        "no host ports",
+    ),
+    "host-network": (lambda d: _pod(d).update(hostNetwork=True), "no host namespaces"),
+    "pod-seccomp": (
+        lambda d: _pod(d)["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        "seccompProfile RuntimeDefault",
+    ),
+    "container-seccomp": (
+        lambda d: _container(d)["securityContext"].pop("seccompProfile"),
+        "seccompProfile RuntimeDefault",
+    ),
+    "root": (
+        lambda d: _container(d)["securityContext"].update(runAsUser=0),
+        "run as non-root",
+    ),
+    "escalation": (
+        lambda d: _container(d)["securityContext"].update(allowPrivilegeEscalation=True),
+        "never escalate privileges",
+    ),
+    "capabilities": (
+        lambda d: _container(d)["securityContext"]["capabilities"].update(add=["NET_RAW"]),
+        "add none",
+    ),
+    "init": (
+        lambda d: _pod(d).update(initContainers=[dict(_container(d), name="init")]),
+        "no init or ephemeral containers",
+    ),
+}
+
+
+def job_as_operator(
+    cluster: ClusterAccess,
+    release_ns: str,
+    ns: str,
+    name: str,
+    violation: str | None = None,
+    dry_run: bool = False,
+) -> str:
+    """Create a Job of the operator's shape (with one violation, if named) as the operator's
+    ServiceAccount (impersonated); the API's answer."""
+    doc = operator_job(name)
+    if violation:
+        VIOLATIONS[violation][0](doc)
     out = cluster.kubectl(
         "create",
         "-n",
@@ -141,7 +225,8 @@ def job_as_operator(cluster: ClusterAccess, release_ns: str, ns: str, name: str,
         "-f",
         "-",
         f"--as=system:serviceaccount:{release_ns}:{SA}",
-        input=doc,
+        *(["--dry-run=server"] if dry_run else []),
+        input=json.dumps(doc),
         check=False,
     )
     return out.stdout + out.stderr
@@ -187,7 +272,7 @@ def test_chart_rbac_is_enough_and_least(
         # namespaces and restricted pods, whatever the operator's code does. A new policy
         # takes effect once the API server has loaded it: wait for that first.
         def denied() -> str | None:
-            out = job_as_operator(cluster, namespace, "kube-system", "escape", host=False)
+            out = job_as_operator(cluster, namespace, "kube-system", "escape")
             if "created" in out:
                 cluster.kubectl("delete", "job", "escape", "-n", "kube-system", check=False)
                 return None
@@ -195,11 +280,15 @@ def test_chart_rbac_is_enough_and_least(
 
         out = wait_until(denied, 60, every=1, what="the admission policy to take effect")
         assert "is not a MedForge member namespace" in out, out
-        out = job_as_operator(cluster, namespace, "default", "escape", host=False)
+        out = job_as_operator(cluster, namespace, "default", "escape")
         assert "is not a MedForge member namespace" in out, out
-        out = job_as_operator(cluster, namespace, namespace, "hostpath", host=True)
-        assert "without host paths" in out, out
-        assert "ValidatingAdmissionPolicy" in out
+        # The shape the operator's builder makes passes; each field's violation is refused.
+        for violation, (_, message) in VIOLATIONS.items():
+            out = job_as_operator(cluster, namespace, namespace, violation, violation, True)
+            assert message in out, (violation, out)
+            assert "ValidatingAdmissionPolicy" in out, (violation, out)
+        out = job_as_operator(cluster, namespace, namespace, "shape", dry_run=True)
+        assert "created" in out, out
 
         # The operator runs with the chart's ServiceAccount token instead of the admin's.
         token = cluster.kubectl(

@@ -280,3 +280,55 @@ def test_a_malformed_manifest_is_a_clear_verdict(
     with operator.log.open("rb") as f:
         f.seek(start)
         assert b"Traceback" not in f.read()
+
+
+def test_an_input_that_breaks_every_merge_is_isolated_and_the_others_merge(
+    cluster: ClusterAccess, namespace: str, forge_namespace: str, base: tuple[str, str]
+) -> None:
+    """Three contributions arrive together; one makes the merge fail as a whole (the stand-in
+    merger crashes whenever it is among its inputs, as tensors that exhaust memory would). After
+    two failed attempts its new inputs are tried in halves: the culprit is excluded
+    (IsolatedAfterFailures, an Event in its own namespace), the two others land in an accepted
+    revision."""
+    cluster.apply(
+        forge_namespace,
+        forge_composite(base, strategy={"type": "linear"}, minContributions=3),
+    )
+    for name, task in (("first", "breakhis"), ("culprit", "crash-merge"), ("last", "lung")):
+        doc = json.loads(contribution(name, base, task=task))
+        doc["spec"]["sharing"] = {"forges": [f"{forge_namespace}/forge"]}
+        cluster.apply(namespace, json.dumps(doc))
+    for name in ("first", "culprit", "last"):
+        wait_phase(cluster, namespace, name, "Succeeded", 90)
+    t0 = time.monotonic()
+
+    def settled() -> dict[str, Any] | None:
+        st = status(cluster, "cmodel", forge_namespace, "forge")
+        states = {i["name"]: (i["state"], i["reason"]) for i in st.get("inputs") or []}
+        done = states.get("culprit", ("",))[0] == "Excluded"
+        merged = [states.get(n, ("",))[0] == "Included" for n in ("first", "last")]
+        return st if done and all(merged) else None
+
+    st = wait_until(settled, 240, what="the culprit isolated")
+    waited = time.monotonic() - t0
+    states = {i["name"]: (i["state"], i["reason"]) for i in st["inputs"]}
+    assert states == {
+        "first": ("Included", "Merged"),
+        "last": ("Included", "Merged"),
+        "culprit": ("Excluded", "IsolatedAfterFailures"),
+    }
+    assert condition(st, "Ready")["status"] == "True"
+    assert "isolation" not in st and "retry" not in st
+    # All three twice; then the halves, in arrival order: a half that fails is split, a good
+    # one lands, the culprit alone fails twice. At most 7 Jobs for three inputs (the bound in
+    # medforge_operator.isolation).
+    runs = [h["state"] for h in reversed(st["history"])]
+    assert runs[:2] == ["Failed", "Failed"]
+    trace = [(h["revision"], h["state"], h.get("message", "")[:90]) for h in st["history"]]
+    assert runs.count("Failed") in (4, 5) and 1 <= runs.count("Accepted") <= 2, trace
+    assert len(runs) <= 7 and st["current"]["inputCount"] == 2
+    events = get_json(
+        cluster, "events", "-n", namespace, "--field-selector=involvedObject.name=culprit"
+    )["items"]
+    assert any(e["reason"] == "IsolatedAfterFailures" for e in events)
+    print(f"good inputs merged {waited:.0f} s after all three were Ready")

@@ -76,7 +76,10 @@ def test_contribution_trains_verifies_and_reports(
     assert st["job"]["name"] == "breakhis-train-g1" and st["job"]["attempts"] == 1
     art = st["artifact"]
     uid = get_json(cluster, "lorac", "breakhis", "-n", namespace)["metadata"]["uid"]
-    assert art["uri"].endswith(f"/contributions/{namespace}/breakhis/{uid}/1/")  # per object
+    # The operator's own verified copy, per object and digest (no PUT URL ever reaches it).
+    assert art["uri"].endswith(
+        f"/verified/contributions/{namespace}/breakhis/{uid}/{art['digest'][7:]}/"
+    )
     assert art["digest"].startswith("sha256:") and art["baseModelDigest"] == base[1]
     assert st["metrics"]["accuracy"] == pytest.approx(0.81)
 
@@ -96,7 +99,11 @@ def test_contribution_trains_verifies_and_reports(
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
         "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
+    # Annotations are for people: no plan, no lifetime the operator would read back.
+    assert not any("plan" in k or "lifetime" in k for k in job["metadata"]["annotations"])
     # No URL in the Job: its config lives in a Secret the Job owns, mounted as a file.
     assert "X-Amz" not in json.dumps(job) and "MEDFORGE_JOB_CONFIG_FILE" in json.dumps(c["env"])
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(c["env"])  # no store credentials in the Job
@@ -137,7 +144,9 @@ def test_spec_change_starts_a_new_job_and_retires_the_old(
 
     st = wait_until(regenerated, 90, what="generation 2 trained")
     assert st["job"]["name"] == "lung-train-g2"
-    assert "/lung/" in st["artifact"]["uri"] and st["artifact"]["uri"].endswith("/2/")
+    assert "/lung/" in st["artifact"]["uri"] and st["artifact"]["uri"].endswith(
+        f"/{st['artifact']['digest'][7:]}/"
+    )
     wait_until(
         lambda: (
             cluster.kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()

@@ -10,9 +10,10 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
 from kubernetes import config
 
-from medforge_operator import jobs
+from medforge_operator import jobs, signing
 from medforge_operator.catalog import JobConfigs
 from medforge_operator.kube import Kube
 from medforge_operator.settings import Settings
@@ -74,8 +75,6 @@ def test_job_config_secret_is_signed_when_needed(
         component="train",
         image="none",
         command=["true"],
-        plan=plan,
-        url_lifetime=100,
         annotations={},
         env=[],
         labels={},
@@ -87,24 +86,53 @@ def test_job_config_secret_is_signed_when_needed(
         ttl_seconds=60,
     )
     job["metadata"].pop("ownerReferences")
-    created = kube.create_job(job)
+    created, made = kube.create_job(job)
+    again, made_again = kube.create_job(job)
+    # the same Job comes back, not a second one (its status may have moved on meanwhile)
+    assert made and not made_again
+    assert again["metadata"]["uid"] == created["metadata"]["uid"]
     configs = JobConfigs(kube, ForgeStore(settings))
+    grant = signing.Grant(s3_bucket.name, frozenset({"m/config.json"}), frozenset())
 
     def secret() -> dict[str, Any]:
         out: dict[str, Any] = get_json(cluster, "secret", "signed-config", "-n", namespace)
         return out
 
-    configs.ensure(created)
+    with pytest.raises(signing.SigningRefused):  # a key outside the grant: nothing written
+        configs.ensure(created, {"x": {"put": f"s3://{s3_bucket.name}/m/config.json"}}, grant, 100)
+    configs.ensure(created, plan, grant, 100)
     first = secret()
     assert first["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
     cfg = json.loads(base64.b64decode(first["data"]["config.json"]))
     with urllib.request.urlopen(cfg["files"][0]["url"], timeout=10) as resp:
         assert resp.read() == b"{}"
-    configs.ensure(created)  # fresh: nothing written
+    configs.ensure(created, plan, grant, 100)  # fresh: nothing written
     assert secret()["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
     configs._expires[created["metadata"]["uid"]] -= 60  # past half its lifetime
     time.sleep(1.1)  # a new signature carries a new X-Amz-Date
-    configs.ensure(created)
+    configs.ensure(created, plan, grant, 100)
     again = secret()
     assert again["metadata"]["resourceVersion"] != first["metadata"]["resourceVersion"]
     configs.forget(created)
+
+
+def test_every_object_is_listed_a_page_at_a_time(cluster: ClusterAccess, crds: None) -> None:
+    tag = f"paging-{int(time.time() * 1000) % 10**9}"
+    for i in range(5):
+        doc = {
+            "apiVersion": "medforge.io/v1alpha1",
+            "kind": "BaseModel",
+            "metadata": {"name": f"{tag}-{i}", "labels": {"paging": tag}},
+            "spec": {},
+        }
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+    config.load_kube_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+    kube = Kube(pool_size=2)
+    try:
+        names = [
+            o["metadata"]["name"]
+            for o in kube.iter_objects("basemodels", None, f"paging={tag}", page=2)
+        ]
+        assert sorted(names) == [f"{tag}-{i}" for i in range(5)]
+    finally:
+        cluster.kubectl("delete", "basemodels", "-l", f"paging={tag}", check=False)

@@ -190,7 +190,7 @@ def test_a_composite_takes_only_contributions_that_consented(
         (a, "Included", "Merged")
     ]
     paths = url_paths(config_of(cluster, forge_namespace, "pool-merge-r1"))
-    assert any(f"/contributions/{a}/" in p for p in paths)
+    assert any(f"/verified/contributions/{a}/" in p for p in paths)
     assert not any(f"/contributions/{b}/" in p for p in paths), paths
     assert status(cluster, "lorac", a, "breakhis")["usedBy"] == [{"composite": me, "revision": 1}]
     assert "usedBy" not in status(cluster, "lorac", b, "colon")
@@ -321,22 +321,33 @@ def test_the_readme_can_i_table_holds(cluster: ClusterAccess, tenant_roles: None
     ops = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "ServiceAccount")]
     ops = [d for d in ops if "operator" in d["metadata"]["name"]]
     cluster.apply(ns, "\n---\n".join(yaml.safe_dump(d) for d in ops))
-    for sa, role in (("engineer", "medforge-contributor"), ("auditor", "view")):
+    roles = (
+        ("engineer", "medforge-contributor"),
+        ("editor", "edit"),
+        ("owner", "admin"),
+        ("auditor", "view"),
+    )
+    for sa, role in roles:
         bind(cluster, ns, sa, role)
-    who = {"operator": "medforge-operator", "contributor": "engineer", "viewer": "auditor"}
+    who = {
+        "operator": "medforge-operator",
+        "contributor": "engineer",
+        "edit": "editor",
+        "admin": "owner",
+        "viewer": "auditor",
+    }
+    columns = ("operator", "contributor", "edit", "admin", "viewer")
     rows = [
         [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
         for line in (ROOT / "docs" / "tenancy.md").read_text().splitlines()
         if line.startswith("| `") and "can-i" not in line
     ]
-    table = [r for r in rows if len(r) == 4 and r[1] in ("yes", "no")]
-    assert len(table) >= 8, rows
+    table = [r for r in rows if len(r) == 1 + len(columns) and r[1] in ("yes", "no")]
+    assert len(table) >= 15, rows
     try:
         for action, *answers in table:
             args = action.split()
-            for column, expected in zip(
-                ("operator", "contributor", "viewer"), answers, strict=True
-            ):
+            for column, expected in zip(columns, answers, strict=True):
                 out = cluster.kubectl(
                     "auth", "can-i", *args, "-n", ns, as_(ns, who[column]), check=False
                 )

@@ -95,7 +95,7 @@ def test_trainer_job_through_presigned_urls(
         tuple(f.name for f in files),
     )
     plan = contribution.train_plan(obj, resolved, out)
-    job = contribution.training_job(obj, settings, resolved, plan)
+    job = contribution.training_job(obj, settings, resolved)
     # No LoRAContribution object exists here: without this, garbage collection would remove
     # the Job as an orphan of the made-up owner.
     job["metadata"].pop("ownerReferences")
@@ -103,9 +103,10 @@ def test_trainer_job_through_presigned_urls(
     assert s3_bucket.secret_key not in env  # credentials only through secretKeyRef
     config.load_kube_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
     kube = Kube(pool_size=2)
-    created = kube.create_job(job)
+    created, _ = kube.create_job(job)
     # The config Secret (presigned URLs) follows the Job, as the operator writes it.
-    JobConfigs(kube, store).ensure(created)
+    grant = contribution.training_grant(s3_bucket.name, obj, resolved)
+    JobConfigs(kube, store).ensure(created, plan, grant, 3600)
 
     def finished() -> dict[str, Any] | None:
         st = get_json(cluster, "job", job["metadata"]["name"], "-n", namespace).get("status", {})
@@ -118,7 +119,9 @@ def test_trainer_job_through_presigned_urls(
     assert st.get("succeeded") == 1, message
     result = read_result(message)
     assert result is not None and result["metrics"]["accuracy"] > 0.6
-    manifest = store.verify_artifact(out, result["artifact"]["digest"])
+    verified = contribution.verified_prefix(s3_bucket.name, obj, result["artifact"]["digest"])
+    manifest = store.verify_copy(out, verified, result["artifact"]["digest"])
+    assert contribution.manifest_matches_spec(manifest.meta, obj["spec"]) is None
     assert manifest.base_model_digest == digest
     assert {f.name for f in manifest.files} == {"adapter.safetensors", "distilled.safetensors"}
     assert manifest.meta["task"] == "lung" and manifest.meta["samples"]["validation"] == 18

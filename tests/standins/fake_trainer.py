@@ -59,12 +59,18 @@ def main() -> None:
         [FileEntry("adapter.safetensors", hashlib.sha256(adapter).hexdigest(), len(adapter))],
         {
             "task": task,
+            "classes": cfg["task"]["classes"],
+            "metrics": {"accuracy": 0.81, "f1": 0.8, "auc": 0.88, "samples": 120},
             "rank": cfg["lora"].get("rank"),
             "targetModules": cfg["lora"].get("targetModules"),
             # The figures the real trainer reports (the operator exports them as metrics).
             "training": {"imagesPerSecond": 250.0, "seconds": 1.5, "loss": 0.42, "epochs": 1},
         },
     )
+    if task.startswith("float-epochs"):  # a figure of the wrong type for the CRD
+        manifest.meta["training"]["epochs"] = 3.5
+    if task.startswith("wrong-task"):  # a manifest for another task than the spec's
+        manifest.meta["task"] = "someone-elses"
     body = manifest.to_json().encode()
     if task.startswith("bad-manifest"):  # a hostile manifest: meta a list, a file twice
         raw = json.loads(body)

@@ -36,7 +36,8 @@ def contribution(name: str, digest: str, since: str = "t1", ns: str = "h") -> JS
             "artifact": {
                 "digest": digest,
                 "baseModelDigest": DIGEST,
-                "uri": f"s3://forge/contributions/{ns}/{name}/1/",
+                "uri": f"s3://forge/verified/contributions/{ns}/{name}/u-{name}/"
+                f"{digest.removeprefix('sha256:')}/",
                 "files": ["adapter.safetensors"],
             },
         },
@@ -63,7 +64,10 @@ ACCEPTED = composite.Outcome(
     "s3://forge/composites/forge/f/rev-1/",
     "f-merge-r1",
 )
-PENDING = {"pendingRevision": {"revision": 1, "digests": ["sha256:1"]}, "revision": 1}
+PENDING = {
+    "pendingRevision": {"revision": 1, "digests": ["sha256:1"], "jobUid": "u"},
+    "revision": 1,
+}
 
 
 @pytest.mark.parametrize(
@@ -103,12 +107,16 @@ def test_settle_an_accepted_and_a_failed_revision() -> None:
     failed = composite.Outcome(RevisionState.FAILED, "OOMKilled", uri="u", job_name="j")
     done = composite.settle(PENDING, composite.Observation(1, job={}, outcome=failed), 2, T0)
     assert done["excluded"] == {} and "current" not in done
-    assert done["retry"] == {"attempt": 1, "notBefore": "2026-11-28T10:00:30Z"}
+    assert done["retry"] == {
+        "attempt": 1,
+        "inputFailures": 0,  # nothing says its inputs caused it
+        "notBefore": "2026-11-28T10:00:30Z",
+    }
     again = {**PENDING, "retry": done["retry"]}
     done = composite.settle(again, composite.Observation(1, job={}, outcome=failed), 2, T0)
-    assert done["retry"] == {"attempt": 2, "notBefore": "2026-11-28T10:01:00Z"}
+    assert done["retry"] == {"attempt": 2, "inputFailures": 0, "notBefore": "2026-11-28T10:01:00Z"}
     assert composite.retry_delay(20) == composite.RETRY_MAX_SECONDS
-    # A gate rejection is a verdict on the new inputs: they are excluded.
+    # A gate rejection of a single new input is a verdict on it: it is excluded.
     rejected = composite.Outcome(RevisionState.REJECTED, "x regressed", uri="u", job_name="j")
     done = composite.settle(PENDING, composite.Observation(1, job={}, outcome=rejected), 2, T0)
     assert done["excluded"] == {"sha256:1": InputReason.REJECTED_BY_GATE}
@@ -262,6 +270,7 @@ class FakeKube:
         self.deleted: list[str] = []
         self.statuses: list[JSON] = []
         self.secrets: list[JSON] = []
+        self.base_digest = DIGEST
 
     def get_object(self, plural: str, ns: str, name: str) -> JSON | None:
         kind = {"compositemodels": "f", "basemodels": "clip"}.get(plural)
@@ -272,7 +281,7 @@ class FakeKube:
                 "status": {
                     "phase": "Ready",
                     "observedGeneration": 1,
-                    "digest": DIGEST,
+                    "digest": self.base_digest,
                     "uri": "s3://forge/base-models/clip/",
                     "files": ["c.json"],
                 },
@@ -285,20 +294,23 @@ class FakeKube:
     def list_objects(self, plural: str, ns: str | None = None, selector: str = "") -> list[JSON]:
         return [o for o in self.objects if "sharing" in o.get("spec", {})]
 
+    def iter_objects(self, plural: str, ns: str | None = None, selector: str = "") -> Any:
+        return iter(self.list_objects(plural, ns, selector))
+
     def namespace_labels(self, name: str) -> dict[str, str]:
         return {"medforge.io/member": "true"}
 
     def get_job(self, ns: str, name: str) -> JSON | None:
         return self.jobs.get(name)
 
-    def create_job(self, job: JSON) -> JSON:
+    def create_job(self, job: JSON) -> tuple[JSON, bool]:
         name = job["metadata"]["name"]
         if name in self.jobs:  # the API's 409, answered with the Job that exists
-            return self.jobs[name]
+            return self.jobs[name], False
         job = {**job, "metadata": {**job["metadata"], "uid": f"uid-{name}"}}
         self.created.append(job)
         self.jobs[name] = job
-        return job
+        return job, True
 
     def list_jobs(self, ns: str, selector: str) -> list[JSON]:
         return list(self.jobs.values())
@@ -357,9 +369,10 @@ class FakeStore:
     def presign_put(self, uri: S3Uri, expires: int | None = None) -> str:
         return f"https://s3/{uri.key}?put"
 
-    def verify_artifact(self, prefix: S3Uri, digest: str | None) -> Manifest:
+    def verify_copy(self, upload: S3Uri, verified: S3Uri, digest: str) -> Manifest:
         if not self.reachable:
             raise StoreUnreachable("the forge store at http://s3 is unreachable")
+        self.copied = (upload, verified)
         return Manifest("composite", DIGEST, [])
 
 
@@ -387,20 +400,30 @@ def test_a_round_starts_a_revision_and_writes_its_config() -> None:
     assert events[-1][0] == "RevisionStarted"
 
 
-def test_a_job_that_already_exists_is_taken_as_it_is() -> None:
-    """The API's 409 on create (a round cut short before its status was written)."""
+def test_a_job_that_already_exists_unrecorded_is_never_taken() -> None:
+    """The API's 409 on create: a look-alike made first (a controller reference to this
+    composite and our labels are anyone's to write), or ours from a round cut short before its
+    status was written. It never gets a config: it is deleted, and the next round creates the
+    revision's Job of record."""
     existing = {
         "metadata": {
             "name": "f-merge-r1",
             "uid": "old",
             "ownerReferences": [{"uid": "cu", "controller": True}],
         },
-        "spec": {"suspend": True},
+        "spec": {},
+        "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"},
     }
     kube = FakeKube([comp(), contribution("a", "sha256:1")], {"f-merge-r1": existing})
     round_(kube, FakeStore())
-    assert kube.created == [] and kube.statuses[-1]["pendingRevision"]["revision"] == 1
-    assert kube.secrets == []  # suspended: no URL is signed before it may start
+    assert kube.created == [] and kube.deleted == ["f-merge-r1"] and kube.secrets == []
+    assert "pendingRevision" not in kube.objects[0]["status"]
+    stalled = next(c for c in kube.statuses[-1]["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "JobNotRecorded"
+    round_(kube, FakeStore())
+    assert [j["metadata"]["name"] for j in kube.created] == ["f-merge-r1"]
+    pending = kube.objects[0]["status"]["pendingRevision"]
+    assert pending["jobUid"] == "uid-f-merge-r1" and pending["revision"] == 1
 
 
 def test_a_store_outage_leaves_the_revision_pending() -> None:
@@ -558,9 +581,10 @@ def test_a_queued_job_built_for_another_base_model_is_replaced() -> None:
     for _ in range(3):
         obj["status"] = round_once()
     assert kube.deleted == []  # the same plan: left alone
-    job = kube.jobs["a-train-g1"]
-    job["metadata"]["annotations"]["medforge.io/job-plan"] = job["metadata"]["annotations"][
-        "medforge.io/job-plan"
-    ].replace(DIGEST, "sha256:" + "e" * 64)
+    # What the Job says of its plan is never read: rewriting its annotations changes nothing.
+    kube.jobs["a-train-g1"]["metadata"]["annotations"]["medforge.io/job-plan"] = "{}"
+    obj["status"] = round_once()
+    assert kube.deleted == []
+    kube.base_digest = "sha256:" + "e" * 64  # the BaseModel was registered again
     obj["status"] = round_once()
     assert kube.deleted == ["a-train-g1"]

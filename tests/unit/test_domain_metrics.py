@@ -102,6 +102,8 @@ def test_composite_revision_scores_outcome_and_age() -> None:
         "phase": "Ready",
         "revision": 3,
         "inputCounts": {"Included": 2, "Excluded": 1, "Pending": 1},
+        "excluded": {"sha256:1": "IsolatedAfterFailures"},
+        "isolation": {"groups": [["sha256:2"], ["sha256:3"]]},
         "current": {
             "revision": 2,
             "score": 0.8,
@@ -136,6 +138,11 @@ def test_composite_revision_scores_outcome_and_age() -> None:
     assert value(got, "medforge_composite_score", **ident) == 0.8
     assert value(got, "medforge_composite_task_metric", **ident, task="derm", metric="f1") == 0.7
     assert value(got, "medforge_composite_inputs", **ident, state="Pending") == 1
+    excluded = value(
+        got, "medforge_composite_excluded_inputs", **ident, reason="IsolatedAfterFailures"
+    )
+    assert excluded == 1
+    assert value(got, "medforge_composite_isolation_groups", **ident) == 2
     outcome = value(
         got,
         "medforge_composite_last_revision_outcome",

@@ -61,7 +61,7 @@ def test_training_job_is_restricted_and_carries_the_contract() -> None:
         },
         dataset={"uri": "s3://data/x/", "credentialsSecretRef": {"name": "creds"}},
     )
-    job = contribution.training_job(obj, SETTINGS, BASE, {"kind": "train"})
+    job = contribution.training_job(obj, SETTINGS, BASE)
     assert job["metadata"]["name"] == "breakhis-train-g1"
     assert (
         job["metadata"]["labels"][jobs.KUEUE_QUEUE] == "research" and job["spec"]["suspend"] is True
@@ -160,12 +160,17 @@ def ready_contribution(
     ns: str, name: str, digest: str, base: str = DIGEST, since: str = "t1"
 ) -> dict[str, Any]:
     return {
-        "metadata": {"namespace": ns, "name": name, "generation": 1},
+        "metadata": {"namespace": ns, "name": name, "generation": 1, "uid": f"u-{name}"},
         "status": {
             "observedGeneration": 1,
             "phase": "Succeeded",
             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": since}],
-            "artifact": {"digest": digest, "baseModelDigest": base},
+            "artifact": {
+                "digest": digest,
+                "baseModelDigest": base,
+                "uri": f"s3://b/verified/contributions/{ns}/{name}/u-{name}/"
+                f"{digest.removeprefix('sha256:')}/",
+            },
         },
     }
 
@@ -193,11 +198,18 @@ def test_inputs_and_revision_plan() -> None:
     assert composite.plan_revision(comp, candidates, [a, b]) is None
 
 
-def test_gate() -> None:
-    ok, _ = composite.gate({"regression": {"lung": 0.01}}, 0.05)
+def test_gate_compares_with_the_operators_own_record_of_the_previous_revision() -> None:
+    previous = {"lung": {"accuracy": 0.9, "samples": 200, "classes": 2}}
+    ok, _ = composite.gate({"metrics": {"lung": {"accuracy": 0.88, "samples": 200}}}, previous, {})
     assert ok
-    ok, why = composite.gate({"regression": {"lung": 0.01, "colon": 0.2}}, 0.05)
-    assert not ok and "colon regressed by 0.200" in why
+    bad = {"metrics": {"lung": {"accuracy": 0.6, "samples": 200, "classes": 2}}}
+    ok, why = composite.gate(bad, previous, {"maxRegression": 0.05})
+    assert not ok and "task lung regressed by 0.300" in why
+    # What the merger claims the previous figures were does not count.
+    assert composite.gate({**bad, "regression": {"lung": 0.0}}, previous, {})[0] is False
+    # A result's figures are checked, not trusted: no exception in a round.
+    assert composite.gate({"metrics": {"lung": {"accuracy": "x"}}}, previous, {})[0]
+    assert composite.gate({"metrics": ["lung"]}, previous, {})[0]
 
 
 def test_settings_from_env_and_flags() -> None:
@@ -249,6 +261,7 @@ def test_reported_figures_keep_finite_numbers_only() -> None:
         "extra": 1,
     }
     assert contribution.training_figures(meta) == {"imagesPerSecond": 812.5, "epochs": 3}
+    assert contribution.training_figures({"epochs": 3.5, "batchSize": "32"}) == {}
     assert contribution.training_figures(["not", "a", "dict"]) == {}
     assert composite.merge_figures({"seconds": 4.5, "searchEvaluations": 80}) == {
         "mergeSeconds": 4.5,
@@ -265,7 +278,10 @@ def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
         "spec": {"baseModel": {"digest": DIGEST}, "integration": "full"},
         "status": {"current": current},
     }
-    current |= {"uri": "s3://b/composites/forge/f/cu/rev-3/", "files": ["adapter.safetensors"]}
+    current |= {
+        "uri": "s3://b/verified/composites/forge/f/cu/rev-3/",
+        "files": ["adapter.safetensors"],
+    }
     plan = composite.Plan(4, [], [])
     uri = composite.output_prefix("b", comp, 4)
     full = composite.merge_plan(comp, plan, BASE, uri, "b")
@@ -275,10 +291,13 @@ def test_merge_config_passes_previous_metrics_in_both_modes() -> None:
     inc = composite.merge_plan(comp, plan, BASE, uri, "b")
     assert inc["integration"] == "incremental"
     assert inc["current"]["files"] == [
-        {"name": "manifest.json", "get": "s3://b/composites/forge/f/cu/rev-3/manifest.json"},
+        {
+            "name": "manifest.json",
+            "get": "s3://b/verified/composites/forge/f/cu/rev-3/manifest.json",
+        },
         {
             "name": "adapter.safetensors",
-            "get": "s3://b/composites/forge/f/cu/rev-3/adapter.safetensors",
+            "get": "s3://b/verified/composites/forge/f/cu/rev-3/adapter.safetensors",
         },
     ]
     assert inc["previous"]["metrics"] == current["metrics"]
@@ -372,8 +391,17 @@ def test_the_resync_polls_only_contributions_no_watch_will_move() -> None:
     # Moved by its Job's and pods' events, or finished.
     for reason in ("JobCreated", "Training", "CreateContainerConfigError"):
         assert not needs_polling(obj(reason)), reason
-    assert not needs_polling(obj("Verified", phase="Succeeded"))
+    done = obj("Verified", phase="Succeeded")
+    done["metadata"] |= {"namespace": "h", "name": "c", "uid": "u"}
+    done["status"]["artifact"] = {
+        "digest": "sha256:" + "a" * 64,
+        "uri": f"s3://forge/verified/contributions/h/c/u/{'a' * 64}/",
+    }
+    assert not needs_polling(done)
     assert not needs_polling(obj("BackoffLimitExceeded", phase="Failed"))
+    # Verified before the operator kept its own copies: polled until its copy is made.
+    done["status"]["artifact"]["uri"] = "s3://forge/contributions/h/c/u/1/"
+    assert needs_polling(done)
 
 
 def test_long_names_become_valid_label_values() -> None:
@@ -384,7 +412,7 @@ def test_long_names_become_valid_label_values() -> None:
     assert names.label_value("short") == "short"
     obj = lorac()
     obj["metadata"]["name"] = long
-    job = contribution.training_job(obj, SETTINGS, BASE, {"kind": "train"})
+    job = contribution.training_job(obj, SETTINGS, BASE)
     labels = job["metadata"]["labels"]
     assert all(len(v) <= 63 for v in labels.values()), labels
     # The full name travels in an annotation, which is how the operator finds the owner.

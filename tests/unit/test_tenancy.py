@@ -3,13 +3,15 @@ name only the forge store, base models resolve by name, consent and selectors, r
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
 import pytest
 
+from medforge_common import redact
 from medforge_common.uris import S3Uri
-from medforge_operator import basemodel, composite, contribution, jobs
+from medforge_operator import basemodel, composite, contribution, jobs, signing
 from medforge_operator.settings import Settings, SettingsError, load
 
 SETTINGS = Settings("http://s3", "forge", "ak", "sk", forge_namespaces=("forge",))
@@ -41,7 +43,7 @@ def test_the_job_holds_no_url_and_mounts_its_config_from_a_secret() -> None:
     obj = lorac()
     out = contribution.output_prefix("forge", obj, 1)
     plan = contribution.train_plan(obj, BASE, out)
-    job = contribution.training_job(obj, SETTINGS, BASE, plan)
+    job = contribution.training_job(obj, SETTINGS, BASE)
     text = json.dumps(job)
     assert "X-Amz" not in text and "https://" not in text
     c = job["spec"]["template"]["spec"]["containers"][0]
@@ -57,23 +59,23 @@ def test_the_job_holds_no_url_and_mounts_its_config_from_a_secret() -> None:
         r.startswith(("s3://forge/base-models/clip/", "s3://forge/contributions/hospital-a/"))
         for r in refs
     )
-    assert jobs.plan_of(job) == plan
-    assert jobs.url_lifetime(job, 99) == SETTINGS.presign_expiry_seconds
+    # Annotations are for people: nothing the operator signs is kept on the Job.
+    assert "plan" not in json.dumps(job["metadata"]["annotations"])
+    assert not any("lifetime" in k for k in job["metadata"]["annotations"])
 
 
 def test_signing_turns_refs_into_urls_and_the_secret_is_owned_by_the_job() -> None:
-    plan = {
-        "baseModel": {"files": [{"name": "config.json", "get": "s3://forge/base-models/m/c"}]},
-        "output": {"files": {"adapter.safetensors": {"put": "s3://forge/contributions/x/a"}}},
-        "task": {"name": "t"},
+    obj = lorac()
+    plan = contribution.train_plan(obj, BASE, contribution.output_prefix("forge", obj, 1))
+    grant = contribution.training_grant("forge", obj, BASE)
+    cfg = signing.sign(plan, grant, fake_sign("get"), fake_sign("put"))
+    assert cfg["baseModel"]["files"][1] == {
+        "name": "config.json",
+        "url": "https://store/forge/base-models/clip/config.json?X-Amz-Signature=get",
     }
-    cfg = jobs.sign(plan, fake_sign("get"), fake_sign("put"))
-    assert cfg["baseModel"]["files"] == [
-        {"name": "config.json", "url": "https://store/forge/base-models/m/c?X-Amz-Signature=get"}
-    ]
     assert cfg["output"]["files"]["adapter.safetensors"].endswith("=put")
-    assert cfg["task"] == {"name": "t"}
-    job = {"metadata": {"name": "j", "namespace": "h", "uid": "u", "labels": {"a": "b"}}}
+    assert cfg["task"] == obj["spec"]["task"]
+    job = {"metadata": {"name": "j", "namespace": "h", "uid": "u", "labels": {"evil": "b"}}}
     secret = jobs.config_secret(job, cfg, "2026-01-01T00:00:00Z")
     assert secret["metadata"]["ownerReferences"][0] | {} == {
         "apiVersion": "batch/v1",
@@ -83,6 +85,7 @@ def test_signing_turns_refs_into_urls_and_the_secret_is_owned_by_the_job() -> No
         "controller": True,
         "blockOwnerDeletion": False,
     }
+    assert "evil" not in secret["metadata"]["labels"]  # never copied from the Job
     assert json.loads(secret["stringData"][jobs.CONFIG_KEY]) == cfg
 
 
@@ -90,12 +93,35 @@ def test_url_lifetime_follows_the_jobs_deadline() -> None:
     assert contribution.url_lifetime({"activeDeadlineSeconds": 3600}, SETTINGS) == 4200
     assert contribution.url_lifetime({"activeDeadlineSeconds": 10**7}, SETTINGS) == 7 * 24 * 3600
     assert contribution.url_lifetime({}, SETTINGS) == SETTINGS.presign_expiry_seconds
+    # What is read from the Job (its deadline, from its start) can only shorten it.
+    now = 1_700_000_000.0
+    started = dt.datetime.fromtimestamp(now - 3000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    job = {"spec": {"activeDeadlineSeconds": 3600}, "status": {"startTime": started}}
+    assert jobs.capped_lifetime(job, 7200, now) == 3600 - 3000 + jobs.URL_SLACK
+    assert jobs.capped_lifetime({"spec": {"activeDeadlineSeconds": 10**9}}, 7200, now) == 7200
+    assert jobs.capped_lifetime({"spec": {}}, 10**9, now) == jobs.MAX_URL_LIFETIME
+    assert jobs.capped_lifetime({"spec": {"activeDeadlineSeconds": "1e9"}}, 7200, now) == 7200
+    expired = {"spec": {"activeDeadlineSeconds": 60}, "status": {"startTime": started}}
+    assert jobs.capped_lifetime(expired, 7200, now) == 60  # never below a minute
 
 
-def test_presigned_urls_are_redacted_from_copied_messages() -> None:
-    msg = "HTTP 403 for https://s3.example/forge/a?X-Amz-Credential=AK%2F&X-Amz-Signature=abc end"
+@pytest.mark.parametrize(
+    "msg",
+    [
+        "HTTP 403 for https://s3.example/forge/a?X-Amz-Credential=AK%2F&X-Amz-Signature=abc end",
+        # urllib3's MaxRetryError: a bare path, no scheme
+        "Max retries exceeded with url: /forge/a?X-Amz-Algorithm=AWS4&X-Amz-Signature=abc end",
+        "(url=/forge/a?X-Amz-Date=1&X-Amz-Signature=abc&X-Amz-Credential=AK) end",
+        # cut, or the parameters alone
+        "X-Amz-Signature=abc&X-Amz-Credential=AK%2F end",
+        "GET http://s3/forge/a?AWSAccessKeyId=AK&Signature=abc&Expires=1 end",
+        "https://s3/forge/a?x-amz-signature=abc end",
+    ],
+)
+def test_presigned_urls_are_redacted_from_copied_messages(msg: str) -> None:
     out = jobs.redact_urls(msg)
-    assert "X-Amz" not in out and "abc" not in out and out.endswith(" end")
+    assert "abc" not in out and "AK" not in out and out.endswith(" end"), out
+    assert redact.redact_all({"m": [msg]}) == {"m": [out]}
     pods = [
         {
             "metadata": {"name": "p", "creationTimestamp": "t", "labels": {"job-name": "j"}},
@@ -198,7 +224,7 @@ def test_consent_and_label_selectors() -> None:
 def test_composite_inputs_carry_reason_codes_only() -> None:
     def contrib(name: str, phase: str, ready: bool, base: str = DIGEST) -> dict[str, Any]:
         return {
-            "metadata": {"namespace": "h", "name": name, "generation": 1},
+            "metadata": {"namespace": "h", "name": name, "generation": 1, "uid": name},
             "status": {
                 "observedGeneration": 1,
                 "phase": phase,
@@ -211,7 +237,11 @@ def test_composite_inputs_carry_reason_codes_only() -> None:
                         "lastTransitionTime": "t",
                     }
                 ],
-                "artifact": {"digest": f"sha256:{name}", "baseModelDigest": base},
+                "artifact": {
+                    "digest": f"sha256:{name}",
+                    "baseModelDigest": base,
+                    "uri": f"s3://forge/verified/contributions/h/{name}/{name}/{name}/",
+                },
             },
         }
 
@@ -234,22 +264,28 @@ def test_composite_inputs_carry_reason_codes_only() -> None:
     }
     assert "hospital-secret-bucket" not in json.dumps(inputs)
     assert [c["metadata"]["name"] for c in candidates] == ["fresh"]
+    # An artifact not (yet) in the operator's verified copy is no candidate.
+    unverified = json.loads(json.dumps(fresh))
+    unverified["status"]["artifact"]["uri"] = "s3://forge/contributions/h/fresh/fresh/1/"
+    inputs, candidates = composite.evaluate_inputs(comp, [unverified], DIGEST)
+    assert candidates == [] and inputs[0]["reason"] == "NotReady"
     # Without a usable base model nothing is a candidate.
     inputs, candidates = composite.evaluate_inputs(comp, [fresh], None)
     assert candidates == [] and inputs[0]["reason"] == "BaseModelNotReady"
 
 
-def test_merge_plan_reads_inputs_only_from_their_own_prefix() -> None:
+def test_merge_plan_reads_inputs_only_from_their_verified_copies() -> None:
     comp: dict[str, Any] = {
         "metadata": {"name": "f", "namespace": "forge", "uid": "cu"},
         "spec": {},
     }
+    digest = "sha256:" + "1" * 64
     good = {
-        "metadata": {"namespace": "h", "name": "a"},
+        "metadata": {"namespace": "h", "name": "a", "uid": "ua"},
         "status": {
             "artifact": {
-                "digest": "sha256:1",
-                "uri": "s3://forge/contributions/h/a/1/",
+                "digest": digest,
+                "uri": f"s3://forge/verified/contributions/h/a/ua/{'1' * 64}/",
                 "files": ["adapter.safetensors", "manifest.json"],
             }
         },
@@ -257,13 +293,20 @@ def test_merge_plan_reads_inputs_only_from_their_own_prefix() -> None:
     uri = composite.output_prefix("forge", comp, 1)
     plan = composite.merge_plan(comp, composite.Plan(1, [good], [good]), BASE, uri, "forge")
     assert [f["get"] for f in plan["inputs"][0]["files"]] == [
-        "s3://forge/contributions/h/a/1/manifest.json",
-        "s3://forge/contributions/h/a/1/adapter.safetensors",
+        f"s3://forge/verified/contributions/h/a/ua/{'1' * 64}/manifest.json",
+        f"s3://forge/verified/contributions/h/a/ua/{'1' * 64}/adapter.safetensors",
     ]
-    forged = json.loads(json.dumps(good))
-    forged["status"]["artifact"]["uri"] = "s3://forge/contributions/other/b/1/"
-    with pytest.raises(ValueError, match="outside its contribution prefix"):
-        composite.merge_plan(comp, composite.Plan(1, [forged], [forged]), BASE, uri, "forge")
+    grant = composite.merge_grant("forge", comp, composite.Plan(1, [good], [good]), BASE)
+    assert signing.sign(plan, grant, fake_sign("get"), fake_sign("put"))
+    for forged_uri in (
+        "s3://forge/contributions/other/b/1/",  # another hospital's upload
+        "s3://forge/contributions/h/a/ua/1/",  # its own upload, not the verified copy
+        f"s3://forge/verified/contributions/h/b/ub/{'1' * 64}/",
+    ):
+        forged = json.loads(json.dumps(good))
+        forged["status"]["artifact"]["uri"] = forged_uri
+        with pytest.raises(ValueError, match="not its verified copy"):
+            composite.merge_plan(comp, composite.Plan(1, [forged], [forged]), BASE, uri, "forge")
 
 
 def test_tenancy_settings() -> None:

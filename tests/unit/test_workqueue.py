@@ -104,3 +104,30 @@ def test_the_queue_reports_controller_runtime_metrics() -> None:
         assert sample("workqueue_depth") == 0
     finally:
         q.stop()
+
+
+def test_a_deep_queue_keeps_keys_not_bodies() -> None:
+    """Objects in member namespaces are the tenants' to multiply and enlarge: past MAX_BODIES
+    waiting keys the queue keeps no more bodies, and those rounds read their objects fresh."""
+    from medforge_operator.workqueue import MAX_BODIES
+
+    calls: list[tuple[Hashable, Any]] = []
+    gate = threading.Event()
+
+    def handler(key: Hashable, body: Any) -> None:
+        gate.wait(5)
+        calls.append((key, body))
+
+    q = WorkQueue(handler, workers=1)
+    try:
+        for i in range(MAX_BODIES * 3):
+            q.add(i, {"spec": "x" * 1000})
+        assert len(q._bodies) <= MAX_BODIES
+        gate.set()
+        deadline = time.monotonic() + 10
+        while q.depth() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) == MAX_BODIES * 3  # every key still gets its round
+        assert sum(body is None for _, body in calls) >= MAX_BODIES * 2 - 1
+    finally:
+        q.stop()

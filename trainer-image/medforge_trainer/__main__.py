@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from medforge_common.artifacts import ADAPTER_FILE, DISTILLED_FILE, HEAD_FILE, MANIFEST_FILE
 from medforge_common.manifest import Manifest
+from medforge_common.redact import redact
 from medforge_common.result import (
     JobConfigError,
     encode_result,
@@ -37,7 +38,7 @@ JSON = dict[str, Any]
 
 
 def log(line: str) -> None:
-    print(line, flush=True)
+    print(redact(line), flush=True)  # pod logs are visible to viewers
 
 
 @dataclass
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     1,
                 )
-            traceback.print_exc()
+            print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
             return finish(failure_line(f"training failed: {type(exc).__name__}: {exc}"), 1)
     log(f"done in {time.monotonic() - started:.1f} s")
     return finish(encode_result(result), 0)

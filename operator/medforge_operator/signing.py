@@ -1,0 +1,185 @@
+"""The one signing policy: which store keys a Job may be given presigned URLs for.
+
+The rule (docs/tenancy.md): nothing read from a tenant namespace decides what is signed. A
+member namespace is the hospital's to write (`edit`): its Jobs, their annotations, pods,
+termination messages and Secrets. So a Job's config is never parsed back from the Job; each
+time URLs are signed, the plan is derived afresh from the custom resource and the BaseModel's
+verified status, and every key in it must also lie inside the grant built here, independently,
+from the same trusted sources:
+
+- a training Job: PUT its own output files (`contributions/<ns>/<name>/<uid>/<generation>/`,
+  the contribution's uid and generation only); GET the verified BaseModel's files;
+- a merge Job: PUT its own revision's files (`composites/<ns>/<name>/<uid>/rev-<N>/`); GET the
+  verified BaseModel's files, the verified copies of the consenting inputs' artifacts, and the
+  composite's own revision it builds on.
+
+Later features (evaluation Jobs, contributions that start from a revision, signing keys) extend
+the grants here, each with its own attacker test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from medforge_common.artifacts import COMPOSITE_FILES, CONTRIBUTION_FILES, MANIFEST_FILE
+from medforge_common.uris import S3Uri, UriError, parse_uri
+
+JSON = dict[str, Any]
+VERIFIED = "verified/"  # no PUT URL ever targets a key below it (checked in `grant`)
+
+
+class SigningRefused(Exception):
+    """A plan asked for a URL outside its Job's grant: nothing is signed."""
+
+    def __init__(self, method: str, target: str) -> None:
+        super().__init__(f"refused to sign {method} for {target}: outside what this Job may reach")
+        self.method = method
+        self.target = target
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The whole keys one Job may read (gets) and write (puts), in one bucket."""
+
+    bucket: str
+    gets: frozenset[str]
+    puts: frozenset[str]
+
+    def allows(self, method: str, uri: S3Uri) -> bool:
+        if uri.bucket != self.bucket or not uri.key or uri.key.endswith("/"):
+            return False
+        if method == "put":
+            return uri.key in self.puts and not uri.key.startswith(VERIFIED)
+        return uri.key in self.gets
+
+
+def contribution_output(bucket: str, namespace: str, name: str, uid: str, generation: int) -> S3Uri:
+    """Where a training Job uploads: its contribution's uid and generation are part of it."""
+    return S3Uri(bucket, f"contributions/{namespace}/{name}/{uid}/{generation}/")
+
+
+def verified_contribution(bucket: str, namespace: str, name: str, uid: str, digest: str) -> S3Uri:
+    """Where the operator keeps its own copy of a verified contribution (no PUT reaches it)."""
+    return S3Uri(
+        bucket,
+        f"{VERIFIED}contributions/{namespace}/{name}/{uid}/{digest.removeprefix('sha256:')}/",
+    )
+
+
+def revision_output(bucket: str, namespace: str, name: str, uid: str, revision: int) -> S3Uri:
+    return S3Uri(bucket, f"composites/{namespace}/{name}/{uid}/rev-{revision}/")
+
+
+def verified_revision(bucket: str, namespace: str, name: str, uid: str, revision: int) -> S3Uri:
+    return S3Uri(bucket, f"{VERIFIED}composites/{namespace}/{name}/{uid}/rev-{revision}/")
+
+
+def _keys(prefix: S3Uri, files: Iterable[str]) -> set[str]:
+    return {prefix.join(f).key for f in {MANIFEST_FILE, *files}}
+
+
+def training_grant(
+    bucket: str, contribution: JSON, base_uri: S3Uri, base_files: Iterable[str]
+) -> Grant:
+    meta = contribution["metadata"]
+    out = contribution_output(
+        bucket, meta["namespace"], meta["name"], meta["uid"], int(meta["generation"])
+    )
+    return Grant(
+        bucket,
+        frozenset(_keys(base_uri, base_files)),
+        frozenset(out.join(f).key for f in CONTRIBUTION_FILES),
+    )
+
+
+def merge_grant(
+    bucket: str,
+    composite: JSON,
+    revision: int,
+    base_uri: S3Uri,
+    base_files: Iterable[str],
+    inputs: Iterable[JSON],
+) -> Grant:
+    """`inputs`: the consenting, verified contributions this revision may read (the caller
+    checked consent); each is reached only at the verified copy of its current artifact."""
+    meta = composite["metadata"]
+    gets = _keys(base_uri, base_files)
+    for c in inputs:
+        art = (c.get("status") or {}).get("artifact") or {}
+        cm = c["metadata"]
+        prefix = verified_contribution(
+            bucket, cm["namespace"], cm["name"], cm["uid"], str(art.get("digest", ""))
+        )
+        gets |= _keys(prefix, [f for f in art.get("files") or [] if isinstance(f, str)])
+    current = (composite.get("status") or {}).get("current") or {}
+    if current.get("revision") is not None:
+        prefix = verified_revision(
+            bucket, meta["namespace"], meta["name"], meta["uid"], int(current["revision"])
+        )
+        gets |= _keys(prefix, [f for f in current.get("files") or [] if isinstance(f, str)])
+    out = revision_output(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
+    return Grant(bucket, frozenset(gets), frozenset(out.join(f).key for f in COMPOSITE_FILES))
+
+
+def refs(plan: Any) -> list[tuple[str, str]]:
+    """Every (method, uri) a plan asks to be signed."""
+    out: list[tuple[str, str]] = []
+    if isinstance(plan, list):
+        for v in plan:
+            out += refs(v)
+    elif isinstance(plan, dict):
+        if set(plan) == {"put"}:
+            return [("put", str(plan["put"]))]
+        if isinstance(plan.get("get"), str):
+            out.append(("get", plan["get"]))
+        for k, v in plan.items():
+            if k != "get":
+                out += refs(v)
+    return out
+
+
+def check(plan: Any, grant: Grant) -> None:
+    """Raises SigningRefused for the first key the plan asks for outside the grant."""
+    for method, target in refs(plan):
+        try:
+            uri = parse_uri(target, "job plan")
+        except UriError as exc:
+            raise SigningRefused(method, target[:200]) from exc
+        if not isinstance(uri, S3Uri) or not grant.allows(method, uri):
+            raise SigningRefused(method, target[:200])
+
+
+def sign(
+    plan: Any,
+    grant: Grant,
+    presign_get: Callable[[S3Uri], str],
+    presign_put: Callable[[S3Uri], str],
+) -> Any:
+    """The job config from its plan, after every key was checked against the grant: each
+    {"get": uri} becomes "url" beside the entry's other keys, each {"put": uri} the PUT URL."""
+    check(plan, grant)
+    return _sign(plan, presign_get, presign_put)
+
+
+def _sign(
+    plan: Any, presign_get: Callable[[S3Uri], str], presign_put: Callable[[S3Uri], str]
+) -> Any:
+    if isinstance(plan, list):
+        return [_sign(v, presign_get, presign_put) for v in plan]
+    if not isinstance(plan, dict):
+        return plan
+    if set(plan) == {"put"}:
+        return presign_put(_s3(plan["put"]))
+    out = {k: _sign(v, presign_get, presign_put) for k, v in plan.items() if k != "get"}
+    if isinstance(plan.get("get"), str):
+        out["url"] = presign_get(_s3(plan["get"]))
+    return out
+
+
+def _s3(value: str) -> S3Uri:
+    uri = parse_uri(value, "job plan")
+    if not isinstance(uri, S3Uri):
+        raise SigningRefused("sign", value[:200])
+    return uri
