@@ -10,6 +10,8 @@ from typing import Any
 from medforge_cli import views
 from medforge_cli.cluster import Cluster
 from medforge_cli.errors import CliError
+from medforge_common.api import BaseModelPhase, ContributionPhase
+from medforge_common.api import ConditionType as C
 
 JSON = dict[str, Any]
 KINDS = {
@@ -23,8 +25,14 @@ KINDS = {
 }
 # What "done" means for `medforge wait`, per kind: (success, failure) on status.
 DONE = {
-    "contribution": (lambda s: s.get("phase") == "Succeeded", lambda s: s.get("phase") == "Failed"),
-    "basemodel": (lambda s: s.get("phase") == "Ready", lambda s: s.get("phase") == "Failed"),
+    "contribution": (
+        lambda s: s.get("phase") == ContributionPhase.SUCCEEDED,
+        lambda s: s.get("phase") == ContributionPhase.FAILED,
+    ),
+    "basemodel": (
+        lambda s: s.get("phase") == BaseModelPhase.READY,
+        lambda s: s.get("phase") == BaseModelPhase.FAILED,
+    ),
 }
 
 
@@ -79,7 +87,7 @@ def _composite_done(revision: int | None) -> tuple[Any, Any]:
         return current is not None and (revision is None or int(current) >= revision)
 
     def failed(s: JSON) -> bool:
-        return views.condition({"status": s}, "Stalled").get("status") == "True"
+        return views.condition({"status": s}, C.STALLED).get("status") == "True"
 
     return ok, failed
 
@@ -95,7 +103,7 @@ def wait(cl: Cluster, args: argparse.Namespace) -> int:
     while True:
         obj = cl.get(kind, ns, args.name)
         st = obj.get("status") or {}
-        ready = views.condition(obj, "Ready")
+        ready = views.condition(obj, C.READY)
         line = f"{st.get('phase', 'Pending')}: {ready.get('reason', '')} {ready.get('message', '')}"
         if line != last and not args.quiet:
             print(f"[{time.strftime('%H:%M:%S')}] {args.name} {line}".rstrip(), flush=True)
@@ -103,7 +111,7 @@ def wait(cl: Cluster, args: argparse.Namespace) -> int:
         if ok(st):
             return 0
         if failed(st):
-            stalled = views.condition(obj, "Stalled")
+            stalled = views.condition(obj, C.STALLED)
             raise CliError(
                 f"{kind} {args.name} failed: {stalled.get('reason', '')}: "
                 f"{stalled.get('message', '')}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from medforge_cli import export
 from medforge_cli.errors import CliError
+from medforge_common.api import RevisionState
 from medforge_common.manifest import (
     FileEntry,
     Manifest,
@@ -299,7 +300,7 @@ def _revision(obj: JSON, revision: int | None) -> tuple[int, str, str, JSON]:
     entry = next((h for h in st.get("history") or [] if h.get("revision") == want), None)
     if entry is None:
         raise CliError(f"composite {name} keeps no revision {want} (status.history)")
-    if entry.get("state") != "Accepted" or not entry.get("digest"):
+    if entry.get("state") != RevisionState.ACCEPTED or not entry.get("digest"):
         raise CliError(
             f"revision {want} of {name} was {entry.get('state')} "
             f"({entry.get('reason', '')}): only accepted revisions are published"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from medforge_common.api import CompositePhase, ContributionPhase, RevisionState
+from medforge_common.api import ConditionType as C
+
 JSON = dict[str, Any]
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -38,13 +41,13 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def contribution_row(c: JSON, now: dt.datetime | None = None) -> list[str]:
     meta, st = c["metadata"], c.get("status") or {}
-    ready = condition(c, "Ready")
+    ready = condition(c, C.READY)
     acc = (st.get("metrics") or {}).get("accuracy")
     return [
         meta.get("namespace", ""),
         meta["name"],
         ((c.get("spec") or {}).get("task") or {}).get("name", ""),
-        st.get("phase", "Pending"),
+        st.get("phase", ContributionPhase.PENDING),
         ready.get("reason", ""),
         f"{acc:.3f}" if isinstance(acc, int | float) else "-",
         age(meta.get("creationTimestamp"), now),
@@ -59,11 +62,11 @@ def composite_row(c: JSON, now: dt.datetime | None = None) -> list[str]:
     return [
         meta.get("namespace", ""),
         meta["name"],
-        st.get("phase", "Waiting"),
+        st.get("phase", CompositePhase.WAITING),
         str(current.get("revision", "-")),
         f"{score:.3f}" if isinstance(score, int | float) else "-",
         f"{counts.get('Included', 0)}/{counts.get('Pending', 0)}/{counts.get('Excluded', 0)}",
-        condition(c, "Ready").get("reason", ""),
+        condition(c, C.READY).get("reason", ""),
         age(meta.get("creationTimestamp"), now),
     ]
 
@@ -95,7 +98,7 @@ def task_scores(c: JSON) -> dict[str, list[tuple[int, float]]]:
     st = c.get("status") or {}
     revisions: dict[int, JSON] = {}
     for h in st.get("history") or []:
-        if h.get("state") == "Accepted" and isinstance(h.get("metrics"), dict):
+        if h.get("state") == RevisionState.ACCEPTED and isinstance(h.get("metrics"), dict):
             revisions[int(h["revision"])] = h["metrics"]
     current = st.get("current") or {}
     if current.get("revision") is not None:
@@ -112,7 +115,7 @@ def task_scores(c: JSON) -> dict[str, list[tuple[int, float]]]:
 def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
     meta, spec, st = c["metadata"], c.get("spec") or {}, c.get("status") or {}
     current = st.get("current") or {}
-    ready = condition(c, "Ready")
+    ready = condition(c, C.READY)
     lines = [
         f"CompositeModel {meta.get('namespace')}/{meta['name']}",
         f"  base model:   {(spec.get('baseModel') or {}).get('name', '-')}",

@@ -16,11 +16,6 @@ from medforge_common.redact import redact
 
 DEFAULT_PATH = Path("/dev/termination-log")
 MAX_BYTES = 4096  # what a kubelet keeps of a termination message
-# The merge Job's exit codes besides 0 (merged), 1 (a failure nothing explains) and 2 (a bad
-# job config): every input refused is a verdict (the Job fails at once, the inputs are
-# excluded); the store unreachable is a fault no input caused (retried, never blamed on one).
-VERDICT_EXIT = 3
-STORE_FAULT_EXIT = 4
 
 
 class ResultTooLarge(ValueError):

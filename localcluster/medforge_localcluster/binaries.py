@@ -268,3 +268,19 @@ def ensure(binaries: list[str] | None = None, log: bool = True) -> dict[str, Pat
             if b in wanted:
                 found[b] = directory / b
     return found
+
+
+def main() -> int:
+    """Build every missing binary with the standard library alone (no virtual environment), so
+    `make test` can start the Go builds first and run lint and unit tests meanwhile."""
+    try:
+        for name, path in sorted(ensure(list(BINARIES)).items()):
+            print(f"{name}: {path}", flush=True)
+    except SetupError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medforge_common import gate
+from medforge_common import gate, strategy
+from medforge_common.api import ExitCode, InputState, Reason
 from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, RESULT_FILE
 from medforge_common.manifest import Manifest, ManifestError, verify_dir
 from medforge_common.redact import redact
 from medforge_common.result import (
-    STORE_FAULT_EXIT,
-    VERDICT_EXIT,
     JobConfigError,
     encode_result,
     failure_line,
@@ -30,6 +29,7 @@ from medforge_common.result import (
     result_reference,
 )
 from medforge_common.result import finish as report
+from medforge_common.strategy import Family
 from medforge_merger import blame
 from medforge_merger.adapters import Adapter, InputRejected, load_adapter
 from medforge_merger.allocator import keep_freed_memory
@@ -42,7 +42,8 @@ from medforge_merger.inputs import (
     fetch_artifact,
     read_inputs,
 )
-from medforge_merger.merge import SEARCHED, SUBSPACE, Strategy, merge_to_file
+from medforge_merger.merge import merge_to_file
+from medforge_merger.registry import DEFAULT_REGISTRY, Strategy
 from medforge_merger.strategies import MergeError
 from medforge_ml import transfers
 from medforge_ml.transfers import StoreError
@@ -111,11 +112,15 @@ def _strategy(cfg: JSON) -> Strategy:
     )
 
 
+def _family(s: Strategy) -> Family:
+    return DEFAULT_REGISTRY.family(s)
+
+
 def _scorer(cfg: JSON, s: Strategy, work: Path) -> Scorer | None:
     """torch and the base model only when something needs them: an exact merge without a base
     model to score on stays numpy-only."""
     base = cfg.get("baseModel") or {}
-    if s.type in SEARCHED or base.get("files") or base.get("path"):
+    if _family(s) is Family.SEARCHED or base.get("files") or base.get("path"):
         from medforge_merger.scoring import Scorer
 
         return Scorer(base, base["digest"], work, fetch)
@@ -145,7 +150,7 @@ def _current(cfg: JSON, s: Strategy, work: Path, scorer: Scorer | None) -> Adapt
 def _merge(
     cfg: JSON, s: Strategy, use: Loaded, current: Adapter | None, scorer: Scorer | None, work: Path
 ) -> Merged:
-    if s.type in SEARCHED:
+    if _family(s) is Family.SEARCHED:
         from medforge_merger.search import SearchSettings
 
         if scorer is None:
@@ -168,7 +173,7 @@ def _merge(
     merged = [a for a, _, _ in use]
     weights = [w for _, w, _ in use]
     if current is not None:
-        if s.type in SUBSPACE:
+        if not strategy.traits(s.type).takes_parent:
             raise JobFailed(f"strategy {s.type} merges every input afresh: use integration: full")
         merged.insert(0, current)
         weights.insert(0, 1.0)
@@ -176,7 +181,11 @@ def _merge(
     meta: JSON = {}
     if scorer is not None:
         scorer.exact([a for a, _, _ in use], work / ADAPTER_FILE)
-        if s.type in SUBSPACE and "scale" not in (cfg.get("strategy") or {}) and scorer.tasks:
+        if (
+            _family(s) is Family.SUBSPACE
+            and "scale" not in (cfg.get("strategy") or {})
+            and scorer.tasks
+        ):
             search_cfg = (cfg.get("strategy") or {}).get("search") or {}
             from medforge_merger.search import SearchSettings
 
@@ -184,7 +193,7 @@ def _merge(
             s = replace(s, scale=scorer.search_scale(settings))
             rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)  # at the found scale
             meta["search"] = {"budget": settings.budget, "seed": settings.seed}
-    if s.type in SUBSPACE:
+    if _family(s) is Family.SUBSPACE:
         meta["scale"] = round(s.scale, 6)
     return Merged([work / ADAPTER_FILE], [w for _, w, _ in use], rank, meta)
 
@@ -326,7 +335,7 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
     bundle = scorer.save_tasks(work) if scorer else None
     files = [*merged.files, *([bundle] if bundle is not None else [])]
     included = [
-        _public(e) | {"state": "Included", "coefficient": round(c, 6)}
+        _public(e) | {"state": InputState.INCLUDED, "coefficient": round(c, 6)}
         for (_, _, e), c in zip(use, merged.coefficients[-len(use) :], strict=True)
     ]
     manifest = Manifest(
@@ -364,7 +373,7 @@ def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
 def _verdict(cfg: JSON, exc: NoUsableInput, work: Path, output_dir: Path | None) -> str:
     """The termination message of a merge whose every input was refused: one JSON line naming
     the verdict, with the per-input report in result.json beside it (if it can be written)."""
-    line: JSON = {"verdict": "NoUsableInput", "message": failure_line(str(exc))[:1000]}
+    line: JSON = {"verdict": Reason.NO_USABLE_INPUT, "message": failure_line(str(exc))[:1000]}
     try:
         report_ = [_public(e) for e in exc.report]
         ref = publish_result(cfg, {"artifact": {}, "inputs": report_}, work, output_dir)
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = read_job_config(args.config)
     except JobConfigError as exc:
-        return finish(failure_line(str(exc)), 2)
+        return finish(failure_line(str(exc)), ExitCode.BAD_CONFIG)
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,20 +420,23 @@ def main(argv: list[str] | None = None) -> int:
             result = run(cfg, Path(tmp), out_dir)
             reference = publish_result(cfg, result, Path(tmp), out_dir)
         except NoUsableInput as exc:
-            return finish(_verdict(cfg, exc, Path(tmp), out_dir), VERDICT_EXIT)
+            return finish(_verdict(cfg, exc, Path(tmp), out_dir), ExitCode.VERDICT)
         except (StoreFault, StoreError) as exc:
             # No input explains it: the operator retries the revision and blames nobody.
-            return finish(failure_line(f"merge failed: the store: {exc}"), STORE_FAULT_EXIT)
+            return finish(failure_line(f"merge failed: the store: {exc}"), ExitCode.STORE_FAULT)
         except (JobFailed, MergeError, ManifestError, KeyError) as exc:
-            return finish(failure_line(f"merge failed: {exc}"), 1)
+            return finish(failure_line(f"merge failed: {exc}"), ExitCode.FAILED)
         except MemoryError:
             return finish(
-                failure_line("merge failed: out of memory; give the merge Job more memory"), 1
+                failure_line("merge failed: out of memory; give the merge Job more memory"),
+                ExitCode.FAILED,
             )
         except Exception as exc:  # one line for the operator, never a bare traceback
             print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
-            return finish(failure_line(f"merge failed: {type(exc).__name__}: {exc}"), 1)
-    return finish(encode_result(reference), 0)
+            return finish(
+                failure_line(f"merge failed: {type(exc).__name__}: {exc}"), ExitCode.FAILED
+            )
+    return finish(encode_result(reference), ExitCode.OK)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medforge_common.api import InputState
 from medforge_common.artifacts import MANIFEST_FILE
 from medforge_common.manifest import (
     MAX_MANIFEST_BYTES,
@@ -93,7 +94,7 @@ def weight_for(item: JSON, weights: JSON) -> float:
 
 def exclude(report: list[JSON], entry: JSON, reason: str, code: str = "") -> None:
     report.append(
-        entry | {"state": "Excluded", "reason": reason, **({"code": code} if code else {})}
+        entry | {"state": InputState.EXCLUDED, "reason": reason, **({"code": code} if code else {})}
     )
     print(f"excluded {entry['namespace']}/{entry['name']}: {reason}", flush=True)
 

@@ -4,13 +4,12 @@ that memory holds one module's tensors at a time whatever the number of layers."
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medforge_common.strategy import Family
 from medforge_merger import strategies as st
-from medforge_merger import subspace
 from medforge_merger.adapters import (
     SUFFIX_A,
     SUFFIX_B,
@@ -19,20 +18,7 @@ from medforge_merger.adapters import (
     StreamingWriter,
     modules_of,
 )
-
-FACTOR = ("linear", "cat", "svd")
-DENSE = ("ties", "dare-linear", "dare-ties")
-SEARCHED = ("fusion", "fusion-exact", "mixture")
-SUBSPACE = ("knots-ties", "iso-c", "iso-cts", "tsv", "core-ties")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    type: str
-    rank: int | None = None
-    density: float = 1.0
-    seed: int = 0
-    scale: float = 1.0  # the subspace merges' final scale
+from medforge_merger.registry import DEFAULT_REGISTRY, Registry, Strategy
 
 
 def _inputs_for(
@@ -43,39 +29,36 @@ def _inputs_for(
 
 
 def layout(
-    adapters: Sequence[Adapter], weights: Sequence[float], s: Strategy
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    s: Strategy,
+    registry: Registry = DEFAULT_REGISTRY,
 ) -> list[tuple[str, tuple[int, ...]]]:
+    dense = registry.family(s) is Family.DENSE
+    rank_of = registry.implementation(s).rank
     out: list[tuple[str, tuple[int, ...]]] = []
     for m in modules_of(list(adapters)):
         ads, _ = _inputs_for(m, adapters, weights)
         d, _, k = ads[0].shapes[m]
-        if s.type in DENSE:
+        if dense:
             out.append((m + SUFFIX_DELTA, (d, k)))
             continue
-        r = declared_rank(s, [a.shapes[m][1] for a in ads])
+        r = rank_of(s, [a.shapes[m][1] for a in ads])
         out += [(m + SUFFIX_A, (r, k)), (m + SUFFIX_B, (d, r))]
     return out
 
 
-def declared_rank(s: Strategy, ranks: Sequence[int]) -> int:
-    """The rank a factor strategy writes for one layer whose inputs have these ranks."""
-    total = sum(ranks)
-    if s.type == "svd" and s.rank:
-        return min(s.rank, total)
-    if s.type == "tsv":  # 1/n of each task's components (at least one each)
-        return sum(max(1, r // len(ranks)) for r in ranks)
-    return total
-
-
 def merge_to_file(
-    adapters: Sequence[Adapter], weights: Sequence[float], s: Strategy, path: Path
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    s: Strategy,
+    path: Path,
+    registry: Registry = DEFAULT_REGISTRY,
 ) -> int:
     """Write the composite to `path`; returns its largest rank (0 for dense strategies)."""
-    if s.type in SEARCHED:
-        raise st.MergeError(f"strategy {s.type} is searched (medforge_merger.search), not streamed")
-    if s.type == "svd" and not s.rank:
-        raise st.MergeError("strategy svd needs spec.strategy.rank")
-    plan = layout(adapters, weights, s)
+    impl = registry.implementation(s)
+    dense = registry.family(s) is Family.DENSE
+    plan = layout(adapters, weights, s, registry)
     writer = StreamingWriter(
         path, plan, metadata={"format": "medforge-composite", "strategy": s.type}
     )
@@ -84,23 +67,11 @@ def merge_to_file(
         for m in modules_of(list(adapters)):
             ads, ws = _inputs_for(m, adapters, weights)
             factors = [a.factors(m) for a in ads]
-            if s.type in DENSE:
-                deltas = [f.dense() for f in factors]
-                if s.type == "ties":
-                    delta = st.ties(deltas, ws, s.density)
-                elif s.type == "dare-linear":
-                    delta = st.dare_linear(deltas, ws, s.density, s.seed)
-                else:
-                    delta = st.dare_ties(deltas, ws, s.density, s.seed)
-                writer.write(m + SUFFIX_DELTA, delta)
+            merged = impl.merge(factors, ws, s)
+            if dense:
+                writer.write(m + SUFFIX_DELTA, merged)
                 continue
-            if s.type in SUBSPACE:
-                merged = subspace.merge(s.type, factors, ws, s.scale, s.density)
-                f = _padded(merged, declared_rank(s, [x.rank for x in factors]))
-            elif s.type == "svd":
-                f = st.svd(factors, ws, s.rank or 1)
-            else:
-                f = st.stack(factors, ws)
+            f = _padded(merged, impl.rank(s, [x.rank for x in factors]))
             max_rank = max(max_rank, f.rank)
             writer.write(m + SUFFIX_A, f.A)
             writer.write(m + SUFFIX_B, f.B)

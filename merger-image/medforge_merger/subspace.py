@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from medforge_merger.strategies import Array, Factors, MergeError, _check, ties
+from medforge_merger.strategies import Array, Factors, _check, ties
 
 RELATIVE_TOLERANCE = 1e-10  # singular values below this fraction of the largest are zero
 GRAM_TOLERANCE = 1e-7  # knots-ties: the smallest singular value, relative, it resolves
@@ -240,19 +240,3 @@ def core_ties(
     space, cs = cores(layers, weights)
     merged = ties(cs, [1.0] * len(cs), density)
     return space.factors(scale * merged)
-
-
-def merge(
-    kind: str, layers: Sequence[Factors], weights: Sequence[float], scale: float, density: float
-) -> Factors:
-    if kind == "iso-c":
-        return iso_c(layers, weights, scale)
-    if kind == "iso-cts":
-        return iso_cts(layers, weights, scale)
-    if kind == "tsv":
-        return tsv(layers, weights, scale)
-    if kind == "knots-ties":
-        return knots_ties(layers, weights, density, scale)
-    if kind == "core-ties":
-        return core_ties(layers, weights, density, scale)
-    raise MergeError(f"unknown subspace strategy {kind}")

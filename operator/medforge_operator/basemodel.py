@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from medforge_common.api import BaseModelPhase as Phase
+from medforge_common.api import ConditionType as C
+from medforge_common.api import Reason as R
 from medforge_common.artifacts import MANIFEST_FILE
 from medforge_common.uris import S3Uri
 from medforge_operator import conditions
-from medforge_operator.api import BaseModelPhase as Phase
-from medforge_operator.api import ConditionType as C
-from medforge_operator.api import Reason as R
 from medforge_operator.conditions import Cond, merge_conditions, now
 
 JSON = dict[str, Any]

@@ -4,20 +4,23 @@ and the status (pure functions)."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from medforge_common import gate as gate_rule
+from medforge_common.api import CompositePhase as Phase
+from medforge_common.api import ConditionType as C
+from medforge_common.api import ContributionPhase, ExitCode, RevisionState
+from medforge_common.api import InputReason as IR
+from medforge_common.api import InputState as IS
+from medforge_common.api import Reason as R
 from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
-from medforge_common.result import VERDICT_EXIT, finite_number
+from medforge_common.result import finite_number
+from medforge_common.strategy import DEFAULT as DEFAULT_STRATEGY
+from medforge_common.strategy import STRATEGIES, Traits
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, contribution, isolation, jobs, names, signing
-from medforge_operator.api import CompositePhase as Phase
-from medforge_operator.api import ConditionType as C
-from medforge_operator.api import ContributionPhase, RevisionState
-from medforge_operator.api import InputReason as IR
-from medforge_operator.api import InputState as IS
-from medforge_operator.api import Reason as R
 from medforge_operator.conditions import Cond, is_true, merge_conditions
 from medforge_operator.conditions import get as get_condition
 from medforge_operator.settings import Settings
@@ -155,15 +158,12 @@ class Plan:
     all_inputs: list[JSON]  # contributions the merge reads (new ones, or all for `full`)
 
 
-# TIES and DARE composites hold dense updates, which cannot be merged into again as factors: their
-# revisions always merge every input afresh.
-DENSE_STRATEGIES = ("ties", "dare-linear", "dare-ties")
-# The subspace merges are not sums either: each revision merges every input afresh too.
-SUBSPACE_STRATEGIES = ("knots-ties", "iso-c", "iso-cts", "tsv", "core-ties")
-
-
-def effective_integration(spec: JSON) -> str:
-    if (spec.get("strategy") or {}).get("type") in (*DENSE_STRATEGIES, *SUBSPACE_STRATEGIES):
+def effective_integration(spec: JSON, registry: Mapping[str, Traits] = STRATEGIES) -> str:
+    """A strategy whose composite is no sum (dense TIES and DARE updates, the subspace merges)
+    cannot take new inputs into its parent revision: every revision merges all inputs afresh."""
+    name = (spec.get("strategy") or {}).get("type") or DEFAULT_STRATEGY
+    known = registry.get(name)
+    if known is not None and not known.incremental:
         return "full"
     return str(spec.get("integration", "incremental"))
 
@@ -337,7 +337,7 @@ def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -
         backoff_limit=1,
         active_deadline=None,
         ttl_seconds=settings.job_ttl_seconds,
-        verdict_exit_codes=(MERGE_VERDICT_EXIT,),
+        verdict_exit_codes=(ExitCode.VERDICT,),
     )
 
 
@@ -346,9 +346,6 @@ def gate(result: JSON, previous: JSON, spec_gate: Any) -> tuple[bool, str]:
     against the metrics this operator recorded for the revision replaced (`previous`), never
     against what the merger says they were."""
     return gate_rule.verdict(previous, result.get("metrics"), gate_rule.Rule.from_spec(spec_gate))
-
-
-MERGE_VERDICT_EXIT = VERDICT_EXIT  # medforge-merge: every input refused (a verdict, not a fault)
 
 
 @dataclass

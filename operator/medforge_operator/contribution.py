@@ -6,13 +6,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from medforge_common.api import ConditionType as C
+from medforge_common.api import ContributionPhase as Phase
+from medforge_common.api import Reason as R
 from medforge_common.artifacts import CONTRIBUTION_FILES
 from medforge_common.result import finite_number, read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
 from medforge_operator import basemodel, jobs, names, signing
-from medforge_operator.api import ConditionType as C
-from medforge_operator.api import ContributionPhase as Phase
-from medforge_operator.api import Reason as R
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings
 

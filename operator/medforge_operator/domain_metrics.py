@@ -20,9 +20,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from medforge_common.api import BaseModelPhase, CompositePhase, ContributionPhase
 from medforge_common.result import finite_number
 from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS
-from medforge_operator.api import BaseModelPhase, CompositePhase, ContributionPhase
 from medforge_operator.observed import ObservedObjects
 
 JSON = dict[str, Any]

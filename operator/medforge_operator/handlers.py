@@ -22,11 +22,11 @@ from typing import Any, cast
 
 import kopf
 
+from medforge_common.api import BaseModelPhase, ContributionPhase
 from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS, GROUP, VERSION, basemodel, jobs
 from medforge_operator import reconcile_basemodel as rbase
 from medforge_operator import reconcile_composite as rcomp
 from medforge_operator import reconcile_contribution as rcon
-from medforge_operator.api import BaseModelPhase, ContributionPhase
 from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
 from medforge_operator.kube import Kube

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medforge_operator.api import InputReason as IR
+from medforge_common.api import InputReason as IR
 
 JSON = dict[str, Any]
 BLAME_AFTER = 2  # failures of one input alone (and of the revision before isolating)

@@ -7,8 +7,8 @@ import hashlib
 import json
 from typing import Any
 
+from medforge_common.api import ExitCode
 from medforge_common.redact import redact
-from medforge_common.result import STORE_FAULT_EXIT
 from medforge_common.uris import S3Uri
 from medforge_operator import GROUP, VERSION, names
 
@@ -423,6 +423,6 @@ def caused_by_inputs(summary: JSON) -> bool:
         return False
     if summary.get("failure_reason") == "OOMKilled":
         return True
-    # 2: the job config was refused (the operator's doing, never an input's). 137 and 143
-    # without OOMKilled: SIGKILL or SIGTERM from outside (a node shutting down).
-    return code not in (2, STORE_FAULT_EXIT, 137, 143)
+    # A refused job config is the operator's doing, never an input's. 137 and 143 without
+    # OOMKilled: SIGKILL or SIGTERM from outside (a node shutting down).
+    return code not in (ExitCode.BAD_CONFIG, ExitCode.STORE_FAULT, 137, 143)

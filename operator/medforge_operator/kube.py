@@ -98,8 +98,9 @@ class Kube:
                 raise
 
     def job_pods(self, namespace: str, job: JSON) -> list[JSON]:
-        """The pods of this very Job (by its uid, which the Job controller labels them with),
-        never those of another Job of the same name."""
+        """The pods this very Job controls: labelled with its uid and carrying it as their
+        controller owner reference. A tenant can label a pod of its own as the Job's; the Job
+        controller neither counts nor adopts one that names another controller, and neither do we."""
         uid = job["metadata"]["uid"]
         resp = self.core.list_namespaced_pod(
             namespace,
@@ -108,7 +109,14 @@ class Kube:
             _request_timeout=TIMEOUT,
         )
         items: list[JSON] = _data(resp)["items"]
-        return items
+        return [
+            p
+            for p in items
+            if any(
+                r.get("uid") == uid and r.get("controller")
+                for r in p["metadata"].get("ownerReferences") or []
+            )
+        ]
 
     def apply_secret(self, secret: JSON) -> None:
         """Create the Secret, or replace the data and annotations of ours under its name. The

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from medforge_common.api import BaseModelPhase, ConditionType, Reason
 from medforge_operator import BASEMODELS, basemodel, conditions, metrics
-from medforge_operator.api import BaseModelPhase, ConditionType, Reason
 from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
 from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed

@@ -10,6 +10,15 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from medforge_common.api import (
+    CompositePhase,
+    EventReason,
+    InputReason,
+    InputState,
+    RevisionState,
+)
+from medforge_common.api import ConditionType as C
+from medforge_common.api import Reason as R
 from medforge_common.artifacts import RESULT_FILE
 from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_common.uris import UriError
@@ -22,15 +31,6 @@ from medforge_operator import (
     names,
     signing,
 )
-from medforge_operator.api import (
-    CompositePhase,
-    EventReason,
-    InputReason,
-    InputState,
-    RevisionState,
-)
-from medforge_operator.api import ConditionType as C
-from medforge_operator.api import Reason as R
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.conditions import Cond, merge_conditions, now

@@ -11,6 +11,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from medforge_common.api import ConditionType, EventReason, Reason
+from medforge_common.api import ContributionPhase as Phase
 from medforge_common.artifacts import DISTILLED_FILE
 from medforge_common.manifest import Manifest
 from medforge_common.uris import UriError
@@ -24,8 +26,6 @@ from medforge_operator import (
     names,
     signing,
 )
-from medforge_operator.api import ConditionType, EventReason, Reason
-from medforge_operator.api import ContributionPhase as Phase
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.kube import Kube

@@ -1,4 +1,4 @@
-"""The operator's vocabulary (medforge_operator.api) against the CRDs: every phase the CRDs
+"""The operator's vocabulary (medforge_common.api) against the CRDs: every phase the CRDs
 allow is one the operator writes and the other way round, and every condition type a kind
 reports is named in its CRD's description of conditions."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from medforge_operator import api
+from medforge_common import api
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 

@@ -9,10 +9,10 @@ from typing import Any, cast
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from medforge_common.api import CompositePhase, InputReason, Reason, RevisionState
 from medforge_common.manifest import Manifest
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, composite, reconcile_composite, reconcile_contribution
-from medforge_operator.api import CompositePhase, InputReason, Reason, RevisionState
 from medforge_operator.catalog import Catalog
 from medforge_operator.kube import Kube
 from medforge_operator.settings import Settings

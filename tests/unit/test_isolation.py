@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from medforge_common import gate
+from medforge_common.api import InputReason, Reason, RevisionState
 from medforge_operator import composite, isolation
-from medforge_operator.api import InputReason, Reason, RevisionState
 from tests.unit.test_composite_logic import BASE, comp, contribution
 
 JSON = dict[str, Any]

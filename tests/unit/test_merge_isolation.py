@@ -18,14 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from medforge_common.api import ExitCode, InputReason, RevisionState
 from medforge_common.manifest import FileEntry, Manifest, sha256_file
-from medforge_common.result import STORE_FAULT_EXIT
 from medforge_merger import __main__ as main_module
 from medforge_merger.__main__ import main as merge_main
 from medforge_merger.inputs import StoreFault
 from medforge_ml import transfers
 from medforge_operator import composite, jobs
-from medforge_operator.api import InputReason, RevisionState
 from tests.merge_experiment import Setup, job_args, merge_config
 from tests.merge_helpers import full_result
 from tests.unit.test_isolation import rounds
@@ -236,7 +235,7 @@ def test_a_store_outage_is_a_fault_nobody_is_blamed_for(
     for item in spec["inputs"]:  # through the store, not local paths
         item["files"] = [{"name": f["name"], "url": "http://127.0.0.1:9/x"} for f in item["files"]]
     cfg.write_text(json.dumps(spec))
-    assert merge_main(job_args(tmp_path, "c", cfg)) == STORE_FAULT_EXIT
+    assert merge_main(job_args(tmp_path, "c", cfg)) == ExitCode.STORE_FAULT
     assert "the store" in (tmp_path / "c.term").read_text()
 
 

@@ -319,7 +319,7 @@ def test_subspace_strategies_run_as_jobs_exactly_at_their_scale(tmp_path: Path) 
     """iso-c, iso-cts, tsv and knots-ties through `medforge-merge`: the file holds what the
     factor-space functions give (checked against dense references in test_merge_subspace.py),
     at the fixed scale (no distilled set to search on), padded to the declared rank."""
-    from medforge_merger import subspace
+    from medforge_merger.registry import Strategy, merge_layer
     from medforge_merger.strategies import Factors
 
     made = [make_adapter(tmp_path / f"a{i}", r, i) for i, r in enumerate([4, 8])]
@@ -340,7 +340,7 @@ def test_subspace_strategies_run_as_jobs_exactly_at_their_scale(tmp_path: Path) 
                 )
                 for (_, t), r in zip(made, [4, 8], strict=True)
             ]
-            want = subspace.merge(kind, layers, [1.0, 1.0], 0.7, 0.5)
+            want = merge_layer(Strategy(kind, density=0.5, scale=0.7), layers, [1.0, 1.0])
             ours = merged[f"{m}.lora_B.weight"].double() @ merged[f"{m}.lora_A.weight"].double()
             ref = torch.from_numpy(want.B @ want.A)
             assert rel(ours, ref) < 1e-4, kind

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from medforge_merger import subspace
+from medforge_merger.registry import Strategy, merge_layer
 from medforge_merger.strategies import Factors, disjoint_merge, trim
 
 D, K = 14, 11
@@ -103,11 +104,11 @@ def test_each_strategy_equals_its_dense_reference(seed: int) -> None:
         "core-ties": core_ties_ref(fs, deltas, 0.5),
     }
     for kind, want in cases.items():
-        got = subspace.merge(kind, fs, WEIGHTS, 1.0, 0.5)
+        got = merge_layer(Strategy(kind, density=0.5, scale=1.0), fs, WEIGHTS)
         assert np.allclose(got.B @ got.A, want, atol=1e-9), kind
         # Never more than the joint rank: no direction outside the adapters' own spans.
         assert got.rank <= sum(RANKS)
-        scaled = subspace.merge(kind, fs, WEIGHTS, 0.5, 0.5)
+        scaled = merge_layer(Strategy(kind, density=0.5, scale=0.5), fs, WEIGHTS)
         assert np.allclose(scaled.B @ scaled.A, 0.5 * want, atol=1e-9), kind
 
 
@@ -140,7 +141,7 @@ def test_the_same_adapter_twice_and_zero_layers_are_handled() -> None:
     assert np.linalg.matrix_rank(twice.B @ twice.A) == RANKS[0]
     zero = Factors(np.zeros((D, 2)), np.zeros((2, K)))
     for kind in ("iso-c", "iso-cts", "tsv", "knots-ties", "core-ties"):
-        got = subspace.merge(kind, [f, zero], [1.0, 1.0], 1.0, 0.5)
+        got = merge_layer(Strategy(kind, density=0.5, scale=1.0), [f, zero], [1.0, 1.0])
         assert np.isfinite(got.B).all() and np.isfinite(got.A).all(), kind
     # An empty task adds nothing to TSV: the other task's own share, as if alone.
     alone = subspace.tsv([f], [1.0])

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from medforge_common import strategy
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, composite, contribution, jobs, names
 from medforge_operator.conditions import Cond, merge_conditions
@@ -421,7 +422,9 @@ def test_long_names_become_valid_label_values() -> None:
 
 
 def test_dense_and_subspace_strategies_always_merge_every_input_afresh() -> None:
-    for kind in ("ties", "dare-ties", "iso-c", "iso-cts", "tsv", "knots-ties", "core-ties"):
+    afresh = strategy.names(incremental=False)
+    assert {"ties", "dare-linear", "dare-ties", "iso-c", "tsv", "core-ties"} <= set(afresh)
+    for kind in afresh:
         spec = {"strategy": {"type": kind}, "integration": "incremental"}
         assert composite.effective_integration(spec) == "full", kind
     assert composite.effective_integration({"strategy": {"type": "fusion"}}) == "incremental"

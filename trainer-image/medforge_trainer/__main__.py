@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from medforge_common.api import ExitCode
 from medforge_common.artifacts import ADAPTER_FILE, DISTILLED_FILE, HEAD_FILE, MANIFEST_FILE
 from medforge_common.manifest import Manifest
 from medforge_common.redact import redact
@@ -252,16 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.parse(read_job_config(args.config))
     except JobConfigError as exc:
-        return finish(failure_line(str(exc)), 2)
+        return finish(failure_line(str(exc)), ExitCode.BAD_CONFIG)
     except ConfigError as exc:
-        return finish(failure_line(f"invalid job config: {exc}"), 2)
+        return finish(failure_line(f"invalid job config: {exc}"), ExitCode.BAD_CONFIG)
     out_dir = Path(args.output_dir) if args.output_dir else None
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medforge-train-") as tmp:
         try:
             result = run(cfg, Path(tmp), out_dir)
         except ModelError as exc:  # TrainFailed, and the shared loaders' failures
-            return finish(failure_line(f"training failed: {exc}"), 1)
+            return finish(failure_line(f"training failed: {exc}"), ExitCode.FAILED)
         except Exception as exc:  # one line for the operator, never a bare traceback
             if is_oom(exc):
                 return finish(
@@ -270,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"{cfg.training.batch_size or 'auto'}; set a lower "
                         "spec.training.batchSize or give the Job more memory"
                     ),
-                    1,
+                    ExitCode.FAILED,
                 )
             print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
-            return finish(failure_line(f"training failed: {type(exc).__name__}: {exc}"), 1)
+            return finish(
+                failure_line(f"training failed: {type(exc).__name__}: {exc}"), ExitCode.FAILED
+            )
     log(f"done in {time.monotonic() - started:.1f} s")
-    return finish(encode_result(result), 0)
+    return finish(encode_result(result), ExitCode.OK)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,17 @@ StrEnum members are plain strings on the wire."""
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
+
+
+class ExitCode(IntEnum):
+    """How the trainer's and merger's Jobs end; the operator tells a verdict from a fault by it."""
+
+    OK = 0
+    FAILED = 1  # a failure nothing else explains (the message says what)
+    BAD_CONFIG = 2  # the job config cannot be used (the message names the field)
+    VERDICT = 3  # the merger refused every input: a verdict on each, never retried
+    STORE_FAULT = 4  # the store could not be reached: retried, blamed on no input
 
 
 class ContributionPhase(StrEnum):
