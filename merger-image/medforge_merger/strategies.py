@@ -109,11 +109,17 @@ def svd(layers: Sequence[Factors], weights: Sequence[float], rank: int) -> Facto
     return Factors(B.astype(s.B.dtype), A.astype(s.A.dtype))
 
 
+def kept_count(density: float, size: int) -> int:
+    """How many entries TIES keeps: int(density x size), as peft's magnitude pruning and the
+    TIES paper's code count them (never rounded up)."""
+    return size if density >= 1 else int(density * size)
+
+
 def trim(delta: Array, density: float) -> Array:
     """Keep the `density` fraction of entries with the largest magnitude (TIES step 1)."""
     if not 0 < density <= 1:
         raise MergeError(f"density must be in (0, 1], got {density}")
-    k = round(density * delta.size)
+    k = kept_count(density, delta.size)
     if k >= delta.size:
         return delta.copy()
     if k == 0:
@@ -124,12 +130,14 @@ def trim(delta: Array, density: float) -> Array:
 
 
 def disjoint_merge(deltas: Sequence[Array], weights: Sequence[float]) -> Array:
-    """TIES steps 2 and 3: elect each entry's sign by the sign of the weighted sum, then average
-    the weighted values that agree with it (entries that disagree or are zero do not count)."""
-    stacked = np.stack([w * t for t, w in zip(deltas, weights, strict=True)])
-    sign = np.sign(stacked.sum(axis=0))
-    agree = (np.sign(stacked) == sign) & (stacked != 0)
-    total = (stacked * agree).sum(axis=0)
+    """TIES steps 2 and 3 in peft's convention: elect each entry's sign by the sign of the
+    unweighted sum (a zero sum elects +), then average the weighted values whose own sign
+    agrees over how many agree (zeros never agree)."""
+    stacked = np.stack(list(deltas))
+    sign = np.where(stacked.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = np.sign(stacked) == sign
+    w = np.asarray(weights, dtype=stacked.dtype).reshape((-1,) + (1,) * (stacked.ndim - 1))
+    total = (stacked * w * agree).sum(axis=0)
     count = np.maximum(agree.sum(axis=0), 1)
     out: Array = (total / count).astype(deltas[0].dtype, copy=False)
     return out
@@ -139,17 +147,17 @@ CHUNK_ENTRIES = 1 << 16  # ties works on this many entries of every delta at a t
 
 
 def ties(deltas: Sequence[Array], weights: Sequence[float], density: float) -> Array:
-    """TIES: `disjoint_merge` of the weighted, `trim`med deltas, without stacking them. The
-    sign of each entry's sum comes from the sums of values and of magnitudes, the number that
-    agree from the counts of nonzero and of positive entries. After each delta's threshold,
-    the deltas are walked a chunk of entries at a time, so that every step's operands stay in
-    the core's own cache (a third faster than whole deltas; two threads were no faster), and
-    memory holds a few chunks besides the deltas, not a stack of them. The dense `ties`
-    strategy, knots-ties (V blocks) and core-ties (cores) all merge with it."""
+    """TIES: `disjoint_merge` of the `trim`med deltas, without stacking them. Per entry it
+    keeps the unweighted sum (whose sign is elected), the weighted sums of the positive and of
+    the negative values, and their counts. After each delta's threshold, the deltas are walked
+    a chunk of entries at a time, so that every step's operands stay in the core's own cache
+    (a third faster than whole deltas; two threads were no faster), and memory holds a few
+    chunks besides the deltas, not a stack of them. The dense `ties` strategy, knots-ties (V
+    blocks) and core-ties (cores) all merge with it."""
     if not 0 < density <= 1:
         raise MergeError(f"density must be in (0, 1], got {density}")
     shape, size, dtype = deltas[0].shape, deltas[0].size, deltas[0].dtype
-    keep = round(density * size)
+    keep = kept_count(density, size)
     out: Array = np.zeros(shape, dtype)
     if keep == 0:
         return out
@@ -162,45 +170,36 @@ def ties(deltas: Sequence[Array], weights: Sequence[float], density: float) -> A
         thresholds.append(ordered[size - keep])
     step = min(CHUNK_ENTRIES, size)
     count = np.min_scalar_type(len(deltas))  # the narrowest integers that hold the counts
-    total, magnitudes, magnitude, values = (np.empty(step, dtype) for _ in range(4))
-    nonzero, positives = np.empty(step, count), np.empty(step, count)
-    kept = np.empty(step, bool)
+    total, positive, negative, value, weighted, tmp = (np.empty(step, dtype) for _ in range(6))
+    n_pos, n_neg = np.empty(step, count), np.empty(step, count)
+    mask = np.empty(step, bool)
     merged = out.reshape(size)
     for start in range(0, size, step):
         n = min(step, size - start)
-        t, m, mag, v = total[:n], magnitudes[:n], magnitude[:n], values[:n]
-        nz, pos, k = nonzero[:n], positives[:n], kept[:n]
-        for x in (t, m, nz, pos):
-            x.fill(0)
+        t, p, q, v, wv, x = (a[:n] for a in (total, positive, negative, value, weighted, tmp))
+        npos, nneg, k = n_pos[:n], n_neg[:n], mask[:n]
+        for arr in (t, p, q, npos, nneg):
+            arr.fill(0)
         for b, threshold, w in zip(flat, thresholds, weights, strict=True):
             chunk = b[start : start + n]
-            np.abs(chunk, out=mag)
-            np.greater_equal(mag, threshold, out=k)
-            np.multiply(chunk, k, out=v)
-            if w != 1.0:
-                v *= w
-            np.abs(v, out=mag)
+            np.abs(chunk, out=v)
+            np.greater_equal(v, threshold, out=k)
+            np.multiply(chunk, k, out=v)  # trimmed, unweighted: its sum elects the sign
             t += v
-            m += mag
-            np.not_equal(v, 0, out=k)
-            np.add(nz, k, out=nz, casting="unsafe")
-            np.greater(v, 0, out=k)
-            np.add(pos, k, out=pos, casting="unsafe")
-        # Positive entries sum to (|.| + sum) / 2, negative ones to (sum - |.|) / 2.
-        nz -= pos
-        np.maximum(pos, 1, out=pos)
-        np.maximum(nz, 1, out=nz)
-        np.add(m, t, out=mag)
-        mag /= pos
-        mag *= 0.5
-        np.subtract(t, m, out=v)
-        v /= nz
-        v *= 0.5
-        np.greater(t, 0, out=k)
-        mag *= k
-        np.less(t, 0, out=k)
-        v *= k
-        np.add(mag, v, out=merged[start : start + n])
+            np.multiply(v, w, out=wv)
+            for sums, counts, side in ((p, npos, np.greater), (q, nneg, np.less)):
+                side(v, 0, out=k)  # agreement is by the value's own sign, as in peft
+                np.add(counts, k, out=counts, casting="unsafe")
+                np.multiply(wv, k, out=x)
+                sums += x
+        np.maximum(npos, 1, out=npos)
+        np.maximum(nneg, 1, out=nneg)
+        p /= npos
+        q /= nneg
+        np.greater_equal(t, 0, out=k)  # a zero sum elects +
+        dest = merged[start : start + n]
+        np.copyto(dest, q)
+        np.copyto(dest, p, where=k)
     return out
 
 
