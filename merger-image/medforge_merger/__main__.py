@@ -4,439 +4,53 @@ termination message. Any failure: non-zero exit and a one-line reason there."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import sys
-import tempfile
-import time
-import traceback
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from medforge_common import gate, strategy
-from medforge_common.api import ExitCode, InputState, Reason
-from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, RESULT_FILE
-from medforge_common.manifest import Manifest, ManifestError, verify_dir
-from medforge_common.redact import redact
-from medforge_common.result import (
-    JobConfigError,
-    encode_result,
-    failure_line,
-    job_parser,
-    read_job_config,
-    result_reference,
-)
-from medforge_common.result import finish as report
-from medforge_common.strategy import Family
-from medforge_merger import blame
-from medforge_merger.adapters import Adapter, InputRejected, load_adapter
+from medforge_common.api import ExitCode
+from medforge_common.manifest import ManifestError
+from medforge_common.result import failure_line, job_parser
+from medforge_merger import config, pipeline
 from medforge_merger.allocator import keep_freed_memory
-from medforge_merger.inputs import (
-    Loaded,
-    StoreFault,
-    compatible,
-    exclude,
-    fetch,
-    fetch_artifact,
-    read_inputs,
-)
-from medforge_merger.merge import merge_to_file
-from medforge_merger.registry import DEFAULT_REGISTRY, Strategy
+from medforge_merger.inputs import StoreFault
+from medforge_merger.pipeline import JobFailed, NoUsableInput
 from medforge_merger.strategies import MergeError
-from medforge_ml import transfers
+from medforge_ml.job import Ladder, Run, line, run_job
 from medforge_ml.transfers import StoreError
 
-if TYPE_CHECKING:
-    from medforge_merger.scoring import Scorer
 
-JSON = dict[str, Any]
-VERSION = "0.1.0"
-
-
-class JobFailed(Exception):
-    pass
+def _work(run: Run[config.MergeConfig]) -> dict[str, Any]:
+    if run.output_dir is not None:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+    result = pipeline.run(run.cfg, run.work, run.output_dir)
+    return pipeline.publish_result(run.cfg, result, run.work, run.output_dir)
 
 
-class NoUsableInput(Exception):
-    def __init__(self, report: list[JSON]) -> None:
-        super().__init__(
-            "no input passed verification: " + "; ".join(r.get("reason", "") for r in report)
-        )
-        self.report = report
-
-
-def put(url_or_path: str, source: Path) -> None:
-    if url_or_path.startswith(("http://", "https://")):
-        try:
-            transfers.upload(url_or_path, source, source.name)
-        except StoreError as exc:
-            raise StoreFault(str(exc)) from exc
-    else:
-        shutil.copyfile(source, url_or_path)
-
-
-def _load_current(item: JSON, d: Path, base_digest: str) -> Adapter | None:
-    """The current revision, verified: a factor composite (an adapter with scale 1), or None
-    for a mixture bundle (which only the torch side reads)."""
-    fetch_artifact(item, d)
-    raw = (d / MANIFEST_FILE).read_bytes()
-    manifest = Manifest.from_json(raw.decode(), "current/manifest.json")
-    verify_dir(d, manifest)
-    if manifest.base_model_digest != base_digest:
-        raise InputRejected("the current revision was merged for another base model")
-    if (d / MIXTURE_FILE).is_file():
+def _no_usable_input(exc: BaseException, run: Run[config.MergeConfig]) -> tuple[str, int] | None:
+    if not isinstance(exc, NoUsableInput):
         return None
-    return load_adapter(d, f"revision-{item.get('revision', '?')}", item["digest"], base_digest)
+    return pipeline.verdict(run.cfg, exc, run.work, run.output_dir), ExitCode.VERDICT
 
 
-@dataclass
-class Merged:
-    """What the merge step wrote and how it weighed the inputs."""
-
-    files: list[Path]
-    coefficients: list[float]
-    rank: int
-    meta: JSON = field(default_factory=dict)
+def _out_of_memory(_exc: BaseException, _run: Any) -> tuple[str, int]:
+    why = "merge failed: out of memory; give the merge Job more memory"
+    return failure_line(why), ExitCode.FAILED
 
 
-def _strategy(cfg: JSON) -> Strategy:
-    strat = cfg.get("strategy") or {}
-    return Strategy(
-        strat.get("type", "linear"),
-        strat.get("rank"),
-        float(strat.get("density", 1.0)),
-        int((strat.get("search") or {}).get("seed", 0)),
-        float(strat.get("scale", 1.0)),
-    )
-
-
-def _family(s: Strategy) -> Family:
-    return DEFAULT_REGISTRY.family(s)
-
-
-def _scorer(cfg: JSON, s: Strategy, work: Path) -> Scorer | None:
-    """torch and the base model only when something needs them: an exact merge without a base
-    model to score on stays numpy-only."""
-    base = cfg.get("baseModel") or {}
-    if _family(s) is Family.SEARCHED or base.get("files") or base.get("path"):
-        from medforge_merger.scoring import Scorer
-
-        return Scorer(base, base["digest"], work, fetch)
-    return None
-
-
-def _current(cfg: JSON, s: Strategy, work: Path, scorer: Scorer | None) -> Adapter | None:
-    """The revision this one merges into (incremental), verified, or None."""
-    if not cfg.get("current"):
-        return None
-    d = work / "current"
-    d.mkdir()
-    try:
-        current = _load_current(cfg["current"], d, cfg["baseModel"]["digest"])
-    except (InputRejected, ManifestError, OSError, KeyError) as exc:
-        raise JobFailed(f"the current revision cannot be read: {exc}") from exc
-    if (current is None) != (s.type == "mixture"):
-        raise JobFailed(
-            f"the current revision was merged with another strategy than {s.type}; "
-            "use integration: full to rebuild it"
-        )
-    if scorer is not None:
-        scorer.load_current(d)
-    return current
-
-
-def _merge(
-    cfg: JSON, s: Strategy, use: Loaded, current: Adapter | None, scorer: Scorer | None, work: Path
-) -> Merged:
-    if _family(s) is Family.SEARCHED:
-        from medforge_merger.search import SearchSettings
-
-        if scorer is None:
-            raise JobFailed(f"strategy {s.type} searches on the base model: baseModel is empty")
-        search_cfg = (cfg.get("strategy") or {}).get("search") or {}
-        search = SearchSettings(
-            budget=int(search_cfg.get("budget", 40)),
-            l1=float(search_cfg.get("l1", 0.05)),
-            seed=s.seed,
-        )
-        named = [(a, f"{e['namespace']}/{e['name']}") for a, _, e in use]
-        scored = scorer.searched(s.type, current, named, search, work)
-        return Merged(
-            list(scored.files),
-            scored.coefficients or [w for _, w, _ in use],
-            scored.rank,
-            scored.meta
-            | {"search": {"budget": search.budget, "l1": search.l1, "seed": search.seed}},
-        )
-    merged = [a for a, _, _ in use]
-    weights = [w for _, w, _ in use]
-    if current is not None:
-        if not strategy.traits(s.type).takes_parent:
-            raise JobFailed(f"strategy {s.type} merges every input afresh: use integration: full")
-        merged.insert(0, current)
-        weights.insert(0, 1.0)
-    rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)
-    meta: JSON = {}
-    if scorer is not None:
-        scorer.exact([a for a, _, _ in use], work / ADAPTER_FILE)
-        if (
-            _family(s) is Family.SUBSPACE
-            and "scale" not in (cfg.get("strategy") or {})
-            and scorer.tasks
-        ):
-            search_cfg = (cfg.get("strategy") or {}).get("search") or {}
-            from medforge_merger.search import SearchSettings
-
-            settings = SearchSettings(budget=int(search_cfg.get("budget", 40)), seed=s.seed)
-            s = replace(s, scale=scorer.search_scale(settings))
-            rank = merge_to_file(merged, weights, s, work / ADAPTER_FILE)  # at the found scale
-            meta["search"] = {"budget": settings.budget, "seed": settings.seed}
-    if _family(s) is Family.SUBSPACE:
-        meta["scale"] = round(s.scale, 6)
-    return Merged([work / ADAPTER_FILE], [w for _, w, _ in use], rank, meta)
-
-
-def _score(cfg: JSON, scorer: Scorer | None, work: Path) -> tuple[JSON, JSON]:
-    """(metrics on every task's distilled set, regressions against the revision replaced)."""
-    if cfg.get("evaluation") and scorer is None:
-        raise JobFailed("evaluation sets need the base model: baseModel.files is empty")
-    metrics: JSON = scorer.metrics(cfg.get("evaluation") or [], work) if scorer else {}
-    previous = _previous_metrics(cfg)
-    regression = {
-        name: round(float(prev["accuracy"]) - float(metrics[name]["accuracy"]), 4)
-        for name, prev in previous.items()
-        if isinstance(prev, dict) and "accuracy" in prev and name in metrics
-    }
-    return metrics, regression
-
-
-def _check_finite(files: list[Path]) -> None:
-    """Nothing with NaN or Inf leaves the merge Job: every tensor of every file is checked
-    before the first upload."""
-    import numpy as np
-    from safetensors import safe_open
-
-    for path in files:
-        if path.suffix != ".safetensors":
-            continue
-        with safe_open(str(path), framework="np") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                if not np.isfinite(f.get_tensor(key)).all():
-                    raise JobFailed(
-                        f"the merged {path.name} holds NaN or Inf in {key}; nothing was uploaded"
-                    )
-
-
-def _publish(
-    cfg: JSON, manifest: Manifest, files: list[Path], work: Path, output_dir: Path | None
-) -> JSON:
-    """Upload the files and their manifest; the artifact part of the result."""
-    _check_finite(files)
-    entries = [manifest.add_file(p) for p in files]
-    manifest_path = work / MANIFEST_FILE
-    manifest_path.write_text(manifest.to_json())
-    outputs = (cfg.get("output") or {}).get("files") or {}
-    for path in [*files, manifest_path]:
-        if output_dir is not None:
-            put(str(output_dir / path.name), path)
-        elif path.name in outputs:
-            put(outputs[path.name], path)
-        else:
-            raise JobFailed(f"the job config has no output URL for {path.name}")
-    return {
-        "uri": (cfg.get("output") or {}).get("uri", str(output_dir)),
-        "digest": "sha256:" + hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
-        "sizeBytes": sum(e.size for e in entries),
-    }
-
-
-def _public(entry: JSON) -> JSON:
-    """An input's entry as the result reports it (without the merge's own bookkeeping)."""
-    return {k: v for k, v in entry.items() if k != "new"}
-
-
-def _figures(merged: Merged, seconds: float, inputs: int) -> JSON:
-    """The merge's own figures, which the operator exports as metrics."""
-    search = merged.meta.get("search") or {}
-    steps = merged.meta.get("steps") or []
-    return {
-        "seconds": round(seconds, 3),
-        "inputs": inputs,
-        # Each searched step asks the optimiser for `budget` points.
-        "searchEvaluations": int(search.get("budget", 0)) * len(steps),
-    }
-
-
-def _previous_metrics(cfg: JSON) -> JSON:
-    """The scores of the revision this one replaces, as the operator recorded them."""
-    return dict((cfg.get("previous") or cfg.get("current") or {}).get("metrics") or {})
-
-
-def _merge_and_blame(
-    cfg: JSON,
-    s: Strategy,
-    use: Loaded,
-    current: Adapter | None,
-    scorer: Scorer | None,
-    work: Path,
-    report_: list[JSON],
-) -> tuple[Merged, JSON, JSON, Loaded]:
-    """Merge and score; when that regresses the gate's tasks and several new inputs arrived
-    together, leave each out once and exclude those the regression is due to, then merge the
-    rest. (merged, metrics, regression, the inputs merged)."""
-    start = scorer.snapshot() if scorer is not None else None
-
-    def attempt(inputs: Loaded, evaluate: bool = True) -> tuple[Merged, JSON, JSON]:
-        if scorer is not None and start is not None:
-            scorer.restore(start)  # every attempt from the same tasks and state
-        merged = _merge(cfg, s, inputs, current, scorer, work)
-        # A left-out input may own the task an evaluation set names: the gate reads the
-        # distilled sets only, so the extra merges skip the evaluation sets.
-        return (merged, *_score(cfg if evaluate else {**cfg, "evaluation": []}, scorer, work))
-
-    merged, metrics, regression = attempt(use)
-    rule = gate.Rule.from_spec(cfg.get("gate"))
-    blamed = blame.leave_one_out(
-        _previous_metrics(cfg),
-        rule,
-        [e for _, _, e in use],
-        metrics,
-        lambda left: attempt([u for u in use if u[2] is not left], evaluate=False)[1],
-    )
-    if not blamed:
-        return merged, metrics, regression, use
-    for _, _, e in use:
-        if e["digest"] in blamed:
-            tasks = ", ".join(blamed[e["digest"]])
-            why = f"the revision regresses significantly with it and not without it: {tasks}"
-            exclude(report_, e, why, code="RejectedByGate")
-    use = [u for u in use if u[2]["digest"] not in blamed]
-    if not use:
-        raise NoUsableInput(report_)
-    return (*attempt(use), use)
-
-
-def run(cfg: JSON, work: Path, output_dir: Path | None) -> JSON:
-    """Verify and screen the inputs, merge, score (finding whom a regression is due to),
-    upload; the result JSON."""
-    s = _strategy(cfg)
-    scorer = _scorer(cfg, s, work)
-    report_: list[JSON] = []
-    current = _current(cfg, s, work, scorer)
-    use = compatible(read_inputs(cfg, work, report_, scorer), current, report_)
-    if not use:
-        raise NoUsableInput(report_)
-    t0 = time.monotonic()
-    merged, metrics, regression, use = _merge_and_blame(cfg, s, use, current, scorer, work, report_)
-    merge_seconds = time.monotonic() - t0
-    print(f"merged {len(use)} input(s) with {s.type} in {merge_seconds:.2f} s", flush=True)
-    bundle = scorer.save_tasks(work) if scorer else None
-    files = [*merged.files, *([bundle] if bundle is not None else [])]
-    included = [
-        _public(e) | {"state": InputState.INCLUDED, "coefficient": round(c, 6)}
-        for (_, _, e), c in zip(use, merged.coefficients[-len(use) :], strict=True)
-    ]
-    manifest = Manifest(
-        "composite",
-        cfg["baseModel"]["digest"],
-        [],
-        {
-            "strategy": s.type,
-            "scale": 1.0,  # folded into the B factors
-            "maxRank": merged.rank or None,
-            "density": s.density,
-            "seed": s.seed,
-            "integration": cfg.get("integration", "full"),
-            "inputs": included,
-            "metrics": metrics,
-            "tasks": list(metrics),
-            "tool": f"medforge-merge {VERSION}",
-            **merged.meta,
-        },
-    )
-    result: JSON = {
-        "artifact": _publish(cfg, manifest, files, work, output_dir),
-        "inputs": included + [_public(e) for e in report_],
-        "metrics": metrics,
-        "regression": regression,
-        "integration": cfg.get("integration", "full"),
-        "merge": _figures(merged, merge_seconds, len(use)),
-    }
-    if metrics:
-        scores = [float(m["accuracy"]) for m in metrics.values()]
-        result["score"] = round(sum(scores) / len(scores), 4)
-    return result
-
-
-def _verdict(cfg: JSON, exc: NoUsableInput, work: Path, output_dir: Path | None) -> str:
-    """The termination message of a merge whose every input was refused: one JSON line naming
-    the verdict, with the per-input report in result.json beside it (if it can be written)."""
-    line: JSON = {"verdict": Reason.NO_USABLE_INPUT, "message": failure_line(str(exc))[:1000]}
-    try:
-        report_ = [_public(e) for e in exc.report]
-        ref = publish_result(cfg, {"artifact": {}, "inputs": report_}, work, output_dir)
-        line["resultFile"] = ref["resultFile"]
-    except (JobFailed, StoreFault) as err:  # the report then stays in the message alone
-        line["message"] = failure_line(f"{exc}; {err}")[:1000]
-    return json.dumps(line, sort_keys=True)
-
-
-def publish_result(cfg: JSON, result: JSON, work: Path, output_dir: Path | None) -> JSON:
-    """The full result as result.json next to the composite; the small reference that the
-    termination message carries (4 KiB would hold only about 20 inputs' entries)."""
-    body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
-    path = work / RESULT_FILE
-    path.write_bytes(body)
-    outputs = (cfg.get("output") or {}).get("files") or {}
-    if output_dir is not None:
-        put(str(output_dir / RESULT_FILE), path)
-    elif RESULT_FILE in outputs:
-        put(outputs[RESULT_FILE], path)
-    else:
-        raise JobFailed(f"the job config has no output URL for {RESULT_FILE}")
-    return result_reference(result, body, RESULT_FILE)
+LADDER: Ladder[config.MergeConfig] = [
+    (NoUsableInput, _no_usable_input),
+    # No input explains a store fault: the operator retries the revision and blames nobody.
+    ((StoreFault, StoreError), line("merge failed: the store", ExitCode.STORE_FAULT)),
+    ((JobFailed, MergeError, ManifestError, KeyError), line("merge failed")),
+    (MemoryError, _out_of_memory),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = job_parser("medforge-merge", __doc__.splitlines()[0], "the composite")
+    p = job_parser("medforge-merge", (__doc__ or "").splitlines()[0], "the composite")
     args = p.parse_args(argv)
-    term = Path(args.termination_log)
     keep_freed_memory()
-
-    def finish(text: str, code: int) -> int:
-        return report(term, text, code)
-
-    try:
-        cfg = read_job_config(args.config)
-    except JobConfigError as exc:
-        return finish(failure_line(str(exc)), ExitCode.BAD_CONFIG)
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="medforge-merge-") as tmp:
-        try:
-            result = run(cfg, Path(tmp), out_dir)
-            reference = publish_result(cfg, result, Path(tmp), out_dir)
-        except NoUsableInput as exc:
-            return finish(_verdict(cfg, exc, Path(tmp), out_dir), ExitCode.VERDICT)
-        except (StoreFault, StoreError) as exc:
-            # No input explains it: the operator retries the revision and blames nobody.
-            return finish(failure_line(f"merge failed: the store: {exc}"), ExitCode.STORE_FAULT)
-        except (JobFailed, MergeError, ManifestError, KeyError) as exc:
-            return finish(failure_line(f"merge failed: {exc}"), ExitCode.FAILED)
-        except MemoryError:
-            return finish(
-                failure_line("merge failed: out of memory; give the merge Job more memory"),
-                ExitCode.FAILED,
-            )
-        except Exception as exc:  # one line for the operator, never a bare traceback
-            print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
-            return finish(
-                failure_line(f"merge failed: {type(exc).__name__}: {exc}"), ExitCode.FAILED
-            )
-    return finish(encode_result(reference), ExitCode.OK)
+    return run_job(args, config.parse, _work, LADDER, "merge", "merge failed")
 
 
 if __name__ == "__main__":

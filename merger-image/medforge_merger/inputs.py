@@ -24,6 +24,7 @@ from medforge_merger.adapters import Adapter, InputRejected, check_compatible, l
 from medforge_ml import transfers
 
 if TYPE_CHECKING:
+    from medforge_merger.config import MergeConfig
     from medforge_merger.scoring import Scorer
 
 JSON = dict[str, Any]
@@ -99,13 +100,12 @@ def exclude(report: list[JSON], entry: JSON, reason: str, code: str = "") -> Non
     print(f"excluded {entry['namespace']}/{entry['name']}: {reason}", flush=True)
 
 
-def read_inputs(cfg: JSON, work: Path, report: list[JSON], scorer: Scorer | None) -> Loaded:
+def read_inputs(cfg: MergeConfig, work: Path, report: list[JSON], scorer: Scorer | None) -> Loaded:
     """Every input fetched, verified and screened alone; those that fail go to the report,
     excluded with their reason. Inputs are screened in the order of their names, so that two
     hospitals with the same task get the same task names in every revision."""
-    weights = (cfg.get("strategy") or {}).get("weights") or {}
     read: Loaded = []
-    for i, item in enumerate(cfg.get("inputs") or []):
+    for i, item in enumerate(cfg.inputs):
         key = f"{item['namespace']}/{item['name']}".lstrip("/")
         entry = {"namespace": item["namespace"], "name": item["name"], "digest": item["digest"]}
         if item.get("new") is False:
@@ -114,11 +114,11 @@ def read_inputs(cfg: JSON, work: Path, report: list[JSON], scorer: Scorer | None
         d.mkdir()
         try:
             fetch_artifact(item, d)
-            ad = load_adapter(d, key, item["digest"], cfg["baseModel"]["digest"])
+            ad = load_adapter(d, key, item["digest"], cfg.base_digest)
         except (InputRejected, ManifestError, OSError, KeyError) as exc:
             exclude(report, entry, redact(str(exc)))
             continue
-        read.append((ad, weight_for(item, weights), entry))
+        read.append((ad, weight_for(item, cfg.weights), entry))
     if scorer is None:
         return read
     taken = {t.name for t in scorer.tasks}

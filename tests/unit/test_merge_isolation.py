@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from medforge_common.api import ExitCode, InputReason, RevisionState
 from medforge_common.manifest import FileEntry, Manifest, sha256_file
-from medforge_merger import __main__ as main_module
+from medforge_merger import pipeline as main_module
 from medforge_merger.__main__ import main as merge_main
 from medforge_merger.inputs import StoreFault
 from medforge_ml import transfers

@@ -98,10 +98,10 @@ def test_dare_with_a_fixed_mask_is_peft_dare(
 ) -> None:
     ds, density = deltas(), 0.4
     rng = np.random.default_rng(11)
-    masks = [rng.random(d.shape) < density for d in ds]
+    masks: list[Array] = [np.less(rng.random(d.shape), density) for d in ds]
     torch_masks = iter([torch.from_numpy(m.astype(np.float64)) for m in masks])
-    monkeypatch.setattr(peft.torch, "bernoulli", lambda _p: next(torch_masks))
+    monkeypatch.setattr(torch, "bernoulli", lambda _p: next(torch_masks))
     want = theirs(getattr(peft, kind), ds, weights, density)
-    monkeypatch.setattr(st.np.random, "default_rng", lambda _seed: FixedMasks(masks))
+    monkeypatch.setattr(np.random, "default_rng", lambda _seed: FixedMasks(masks))
     got = getattr(st, kind)(ds, weights, density, 0)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +21,13 @@ from medforge_common.manifest import Manifest
 from medforge_common.redact import redact
 from medforge_common.result import (
     JobConfigError,
-    encode_result,
     failure_line,
     finite_number,
     job_parser,
-    read_job_config,
 )
-from medforge_common.result import finish as report
 from medforge_ml.basemodel import prepare_model_dir
 from medforge_ml.errors import ModelError
+from medforge_ml.job import Ladder, Run, line, run_job
 from medforge_trainer import VERSION, config, dataset, distill, model, sources, train
 from medforge_trainer.errors import ConfigError
 
@@ -231,6 +227,37 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
+def _parse(raw: Any) -> config.TrainConfig:
+    try:
+        return config.parse(raw)
+    except ConfigError as exc:
+        raise JobConfigError(f"invalid job config: {exc}") from exc
+
+
+def _work(job: Run[config.TrainConfig]) -> JSON:
+    started = time.monotonic()
+    result = run(job.cfg, job.work, job.output_dir)
+    log(f"done in {time.monotonic() - started:.1f} s")
+    return result
+
+
+def _out_of_memory(exc: BaseException, job: Run[config.TrainConfig]) -> tuple[str, int] | None:
+    if not is_oom(exc):
+        return None
+    why = (
+        "training failed: out of memory at batch size "
+        f"{job.cfg.training.batch_size or 'auto'}; set a lower "
+        "spec.training.batchSize or give the Job more memory"
+    )
+    return failure_line(why), ExitCode.FAILED
+
+
+LADDER: Ladder[config.TrainConfig] = [
+    (ModelError, line("training failed")),  # TrainFailed, and the shared loaders' failures
+    (Exception, _out_of_memory),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = job_parser("medforge-train", __doc__.splitlines()[0], "the outputs")
     p.add_argument(
@@ -245,40 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ModelError) as exc:
             print(failure_line(str(exc)), file=sys.stderr)
             return 1
-    term = Path(args.termination_log)
-
-    def finish(text: str, code: int) -> int:
-        return report(term, text, code)
-
-    try:
-        cfg = config.parse(read_job_config(args.config))
-    except JobConfigError as exc:
-        return finish(failure_line(str(exc)), ExitCode.BAD_CONFIG)
-    except ConfigError as exc:
-        return finish(failure_line(f"invalid job config: {exc}"), ExitCode.BAD_CONFIG)
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="medforge-train-") as tmp:
-        try:
-            result = run(cfg, Path(tmp), out_dir)
-        except ModelError as exc:  # TrainFailed, and the shared loaders' failures
-            return finish(failure_line(f"training failed: {exc}"), ExitCode.FAILED)
-        except Exception as exc:  # one line for the operator, never a bare traceback
-            if is_oom(exc):
-                return finish(
-                    failure_line(
-                        "training failed: out of memory at batch size "
-                        f"{cfg.training.batch_size or 'auto'}; set a lower "
-                        "spec.training.batchSize or give the Job more memory"
-                    ),
-                    ExitCode.FAILED,
-                )
-            print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
-            return finish(
-                failure_line(f"training failed: {type(exc).__name__}: {exc}"), ExitCode.FAILED
-            )
-    log(f"done in {time.monotonic() - started:.1f} s")
-    return finish(encode_result(result), ExitCode.OK)
+    return run_job(args, _parse, _work, LADDER, "train", "training failed")
 
 
 if __name__ == "__main__":
