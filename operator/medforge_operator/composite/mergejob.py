@@ -1,0 +1,165 @@
+"""The merge Job: its plan (store URIs, signed when it may start), its grant, and its manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medforge_common.api import ConditionType as C
+from medforge_common.api import ExitCode
+from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
+from medforge_common.uris import S3Uri
+from medforge_operator import basemodel, jobs, names, signing
+from medforge_operator.composite.inputs import key
+from medforge_operator.composite.planning import Plan, effective_integration
+from medforge_operator.conditions import is_true
+from medforge_operator.settings import Settings
+
+JSON = dict[str, Any]
+OUTPUT_FILES = COMPOSITE_FILES
+
+
+def output_prefix(bucket: str, obj: JSON, revision: int) -> S3Uri:
+    """Where a revision's merge Job uploads; the composite's uid is part of it (as for
+    contributions)."""
+    meta = obj["metadata"]
+    return signing.revision_output(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
+
+
+def verified_prefix(bucket: str, obj: JSON, revision: int) -> S3Uri:
+    """The operator's own copy of a verified revision: what later merges and pulls read."""
+    meta = obj["metadata"]
+    return signing.verified_revision(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
+
+
+def artifact_refs(prefix: S3Uri, files: list[str]) -> list[JSON]:
+    """An artifact's files (manifest first) as a job plan lists them."""
+    names_ = [MANIFEST_FILE, *[f for f in files if f != MANIFEST_FILE]]
+    return [{"name": f, "get": str(prefix.join(f))} for f in names_]
+
+
+def input_prefix(bucket: str, c: JSON) -> S3Uri:
+    """Where a contribution's verified copy lies, derived from its identity and digest; the
+    status must agree (an artifact verified before the operator kept copies waits for its copy)."""
+    art = c["status"]["artifact"]
+    meta = c["metadata"]
+    prefix = signing.verified_contribution(
+        bucket, meta["namespace"], meta["name"], meta["uid"], str(art.get("digest", ""))
+    )
+    if str(art.get("uri", "")) != str(prefix):
+        raise ValueError(f"{key(c)}: status.artifact.uri is not its verified copy yet")
+    return prefix
+
+
+def merge_inputs(
+    pending: JSON, contribs: list[JSON], base_digest: str
+) -> tuple[list[JSON], list[JSON]]:
+    """(new, all) inputs of a pending revision, found again among the contributions that still
+    consent, are Ready and were trained for its base model: the plan a merge Job is signed for
+    is derived afresh each time from these, never read back from the Job."""
+    wanted = set(pending.get("inputs") or pending.get("digests") or [])
+    new_digests = set(pending.get("digests") or [])
+    found: list[JSON] = []
+    for c in contribs:
+        st = c.get("status") or {}
+        art = st.get("artifact") or {}
+        if (
+            art.get("digest") in wanted
+            and is_true(st.get("conditions"), C.READY)
+            and st.get("observedGeneration") == c["metadata"].get("generation")
+            and art.get("baseModelDigest") == base_digest
+        ):
+            found.append(c)
+    order = {d: i for i, d in enumerate(pending.get("inputs") or pending.get("digests") or [])}
+    found.sort(key=lambda c: order.get(c["status"]["artifact"]["digest"], 0))
+    return [c for c in found if c["status"]["artifact"]["digest"] in new_digests], found
+
+
+def merge_plan(
+    composite: JSON,
+    plan: Plan,
+    base: basemodel.Resolved,
+    output_uri: S3Uri,
+    bucket: str,
+) -> JSON:
+    """The merge Job's config with store URIs in place of URLs (signed when the Job may start).
+    Inputs are read from the operator's verified copies, in the forge bucket only."""
+    spec, status = composite["spec"], composite.get("status") or {}
+    current = status.get("current")
+    incremental = effective_integration(spec) == "incremental" and current is not None
+    inputs = []
+    new = {c["status"]["artifact"]["digest"] for c in plan.new}
+    for c in plan.all_inputs:
+        art = c["status"]["artifact"]
+        meta = c["metadata"]
+        inputs.append(
+            {
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "digest": art["digest"],
+                # Inputs merged before are never blamed for a newcomer's regression.
+                "new": art["digest"] in new,
+                "task": art.get("task"),
+                "files": artifact_refs(input_prefix(bucket, c), art.get("files", [])),
+            }
+        )
+    cfg: JSON = {
+        "kind": "merge",
+        "composite": {
+            "namespace": composite["metadata"]["namespace"],
+            "name": composite["metadata"]["name"],
+            "revision": plan.revision,
+        },
+        "baseModel": {"name": base.name, "digest": base.digest, "files": base.file_refs()},
+        "strategy": spec.get("strategy", {}),
+        "integration": "incremental" if incremental else "full",
+        "inputs": inputs,
+        "gate": spec.get("gate", {}),
+        "output": {
+            "uri": str(output_uri),
+            "files": {f: jobs.put_ref(output_uri.join(f)) for f in OUTPUT_FILES},
+        },
+    }
+    if current is not None:
+        # Regressions are measured against the revision this one replaces, in either mode.
+        cfg["previous"] = {"revision": current["revision"], "metrics": current.get("metrics", {})}
+    if incremental and current is not None:
+        cprefix = verified_prefix(bucket, composite, int(current["revision"]))
+        if str(current["uri"]) != str(cprefix):
+            raise ValueError("status.current.uri is not this composite's verified revision")
+        cfg["current"] = {
+            "revision": current["revision"],
+            "digest": current["digest"],
+            "metrics": current.get("metrics", {}),
+            "files": artifact_refs(cprefix, current.get("files", [])),
+        }
+    return cfg
+
+
+def merge_grant(
+    bucket: str, composite: JSON, plan: Plan, base: basemodel.Resolved
+) -> signing.Grant:
+    return signing.merge_grant(
+        bucket, composite, plan.revision, base.uri, base.files, plan.all_inputs
+    )
+
+
+def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -> JSON:
+    meta, spec = composite["metadata"], composite["spec"]
+    return jobs.job_manifest(
+        name=names.merge_job_name(meta["name"], plan.revision),
+        namespace=meta["namespace"],
+        owner=composite,
+        component="merge",
+        image=settings.merger_image,
+        command=list(settings.merger_command),
+        annotations={jobs.ANNOTATION_BASE_DIGEST: job_plan["baseModel"]["digest"]},
+        env=[],
+        labels={jobs.LABEL_REVISION: str(plan.revision)},
+        resources=spec.get("resources") or {},
+        volumes=[],
+        volume_mounts=[],
+        backoff_limit=1,
+        active_deadline=None,
+        ttl_seconds=settings.job_ttl_seconds,
+        verdict_exit_codes=(ExitCode.VERDICT,),
+    )

@@ -1,0 +1,73 @@
+"""When a revision starts and what it merges: new inputs into the served revision (incremental) or
+every input afresh (full)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from medforge_common.strategy import DEFAULT as DEFAULT_STRATEGY
+from medforge_common.strategy import STRATEGIES, Traits
+from medforge_operator import isolation
+from medforge_operator.composite.inputs import evaluate_inputs
+from medforge_operator.composite.settling import Observation, in_flight
+
+JSON = dict[str, Any]
+
+
+@dataclass
+class Plan:
+    revision: int
+    new: list[JSON]  # contributions this revision adds
+    all_inputs: list[JSON]  # contributions the merge reads (new ones, or all for `full`)
+
+
+def effective_integration(spec: JSON, registry: Mapping[str, Traits] = STRATEGIES) -> str:
+    """A strategy whose composite is no sum (dense TIES and DARE updates, the subspace merges)
+    cannot take new inputs into its parent revision: every revision merges all inputs afresh."""
+    name = (spec.get("strategy") or {}).get("type") or DEFAULT_STRATEGY
+    known = registry.get(name)
+    if known is not None and not known.incremental:
+        return "full"
+    return str(spec.get("integration", "incremental"))
+
+
+def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON]) -> Plan | None:
+    """The next revision to start, if any."""
+    spec, status = composite["spec"], composite.get("status") or {}
+    if spec.get("paused") or status.get("pendingRevision") or not candidates:
+        return None
+    current = status.get("current")
+    if current is None and len(candidates) < int(spec.get("minContributions", 1)):
+        return None
+    revision = int(status.get("revision") or 0) + 1
+    trial = isolation.group(status.get("isolation"))
+    if trial is not None:
+        # Isolating: only the group under trial, newcomers wait until it is over.
+        candidates = [c for c in candidates if c["status"]["artifact"]["digest"] in trial]
+        if not candidates:
+            return None
+    if current is not None and effective_integration(spec) == "full":
+        merged = {i["digest"] for i in current.get("inputs") or []}
+        included = [
+            c
+            for c in contribs
+            if (c.get("status") or {}).get("artifact", {}).get("digest") in merged
+        ]
+        return Plan(revision, candidates, included + candidates)
+    return Plan(revision, candidates, candidates)
+
+
+def next_plan(composite: JSON, o: Observation, at: str) -> Plan | None:
+    """The revision to start now (`at`), if any (`composite` carries the settled status)."""
+    status = composite.get("status") or {}
+    if at < str((status.get("retry") or {}).get("notBefore", "")):
+        return None  # a failed revision's backoff
+    # A failed revision does not block the next one (its inputs are excluded); a store that
+    # cannot be reached, a refused start or an unusable base model do.
+    blocked = o.start_problem or o.base_problem
+    if o.base is None or blocked or in_flight(status, o) is not None:
+        return None
+    _, candidates = evaluate_inputs(composite, o.contribs, o.base.digest)
+    return plan_revision(composite, candidates, o.contribs)
