@@ -12,8 +12,9 @@ from medforge_common.api import Reason as R
 from medforge_common.artifacts import CONTRIBUTION_FILES
 from medforge_common.result import finite_number, read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
-from medforge_operator import basemodel, jobs, names, signing
+from medforge_operator import basemodel, jobs, jobstatus, names, signing
 from medforge_operator.conditions import Cond, merge_conditions
+from medforge_operator.jobstatus import PodSummary
 from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
@@ -254,7 +255,7 @@ def _count(value: Any) -> int:
     return int(n) if n is not None and n >= 0 else 0
 
 
-def _job_summary(o: Observation, pods: JSON) -> JSON | None:
+def _job_summary(o: Observation, pods: PodSummary) -> JSON | None:
     record = o.record or {}
     if o.job is None and not record:
         return None
@@ -327,7 +328,7 @@ def _completed(o: Observation, status: JSON) -> tuple[Phase, list[Cond]]:
     ]
 
 
-def _in_flight(o: Observation, pods: JSON) -> tuple[Phase, list[Cond]]:
+def _in_flight(o: Observation, pods: PodSummary) -> tuple[Phase, list[Cond]]:
     """No verdict yet: the Job waits for a node (or Kueue), or trains."""
     # A pod that already ended (the Job controller has not caught up yet, or a retry is due)
     # still means training is under way: the phase must not flap back to Pending.
@@ -346,8 +347,8 @@ def _in_flight(o: Observation, pods: JSON) -> tuple[Phase, list[Cond]]:
 
 def compute_status(old: JSON, o: Observation) -> JSON:
     """The new status of a LoRAContribution."""
-    pods = jobs.pod_summary(o.pods)
-    state = jobs.job_state(o.job)
+    pods = jobstatus.pod_summary(o.pods)
+    state = jobstatus.job_state(o.job)
     status: JSON = {"observedGeneration": o.generation}
     if (summary := _job_summary(o, pods)) is not None:
         status["job"] = summary
@@ -361,7 +362,7 @@ def compute_status(old: JSON, o: Observation) -> JSON:
         # resync retries.
         phase, conds = Phase.PENDING, _stalled(*o.build_error)
     elif state == "Failed":
-        reason, message = jobs.job_failure(o.job or {})
+        reason, message = jobstatus.job_failure(o.job or {})
         detail = pods["failure_message"] or message
         attempts = (summary or {}).get("attempts", 0)
         phase = Phase.FAILED
@@ -381,7 +382,7 @@ def compute_status(old: JSON, o: Observation) -> JSON:
 def success_result(pods: list[JSON]) -> JSON | None:
     """The result JSON the trainer wrote to its termination message (untrusted: see
     announced_digest)."""
-    message = jobs.pod_summary(pods)["success_message"]
+    message = jobstatus.pod_summary(pods)["success_message"]
     return read_result(message) if message else None
 
 

@@ -23,7 +23,16 @@ from typing import Any, cast
 import kopf
 
 from medforge_common.api import BaseModelPhase, ContributionPhase
-from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS, GROUP, VERSION, basemodel, jobs
+from medforge_operator import (
+    BASEMODELS,
+    COMPOSITES,
+    CONTRIBUTIONS,
+    GROUP,
+    VERSION,
+    basemodel,
+    jobs,
+    jobstatus,
+)
 from medforge_operator import reconcile_basemodel as rbase
 from medforge_operator import reconcile_composite as rcomp
 from medforge_operator import reconcile_contribution as rcon
@@ -336,7 +345,7 @@ def child_event(
     r: Runtime, kind: str, etype: str, namespace: str, labels: dict[str, str], obj: JSON
 ) -> None:
     """A Job or pod of ours changed: queue its owner."""
-    if kind == "Job" and not jobs.worth_a_round(etype, obj):
+    if kind == "Job" and not jobstatus.worth_a_round(etype, obj):
         return
     owner = jobs.owner_of(obj)
     component = labels.get(jobs.LABEL_COMPONENT)

@@ -7,7 +7,6 @@ import hashlib
 import json
 from typing import Any
 
-from medforge_common.api import ExitCode
 from medforge_common.redact import redact
 from medforge_common.uris import S3Uri
 from medforge_operator import GROUP, VERSION, names
@@ -87,6 +86,61 @@ def container_resources(resources: JSON) -> JSON:
     return out
 
 
+def _container(
+    component: str,
+    image: str,
+    command: list[str],
+    env: list[JSON],
+    resources: JSON,
+    mounts: list[JSON],
+) -> JSON:
+    return {
+        "name": component,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(command),
+        "env": [
+            # The config holds presigned URLs: it lives in a Secret owned by the Job (which
+            # `view` cannot read), never in env, which anyone who may view the pod reads.
+            {"name": "MEDFORGE_JOB_CONFIG_FILE", "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
+            {"name": "HOME", "value": "/scratch"},
+            {"name": "TMPDIR", "value": "/scratch/tmp"},
+            *env,
+        ],
+        "resources": container_resources(resources),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "scratch", "mountPath": "/scratch"},
+            {"name": "job-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            *mounts,
+        ],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _failure_policy(component: str, verdict_exit_codes: tuple[int, ...]) -> JSON:
+    """An exit that is a verdict fails the Job at once: retrying it would only repeat it."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": component,
+                    "operator": "In",
+                    "values": list(verdict_exit_codes),
+                },
+            }
+        ]
+    }
+
+
 def job_manifest(
     *,
     name: str,
@@ -114,38 +168,11 @@ def job_manifest(
         LABEL_OWNER: names.label_value(owner["metadata"]["name"]),
         **labels,
     }
-    container = {
-        "name": component,
-        "image": image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": list(command),
-        "env": [
-            # The config holds presigned URLs: it lives in a Secret owned by the Job (which
-            # `view` cannot read), never in env, which anyone who may view the pod reads.
-            {"name": "MEDFORGE_JOB_CONFIG_FILE", "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
-            {"name": "HOME", "value": "/scratch"},
-            {"name": "TMPDIR", "value": "/scratch/tmp"},
-            *env,
-        ],
-        "resources": container_resources(resources),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [
-            {"name": "scratch", "mountPath": "/scratch"},
-            {"name": "job-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            *volume_mounts,
-        ],
-        "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "FallbackToLogsOnError",
+    container = _container(component, image, command, env, resources, volume_mounts)
+    config_volume = {
+        "name": "job-config",
+        "secret": {"secretName": config_secret_name(name), "defaultMode": 0o440},
     }
-    job_labels = dict(all_labels)
-    if resources.get("queueName"):
-        job_labels[KUEUE_QUEUE] = resources["queueName"]
     spec: JSON = {
         "backoffLimit": backoff_limit,
         "ttlSecondsAfterFinished": ttl_seconds,
@@ -154,53 +181,26 @@ def job_manifest(
                 "labels": all_labels,
                 "annotations": {ANNOTATION_OWNER: owner["metadata"]["name"]},
             },
-            "spec": restricted_pod(
-                container,
-                resources,
-                [
-                    {
-                        "name": "job-config",
-                        "secret": {"secretName": config_secret_name(name), "defaultMode": 0o440},
-                    },
-                    *volumes,
-                ],
-            ),
+            "spec": restricted_pod(container, resources, [config_volume, *volumes]),
         },
     }
     if active_deadline:
         spec["activeDeadlineSeconds"] = active_deadline
     if verdict_exit_codes:
-        # An exit that is a verdict fails the Job at once: retrying it would only repeat it.
-        spec["podFailurePolicy"] = {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": component,
-                        "operator": "In",
-                        "values": list(verdict_exit_codes),
-                    },
-                }
-            ]
-        }
+        spec["podFailurePolicy"] = _failure_policy(component, verdict_exit_codes)
+    job_labels = dict(all_labels)
     if resources.get("queueName"):
+        job_labels[KUEUE_QUEUE] = resources["queueName"]
         # Kueue admits queued Jobs by unsuspending them; created suspended, none starts early.
         spec["suspend"] = True
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": job_labels,
-            "annotations": {
-                **annotations,
-                ANNOTATION_OWNER: owner["metadata"]["name"],
-            },
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "spec": spec,
+    metadata = {
+        "name": name,
+        "namespace": namespace,
+        "labels": job_labels,
+        "annotations": {**annotations, ANNOTATION_OWNER: owner["metadata"]["name"]},
+        "ownerReferences": [owner_reference(owner)],
     }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
 def get_ref(uri: S3Uri) -> JSON:
@@ -291,33 +291,6 @@ def redact_urls(text: str) -> str:
     return redact(text)
 
 
-MAX_MESSAGE_CHARS = 4096  # a kubelet keeps at most 4 KiB of a termination message
-
-
-def job_state(job: JSON | None) -> str:
-    """Active, Complete, Failed or Missing, from the Job's conditions."""
-    if job is None:
-        return "Missing"
-    for c in job.get("status", {}).get("conditions") or []:
-        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
-            return str(c["type"])
-    return "Active"
-
-
-def never_started(job: JSON) -> bool:
-    """A suspended Job with no pod counts and no start time has no pods to list: it is queued
-    and not yet admitted, or it was suspended again (which deletes its pods and clears the
-    start time) without any pod having failed or succeeded."""
-    st = job.get("status") or {}
-    return bool((job.get("spec") or {}).get("suspend")) and not (
-        st.get("startTime")
-        or st.get("active")
-        or st.get("succeeded")
-        or st.get("failed")
-        or st.get("terminating")
-    )
-
-
 def owned_by(child: JSON, uid: str) -> bool:
     """Whether a Job is this object's own child (its controller owner reference), not just a
     Job that happens to have the right name."""
@@ -335,94 +308,3 @@ def owner_of(obj: JSON) -> str | None:
     meta = obj.get("metadata") or {}
     name = (meta.get("annotations") or {}).get(ANNOTATION_OWNER)
     return str(name) if name else (meta.get("labels") or {}).get(LABEL_OWNER)
-
-
-def worth_a_round(etype: str, job: JSON) -> bool:
-    """Whether a watch event of one of our Jobs can change its owner's status. Not while the
-    Job is as we created it: no status yet, or suspended for Kueue and never admitted (the Job
-    controller's Suspended condition). Its generation tells: admission and any later suspension
-    change the spec, so a Job still at generation 1 has not been touched. A deletion always
-    counts."""
-    if etype == "DELETED":
-        return True
-    if not job.get("status"):
-        return False
-    return not (never_started(job) and (job.get("metadata") or {}).get("generation") == 1)
-
-
-def job_failure(job: JSON) -> tuple[str, str]:
-    for c in job.get("status", {}).get("conditions") or []:
-        if c.get("status") == "True" and c.get("type") == "Failed":
-            return str(c.get("reason") or "JobFailed"), str(c.get("message") or "")
-    return "JobFailed", ""
-
-
-def pod_summary(pods: list[JSON]) -> JSON:
-    """What the pods of a Job say: a container config error, whether one runs, the newest
-    termination message of a succeeded and of a failed container."""
-    out: JSON = {
-        "attempts": len(pods),
-        "running": False,
-        "config_error": None,
-        "success_message": None,
-        "failure_message": None,
-        "failure_exit": None,  # exit code and reason (OOMKilled, Error) of the newest failure
-        "failure_reason": None,
-        "disrupted": False,  # the newest pod was evicted or disrupted (a node drained or lost)
-    }
-    ordered = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
-    for i, pod in enumerate(ordered):
-        newest = i == len(ordered) - 1
-        job_name = (pod["metadata"].get("labels") or {}).get("job-name", "")
-        own_secret = f'secret "{config_secret_name(job_name)}" not found'
-        phase = pod.get("status", {}).get("phase")
-        if phase == "Running":
-            out["running"] = True
-        if newest:
-            out["disrupted"] = pod.get("status", {}).get("reason") == "Evicted" or any(
-                c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-                for c in pod.get("status", {}).get("conditions") or []
-            )
-        for cs in pod.get("status", {}).get("containerStatuses") or []:
-            state = cs.get("state") or {}
-            waiting = state.get("waiting") or {}
-            if (
-                newest
-                and waiting.get("reason")
-                in (
-                    "CreateContainerConfigError",
-                    "CreateContainerError",
-                    "ImagePullBackOff",
-                    "ErrImagePull",
-                    "InvalidImageName",
-                )
-                and own_secret not in str(waiting.get("message", ""))
-            ):
-                # Our own config Secret follows the Job by a moment: not the user's problem.
-                out["config_error"] = redact_urls(
-                    f"{waiting['reason']} in pod {pod['metadata']['name']}: "
-                    f"{str(waiting.get('message', ''))[:MAX_MESSAGE_CHARS]}"
-                )
-            term = state.get("terminated")
-            if term:
-                key = "success_message" if term.get("exitCode") == 0 else "failure_message"
-                out[key] = redact_urls(str(term.get("message", ""))[:MAX_MESSAGE_CHARS])
-                if term.get("exitCode") != 0:
-                    out["failure_exit"] = term.get("exitCode")
-                    out["failure_reason"] = term.get("reason")
-    return out
-
-
-def caused_by_inputs(summary: JSON) -> bool:
-    """Whether a failed Job's newest pod failed in a way its inputs can explain: the program
-    exited non-zero by itself (or was killed for memory), not because the store could not be
-    reached, the pod was evicted or disrupted, or its node was lost (no exit code at all). Only
-    such failures count toward isolating an input; the others are retried."""
-    code = summary.get("failure_exit")
-    if summary.get("disrupted") or not isinstance(code, int) or isinstance(code, bool):
-        return False
-    if summary.get("failure_reason") == "OOMKilled":
-        return True
-    # A refused job config is the operator's doing, never an input's. 137 and 143 without
-    # OOMKilled: SIGKILL or SIGTERM from outside (a node shutting down).
-    return code not in (ExitCode.BAD_CONFIG, ExitCode.STORE_FAULT, 137, 143)

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 from medforge_common.api import BaseModelPhase, ConditionType, Reason
+from medforge_common.artifacts import MANIFEST_FILE
 from medforge_operator import BASEMODELS, basemodel, conditions, metrics
 from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
-from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed
+from medforge_operator.store import ForgeStore, ObjectMissing, StoreUnreachable, VerificationFailed
 
 JSON = dict[str, Any]
 EventFn = Callable[[JSON, str, str, str], None]
@@ -36,7 +37,7 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, event: EventFn) -> JSON:
     except StoreUnreachable as exc:
         o.store_error = str(exc)
     except VerificationFailed as exc:
-        if str(exc).endswith("manifest.json does not exist"):
+        if isinstance(exc, ObjectMissing) and exc.uri.key.rsplit("/", 1)[-1] == MANIFEST_FILE:
             o.missing = str(exc)
         else:
             o.invalid = str(exc)

@@ -27,6 +27,7 @@ from medforge_operator import (
     CONTRIBUTIONS,
     composite,
     jobs,
+    jobstatus,
     metrics,
     names,
     signing,
@@ -38,7 +39,12 @@ from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import JOBS_CREATED, REVISIONS
 from medforge_operator.settings import Settings
-from medforge_operator.store import ForgeStore, StoreUnreachable, VerificationFailed
+from medforge_operator.store import (
+    ForgeStore,
+    InvalidResult,
+    StoreUnreachable,
+    VerificationFailed,
+)
 
 JSON = dict[str, Any]
 EventFn = Callable[[JSON, str, str, str], None]
@@ -173,8 +179,8 @@ def observe(
         if jobs.made_by_us(o.job) or jobs.owned_by(o.job, meta["uid"]):
             kube.delete_job(meta["namespace"], job_name)
         o.job = None
-    if o.job is not None and jobs.job_state(o.job) == "Active":
-        if not jobs.never_started(o.job):
+    if o.job is not None and jobstatus.job_state(o.job) == "Active":
+        if not jobstatus.never_started(o.job):
             _sign(obj, pending, o, store, s, cat)
     elif o.job is not None:
         uri = composite.output_prefix(store.bucket, obj, pending["revision"])
@@ -269,7 +275,7 @@ def _start(
         "incremental": job_plan["integration"] == "incremental",
         "startedAt": now(),
     }
-    if jobs.job_state(job) == "Active" and not jobs.never_started(job):
+    if jobstatus.job_state(job) == "Active" and not jobstatus.never_started(job):
         o.job = job
         _sign(obj, o.started, o, store, s, cat)
 
@@ -399,17 +405,17 @@ def _outcome(
     """How the pending revision's Job ended; `previous` holds the metrics recorded for the
     revision it replaces, which the gate compares with."""
     pods = kube.job_pods(ns, job)
-    summary = jobs.pod_summary(pods)
-    if jobs.job_state(job) == "Failed":
+    summary = jobstatus.pod_summary(pods)
+    if jobstatus.job_state(job) == "Failed":
         verdict = read_result(summary["failure_message"] or "")
         if verdict and verdict.get("verdict") == R.NO_USABLE_INPUT:
             return _no_usable_input(store, uri, verdict)
-        reason, message = jobs.job_failure(job)
+        reason, message = jobstatus.job_failure(job)
         detail = jobs.redact_urls(str(summary["failure_message"] or message))
         return composite.Outcome(
             RevisionState.FAILED,
             f"{reason}: {detail}",
-            by_inputs=jobs.caused_by_inputs(summary),
+            by_inputs=jobstatus.caused_by_inputs(summary),
         )
     result = read_result(summary["success_message"] or "")
     if not pods:  # the pods are gone: the result file in the store still tells
@@ -422,13 +428,13 @@ def _outcome(
         art = result.get("artifact")
         digest = art.get("digest") if isinstance(art, dict) else None
         if not isinstance(digest, str) or not digest.startswith("sha256:"):
-            raise VerificationFailed(f"{R.INVALID_RESULT}: artifact.digest is missing")
+            raise InvalidResult(f"{R.INVALID_RESULT}: artifact.digest is missing")
         manifest = store.verify_copy(uri, verified, digest)
     except StoreUnreachable as exc:
         return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
     except VerificationFailed as exc:
         text = jobs.redact_urls(str(exc))
-        invalid = text.startswith(R.INVALID_RESULT)
+        invalid = isinstance(exc, InvalidResult)
         metrics.verification_failed("composite", R.INVALID_RESULT if invalid else R.DIGEST_MISMATCH)
         return composite.Outcome(
             RevisionState.FAILED,

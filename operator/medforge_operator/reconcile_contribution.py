@@ -22,6 +22,7 @@ from medforge_operator import (
     conditions,
     contribution,
     jobs,
+    jobstatus,
     metrics,
     names,
     signing,
@@ -161,7 +162,7 @@ def _write(obj: JSON, kube: Kube, event: EventFn, old: JSON, o: contribution.Obs
 def _stale_plan(obj: JSON, o: contribution.Observation, store: ForgeStore, cat: Catalog) -> bool:
     """Whether our Job that never started differs from the plan it would get now (its
     BaseModel re-registered with another digest, say). A running Job is never replaced."""
-    if not jobs.never_started(o.job or {}):
+    if not jobstatus.never_started(o.job or {}):
         return False
     try:
         base = _base(obj, cat, None)
@@ -190,13 +191,13 @@ def _follow(
     """The Job exists and is ours: its config Secret while it may start pods, its pods once it
     ran, the artifact once it completed."""
     job = o.job or {}
-    if jobs.job_state(job) == "Active" and not jobs.never_started(job):
+    if jobstatus.job_state(job) == "Active" and not jobstatus.never_started(job):
         _sign(obj, o, store, s, cat)
-    elif jobs.job_state(job) != "Active":
+    elif jobstatus.job_state(job) != "Active":
         cat.configs.forget(job)
-    if job.get("status") and not jobs.never_started(job):
+    if job.get("status") and not jobstatus.never_started(job):
         o.pods = kube.job_pods(obj["metadata"]["namespace"], job)
-        if jobs.job_state(job) == "Complete":
+        if jobstatus.job_state(job) == "Complete":
             verify(obj, o, store)
 
 

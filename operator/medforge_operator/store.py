@@ -33,6 +33,18 @@ class InvalidManifest(VerificationFailed):
     """The manifest itself is malformed (wrong types, duplicate or unsafe names, sizes)."""
 
 
+class InvalidResult(VerificationFailed):
+    """A result file a Job wrote beside its artifact is not a result (the message says why)."""
+
+
+class ObjectMissing(VerificationFailed):
+    """An object that should be in the store is not (`uri` names it)."""
+
+    def __init__(self, uri: S3Uri, message: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
 def _client(endpoint: str, s: Settings) -> Any:
     return boto3.client(
         "s3",
@@ -94,7 +106,7 @@ class ForgeStore:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise VerificationFailed(f"{uri} {missing}") from exc
+                raise ObjectMissing(uri, f"{uri} {missing}") from exc
             raise StoreUnreachable(f"the forge store refused reading {uri}: {code}") from exc
         except BotoCoreError as exc:
             raise StoreUnreachable(
@@ -235,21 +247,19 @@ class ForgeStore:
         checked against the manifest, file by file."""
         name = ref.get("name") if isinstance(ref, dict) else None
         if not isinstance(name, str) or "/" in name or name.startswith("."):
-            raise VerificationFailed(
-                f"InvalidResult: the result file's name {name!r:.60} is not plain"
-            )
+            raise InvalidResult(f"InvalidResult: the result file's name {name!r:.60} is not plain")
         raw = self.read(prefix.join(name), limit)
         expected = ref.get("digest")
         if expected is not None and "sha256:" + hashlib.sha256(raw).hexdigest() != expected:
-            raise VerificationFailed(f"InvalidResult: {name} does not match its announced digest")
+            raise InvalidResult(f"InvalidResult: {name} does not match its announced digest")
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise VerificationFailed(f"InvalidResult: {name} is not JSON ({exc})") from exc
+            raise InvalidResult(f"InvalidResult: {name} is not JSON ({exc})") from exc
         if not isinstance(data, dict) or (artifact and not isinstance(data.get("artifact"), dict)):
-            raise VerificationFailed(f"InvalidResult: {name} holds no result object")
+            raise InvalidResult(f"InvalidResult: {name} holds no result object")
         if not isinstance(data.get("inputs", []), list):
-            raise VerificationFailed(f"InvalidResult: {name}: inputs must be a list")
+            raise InvalidResult(f"InvalidResult: {name}: inputs must be a list")
         return data
 
     def manifest_digest(self, prefix: S3Uri) -> str:

@@ -24,7 +24,7 @@ from medforge_merger import pipeline as main_module
 from medforge_merger.__main__ import main as merge_main
 from medforge_merger.inputs import StoreFault
 from medforge_ml import transfers
-from medforge_operator import composite, jobs
+from medforge_operator import composite, jobstatus
 from tests.merge_experiment import Setup, job_args, merge_config
 from tests.merge_helpers import full_result
 from tests.unit.test_isolation import rounds
@@ -353,7 +353,7 @@ def _round_merge(
         if rc != 0:
             summary = {"failure_exit": rc, "failure_reason": "Error", "disrupted": False}
             return composite.Outcome(
-                RevisionState.FAILED, f"exit {rc}", by_inputs=jobs.caused_by_inputs(summary)
+                RevisionState.FAILED, f"exit {rc}", by_inputs=jobstatus.caused_by_inputs(summary)
             )
         result = full_result((root / f"{name}.term").read_text(), root / name)
         ok, why = composite.gate(result, {}, spec_gate)

@@ -9,7 +9,7 @@ import pytest
 
 from medforge_common import strategy
 from medforge_common.uris import S3Uri
-from medforge_operator import basemodel, composite, contribution, jobs, names
+from medforge_operator import basemodel, composite, contribution, jobs, jobstatus, names
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings, SettingsError, load
 from medforge_operator.store import ForgeStore
@@ -339,12 +339,12 @@ def test_dense_strategies_always_merge_in_full() -> None:
 
 def test_only_a_queued_job_that_never_started_skips_the_pod_listing() -> None:
     queued = {"spec": {"suspend": True}, "status": {"conditions": [{"type": "Suspended"}]}}
-    assert jobs.never_started(queued)
+    assert jobstatus.never_started(queued)
     # Not suspended, or suspended with pods that ran or still run: its pods tell the attempts.
-    assert not jobs.never_started({"spec": {"suspend": False}, "status": {"active": 1}})
-    assert not jobs.never_started({"spec": {}, "status": {}})
+    assert not jobstatus.never_started({"spec": {"suspend": False}, "status": {"active": 1}})
+    assert not jobstatus.never_started({"spec": {}, "status": {}})
     for ran in ({"failed": 1}, {"startTime": "2026-11-26T00:00:00Z"}, {"terminating": 1}):
-        assert not jobs.never_started({"spec": {"suspend": True}, "status": ran})
+        assert not jobstatus.never_started({"spec": {"suspend": True}, "status": ran})
 
 
 def test_only_job_events_that_can_change_the_owner_queue_a_round() -> None:
@@ -358,15 +358,15 @@ def test_only_job_events_that_can_change_the_owner_queue_a_round() -> None:
         }
 
     # As we created it: no status yet, or queued for Kueue and never admitted.
-    assert not jobs.worth_a_round("ADDED", job(1, True, {}))
-    assert not jobs.worth_a_round("MODIFIED", job(1, True, suspended))
+    assert not jobstatus.worth_a_round("ADDED", job(1, True, {}))
+    assert not jobstatus.worth_a_round("MODIFIED", job(1, True, suspended))
     # Admitted (unsuspended: a spec change), running, suspended again, or gone.
-    assert jobs.worth_a_round("MODIFIED", job(2, False, suspended))
-    assert jobs.worth_a_round("MODIFIED", job(2, False, {"active": 1, "startTime": "t"}))
-    assert jobs.worth_a_round("MODIFIED", job(3, True, suspended))
-    assert jobs.worth_a_round("DELETED", job(1, True, {}))
+    assert jobstatus.worth_a_round("MODIFIED", job(2, False, suspended))
+    assert jobstatus.worth_a_round("MODIFIED", job(2, False, {"active": 1, "startTime": "t"}))
+    assert jobstatus.worth_a_round("MODIFIED", job(3, True, suspended))
+    assert jobstatus.worth_a_round("DELETED", job(1, True, {}))
     # Not queued at all: its first status already reports a started pod.
-    assert jobs.worth_a_round("MODIFIED", job(1, False, {"active": 1, "startTime": "t"}))
+    assert jobstatus.worth_a_round("MODIFIED", job(1, False, {"active": 1, "startTime": "t"}))
 
 
 def test_the_resync_polls_only_contributions_no_watch_will_move() -> None:

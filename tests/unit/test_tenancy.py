@@ -11,7 +11,7 @@ import pytest
 
 from medforge_common import redact
 from medforge_common.uris import S3Uri
-from medforge_operator import basemodel, composite, contribution, jobs, signing
+from medforge_operator import basemodel, composite, contribution, jobs, jobstatus, signing
 from medforge_operator.settings import Settings, SettingsError, load
 
 SETTINGS = Settings("http://s3", "forge", "ak", "sk", forge_namespaces=("forge",))
@@ -131,7 +131,7 @@ def test_presigned_urls_are_redacted_from_copied_messages(msg: str) -> None:
             },
         }
     ]
-    assert "X-Amz" not in str(jobs.pod_summary(pods)["failure_message"])
+    assert "X-Amz" not in str(jobstatus.pod_summary(pods)["failure_message"])
 
 
 def test_own_config_secret_arriving_late_is_not_a_user_error() -> None:
@@ -144,8 +144,8 @@ def test_own_config_secret_arriving_late_is_not_a_user_error() -> None:
             }
         ]
 
-    assert jobs.pod_summary(waiting('secret "j-config" not found'))["config_error"] is None
-    assert jobs.pod_summary(waiting('secret "creds" not found'))["config_error"]
+    assert jobstatus.pod_summary(waiting('secret "j-config" not found'))["config_error"] is None
+    assert jobstatus.pod_summary(waiting('secret "creds" not found'))["config_error"]
 
 
 def test_base_models_resolve_by_name_with_reasons() -> None:

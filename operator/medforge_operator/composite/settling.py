@@ -36,7 +36,7 @@ class Outcome:
     uri: str = ""
     job_name: str = ""
     reason: str = ""  # for the Accepted condition, when it is not the state's usual one
-    # A Failed Job that its inputs can explain (jobs.caused_by_inputs), as opposed to a fault of
+    # A Failed Job that its inputs can explain (jobstatus.caused_by_inputs), as opposed to a fault of
     # the store or the node, which is retried and never counts toward isolating an input.
     by_inputs: bool = False
 
