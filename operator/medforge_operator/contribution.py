@@ -384,9 +384,3 @@ def success_result(pods: list[JSON]) -> JSON | None:
     announced_digest)."""
     message = jobstatus.pod_summary(pods)["success_message"]
     return read_result(message) if message else None
-
-
-def status_changed(old: JSON, new: JSON) -> bool:
-    """Compare ignoring kopf's own bookkeeping in status."""
-    keys = set(new) | (set(old) - {"kopf"})
-    return any(old.get(k) != new.get(k) for k in keys)

@@ -9,8 +9,8 @@ from typing import Any
 from medforge_common.api import BaseModelPhase, ConditionType, Reason
 from medforge_common.artifacts import MANIFEST_FILE
 from medforge_operator import BASEMODELS, basemodel, conditions, metrics
-from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
+from medforge_operator.statuswrite import write_status
 from medforge_operator.store import ForgeStore, ObjectMissing, StoreUnreachable, VerificationFailed
 
 JSON = dict[str, Any]
@@ -43,13 +43,8 @@ def reconcile(obj: JSON, kube: Kube, store: ForgeStore, event: EventFn) -> JSON:
             o.invalid = str(exc)
             metrics.verification_failed("basemodel", Reason.VERIFICATION_FAILED)
     new = basemodel.compute_status(old, o)
-    if status_changed(old, new):
-        patch = dict(new)
-        for key in set(old) - set(new) - {"kopf"}:
-            patch[key] = None
-        kube.patch_status(BASEMODELS, "", obj["metadata"]["name"], patch)
-        if old.get("phase") != new.get("phase"):
-            ready = conditions.get(new["conditions"], ConditionType.READY) or {}
-            kind = "Normal" if new["phase"] != BaseModelPhase.FAILED else "Warning"
-            event(obj, kind, ready["reason"], ready["message"])
+    if write_status(kube, BASEMODELS, obj, old, new) and old.get("phase") != new.get("phase"):
+        ready = conditions.get(new["conditions"], ConditionType.READY) or {}
+        kind = "Normal" if new["phase"] != BaseModelPhase.FAILED else "Warning"
+        event(obj, kind, ready["reason"], ready["message"])
     return new

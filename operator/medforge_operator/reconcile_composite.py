@@ -19,8 +19,6 @@ from medforge_common.api import (
 )
 from medforge_common.api import ConditionType as C
 from medforge_common.api import Reason as R
-from medforge_common.artifacts import RESULT_FILE
-from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_common.uris import UriError
 from medforge_operator import (
     COMPOSITES,
@@ -28,22 +26,19 @@ from medforge_operator import (
     composite,
     jobs,
     jobstatus,
-    metrics,
     names,
     signing,
 )
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.conditions import Cond, merge_conditions, now
-from medforge_operator.contribution import status_changed
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import JOBS_CREATED, REVISIONS
+from medforge_operator.revision_outcome import outcome
 from medforge_operator.settings import Settings
+from medforge_operator.statuswrite import write_status
 from medforge_operator.store import (
     ForgeStore,
-    InvalidResult,
-    StoreUnreachable,
-    VerificationFailed,
 )
 
 JSON = dict[str, Any]
@@ -113,16 +108,8 @@ def _apply(status: JSON, changes: JSON) -> JSON:
 
 
 def _write(obj: JSON, kube: Kube, new: JSON) -> None:
-    old = obj.get("status") or {}
-    if status_changed(old, new):
-        patch = dict(new)
-        for k in set(old) - set(new) - {"kopf"}:
-            patch[k] = None  # a merge patch removes keys only when told to
-        meta = obj["metadata"]
-        # Compare-and-swap: a pendingRevision written by anyone since we read is never lost.
-        kube.patch_status(
-            COMPOSITES, meta["namespace"], meta["name"], patch, meta.get("resourceVersion")
-        )
+    # Compare-and-swap: a pendingRevision written by anyone since we read is never lost.
+    write_status(kube, COMPOSITES, obj, obj.get("status") or {}, new, compare_and_swap=True)
 
 
 def _refusal(obj: JSON, s: Settings, cat: Catalog) -> tuple[str, str] | None:
@@ -186,7 +173,7 @@ def observe(
         uri = composite.output_prefix(store.bucket, obj, pending["revision"])
         verified = composite.verified_prefix(store.bucket, obj, pending["revision"])
         previous = ((obj.get("status") or {}).get("current") or {}).get("metrics") or {}
-        o.outcome = _outcome(o.job, kube, store, meta["namespace"], uri, verified, spec, previous)
+        o.outcome = outcome(o.job, kube, store, meta["namespace"], uri, verified, spec, previous)
         o.outcome.uri, o.outcome.job_name = str(verified), job_name
     return o
 
@@ -375,74 +362,3 @@ def _tell_contributions(
             used = [u for u in (c["status"].get("usedBy") or []) if u.get("composite") != me]
             used = [{"composite": me, "revision": pending["revision"]}, *used][:USED_BY_LIMIT]
             kube.patch_status(CONTRIBUTIONS, str(ns), str(name), {"usedBy": used})
-
-
-def _no_usable_input(store: ForgeStore, uri: Any, verdict: JSON) -> composite.Outcome:
-    """The merger refused every input: a verdict on each (excluded with its reason), not a
-    fault to retry."""
-    report: JSON = {"inputs": []}
-    try:
-        if "resultFile" in verdict:
-            report = store.read_json(uri, verdict["resultFile"], MAX_RESULT_FILE_BYTES, False)
-    except StoreUnreachable as exc:
-        return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
-    except VerificationFailed:
-        pass  # the inputs then go as rejected, without the merger's reasons
-    message = jobs.redact_urls(str(verdict.get("message") or "no input passed verification"))
-    return composite.Outcome(RevisionState.REJECTED, message, report, reason=R.NO_USABLE_INPUT)
-
-
-def _outcome(
-    job: JSON,
-    kube: Kube,
-    store: ForgeStore,
-    ns: str,
-    uri: Any,
-    verified: Any,
-    spec: JSON,
-    previous: JSON,
-) -> composite.Outcome:
-    """How the pending revision's Job ended; `previous` holds the metrics recorded for the
-    revision it replaces, which the gate compares with."""
-    pods = kube.job_pods(ns, job)
-    summary = jobstatus.pod_summary(pods)
-    if jobstatus.job_state(job) == "Failed":
-        verdict = read_result(summary["failure_message"] or "")
-        if verdict and verdict.get("verdict") == R.NO_USABLE_INPUT:
-            return _no_usable_input(store, uri, verdict)
-        reason, message = jobstatus.job_failure(job)
-        detail = jobs.redact_urls(str(summary["failure_message"] or message))
-        return composite.Outcome(
-            RevisionState.FAILED,
-            f"{reason}: {detail}",
-            by_inputs=jobstatus.caused_by_inputs(summary),
-        )
-    result = read_result(summary["success_message"] or "")
-    if not pods:  # the pods are gone: the result file in the store still tells
-        result = {"artifact": {}, "resultFile": {"name": RESULT_FILE, "digest": None}}
-    if not result or "artifact" not in result:
-        return composite.Outcome(RevisionState.FAILED, "the merge Job wrote no result JSON")
-    try:
-        if "resultFile" in result:  # the full result went to the store beside the composite
-            result = store.read_json(uri, result["resultFile"], MAX_RESULT_FILE_BYTES)
-        art = result.get("artifact")
-        digest = art.get("digest") if isinstance(art, dict) else None
-        if not isinstance(digest, str) or not digest.startswith("sha256:"):
-            raise InvalidResult(f"{R.INVALID_RESULT}: artifact.digest is missing")
-        manifest = store.verify_copy(uri, verified, digest)
-    except StoreUnreachable as exc:
-        return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
-    except VerificationFailed as exc:
-        text = jobs.redact_urls(str(exc))
-        invalid = isinstance(exc, InvalidResult)
-        metrics.verification_failed("composite", R.INVALID_RESULT if invalid else R.DIGEST_MISMATCH)
-        return composite.Outcome(
-            RevisionState.FAILED,
-            ("" if invalid else f"{R.DIGEST_MISMATCH}: ") + text,
-        )  # the merge's own output: no input explains it, so it never counts toward blame
-    metrics.verified("composite", sum(f.size for f in manifest.files))
-    result["artifact"]["files"] = [f.name for f in manifest.files]
-    ok, message = composite.gate(result, previous, spec.get("gate"))
-    message = jobs.redact_urls(message)
-    state = RevisionState.ACCEPTED if ok else RevisionState.REJECTED
-    return composite.Outcome(state, message, result)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +12,6 @@ from kubernetes.client.exceptions import ApiException
 
 from medforge_common.api import ConditionType, EventReason, Reason
 from medforge_common.api import ContributionPhase as Phase
-from medforge_common.artifacts import DISTILLED_FILE
-from medforge_common.manifest import Manifest
 from medforge_common.uris import UriError
 from medforge_operator import (
     CONTRIBUTIONS,
@@ -23,7 +20,6 @@ from medforge_operator import (
     contribution,
     jobs,
     jobstatus,
-    metrics,
     names,
     signing,
 )
@@ -32,18 +28,15 @@ from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.kube import Kube
 from medforge_operator.metrics import JOBS_CREATED
 from medforge_operator.settings import Settings
+from medforge_operator.statuswrite import write_status
 from medforge_operator.store import (
     ForgeStore,
-    InvalidManifest,
-    StoreUnreachable,
-    VerificationFailed,
 )
+from medforge_operator.verify_contribution import keep_verified, verify
 
 JSON = dict[str, Any]
 EventFn = Callable[[JSON, str, str, str], None]
 log = logging.getLogger("medforge.contribution")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-MAX_TARGET_MODULES = 64  # as the CRD bounds spec.lora.targetModules
 
 
 def settled(obj: JSON) -> bool:
@@ -85,7 +78,7 @@ def reconcile(
     ns, name, gen = meta["namespace"], meta["name"], int(meta["generation"])
     old = obj.get("status") or {}
     if old.get("observedGeneration") == gen and old.get("phase") == Phase.SUCCEEDED:
-        return old if settled(obj) else _keep_verified(obj, kube, store, old)
+        return old if settled(obj) else keep_verified(obj, kube, store, old)
     job_name = names.training_job_name(name, gen)
     o = contribution.Observation(generation=gen, job_name=job_name, job=None)
     if old.get("observedGeneration") == gen:
@@ -139,23 +132,18 @@ def _is_recorded(job: JSON, record: JSON | None) -> bool:
 
 def _write(obj: JSON, kube: Kube, event: EventFn, old: JSON, o: contribution.Observation) -> JSON:
     """Write the status the observation gives, with an Event when the phase moves."""
-    ns, name, gen = obj["metadata"]["namespace"], obj["metadata"]["name"], o.generation
+    gen = o.generation
     new = contribution.compute_status(old, o)
-    if contribution.status_changed(old, new):
-        patch = dict(new)
-        for key in set(old) - set(new) - {"kopf"}:
-            patch[key] = None  # a merge patch removes keys only when told to
-        kube.patch_status(CONTRIBUTIONS, ns, name, patch)
-        if old.get("phase") != new.get("phase") or old.get("observedGeneration") != gen:
-            ready = conditions.get(new["conditions"], ConditionType.READY) or {}
-            kind = (
-                "Warning"
-                if new.get("phase") == Phase.FAILED
-                or ready["reason"]
-                in (Reason.CREATE_CONTAINER_CONFIG_ERROR, Reason.STORE_UNREACHABLE)
-                else "Normal"
-            )
-            event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
+    moved = old.get("phase") != new.get("phase") or old.get("observedGeneration") != gen
+    if write_status(kube, CONTRIBUTIONS, obj, old, new) and moved:
+        ready = conditions.get(new["conditions"], ConditionType.READY) or {}
+        kind = (
+            "Warning"
+            if new.get("phase") == Phase.FAILED
+            or ready["reason"] in (Reason.CREATE_CONTAINER_CONFIG_ERROR, Reason.STORE_UNREACHABLE)
+            else "Normal"
+        )
+        event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
     return new
 
 
@@ -317,135 +305,3 @@ def _api_message(exc: ApiException) -> str:
         return str(json.loads(exc.body or "{}").get("message") or exc.reason)
     except (ValueError, AttributeError):
         return str(exc.reason)
-
-
-def _announced_digest(o: contribution.Observation, store: ForgeStore, prefix: Any) -> str | None:
-    """The manifest digest the Job's result announces (from the store's manifest when its pods
-    are gone), or None with the verdict or fault in the observation."""
-    result = contribution.success_result(o.pods)
-    if not o.pods:
-        # The pods are gone (pod GC, a node scaled down): the artifact is still in the store,
-        # and its manifest (checked file by file afterwards) says what the result said.
-        try:
-            result = {"artifact": {"digest": store.manifest_digest(prefix)}}
-        except StoreUnreachable as exc:
-            o.verify_error = (Reason.STORE_UNREACHABLE, str(exc))
-            return None
-        except VerificationFailed:
-            result = None
-    if result is None:
-        o.verify_error = (
-            Reason.NO_RESULT,
-            "the training Job succeeded but wrote no result JSON to its termination message",
-        )
-        return None
-    try:
-        return contribution.announced_digest(result)
-    except contribution.InvalidResult as exc:
-        metrics.verification_failed("contribution", Reason.INVALID_RESULT)
-        o.verify_error = (Reason.INVALID_RESULT, f"the training Job's result: {exc}")
-        return None
-
-
-def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
-    """Copy the upload into the operator's verified prefix and check the copy against the
-    manifest before the contribution becomes Ready. The termination message (the tenant's to
-    write) only announces a digest: it is parsed as untrusted input."""
-    spec = obj["spec"]
-    prefix = contribution.output_prefix(store.bucket, obj, o.generation)
-    digest = _announced_digest(o, store, prefix)
-    if digest is None:
-        return
-    expected_base = ((o.record or {}).get("baseModel") or {}).get("digest", "")
-    verified = contribution.verified_prefix(store.bucket, obj, digest)
-    try:
-        manifest = store.verify_copy(prefix, verified, digest)
-    except StoreUnreachable as exc:
-        o.verify_error = (Reason.STORE_UNREACHABLE, jobs.redact_urls(str(exc)))
-        return
-    except VerificationFailed as exc:
-        bad = (
-            Reason.INVALID_MANIFEST if isinstance(exc, InvalidManifest) else Reason.DIGEST_MISMATCH
-        )
-        metrics.verification_failed("contribution", bad)
-        o.verify_error = (bad, jobs.redact_urls(str(exc)))
-        return
-    if manifest.base_model_digest != expected_base:
-        metrics.verification_failed("contribution", Reason.BASE_MODEL_MISMATCH)
-        o.verify_error = (
-            Reason.BASE_MODEL_MISMATCH,
-            f"the adapter was trained for base model "
-            f"{manifest.base_model_digest[:19]}..., not BaseModel "
-            f"{spec['baseModel']['name']}'s {expected_base[:19]}...",
-        )
-        return
-    mismatch = contribution.manifest_matches_spec(
-        manifest.meta, spec, [f.name for f in manifest.files]
-    )
-    if mismatch is not None:
-        metrics.verification_failed("contribution", Reason.INVALID_MANIFEST)
-        o.verify_error = (Reason.INVALID_MANIFEST, f"manifest.json: {mismatch}")
-        return
-    metrics.verified("contribution", sum(f.size for f in manifest.files))
-    o.verified = {
-        "artifact": artifact_status(obj, verified, digest, manifest),
-        "metrics": contribution.validation_metrics(manifest.meta.get("metrics")),
-        "training": contribution.training_figures(manifest.meta.get("training")),
-    }
-
-
-def artifact_status(obj: JSON, verified: Any, digest: str, manifest: Manifest) -> JSON:
-    """status.artifact: where the verified copy lies and what it holds, from the manifest."""
-    spec, meta = obj["spec"], manifest.meta
-    lora = spec.get("lora") or {}
-    rank = meta.get("rank")
-    modules = meta.get("targetModules")
-    artifact: JSON = {
-        "uri": str(verified),
-        "digest": digest,
-        "sizeBytes": sum(f.size for f in manifest.files),
-        "files": [f.name for f in manifest.files],
-        "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else lora.get("rank"),
-        "targetModules": modules
-        if isinstance(modules, list)
-        and len(modules) <= MAX_TARGET_MODULES
-        and all(isinstance(m, str) and len(m) <= 256 for m in modules)
-        else lora.get("targetModules"),
-        "baseModelDigest": manifest.base_model_digest,
-        "task": spec["task"]["name"],
-    }
-    if DISTILLED_FILE in artifact["files"]:
-        d = next(f for f in manifest.files if f.name == DISTILLED_FILE)
-        artifact["distilled"] = {
-            "uri": str(verified.join(d.name)),
-            "digest": "sha256:" + d.sha256,
-        }
-    return {k: v for k, v in artifact.items() if v is not None}
-
-
-def _keep_verified(obj: JSON, kube: Kube, store: ForgeStore, old: JSON) -> JSON:
-    """A contribution verified before the operator kept its own copies (status.artifact.uri
-    under the upload prefix) is copied and checked again once, so that every reader reads a
-    verified copy; one already there is left as it is."""
-    art = old.get("artifact") or {}
-    digest = str(art.get("digest", ""))
-    if not _DIGEST.match(digest):
-        return old
-    verified = contribution.verified_prefix(store.bucket, obj, digest)
-    if art.get("uri") == str(verified):
-        return old
-    upload = contribution.output_prefix(store.bucket, obj, int(old["observedGeneration"]))
-    try:
-        manifest = store.verify_copy(upload, verified, digest)
-    except (StoreUnreachable, VerificationFailed) as exc:
-        log.warning(
-            "%s/%s: keeping its verified copy failed: %s",
-            obj["metadata"]["namespace"],
-            obj["metadata"]["name"],
-            jobs.redact_urls(str(exc)),
-        )
-        return old
-    new = {**old, "artifact": {**art, **artifact_status(obj, verified, digest, manifest)}}
-    meta = obj["metadata"]
-    kube.patch_status(CONTRIBUTIONS, meta["namespace"], meta["name"], {"artifact": new["artifact"]})
-    return new

@@ -13,7 +13,15 @@ import pytest
 
 from medforge_common.artifacts import COMPOSITE_FILES, CONTRIBUTION_FILES
 from medforge_common.uris import S3Uri
-from medforge_operator import basemodel, composite, contribution, jobs, names, signing
+from medforge_operator import (
+    basemodel,
+    composite,
+    contribution,
+    jobs,
+    names,
+    signing,
+    verify_contribution,
+)
 from medforge_operator.observed import slim
 
 DIGEST = "sha256:" + "a" * 64
@@ -296,7 +304,6 @@ def test_every_log_line_is_redacted_whoever_logs_it() -> None:
 
 
 def test_a_result_that_is_no_result_never_reaches_the_store() -> None:
-    from medforge_operator import reconcile_contribution
 
     class NoStore:
         bucket = "forge"
@@ -318,7 +325,7 @@ def test_a_result_that_is_no_result_never_reaches_the_store() -> None:
         }
         done = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
         o = contribution.Observation(3, "lung-train-g3", job=done, pods=[pod])
-        reconcile_contribution.verify(lorac(), o, NoStore())  # type: ignore[arg-type]
+        verify_contribution.verify(lorac(), o, NoStore())  # type: ignore[arg-type]
         assert o.verify_error is not None and o.verify_error[0] == "InvalidResult"
         assert field in o.verify_error[1]
         status = contribution.compute_status({}, o)

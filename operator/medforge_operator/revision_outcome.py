@@ -1,0 +1,98 @@
+"""How a finished merge Job ended, as the operator reads it: the pods' exit and messages, the result file beside the composite, the verified copy and the gate (no tenant-writable state trusted)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medforge_common.api import Reason as R
+from medforge_common.api import (
+    RevisionState,
+)
+from medforge_common.artifacts import RESULT_FILE
+from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
+from medforge_operator import (
+    composite,
+    jobs,
+    jobstatus,
+    metrics,
+)
+from medforge_operator.kube import Kube
+from medforge_operator.store import (
+    ForgeStore,
+    InvalidResult,
+    StoreUnreachable,
+    VerificationFailed,
+)
+
+JSON = dict[str, Any]
+
+
+def _no_usable_input(store: ForgeStore, uri: Any, verdict: JSON) -> composite.Outcome:
+    """The merger refused every input: a verdict on each (excluded with its reason), not a
+    fault to retry."""
+    report: JSON = {"inputs": []}
+    try:
+        if "resultFile" in verdict:
+            report = store.read_json(uri, verdict["resultFile"], MAX_RESULT_FILE_BYTES, False)
+    except StoreUnreachable as exc:
+        return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
+    except VerificationFailed:
+        pass  # the inputs then go as rejected, without the merger's reasons
+    message = jobs.redact_urls(str(verdict.get("message") or "no input passed verification"))
+    return composite.Outcome(RevisionState.REJECTED, message, report, reason=R.NO_USABLE_INPUT)
+
+
+def outcome(
+    job: JSON,
+    kube: Kube,
+    store: ForgeStore,
+    ns: str,
+    uri: Any,
+    verified: Any,
+    spec: JSON,
+    previous: JSON,
+) -> composite.Outcome:
+    """How the pending revision's Job ended; `previous` holds the metrics recorded for the
+    revision it replaces, which the gate compares with."""
+    pods = kube.job_pods(ns, job)
+    summary = jobstatus.pod_summary(pods)
+    if jobstatus.job_state(job) == "Failed":
+        verdict = read_result(summary["failure_message"] or "")
+        if verdict and verdict.get("verdict") == R.NO_USABLE_INPUT:
+            return _no_usable_input(store, uri, verdict)
+        reason, message = jobstatus.job_failure(job)
+        detail = jobs.redact_urls(str(summary["failure_message"] or message))
+        return composite.Outcome(
+            RevisionState.FAILED,
+            f"{reason}: {detail}",
+            by_inputs=jobstatus.caused_by_inputs(summary),
+        )
+    result = read_result(summary["success_message"] or "")
+    if not pods:  # the pods are gone: the result file in the store still tells
+        result = {"artifact": {}, "resultFile": {"name": RESULT_FILE, "digest": None}}
+    if not result or "artifact" not in result:
+        return composite.Outcome(RevisionState.FAILED, "the merge Job wrote no result JSON")
+    try:
+        if "resultFile" in result:  # the full result went to the store beside the composite
+            result = store.read_json(uri, result["resultFile"], MAX_RESULT_FILE_BYTES)
+        art = result.get("artifact")
+        digest = art.get("digest") if isinstance(art, dict) else None
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            raise InvalidResult(f"{R.INVALID_RESULT}: artifact.digest is missing")
+        manifest = store.verify_copy(uri, verified, digest)
+    except StoreUnreachable as exc:
+        return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
+    except VerificationFailed as exc:
+        text = jobs.redact_urls(str(exc))
+        invalid = isinstance(exc, InvalidResult)
+        metrics.verification_failed("composite", R.INVALID_RESULT if invalid else R.DIGEST_MISMATCH)
+        return composite.Outcome(
+            RevisionState.FAILED,
+            ("" if invalid else f"{R.DIGEST_MISMATCH}: ") + text,
+        )  # the merge's own output: no input explains it, so it never counts toward blame
+    metrics.verified("composite", sum(f.size for f in manifest.files))
+    result["artifact"]["files"] = [f.name for f in manifest.files]
+    ok, message = composite.gate(result, previous, spec.get("gate"))
+    message = jobs.redact_urls(message)
+    state = RevisionState.ACCEPTED if ok else RevisionState.REJECTED
+    return composite.Outcome(state, message, result)

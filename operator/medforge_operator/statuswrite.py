@@ -1,0 +1,35 @@
+"""The one status writer of every reconciler: compare, then a merge patch that blanks the keys
+the new status dropped (a merge patch removes a key only when told to)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medforge_operator.kube import Kube
+
+JSON = dict[str, Any]
+
+
+def status_changed(old: JSON, new: JSON) -> bool:
+    """Compare ignoring kopf's own bookkeeping in status."""
+    keys = set(new) | (set(old) - {"kopf"})
+    return any(old.get(k) != new.get(k) for k in keys)
+
+
+def status_patch(old: JSON, new: JSON) -> JSON:
+    return {**new, **{k: None for k in set(old) - set(new) - {"kopf"}}}
+
+
+def write_status(
+    kube: Kube, plural: str, obj: JSON, old: JSON, new: JSON, compare_and_swap: bool = False
+) -> bool:
+    """Patch the status when it changed; whether it did. With `compare_and_swap`, the patch
+    names the resourceVersion read, so a write by anyone since is never lost (a conflict)."""
+    if not status_changed(old, new):
+        return False
+    meta = obj["metadata"]
+    version = meta.get("resourceVersion") if compare_and_swap else None
+    kube.patch_status(
+        plural, meta.get("namespace") or "", meta["name"], status_patch(old, new), version
+    )
+    return True
