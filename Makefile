@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 EXTRAS ?= localcluster,operator,train,merge,cli,dev
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: help venv binaries up down env status demo lint unit cluster test clean
+.PHONY: help venv binaries up down env status demo lint unit cluster test generate clean
 
 help:
 	@echo "make demo    bring up the local cluster and S3 server, run a job, then train and merge contributions"
 	@echo "make test    lint, type-check, unit tests, then cluster tests (builds what it needs)"
 	@echo "make up|down|env|status   drive the local cluster by hand"
+	@echo "make generate   rewrite the CRD reference, the dashboard and the alerts (tools/)"
 
 # The virtual environment is rebuilt only when pyproject.toml changes; pip keeps its own cache.
 $(STAMP): pyproject.toml
@@ -46,6 +47,11 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# Files kept in the repository but written by code (unit tests regenerate and compare).
+generate: venv
+	$(BIN)/python -m tools.crd_reference
+	$(BIN)/python -m tools.monitoring
 
 unit: venv
 	$(BIN)/pytest -m unit -q

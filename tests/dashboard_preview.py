@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from medforge_operator import monitoring
+from tools import monitoring
 
 BG, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 COLOURS = ["#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a", "#f2495c", "#5794f2", "#b877d9"]

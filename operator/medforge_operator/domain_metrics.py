@@ -3,7 +3,7 @@ objects (observed.py): gauges of what is true now, histograms over what finished
 is bumped by a handler, so nothing drifts, and a deleted object's series vanish with it.
 
 Every name and label is documented in docs/observability.md; the dashboard and the alerting
-rules (monitoring.py) are written against them and tested against a real Prometheus."""
+rules (tools/monitoring.py) are written against them and tested against a real Prometheus."""
 
 from __future__ import annotations
 

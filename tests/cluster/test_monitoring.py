@@ -20,13 +20,13 @@ import requests
 import yaml
 
 from medforge_localcluster import binaries
-from medforge_operator import monitoring
 from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model, free_port
 from tests.cluster.test_composite import composite_doc, revision_state
 from tests.cluster.test_composite import contribution as shared_contribution
 from tests.cluster.test_operator import contribution, wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import wait_until
+from tools import monitoring
 
 CHART = ROOT / "helm" / "medforge"
 # Short waits, so that the alerts fire within the test; the chart's defaults are minutes.

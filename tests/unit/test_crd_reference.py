@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import yaml
 
-from medforge_operator import crd_reference
+from tools import crd_reference
 
 
 def test_reference_is_current() -> None:
     assert crd_reference.TARGET.read_text() == crd_reference.render(), (
-        "docs/crd-reference.md is stale: run python -m medforge_operator.crd_reference"
+        "docs/crd-reference.md is stale: run make generate"
     )
 
 

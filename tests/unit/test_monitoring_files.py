@@ -1,4 +1,4 @@
-"""The chart's dashboard and alerts are generated from medforge_operator.monitoring: the files
+"""The chart's dashboard and alerts are generated from tools.monitoring: the files
 in the chart are what the generator writes now, and every query reads a metric the operator
 exports (checked against a real Prometheus in tests/cluster/test_monitoring.py)."""
 
@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import re
 
-from medforge_operator import monitoring
+from tools import monitoring
 
 
 def test_chart_files_are_generated_and_current() -> None:
     for name, text in monitoring.rendered().items():
         on_disk = (monitoring.CHART_FILES / name).read_text()
-        assert on_disk == text, (
-            f"helm/medforge/files/{name} is stale: run python -m medforge_operator.monitoring"
-        )
+        assert on_disk == text, f"helm/medforge/files/{name} is stale: run make generate"
 
 
 def test_dashboard_is_templated_and_its_panels_do_not_overlap() -> None:

@@ -1,5 +1,5 @@
 """docs/crd-reference.md, generated from the CRD schemas in crds/ (their descriptions are the
-reference). `python -m medforge_operator.crd_reference` rewrites it; a unit test regenerates
+reference). `make generate` rewrites it; a unit test regenerates
 it and fails when the committed file differs, so the two never drift."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT / "crds"
 TARGET = ROOT / "docs" / "crd-reference.md"
 ORDER = ("BaseModel", "LoRAContribution", "CompositeModel")
@@ -133,7 +133,7 @@ def render(crd_dir: Path = CRDS) -> str:
     lines = [
         "# CRD reference",
         "",
-        "Generated from `crds/` by `python -m medforge_operator.crd_reference`; do not edit. "
+        "Generated from `crds/` by `make generate`; do not edit. "
         "`make test` regenerates it and fails when it differs.",
         "",
     ]

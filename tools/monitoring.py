@@ -1,6 +1,6 @@
 """The Grafana dashboard and the Prometheus alerts, kept as code beside the metrics they read.
 
-`python -m medforge_operator.monitoring` writes them into the chart:
+`make generate` writes them into the chart:
 helm/medforge/files/dashboard.json (shipped as a ConfigMap labelled for Grafana's dashboard
 sidecar) and helm/medforge/files/alerts.json (rendered into a PrometheusRule, with the wait
 times and thresholds taken from the chart's values). A unit test regenerates both and compares,
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 JSON = dict[str, Any]
-CHART_FILES = Path(__file__).resolve().parents[2] / "helm" / "medforge" / "files"
+CHART_FILES = Path(__file__).resolve().parents[1] / "helm" / "medforge" / "files"
 DASHBOARD_UID = "medforge-overview"
 
 # Dashboard variables as the queries use them (Grafana expands these).
