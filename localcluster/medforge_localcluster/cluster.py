@@ -13,7 +13,6 @@ Layout of the state directory::
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
@@ -23,13 +22,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from medforge_localcluster import binaries, pki
+from medforge_localcluster import binaries, commands, pki
+from medforge_localcluster.clusterstate import State, default_state_dir, kubeconfig_doc
 from medforge_localcluster.errors import SetupError
 from medforge_localcluster.processes import (
     ProcessRecord,
@@ -45,74 +43,8 @@ NODE_NAME = "medforge-local"
 # Stopped in reverse order; the kubelet goes first so that it can end the pods it runs.
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kubelet", "s3")
 PORT_NAMES = ("etcd", "etcd-peer", "apiserver", "controller-manager", "kubelet", "s3")
-CONTROLLERS = (
-    "job-controller",
-    "garbage-collector-controller",
-    "namespace-controller",
-    "ttl-after-finished-controller",
-    "serviceaccount-controller",
-    "serviceaccount-token-controller",
-    "root-ca-certificate-publisher-controller",
-    "cronjob-controller",
-    "pod-garbage-collector-controller",
-    # Fills view, edit and admin from the roles labelled to aggregate into them (MedForge's
-    # tenant roles among them), as in any real cluster.
-    "clusterrole-aggregation-controller",
-)
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
 DEFAULT_BUCKET = "medforge"
-
-
-def default_state_dir() -> Path:
-    if env := os.environ.get("MEDFORGE_LOCALCLUSTER_DIR"):
-        return Path(env)
-    return binaries.cache_root() / "localcluster"
-
-
-@dataclass
-class State:
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: dict[str, ProcessRecord] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path) -> State:
-        if not path.exists():
-            return cls()
-        data = json.loads(path.read_text())
-        return cls(
-            ports={k: int(v) for k, v in data.get("ports", {}).items()},
-            processes={k: ProcessRecord.from_json(v) for k, v in data.get("processes", {}).items()},
-        )
-
-    def save(self, path: Path) -> None:
-        data = {
-            "ports": self.ports,
-            "processes": {k: v.to_json() for k, v in self.processes.items()},
-        }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
-
-
-def _kubeconfig(server: str, ca: Path, token: str, user: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "medforge-local",
-                "cluster": {
-                    "server": server,
-                    "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
-                },
-            }
-        ],
-        "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [
-            {"name": "medforge-local", "context": {"cluster": "medforge-local", "user": user}}
-        ],
-        "current-context": "medforge-local",
-    }
 
 
 class LocalCluster:
@@ -235,7 +167,7 @@ class LocalCluster:
             ("controller-manager", "controller-manager.kubeconfig"),
             ("kubelet", "kubelet.kubeconfig"),
         ):
-            cfg = _kubeconfig(server, self.pki / "ca.crt", pki.token(self.pki, ident), ident)
+            cfg = kubeconfig_doc(server, self.pki / "ca.crt", pki.token(self.pki, ident), ident)
             path = self.dir / filename
             path.write_text(yaml.safe_dump(cfg))
             path.chmod(0o600)
@@ -243,21 +175,7 @@ class LocalCluster:
     def _start_etcd(self, st: State, etcd: Path) -> None:
         client = f"http://127.0.0.1:{st.ports['etcd']}"
         peer = f"http://127.0.0.1:{st.ports['etcd-peer']}"
-        argv = [
-            str(etcd),
-            "--name=medforge",
-            f"--data-dir={self.dir / 'etcd'}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=medforge={peer}",
-            "--listen-metrics-urls=",
-            # A throwaway single-member store for tests and demos: fsync buys nothing here.
-            "--unsafe-no-fsync",
-            "--quota-backend-bytes=4294967296",
-            "--log-level=warn",
-        ]
+        argv = commands.etcd(etcd, self.dir, client, peer)
         log = self.logs / "etcd.log"
         rec = spawn("etcd", argv, log)
         self._record(st, rec)
@@ -269,37 +187,7 @@ class LocalCluster:
         wait_for("etcd", ok, 60, rec, log)
 
     def _start_apiserver(self, st: State, apiserver: Path) -> None:
-        p = self.pki
-        argv = [
-            str(apiserver),
-            f"--etcd-servers=http://127.0.0.1:{st.ports['etcd']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={st.ports['apiserver']}",
-            f"--tls-cert-file={p / 'apiserver.crt'}",
-            f"--tls-private-key-file={p / 'apiserver.key'}",
-            f"--client-ca-file={p / 'ca.crt'}",
-            f"--token-auth-file={p / 'tokens.csv'}",
-            "--anonymous-auth=false",
-            "--authorization-mode=RBAC",
-            # PodSecurity is on by default; listed so that nobody drops it by accident.
-            "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,PodSecurity,"
-            "LimitRanger,ResourceQuota,DefaultStorageClass,MutatingAdmissionWebhook,"
-            "ValidatingAdmissionWebhook,ValidatingAdmissionPolicy",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={p / 'sa.pub'}",
-            f"--service-account-signing-key-file={p / 'sa.key'}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
-            f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
-            f"--kubelet-certificate-authority={p / 'ca.crt'}",
-            "--kubelet-preferred-address-types=InternalIP",
-            "--allow-privileged=false",
-            "--profiling=false",
-            "--max-requests-inflight=800",
-            "--max-mutating-requests-inflight=400",
-            "--v=1",
-        ]
+        argv = commands.apiserver(apiserver, self.pki, st.ports)
         log = self.logs / "kube-apiserver.log"
         rec = spawn("kube-apiserver", argv, log)
         self._record(st, rec)
@@ -336,25 +224,7 @@ class LocalCluster:
         return proc
 
     def _start_controller_manager(self, st: State, kcm: Path) -> None:
-        argv = [
-            str(kcm),
-            f"--kubeconfig={self.dir / 'controller-manager.kubeconfig'}",
-            f"--authentication-kubeconfig={self.dir / 'controller-manager.kubeconfig'}",
-            f"--authorization-kubeconfig={self.dir / 'controller-manager.kubeconfig'}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={st.ports['controller-manager']}",
-            f"--controllers={','.join(CONTROLLERS)}",
-            "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={self.pki / 'sa.key'}",
-            f"--root-ca-file={self.pki / 'ca.crt'}",
-            # Local clusters carry bursts (a thousand Jobs at once): do not throttle at 20 qps.
-            "--kube-api-qps=200",
-            "--kube-api-burst=400",
-            "--concurrent-job-syncs=20",
-            "--concurrent-gc-syncs=20",
-            "--v=1",
-        ]
+        argv = commands.controller_manager(kcm, self.dir, self.pki, st.ports)
         log = self.logs / "kube-controller-manager.log"
         rec = spawn("kube-controller-manager", argv, log)
         self._record(st, rec)

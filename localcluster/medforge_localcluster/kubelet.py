@@ -12,6 +12,10 @@ It stands in for a kubelet plus a scheduler on a machine without a container run
   activeDeadlineSeconds; kills the process when the pod is deleted;
 - serves container logs to the API server, so `kubectl logs` works.
 The real Job controller does the rest.
+
+Length: one class per kubelet duty (the node, the pod workers, the log server) sharing the
+pod's state machine; split apart they would pass that state through every call. It runs only
+in the local cluster, never in a product image.
 """
 
 from __future__ import annotations
