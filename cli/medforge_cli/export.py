@@ -30,6 +30,59 @@ def _module(key: str, suffix: str) -> str:
     return key[: -len(suffix)].removeprefix(CLASSIFIER_PREFIX)
 
 
+def _layer(
+    f: Any,
+    k: str,
+    rank: int | None,
+    tensors: dict[str, np.ndarray[Any, Any]],
+    ranks: dict[str, int],
+    errors: list[tuple[float, float]],
+) -> None:
+    """One tensor of the composite into peft's names: factors as they are, a dense update
+    (TIES, DARE) by its best rank-`rank` approximation, whose error is recorded."""
+    if k.endswith(A):
+        m = _module(k, A)
+        a = f.get_tensor(k).astype(np.float32)
+        b = f.get_tensor(k[: -len(A)] + B).astype(np.float32)
+        tensors[PEFT_PREFIX + m + ".lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[PEFT_PREFIX + m + ".lora_B.weight"] = np.ascontiguousarray(b)
+        ranks[m] = int(a.shape[0])
+    elif k.endswith(DELTA):
+        m = _module(k, DELTA)
+        d = f.get_tensor(k).astype(np.float64)
+        u, s, vt = np.linalg.svd(d, full_matrices=False)
+        r = min(int(rank or 1), len(s))
+        errors.append((float((s[r:] ** 2).sum()), float((s**2).sum())))
+        tensors[PEFT_PREFIX + m + ".lora_A.weight"] = np.ascontiguousarray(vt[:r], np.float32)
+        tensors[PEFT_PREFIX + m + ".lora_B.weight"] = np.ascontiguousarray(
+            u[:, :r] * s[:r], np.float32
+        )
+        ranks[m] = r
+    elif not k.endswith(B):
+        raise CliError(f"{ADAPTER}: unexpected tensor {k}")
+
+
+def _peft_config(ranks: dict[str, int]) -> JSON:
+    top = max(ranks.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": top,
+        "lora_alpha": top,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "target_modules": sorted(ranks),
+        # Exact module names (peft matches them as the end of a module's path).
+        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != top},
+        "alpha_pattern": {m: r for m, r in sorted(ranks.items()) if r != top},
+        "modules_to_save": None,
+    }
+
+
 def to_peft(work: Path, manifest: Manifest, out: Path, rank: int | None) -> JSON:
     from safetensors import safe_open
     from safetensors.numpy import save_file
@@ -56,50 +109,12 @@ def to_peft(work: Path, manifest: Manifest, out: Path, rank: int | None) -> JSON
                 2,
             )
         for k in keys:
-            if k.endswith(A):
-                m = _module(k, A)
-                a = f.get_tensor(k).astype(np.float32)
-                b = f.get_tensor(k[: -len(A)] + B).astype(np.float32)
-                tensors[PEFT_PREFIX + m + ".lora_A.weight"] = np.ascontiguousarray(a)
-                tensors[PEFT_PREFIX + m + ".lora_B.weight"] = np.ascontiguousarray(b)
-                ranks[m] = int(a.shape[0])
-            elif k.endswith(DELTA):
-                m = _module(k, DELTA)
-                d = f.get_tensor(k).astype(np.float64)
-                u, s, vt = np.linalg.svd(d, full_matrices=False)
-                r = min(int(rank or 1), len(s))
-                total = float((s**2).sum())
-                errors.append((float((s[r:] ** 2).sum()), total))
-                tensors[PEFT_PREFIX + m + ".lora_A.weight"] = np.ascontiguousarray(
-                    vt[:r], np.float32
-                )
-                tensors[PEFT_PREFIX + m + ".lora_B.weight"] = np.ascontiguousarray(
-                    u[:, :r] * s[:r], np.float32
-                )
-                ranks[m] = r
-            elif not k.endswith(B):
-                raise CliError(f"{ADAPTER}: unexpected tensor {k}")
+            _layer(f, k, rank, tensors, ranks, errors)
     if not ranks:
         raise CliError(f"{ADAPTER} holds no layers")
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     top = max(ranks.values())
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
-        "r": top,
-        "lora_alpha": top,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "target_modules": sorted(ranks),
-        # Exact module names (peft matches them as the end of a module's path).
-        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != top},
-        "alpha_pattern": {m: r for m, r in sorted(ranks.items()) if r != top},
-        "modules_to_save": None,
-    }
+    config = _peft_config(ranks)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # The tasks' heads and summary sets travel along (peft ignores other files).
     for p in work.iterdir():

@@ -52,7 +52,7 @@ def _local_base(args: argparse.Namespace, digest: str) -> Path:
 
 def _resolve(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """(base model folder, composite folder) for --composite DIR or NAME."""
-    from medforge_cli import models
+    from medforge_cli import pull
 
     source = Path(args.composite)
     if source.is_dir():
@@ -70,19 +70,19 @@ def _resolve(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
         from medforge_cli.cluster import Cluster
 
         cl = Cluster.connect(args.kubeconfig, args.context)
-        return models.fetch_base_model(cl, args, base_info["name"], base_info["digest"]), source
+        return pull.fetch_base_model(cl, args, base_info["name"], base_info["digest"]), source
     pulled = work / "composite"
     pull_args = argparse.Namespace(
         **vars(args), name=args.composite, format="raw", output=str(pulled), rank=None
     )
-    models.pull(pull_args)
+    pull.pull(pull_args)
     info = json.loads((pulled / "medforge-export.json").read_text())
     if args.base_model:
         return _local_base(args, info["baseModel"]["digest"]), pulled
     from medforge_cli.cluster import Cluster
 
     cl = Cluster.connect(args.kubeconfig, args.context)
-    base = models.fetch_base_model(cl, args, info["baseModel"]["name"], info["baseModel"]["digest"])
+    base = pull.fetch_base_model(cl, args, info["baseModel"]["name"], info["baseModel"]["digest"])
     return base, pulled
 
 

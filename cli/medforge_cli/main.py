@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
     _follow_commands(cmd)
     _model_commands(cmd)
+    _composite_commands(cmd)
     _inference_commands(cmd)
     lc = cmd(
         "localcluster",
@@ -162,6 +163,8 @@ def _model_commands(cmd: Command) -> None:
     verify.add_argument("--digest", help="the manifest digest it must have")
     _store_args(verify)
 
+
+def _composite_commands(cmd: Command) -> None:
     c = cmd(
         "composite",
         "take a composite revision out of the forge",

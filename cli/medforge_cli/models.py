@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -17,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medforge_cli import export
 from medforge_cli.errors import CliError
-from medforge_common.api import RevisionState
 from medforge_common.manifest import (
     FileEntry,
     Manifest,
@@ -287,136 +283,9 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _revision(obj: JSON, revision: int | None) -> tuple[int, str, str, JSON]:
-    """(revision, s3 uri, manifest digest, history entry) of an accepted revision."""
-    st = obj.get("status") or {}
-    current = st.get("current") or {}
-    name = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
-    if not current:
-        raise CliError(f"composite {name} has no accepted revision yet")
-    want = revision if revision is not None else int(current["revision"])
-    if want == int(current["revision"]):
-        return want, str(current["uri"]), str(current["digest"]), current
-    entry = next((h for h in st.get("history") or [] if h.get("revision") == want), None)
-    if entry is None:
-        raise CliError(f"composite {name} keeps no revision {want} (status.history)")
-    if entry.get("state") != RevisionState.ACCEPTED or not entry.get("digest"):
-        raise CliError(
-            f"revision {want} of {name} was {entry.get('state')} "
-            f"({entry.get('reason', '')}): only accepted revisions are published"
-        )
-    uri = str(current["uri"]).rstrip("/")
-    uri = uri[: uri.rindex("/")] + f"/rev-{want}/"
-    return want, uri, str(entry["digest"]), entry
-
-
-def pull(args: argparse.Namespace) -> int:
-    import hashlib
-
-    from medforge_cli.cluster import Cluster
-
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise CliError(f"{out}: not empty; give a new folder", 2)
-    cl = Cluster.connect(args.kubeconfig, args.context)
-    ns = args.namespace or cl.default_namespace
-    obj = cl.get("composite", ns, args.name)
-    revision, uri, digest, _ = _revision(obj, args.revision)
-    base_name = str(((obj.get("spec") or {}).get("baseModel") or {}).get("name", ""))
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    store = Store.from_args(args, bucket=bucket)
-    raw = store.read(key + MANIFEST)
-    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
-        raise CliError(
-            f"manifest.json of revision {revision} does not match the digest in the "
-            f"composite's status ({digest[:19]}...); the store was changed"
-        )
-    try:
-        manifest = Manifest.from_json(raw.decode(), uri + MANIFEST)
-    except (ManifestError, UnicodeDecodeError) as exc:
-        raise CliError(str(exc)) from None
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / MANIFEST).write_bytes(raw)
-        progress = Progress(sum(e.size for e in manifest.files), "downloading")
-        for e in manifest.files:
-            store.download_verified(key + e.name, e, work / e.name)
-            progress(e.size)
-        progress.close()
-        out.mkdir(parents=True, exist_ok=True)
-        report: JSON = {}
-        if args.format == "raw":
-            for p in work.iterdir():
-                shutil.copy2(p, out / p.name)
-        elif args.format == "peft":
-            report = export.to_peft(work, manifest, out, args.rank)
-        else:
-            base_dir = fetch_base_model(cl, args, base_name, manifest.base_model_digest)
-            from medforge_cli import inference
-
-            inference.merged(base_dir, work, out)
-    summary = {
-        "composite": f"{ns}/{args.name}",
-        "revision": revision,
-        "digest": digest,
-        "format": args.format,
-        "baseModel": {"name": base_name, "digest": manifest.base_model_digest},
-        **report,
-    }
-    (out / "medforge-export.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"revision {revision} of {ns}/{args.name} ({digest[:19]}...) written to {out} "
-        f"as {args.format}"
-    )
-    if report.get("relativeError") is not None:
-        print(f"low-rank reconstruction error (relative Frobenius): {report['relativeError']:.2e}")
-    return 0
-
-
-def cache_root() -> Path:
-    if env := os.environ.get("MEDFORGE_CACHE_DIR"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medforge"
-
-
-def fetch_base_model(cl: Any, args: argparse.Namespace, name: str, digest: str) -> Path:
-    """The base model's verified files in the local cache (by digest), from the BaseModel's
-    verified status and the forge store."""
-    import hashlib
-
-    target = cache_root() / "base-models" / digest.removeprefix("sha256:")
-    if (target / ".complete").is_file():
-        return target
-    bm = cl.get("basemodel", "", name)
-    st = bm.get("status") or {}
-    if st.get("digest") != digest or not st.get("uri"):
-        raise CliError(
-            f"BaseModel {name} is not verified at {digest[:19]}... (it reports "
-            f"{str(st.get('digest'))[:19]}...); the composite was merged on another one"
-        )
-    bucket, _, key = str(st["uri"]).removeprefix("s3://").partition("/")
-    key = key if key.endswith("/") else key + "/"
-    store = Store.from_args(args, bucket=bucket)
-    raw = store.read(key + MANIFEST)
-    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
-        raise CliError(f"the stored manifest of BaseModel {name} is not {digest[:19]}...")
-    manifest = Manifest.from_json(raw.decode(), f"{st['uri']}{MANIFEST}")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    progress = Progress(sum(e.size for e in manifest.files), f"base model {name}")
-    for e in manifest.files:
-        store.download_verified(key + e.name, e, partial / e.name)
-        progress(e.size)
-    progress.close()
-    (partial / MANIFEST).write_bytes(raw)
-    (partial / ".complete").write_text(digest)
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return target
-
-
 def run(args: argparse.Namespace) -> int:
     if args.command == "model":
         return push(args) if args.action == "push" else verify(args)
+    from medforge_cli.pull import pull
+
     return pull(args)

@@ -162,6 +162,13 @@ def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
     lines.append(table(["CONTRIBUTION", "STATE", "REASON", "TASK"], inputs) if inputs else "  none")
     if st.get("inputsOmitted"):
         lines.append(f"  ... and {st['inputsOmitted']} more")
+    lines += _scores(c, current)
+    return "\n".join(lines)
+
+
+def _scores(c: JSON, current: JSON) -> list[str]:
+    """The served revision's metrics per task, and each task's accuracy over revisions."""
+    lines: list[str] = []
     metrics = current.get("metrics") or {}
     if metrics:
         lines += ["", "Metrics of the served revision:"]
@@ -181,7 +188,7 @@ def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
                 f"  {task:<20} {sparkline(vals)}  r{points[0][0]} {vals[0]:.3f} -> "
                 f"r{points[-1][0]} {vals[-1]:.3f}"
             )
-    return "\n".join(lines)
+    return lines
 
 
 def _fmt(v: Any) -> str:

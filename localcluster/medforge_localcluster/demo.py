@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from typing import Any
 
 from medforge_localcluster.cluster import DEFAULT_BUCKET, LocalCluster
 from medforge_localcluster.errors import SetupError
@@ -34,6 +36,68 @@ SCRIPT = textwrap.dedent(
 
 def step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
+
+
+def upload_job(name: str, url: str) -> dict[str, Any]:
+    """A restricted Job whose one pod uploads through the presigned URL."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "upload",
+                            "image": "medforge/demo",
+                            "command": ["python", "-c", SCRIPT],
+                            "env": [
+                                {"name": "UPLOAD_URL", "value": url},
+                                {
+                                    "name": "POD_NAME",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                                },
+                            ],
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+def _show_job(k: Callable[..., str], name: str) -> None:
+    k("wait", "-n", NAMESPACE, f"job/{name}", "--for=condition=Complete", "--timeout=120s")
+    print(k("get", "jobs,pods", "-n", NAMESPACE, "-l", f"job-name={name}"), end="")
+    step(f"kubectl logs job/{name}")
+    print(k("logs", "-n", NAMESPACE, f"job/{name}"), end="")
+    step("the termination message the operator reads from the pod's status")
+    print(
+        k(
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            f"job-name={name}",
+            "-o",
+            "jsonpath={.items[0].status.containerStatuses[0].state.terminated.message}",
+        )
+    )
 
 
 def main() -> int:
@@ -68,62 +132,9 @@ def main() -> int:
             "pod-security.kubernetes.io/enforce=restricted",
         )
         name = f"demo-{int(time.time())}"
-        job = {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {
-                "backoffLimit": 0,
-                "ttlSecondsAfterFinished": 3600,
-                "template": {
-                    "spec": {
-                        "restartPolicy": "Never",
-                        "automountServiceAccountToken": False,
-                        "securityContext": {
-                            "runAsNonRoot": True,
-                            "runAsUser": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
-                        "containers": [
-                            {
-                                "name": "upload",
-                                "image": "medforge/demo",
-                                "command": ["python", "-c", SCRIPT],
-                                "env": [
-                                    {"name": "UPLOAD_URL", "value": url},
-                                    {
-                                        "name": "POD_NAME",
-                                        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
-                                    },
-                                ],
-                                "securityContext": {
-                                    "allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]},
-                                },
-                            }
-                        ],
-                    }
-                },
-            },
-        }
+        job = upload_job(name, url)
         k("apply", "-f", "-", input=json.dumps(job))
-        k("wait", "-n", NAMESPACE, f"job/{name}", "--for=condition=Complete", "--timeout=120s")
-        print(k("get", "jobs,pods", "-n", NAMESPACE, "-l", f"job-name={name}"), end="")
-        step(f"kubectl logs job/{name}")
-        print(k("logs", "-n", NAMESPACE, f"job/{name}"), end="")
-        step("the termination message the operator reads from the pod's status")
-        print(
-            k(
-                "get",
-                "pods",
-                "-n",
-                NAMESPACE,
-                "-l",
-                f"job-name={name}",
-                "-o",
-                "jsonpath={.items[0].status.containerStatuses[0].state.terminated.message}",
-            )
-        )
+        _show_job(k, name)
         body = s3.get_object(Bucket=DEFAULT_BUCKET, Key=key)["Body"].read()
         step(f"read back from S3 with the store's credentials: {body.decode()!r}")
 

@@ -85,15 +85,21 @@ def _issue(
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def ensure_pki(pki: Path) -> None:
-    """Create every certificate and key once; later calls keep them (and the tokens) stable."""
-    if (pki / "done").exists():
-        return
-    pki.mkdir(parents=True, exist_ok=True)
-    pki.chmod(0o700)
+def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Name, x509.Certificate]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("medforge-localcluster-ca")
     now = dt.datetime.now(dt.UTC)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -103,22 +109,29 @@ def ensure_pki(pki: Path) -> None:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(usage, critical=True)
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_key, ca_name, ca_cert
+
+
+def _tokens(pki: Path) -> None:
+    lines = []
+    for ident in IDENTITIES:
+        token = secrets.token_hex(24)
+        _write(pki / f"{ident.key}.token", token.encode(), private=True)
+        groups = ",".join(ident.groups)
+        lines.append(f'{token},{ident.user},{ident.user},"{groups}"')
+    _write(pki / "tokens.csv", ("\n".join(lines) + "\n").encode(), private=True)
+
+
+def ensure_pki(pki: Path) -> None:
+    """Create every certificate and key once; later calls keep them (and the tokens) stable."""
+    if (pki / "done").exists():
+        return
+    pki.mkdir(parents=True, exist_ok=True)
+    pki.chmod(0o700)
+    ca_key, ca_name, ca_cert = _ca()
     _write(pki / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(pki / "ca.key", _key_pem(ca_key), private=True)
 
@@ -156,13 +169,7 @@ def ensure_pki(pki: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ),
     )
-    lines = []
-    for ident in IDENTITIES:
-        token = secrets.token_hex(24)
-        _write(pki / f"{ident.key}.token", token.encode(), private=True)
-        groups = ",".join(ident.groups)
-        lines.append(f'{token},{ident.user},{ident.user},"{groups}"')
-    _write(pki / "tokens.csv", ("\n".join(lines) + "\n").encode(), private=True)
+    _tokens(pki)
     (pki / "done").touch()
 
 

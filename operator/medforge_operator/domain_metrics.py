@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from medforge_common.api import BaseModelPhase, CompositePhase, ContributionPhase
+from medforge_common.api import BaseModelPhase, CompositePhase, ConditionType, ContributionPhase
 from medforge_common.result import finite_number
 from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS
 from medforge_operator.observed import ObservedObjects
@@ -65,7 +65,7 @@ def _ident(obj: JSON) -> tuple[str, str]:
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
-def contribution_families(contribs: list[JSON]) -> Iterator[Metric]:
+def _contribution_gauges() -> dict[str, GaugeMetricFamily]:
     ident = ["namespace", "name", "task"]
     specs = {
         "contributions": (
@@ -85,51 +85,57 @@ def contribution_families(contribs: list[JSON]) -> Iterator[Metric]:
             [*ident, "metric"],
         ),
     }
-    g = {
+    return {
         key: GaugeMetricFamily(f"medforge_{key}", doc, labels=labels)
         for key, (doc, labels) in specs.items()
     }
-    by_phase, phase, stalled = (
-        g["contributions"],
-        g["contribution_phase"],
-        g["contribution_stalled"],
+
+
+def _add_contribution(
+    g: dict[str, GaugeMetricFamily], c: JSON, durations: list[float], attempts: list[float]
+) -> tuple[str, str, str]:
+    """One contribution's samples; (namespace, task, phase) for the counts by phase."""
+    ns, name = _ident(c)
+    status = c.get("status") or {}
+    task = str(((c.get("spec") or {}).get("task") or {}).get("name") or "")
+    ph = str(status.get("phase") or ContributionPhase.PENDING)
+    g["contribution_phase"].add_metric([ns, name, task, ph], 1.0)
+    cond = _condition(status, ConditionType.STALLED)
+    g["contribution_stalled"].add_metric(
+        [ns, name, task, str(cond.get("reason") or "")],
+        1.0 if cond.get("status") == "True" else 0.0,
     )
-    rate, loss = g["contribution_images_per_second"], g["contribution_training_loss"]
-    seconds, validation = g["contribution_training_seconds"], g["contribution_validation_metric"]
+    training = status.get("training") or {}
+    for family, key in (
+        ("contribution_images_per_second", "imagesPerSecond"),
+        ("contribution_training_loss", "loss"),
+        ("contribution_training_seconds", "seconds"),
+    ):
+        if (v := finite_number(training.get(key))) is not None:
+            g[family].add_metric([ns, name, task], v)
+    for metric, value in sorted((status.get("metrics") or {}).items()):
+        if (v := finite_number(value)) is not None:
+            g["contribution_validation_metric"].add_metric([ns, name, task, str(metric)], v)
+    job = status.get("job") or {}
+    if ph in (ContributionPhase.SUCCEEDED, ContributionPhase.FAILED):
+        start, end = parse_time(job.get("startTime")), parse_time(job.get("completionTime"))
+        if start is not None and end is not None and end >= start:
+            durations.append(end - start)
+        if (n := finite_number(job.get("attempts"))) is not None:
+            attempts.append(n)
+    return ns, task, ph
+
+
+def contribution_families(contribs: list[JSON]) -> Iterator[Metric]:
+    g = _contribution_gauges()
     counts: Counter[tuple[str, str, str]] = Counter()
     durations: list[float] = []
     attempts: list[float] = []
-    tasks: set[tuple[str, str]] = set()
     for c in contribs:
-        ns, name = _ident(c)
-        status = c.get("status") or {}
-        task = str(((c.get("spec") or {}).get("task") or {}).get("name") or "")
-        ph = str(status.get("phase") or ContributionPhase.PENDING)
-        tasks.add((ns, task))
-        counts[(ns, task, ph)] += 1
-        phase.add_metric([ns, name, task, ph], 1.0)
-        cond = _condition(status, "Stalled")
-        stalled.add_metric(
-            [ns, name, task, str(cond.get("reason") or "")],
-            1.0 if cond.get("status") == "True" else 0.0,
-        )
-        training = status.get("training") or {}
-        for family, key in ((rate, "imagesPerSecond"), (loss, "loss"), (seconds, "seconds")):
-            if (v := finite_number(training.get(key))) is not None:
-                family.add_metric([ns, name, task], v)
-        for metric, value in sorted((status.get("metrics") or {}).items()):
-            if (v := finite_number(value)) is not None:
-                validation.add_metric([ns, name, task, str(metric)], v)
-        job = status.get("job") or {}
-        if ph in (ContributionPhase.SUCCEEDED, ContributionPhase.FAILED):
-            start, end = parse_time(job.get("startTime")), parse_time(job.get("completionTime"))
-            if start is not None and end is not None and end >= start:
-                durations.append(end - start)
-            if (n := finite_number(job.get("attempts"))) is not None:
-                attempts.append(n)
-    for ns, task in sorted(tasks):
+        counts[_add_contribution(g, c, durations, attempts)] += 1
+    for ns, task in sorted({(ns, task) for ns, task, _ in counts}):
         for ph in ContributionPhase:  # zeros too: a phase emptied shows as 0, not as a gap
-            by_phase.add_metric([ns, task, ph.value], float(counts[(ns, task, ph.value)]))
+            g["contributions"].add_metric([ns, task, ph.value], float(counts[(ns, task, ph.value)]))
     yield from g.values()
     yield _histogram(
         "medforge_training_duration_seconds",
