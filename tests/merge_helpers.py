@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from medforge_common.manifest import Manifest
+from medforge_common.manifest import Manifest, digest_of
 
 BASE = "sha256:" + "b" * 64
 MODULES = ("vision.layers.0.q_proj", "vision.layers.0.v_proj", "vision.layers.1.q_proj")
@@ -40,7 +39,7 @@ def make_adapter(
     manifest.add_file(directory / "adapter.safetensors")
     body = manifest.to_json().encode()
     (directory / "manifest.json").write_bytes(body)
-    return "sha256:" + hashlib.sha256(body).hexdigest(), tensors
+    return digest_of(body), tensors
 
 
 def files(directory: Path) -> list[dict[str, str]]:
@@ -60,7 +59,7 @@ def full_result(term: str, out: Path) -> dict[str, Any]:
     composite) and its digest; both are checked here."""
     ref = json.loads(term)
     body = (out / ref["resultFile"]["name"]).read_bytes()
-    assert "sha256:" + hashlib.sha256(body).hexdigest() == ref["resultFile"]["digest"]
+    assert digest_of(body) == ref["resultFile"]["digest"]
     assert len(term.encode()) < 1024  # the message stays small, whatever the result's size
     result: dict[str, Any] = json.loads(body)
     assert result["artifact"]["digest"] == ref["artifact"]["digest"]

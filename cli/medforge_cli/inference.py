@@ -31,15 +31,14 @@ def merged(base_dir: Path, composite_dir: Path, out: Path) -> None:
 
 def _local_base(args: argparse.Namespace, digest: str) -> Path:
     """--base-model: a folder whose manifest.json must be the composite's base model."""
-    import hashlib
 
-    from medforge_common.manifest import Manifest, ManifestError, verify_dir
+    from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_dir
 
     base = Path(args.base_model)
     raw = (base / "manifest.json").read_bytes() if (base / "manifest.json").is_file() else b""
     if not raw:
         raise CliError(f"{base}: no manifest.json (medforge model push writes one)", 2)
-    if digest and "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+    if digest and digest_of(raw) != digest:
         raise CliError(
             f"{base} is not the base model this composite was merged on ({digest[:19]}...)", 2
         )

@@ -21,6 +21,7 @@ from medforge_common.manifest import (
     Manifest,
     ManifestError,
     check_model_file_name,
+    digest_of,
     looks_like_pickle,
     sha256_file,
 )
@@ -225,9 +226,8 @@ def push(args: argparse.Namespace) -> int:
     for e in entries:
         if store.size(prefix + e.name) != e.size:
             raise CliError(f"{e.name}: the store holds another size than uploaded; push again")
-    import hashlib
 
-    landed = "sha256:" + hashlib.sha256(store.read(prefix + MANIFEST)).hexdigest()
+    landed = digest_of(store.read(prefix + MANIFEST))
     if landed != digest:
         raise CliError("manifest.json in the store is not the one uploaded; push again")
     print(f"pushed {len(entries)} files to s3://{store.bucket}/{prefix}")
@@ -263,12 +263,11 @@ def _yaml(doc: JSON) -> str:
 
 
 def verify(args: argparse.Namespace) -> int:
-    import hashlib
 
     store = Store.from_args(args)
     prefix = BASE_PREFIX + args.name.strip("/") + "/"
     raw = store.read(prefix + MANIFEST)
-    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    digest = digest_of(raw)
     if args.digest and digest != args.digest:
         raise CliError(f"manifest.json has digest {digest}, not {args.digest}")
     try:

@@ -17,6 +17,7 @@ from medforge_common.api import RevisionState
 from medforge_common.manifest import (
     Manifest,
     ManifestError,
+    digest_of,
 )
 
 JSON = dict[str, Any]
@@ -46,7 +47,6 @@ def _revision(obj: JSON, revision: int | None) -> tuple[int, str, str, JSON]:
 
 
 def pull(args: argparse.Namespace) -> int:
-    import hashlib
 
     from medforge_cli.cluster import Cluster
 
@@ -61,7 +61,7 @@ def pull(args: argparse.Namespace) -> int:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     store = Store.from_args(args, bucket=bucket)
     raw = store.read(key + MANIFEST)
-    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+    if digest_of(raw) != digest:
         raise CliError(
             f"manifest.json of revision {revision} does not match the digest in the "
             f"composite's status ({digest[:19]}...); the store was changed"
@@ -124,7 +124,6 @@ def cache_root() -> Path:
 def fetch_base_model(cl: Any, args: argparse.Namespace, name: str, digest: str) -> Path:
     """The base model's verified files in the local cache (by digest), from the BaseModel's
     verified status and the forge store."""
-    import hashlib
 
     target = cache_root() / "base-models" / digest.removeprefix("sha256:")
     if (target / ".complete").is_file():
@@ -140,7 +139,7 @@ def fetch_base_model(cl: Any, args: argparse.Namespace, name: str, digest: str) 
     key = key if key.endswith("/") else key + "/"
     store = Store.from_args(args, bucket=bucket)
     raw = store.read(key + MANIFEST)
-    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+    if digest_of(raw) != digest:
         raise CliError(f"the stored manifest of BaseModel {name} is not {digest[:19]}...")
     manifest = Manifest.from_json(raw.decode(), f"{st['uri']}{MANIFEST}")
     partial = target.with_name(target.name + ".partial")

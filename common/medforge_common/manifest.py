@@ -30,6 +30,11 @@ class FileEntry:
     size: int
 
 
+def digest_of(data: bytes) -> str:
+    """The `sha256:<hex>` digest every manifest, result file and artifact is named by."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: Path) -> tuple[str, int]:
     """Streamed sha256 and size of a file (constant memory)."""
     h = hashlib.sha256()
@@ -179,7 +184,7 @@ class Manifest:
 
     def digest(self) -> str:
         """The artifact's identity: sha256 of the canonical manifest JSON."""
-        return "sha256:" + hashlib.sha256(self.to_json().encode()).hexdigest()
+        return digest_of(self.to_json().encode())
 
 
 def verify_file(path: Path, entry: FileEntry) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medforge_common.manifest import digest_of
 from medforge_common.redact import redact
 
 DEFAULT_PATH = Path("/dev/termination-log")
@@ -59,7 +59,7 @@ def result_reference(result: dict[str, Any], body: bytes, name: str) -> dict[str
         },
         "resultFile": {
             "name": name,
-            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+            "digest": digest_of(body),
             "sizeBytes": len(body),
         },
     }

@@ -4,7 +4,6 @@ save_pretrained folder."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from medforge_common.manifest import (
     Manifest,
     ManifestError,
     check_model_file_name,
+    digest_of,
     sha256_file,
     verify_file,
 )
@@ -74,7 +74,7 @@ def _get(spec: dict[str, Any], target: Path) -> None:
 
 
 def _check_manifest(raw: bytes, digest: str) -> Manifest:
-    actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+    actual = digest_of(raw)
     if actual != digest:
         raise ModelError(
             f"base model digest mismatch: manifest.json is {actual[:19]}..., "

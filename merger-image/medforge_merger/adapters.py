@@ -8,7 +8,6 @@ as `<module>.delta.weight`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -21,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 
 from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE
-from medforge_common.manifest import Manifest, ManifestError, verify_dir
+from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_dir
 from medforge_merger.strategies import Factors
 
 SUFFIX_A = ".lora_A.weight"
@@ -117,7 +116,7 @@ def _number(
 def load_adapter(directory: Path, key: str, digest: str, base_digest: str) -> Adapter:
     """Verify an input in `directory` (manifest.json plus its files) before any math."""
     raw = (directory / MANIFEST_FILE).read_bytes()
-    actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+    actual = digest_of(raw)
     if actual != digest:
         raise InputRejected(
             f"manifest.json digest {actual[:19]}... is not the announced {digest[:19]}..."

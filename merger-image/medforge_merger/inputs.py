@@ -6,7 +6,6 @@ only the store failing is a fault (StoreFault), which no input explains."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from medforge_common.manifest import (
     Manifest,
     ManifestError,
     check_safe_name,
+    digest_of,
 )
 from medforge_common.redact import redact
 from medforge_merger.adapters import Adapter, InputRejected, check_compatible, load_adapter
@@ -67,7 +67,7 @@ def fetch_artifact(item: JSON, dest: Path) -> None:
     if MANIFEST_FILE not in given:
         raise InputRejected(f"no {MANIFEST_FILE} among its files")
     raw = fetch(given[MANIFEST_FILE], dest, MAX_MANIFEST_BYTES).read_bytes()
-    actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+    actual = digest_of(raw)
     if actual != item["digest"]:
         raise InputRejected(
             f"manifest.json digest {actual[:19]}... is not the announced {item['digest'][:19]}..."

@@ -4,7 +4,6 @@ arguments and runs this in the shared job scaffold (medforge_ml.job)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from medforge_common import gate, strategy
 from medforge_common.api import InputState, Reason
 from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, RESULT_FILE
-from medforge_common.manifest import Manifest, ManifestError, verify_dir
+from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_dir
 from medforge_common.result import failure_line, result_reference
 from medforge_common.strategy import Family
 from medforge_merger import blame
@@ -218,7 +217,7 @@ def _publish(
             raise JobFailed(f"the job config has no output URL for {path.name}")
     return {
         "uri": cfg.output_uri or str(output_dir),
-        "digest": "sha256:" + hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
+        "digest": digest_of(manifest_path.read_bytes()),
         "sizeBytes": sum(e.size for e in entries),
     }
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from typing import Any
 
+from medforge_common.manifest import digest_of
 from medforge_common.redact import redact
 from medforge_common.uris import S3Uri
 from medforge_operator import GROUP, VERSION, names
@@ -217,7 +217,7 @@ def plan_digest(plan: JSON) -> str:
     """A plan's identity, recorded in the owner's status when its Job is created: a queued Job
     whose plan would differ now is replaced before it starts."""
     raw = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return digest_of(raw)
 
 
 MAX_URL_LIFETIME = 7 * 24 * 3600  # SigV4's limit

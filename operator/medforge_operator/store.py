@@ -14,7 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from medforge_common.artifacts import MANIFEST_FILE
-from medforge_common.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError
+from medforge_common.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, digest_of
 from medforge_common.uris import S3Uri, UriError, parse_uri
 from medforge_operator.settings import Settings
 
@@ -178,7 +178,7 @@ class ForgeStore:
 
     def _manifest(self, prefix: S3Uri, digest: str | None) -> Manifest:
         raw = self.read(prefix.join(MANIFEST_FILE))
-        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+        actual = digest_of(raw)
         if digest is not None and actual != digest:
             raise VerificationFailed(
                 f"manifest.json has digest {actual[:19]}..., expected {digest[:19]}..."
@@ -250,7 +250,7 @@ class ForgeStore:
             raise InvalidResult(f"InvalidResult: the result file's name {name!r:.60} is not plain")
         raw = self.read(prefix.join(name), limit)
         expected = ref.get("digest")
-        if expected is not None and "sha256:" + hashlib.sha256(raw).hexdigest() != expected:
+        if expected is not None and digest_of(raw) != expected:
             raise InvalidResult(f"InvalidResult: {name} does not match its announced digest")
         try:
             data = json.loads(raw)
@@ -264,4 +264,4 @@ class ForgeStore:
 
     def manifest_digest(self, prefix: S3Uri) -> str:
         raw = self.read(prefix.join(MANIFEST_FILE))
-        return "sha256:" + hashlib.sha256(raw).hexdigest()
+        return digest_of(raw)

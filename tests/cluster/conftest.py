@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from medforge_common.manifest import FileEntry, Manifest
+from medforge_common.manifest import FileEntry, Manifest, digest_of
 from medforge_localcluster.s3 import client
 from tests.conftest import ClusterAccess
 
@@ -71,7 +71,7 @@ class Forge:
         body = manifest.to_json().encode()
         s3.put_object(Bucket=self.bucket, Key=f"base-models/{name}/config.json", Body=config)
         s3.put_object(Bucket=self.bucket, Key=f"base-models/{name}/manifest.json", Body=body)
-        return name, "sha256:" + hashlib.sha256(body).hexdigest()
+        return name, digest_of(body)
 
     def upload_model_dir(self, name: str, directory: Path) -> None:
         """A prepared model folder (files plus manifest.json) under base-models/NAME/."""

@@ -4,7 +4,6 @@ was lost (nothing)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import signal
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from medforge_common.manifest import digest_of
 from medforge_localcluster.cluster import LocalCluster
 from medforge_localcluster.s3 import client
 from tests.cluster.conftest import Forge, OperatorProcess, base_model
@@ -142,7 +142,7 @@ def test_store_outages_during_uploads_and_downloads_are_survived(
     s3 = client(forge.endpoint, forge.access_key, forge.secret_key)
     key = st["artifact"]["uri"].split(f"{forge.bucket}/", 1)[1] + "manifest.json"
     body = s3.get_object(Bucket=forge.bucket, Key=key)["Body"].read()
-    lost += st["artifact"]["digest"] != "sha256:" + hashlib.sha256(body).hexdigest()
+    lost += st["artifact"]["digest"] != digest_of(body)
 
     # A merge whose inputs are fetched while the store is down.
     doc = json.loads(contribution("merge-outage", base, task="slow-merge-3"))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medforge_common.manifest import digest_of
 from tests.conftest import Bucket
 from tests.merge_helpers import BASE, make_adapter
 
@@ -59,12 +60,12 @@ def test_merge_job_with_presigned_urls(s3_bucket: Bucket, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     ref = json.loads(term.read_text())
     body = s3.get_object(Bucket=s3_bucket.name, Key="composites/f/rev-1/result.json")["Body"].read()
-    assert ref["resultFile"]["digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    assert ref["resultFile"]["digest"] == digest_of(body)
     result = json.loads(body)
     manifest = s3.get_object(Bucket=s3_bucket.name, Key="composites/f/rev-1/manifest.json")[
         "Body"
     ].read()
-    assert result["artifact"]["digest"] == "sha256:" + hashlib.sha256(manifest).hexdigest()
+    assert result["artifact"]["digest"] == digest_of(manifest)
     entry = json.loads(manifest)["files"][0]
     blob = s3.get_object(Bucket=s3_bucket.name, Key="composites/f/rev-1/adapter.safetensors")[
         "Body"

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medforge_common.manifest import FileEntry, Manifest
+from medforge_common.manifest import FileEntry, Manifest, digest_of
 from medforge_common.result import result_reference
 from medforge_ml import transfers
 
@@ -58,7 +58,7 @@ def main() -> None:
         files = {f["name"]: f["url"] for f in i["files"]}
         raw = get(files["manifest.json"])
         entry = {"namespace": i["namespace"], "name": i["name"], "digest": i["digest"]}
-        if "sha256:" + hashlib.sha256(raw).hexdigest() != i["digest"]:
+        if digest_of(raw) != i["digest"]:
             inputs.append(entry | {"state": "Excluded", "reason": "manifest digest mismatch"})
             continue
         if str(i.get("task") or "").startswith("reject-"):  # a poisoned input
@@ -104,7 +104,7 @@ def main() -> None:
     result = {
         "artifact": {
             "uri": cfg["output"]["uri"],
-            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+            "digest": digest_of(body),
         },
         "metrics": metrics,
         "score": round(score, 4),

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from medforge_common.manifest import FileEntry, Manifest
+from medforge_common.manifest import FileEntry, Manifest, digest_of
 from medforge_ml import transfers
 
 TERM = Path("/dev/termination-log")
@@ -43,7 +43,7 @@ def main() -> None:
     base = {f["name"]: f["url"] for f in cfg["baseModel"]["files"]}
     with urllib.request.urlopen(base["manifest.json"], timeout=30) as r:
         raw = r.read()
-    if "sha256:" + hashlib.sha256(raw).hexdigest() != cfg["baseModel"]["digest"]:
+    if digest_of(raw) != cfg["baseModel"]["digest"]:
         fail("base model digest mismatch")
     if cfg["dataset"].get("credentialsFromEnv"):
         assert (
@@ -84,7 +84,7 @@ def main() -> None:
     result = {
         "artifact": {
             "uri": cfg["output"]["uri"],
-            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+            "digest": digest_of(body),
             "sizeBytes": len(adapter),
         },
         "metrics": {"accuracy": 0.81, "f1": 0.8, "auc": 0.88, "samples": 120},

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medforge_common.manifest import digest_of
 from medforge_merger.adapters import StreamingWriter
 from tests.merge_helpers import BASE, MODULES, dense, files, full_result, make_adapter
 
@@ -126,16 +127,13 @@ def test_bad_inputs_are_excluded_with_reasons_and_the_merge_goes_on(tmp_path: Pa
     d_nan, t_nan = make_adapter(tmp_path / "nan", 4, 12)
     t_nan[f"{MODULES[0]}.lora_A.weight"][0, 0] = float("nan")
     save_file(t_nan, str(tmp_path / "nan" / "adapter.safetensors"))
-    from medforge_common.manifest import Manifest
+    from medforge_common.manifest import Manifest, digest_of
 
     m = Manifest("contribution", BASE, meta={"rank": 4, "alpha": 16})
     m.add_file(tmp_path / "nan" / "adapter.safetensors")
     (tmp_path / "nan" / "manifest.json").write_text(m.to_json())
-    import hashlib
 
-    d_nan = (
-        "sha256:" + hashlib.sha256((tmp_path / "nan" / "manifest.json").read_bytes()).hexdigest()
-    )
+    d_nan = digest_of((tmp_path / "nan" / "manifest.json").read_bytes())
     inputs.append(entry("nan", d_nan, tmp_path / "nan"))
 
     d_wide, _ = make_adapter(tmp_path / "wide", 4, 13, d=40)
@@ -251,7 +249,6 @@ def test_a_merge_that_overflows_uploads_nothing(tmp_path: Path) -> None:
 
 def poisoned(directory: Path, seed: int, **meta: Any) -> str:
     """An adapter whose manifest meta a tenant edited (the digest matches the edit)."""
-    import hashlib
 
     from medforge_common.manifest import Manifest
 
@@ -260,7 +257,7 @@ def poisoned(directory: Path, seed: int, **meta: Any) -> str:
     manifest.meta |= meta
     body = manifest.to_json().encode()
     (directory / "manifest.json").write_bytes(body)
-    return "sha256:" + hashlib.sha256(body).hexdigest()
+    return digest_of(body)
 
 
 def test_poisoned_metadata_excludes_only_that_input(tmp_path: Path) -> None:
