@@ -12,7 +12,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from medforge_operator import BASEMODELS, basemodel, jobs, signing
-from medforge_operator.kube import Kube
+from medforge_operator.kubeapi import KubeApi
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
 
@@ -49,7 +49,7 @@ class Namespaces:
     Secrets), and their labels for CompositeModels' namespaceSelectors. Reads single namespaces
     only (get, never list), so a namespace-scoped install needs no cluster-wide right."""
 
-    def __init__(self, kube: Kube, settings: Settings, ttl: float = 10.0) -> None:
+    def __init__(self, kube: KubeApi, settings: Settings, ttl: float = 10.0) -> None:
         self.kube = kube
         self.s = settings
         self._cache = _TtlCache(ttl)
@@ -81,7 +81,7 @@ class BaseModels:
     """BaseModels by name, read through a short cache (a burst of contributions for one model
     reads it once)."""
 
-    def __init__(self, kube: Kube, ttl: float = 3.0) -> None:
+    def __init__(self, kube: KubeApi, ttl: float = 3.0) -> None:
         self.kube = kube
         self._cache = _TtlCache(ttl)
 
@@ -110,7 +110,7 @@ class JobConfigs:
     grant it must stay inside (medforge_operator.signing); nothing is read back from the Job
     but its uid (checked by the caller against the one it recorded) and its deadline."""
 
-    def __init__(self, kube: Kube, store: ForgeStore) -> None:
+    def __init__(self, kube: KubeApi, store: ForgeStore) -> None:
         self.kube = kube
         self.store = store
         self._expires: dict[str, float] = {}  # Job uid -> when its URLs expire (epoch s)
@@ -161,7 +161,7 @@ class JobConfigs:
 class Catalog:
     """The lookups a round needs beyond its own object, built once in main."""
 
-    def __init__(self, kube: Kube, store: ForgeStore, settings: Settings) -> None:
+    def __init__(self, kube: KubeApi, store: ForgeStore, settings: Settings) -> None:
         self.namespaces = Namespaces(kube, settings)
         self.base_models = BaseModels(kube)
         self.configs = JobConfigs(kube, store)

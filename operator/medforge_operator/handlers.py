@@ -14,10 +14,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, cast
 
 import kopf
@@ -132,7 +133,7 @@ def work(r: Runtime, key: Hashable, body: JSON | None) -> None:
     own watch event delivered it, when that event queued it. A round that raises is noted, so
     that the resync retries it."""
     plural, ns, name = cast(Key, key)
-    kind = {CONTRIBUTIONS: "contribution", COMPOSITES: "composite"}.get(plural, "basemodel")
+    kind = KINDS[plural].label
     t0 = time.monotonic()
     ACTIVE_WORKERS.labels(kind).inc()
     try:
@@ -153,26 +154,50 @@ def work(r: Runtime, key: Hashable, body: JSON | None) -> None:
         RECONCILE_TIME.labels(kind).observe(time.monotonic() - t0)
 
 
+def _contribution_round(r: Runtime, obj: JSON) -> None:
+    if rcon.settled(obj):
+        return
+    before = (obj.get("status") or {}).get("phase")
+    new = rcon.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
+    finished = (ContributionPhase.SUCCEEDED, ContributionPhase.FAILED)
+    if new.get("phase") != before and new.get("phase") in finished:
+        r.composites()
+
+
+def _basemodel_round(r: Runtime, obj: JSON) -> None:
+    before = (obj.get("status") or {}).get("phase")
+    new = rbase.reconcile(obj, r.kube, r.store, r.event)
+    r.catalog.base_models.forget(obj["metadata"]["name"])
+    if new.get("phase") == BaseModelPhase.READY and before != BaseModelPhase.READY:
+        _waiting_on_base_models(r)
+
+
+def _composite_round(r: Runtime, obj: JSON) -> None:
+    rcomp.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How the work queue serves one kind: its label in metrics and its round (a new kind adds
+    a row here, its reconcile module and its watch handler; docs/architecture.md)."""
+
+    label: str
+    round: Callable[[Runtime, JSON], None]
+
+
+KINDS: Mapping[str, Kind] = MappingProxyType(
+    {
+        CONTRIBUTIONS: Kind("contribution", _contribution_round),
+        BASEMODELS: Kind("basemodel", _basemodel_round),
+        COMPOSITES: Kind("composite", _composite_round),
+    }
+)
+
+
 def _round(r: Runtime, plural: str, ns: str, name: str, body: JSON | None) -> None:
     obj = body if body is not None else r.kube.get_object(plural, ns, name)
-    if obj is None:
-        return
-    if plural == CONTRIBUTIONS:
-        if rcon.settled(obj):
-            return
-        before = (obj.get("status") or {}).get("phase")
-        new = rcon.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
-        finished = (ContributionPhase.SUCCEEDED, ContributionPhase.FAILED)
-        if new.get("phase") != before and new.get("phase") in finished:
-            r.composites()
-    elif plural == BASEMODELS:
-        before = (obj.get("status") or {}).get("phase")
-        new = rbase.reconcile(obj, r.kube, r.store, r.event)
-        r.catalog.base_models.forget(name)
-        if new.get("phase") == BaseModelPhase.READY and before != BaseModelPhase.READY:
-            _waiting_on_base_models(r)
-    else:
-        rcomp.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
+    if obj is not None:
+        KINDS[plural].round(r, obj)
 
 
 def _waiting_on_base_models(r: Runtime) -> None:

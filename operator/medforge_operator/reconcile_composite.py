@@ -32,7 +32,7 @@ from medforge_operator import (
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.conditions import Cond, merge_conditions, now
-from medforge_operator.kube import Kube
+from medforge_operator.kubeapi import KubeApi
 from medforge_operator.metrics import JOBS_CREATED, REVISIONS
 from medforge_operator.revision_outcome import outcome
 from medforge_operator.settings import Settings
@@ -46,7 +46,7 @@ EventFn = Callable[[JSON, str, str, str], None]
 log = logging.getLogger("medforge.composite")
 
 
-def matching_contributions(obj: JSON, kube: Kube, s: Settings, cat: Catalog) -> list[JSON]:
+def matching_contributions(obj: JSON, kube: KubeApi, s: Settings, cat: Catalog) -> list[JSON]:
     """The contributions whose owners shared them with this composite, narrowed by its label
     and namespace selectors. Nothing else is ever read into its status or its merge Jobs."""
     meta = obj["metadata"]
@@ -73,7 +73,7 @@ def matching_contributions(obj: JSON, kube: Kube, s: Settings, cat: Catalog) -> 
 
 
 def reconcile(
-    obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
+    obj: JSON, kube: KubeApi, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
 ) -> None:
     """The work queue runs one round per composite at a time: no lock needed here."""
     meta = obj["metadata"]
@@ -107,7 +107,7 @@ def _apply(status: JSON, changes: JSON) -> JSON:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _write(obj: JSON, kube: Kube, new: JSON) -> None:
+def _write(obj: JSON, kube: KubeApi, new: JSON) -> None:
     # Compare-and-swap: a pendingRevision written by anyone since we read is never lost.
     write_status(kube, COMPOSITES, obj, obj.get("status") or {}, new, compare_and_swap=True)
 
@@ -143,7 +143,7 @@ def refusal_status(obj: JSON, reason: str, message: str) -> JSON:
 
 
 def observe(
-    obj: JSON, kube: Kube, store: ForgeStore, s: Settings, cat: Catalog
+    obj: JSON, kube: KubeApi, store: ForgeStore, s: Settings, cat: Catalog
 ) -> composite.Observation:
     """Everything the round decides on. A pending revision whose Job ended is read here: its
     pods' result and the uploaded composite, copied and checked in the store."""
@@ -213,7 +213,7 @@ def _sign(
 def _start(
     obj: JSON,
     plan: composite.Plan,
-    kube: Kube,
+    kube: KubeApi,
     store: ForgeStore,
     s: Settings,
     cat: Catalog,
@@ -272,7 +272,7 @@ def _announce(
     old: JSON,
     o: composite.Observation,
     plan: composite.Plan | None,
-    kube: Kube,
+    kube: KubeApi,
     event: EventFn,
     cat: Catalog,
 ) -> None:
@@ -337,7 +337,7 @@ USED_BY_LIMIT = 50
 
 
 def _tell_contributions(
-    obj: JSON, pending: JSON, outcome: composite.Outcome, kube: Kube, event: EventFn
+    obj: JSON, pending: JSON, outcome: composite.Outcome, kube: KubeApi, event: EventFn
 ) -> None:
     """Each side learns who uses what: an accepted revision is recorded in the status of the
     contributions it newly includes; an input the merger excluded hears why in its own

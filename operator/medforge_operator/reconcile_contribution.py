@@ -25,7 +25,7 @@ from medforge_operator import (
 )
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog, ConfigRefused
-from medforge_operator.kube import Kube
+from medforge_operator.kubeapi import KubeApi
 from medforge_operator.metrics import JOBS_CREATED
 from medforge_operator.settings import Settings
 from medforge_operator.statuswrite import write_status
@@ -71,7 +71,7 @@ def needs_polling(obj: JSON) -> bool:
 
 
 def reconcile(
-    obj: JSON, kube: Kube, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
+    obj: JSON, kube: KubeApi, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
 ) -> JSON:
     """Returns the status written (or the unchanged one)."""
     meta = obj["metadata"]
@@ -130,7 +130,9 @@ def _is_recorded(job: JSON, record: JSON | None) -> bool:
     return record is not None and job["metadata"].get("uid") == record.get("uid")
 
 
-def _write(obj: JSON, kube: Kube, event: EventFn, old: JSON, o: contribution.Observation) -> JSON:
+def _write(
+    obj: JSON, kube: KubeApi, event: EventFn, old: JSON, o: contribution.Observation
+) -> JSON:
     """Write the status the observation gives, with an Event when the phase moves."""
     gen = o.generation
     new = contribution.compute_status(old, o)
@@ -171,7 +173,7 @@ def _base(obj: JSON, cat: Catalog, pin: str | None) -> basemodel.Resolved:
 def _follow(
     obj: JSON,
     o: contribution.Observation,
-    kube: Kube,
+    kube: KubeApi,
     store: ForgeStore,
     s: Settings,
     cat: Catalog,
@@ -211,7 +213,7 @@ def _sign(
         o.build_error = (Reason.INVALID_SPEC, str(exc))
 
 
-def _retire_older(obj: JSON, job_name: str, kube: Kube, event: EventFn) -> None:
+def _retire_older(obj: JSON, job_name: str, kube: KubeApi, event: EventFn) -> None:
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     selector = f"{jobs.LABEL_OWNER}={names.label_value(name)},{jobs.LABEL_COMPONENT}=train"
     for stale in kube.list_jobs(ns, selector):
@@ -226,7 +228,7 @@ def _retire_older(obj: JSON, job_name: str, kube: Kube, event: EventFn) -> None:
 
 
 def _not_ours(
-    obj: JSON, job: JSON, kube: Kube, event: EventFn, o: contribution.Observation
+    obj: JSON, job: JSON, kube: KubeApi, event: EventFn, o: contribution.Observation
 ) -> None:
     """A Job with this generation's name whose uid the operator did not record: it never gets a
     config. One that claims to be ours (our labels, a controller reference to this object) is
@@ -253,7 +255,7 @@ def _not_ours(
 
 def _create_job(
     obj: JSON,
-    kube: Kube,
+    kube: KubeApi,
     store: ForgeStore,
     s: Settings,
     cat: Catalog,

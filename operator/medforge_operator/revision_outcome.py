@@ -16,7 +16,7 @@ from medforge_operator import (
     jobstatus,
     metrics,
 )
-from medforge_operator.kube import Kube
+from medforge_operator.kubeapi import KubeApi
 from medforge_operator.store import (
     ForgeStore,
     InvalidResult,
@@ -44,7 +44,7 @@ def _no_usable_input(store: ForgeStore, uri: Any, verdict: JSON) -> composite.Ou
 
 def outcome(
     job: JSON,
-    kube: Kube,
+    kube: KubeApi,
     store: ForgeStore,
     ns: str,
     uri: Any,

@@ -15,7 +15,7 @@ from medforge_operator import (
     jobs,
     metrics,
 )
-from medforge_operator.kube import Kube
+from medforge_operator.kubeapi import KubeApi
 from medforge_operator.store import (
     ForgeStore,
     InvalidManifest,
@@ -133,7 +133,7 @@ def artifact_status(obj: JSON, verified: Any, digest: str, manifest: Manifest) -
     return {k: v for k, v in artifact.items() if v is not None}
 
 
-def keep_verified(obj: JSON, kube: Kube, store: ForgeStore, old: JSON) -> JSON:
+def keep_verified(obj: JSON, kube: KubeApi, store: ForgeStore, old: JSON) -> JSON:
     """A contribution verified before the operator kept its own copies (status.artifact.uri
     under the upload prefix) is copied and checked again once, so that every reader reads a
     verified copy; one already there is left as it is."""

@@ -14,7 +14,6 @@ from medforge_common.manifest import Manifest
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, composite, reconcile_composite, reconcile_contribution
 from medforge_operator.catalog import Catalog
-from medforge_operator.kube import Kube
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore, StoreUnreachable
 
@@ -378,7 +377,7 @@ class FakeStore:
 
 def round_(kube: FakeKube, store: FakeStore) -> list[tuple[str, str]]:
     events: list[tuple[str, str]] = []
-    k, st = cast(Kube, kube), cast(ForgeStore, store)
+    k, st = kube, cast(ForgeStore, store)
     reconcile_composite.reconcile(
         comp(),
         k,
@@ -465,7 +464,7 @@ def test_a_spec_change_retires_the_older_jobs_of_a_contribution() -> None:
         "metadata": {"name": "a-train-g1", "ownerReferences": [{"uid": "u", "controller": True}]}
     }
     kube = FakeKube([obj], {"a-train-g1": older})
-    k, st = cast(Kube, kube), cast(ForgeStore, FakeStore())
+    k, st = kube, cast(ForgeStore, FakeStore())
     events: list[str] = []
     new = reconcile_contribution.reconcile(
         obj, k, st, SETTINGS, lambda _o, _t, r, _m: events.append(r), Catalog(k, st, SETTINGS)
@@ -509,7 +508,7 @@ def test_two_writers_never_lose_a_pending_revision() -> None:
     assert kube.objects[0]["status"]["pendingRevision"]["revision"] == 1
     with pytest.raises(ApiException):
         # a second writer, on the copy it read at version 5, would drop pendingRevision
-        reconcile_composite._write(stale, cast(Kube, kube), {"phase": "Waiting", "revision": 0})
+        reconcile_composite._write(stale, kube, {"phase": "Waiting", "revision": 0})
     assert kube.objects[0]["status"]["pendingRevision"]["revision"] == 1
 
 
@@ -540,14 +539,14 @@ def test_a_job_of_the_right_name_but_another_owner_is_never_adopted() -> None:
         "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
     }
     kube = FakeKube([obj], {"a-train-g1": stale})
-    k, st = cast(Kube, kube), cast(ForgeStore, FakeStore())
+    k, st = kube, cast(ForgeStore, FakeStore())
     new = reconcile_contribution.reconcile(
         obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
     )
     assert kube.deleted == ["a-train-g1"] and new["phase"] == "Pending"  # never its result
     foreign = {"metadata": {"name": "a-train-g1", "ownerReferences": []}, "status": {}}
     kube = FakeKube([obj], {"a-train-g1": foreign})
-    k = cast(Kube, kube)
+    k = kube
     new = reconcile_contribution.reconcile(
         obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
     )
@@ -569,7 +568,7 @@ def test_a_queued_job_built_for_another_base_model_is_replaced() -> None:
     }
     obj["status"] = {}
     kube = FakeKube([obj])
-    k, st = cast(Kube, kube), cast(ForgeStore, FakeStore())
+    k, st = kube, cast(ForgeStore, FakeStore())
 
     def round_once() -> JSON:
         return reconcile_contribution.reconcile(
