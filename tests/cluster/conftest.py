@@ -196,29 +196,3 @@ def operator(
     time.sleep(1)
     yield op
     op.stop()
-
-
-def composite_manifest(
-    name: str,
-    base: tuple[str, str],
-    selector: dict[str, str],
-    namespaces: dict[str, str],
-    **spec: Any,
-) -> str:
-    """A CompositeModel over the contributions labelled `selector` in the namespaces labelled
-    `namespaces`."""
-    return json.dumps(
-        {
-            "apiVersion": "medforge.io/v1alpha1",
-            "kind": "CompositeModel",
-            "metadata": {"name": name},
-            "spec": {
-                "baseModel": {"name": base[0]},
-                "contributions": {
-                    "selector": {"matchLabels": selector},
-                    "namespaceSelector": {"matchLabels": namespaces},
-                },
-                **spec,
-            },
-        }
-    )

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 from medforge_localcluster.s3 import client
+from tests.builders import composite_manifest, contribution
 from tests.cluster.conftest import (
     Forge,
     OperatorProcess,
     base_model,
-    composite_manifest,
     register_base_model,
 )
-from tests.cluster.test_operator import condition, contribution, status, wait_phase
+from tests.cluster.test_operator import condition, status, wait_phase
 from tests.cluster.test_tenancy import bind, tenant_roles  # noqa: F401  (a fixture)
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until

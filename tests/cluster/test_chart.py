@@ -16,8 +16,9 @@ import yaml
 
 from medforge_localcluster import binaries
 from medforge_operator import jobs
+from tests.builders import contribution
 from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model
-from tests.cluster.test_operator import contribution, status, wait_phase
+from tests.cluster.test_operator import status, wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from tests.builders import contribution as private_contribution
 from tests.cluster.conftest import FORGE_POOL, Forge, base_model
 from tests.cluster.test_operator import condition, status, wait_phase
-from tests.cluster.test_operator import contribution as private_contribution
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 

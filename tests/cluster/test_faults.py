@@ -17,9 +17,10 @@ import pytest
 from medforge_common.manifest import digest_of
 from medforge_localcluster.cluster import LocalCluster
 from medforge_localcluster.s3 import client
+from tests.builders import contribution
 from tests.cluster.conftest import Forge, OperatorProcess, base_model
 from tests.cluster.test_composite import composite_doc
-from tests.cluster.test_operator import condition, contribution, status, wait_phase
+from tests.cluster.test_operator import condition, status, wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from medforge_localcluster import binaries
+from tests.builders import composite_manifest, contribution
 from tests.cluster.conftest import (
     Forge,
     OperatorProcess,
     base_model,
-    composite_manifest,
     register_base_model,
 )
-from tests.cluster.test_operator import contribution, status
+from tests.cluster.test_operator import status
 from tests.conftest import ClusterAccess
 from tests.gitops import EXPECTED, FIXTURES, argocd_health, captured, kstatus
 from tests.helpers import get_json, wait_until

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.builders import contribution
 from tests.cluster.conftest import Forge, OperatorProcess, base_model
-from tests.cluster.test_operator import contribution, wait_phase
+from tests.cluster.test_operator import wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 

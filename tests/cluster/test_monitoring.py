@@ -20,10 +20,11 @@ import requests
 import yaml
 
 from medforge_localcluster import binaries
+from tests.builders import contribution
 from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model, free_port
 from tests.cluster.test_composite import composite_doc, revision_state
 from tests.cluster.test_composite import contribution as shared_contribution
-from tests.cluster.test_operator import contribution, wait_phase
+from tests.cluster.test_operator import wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import wait_until
 from tools import monitoring

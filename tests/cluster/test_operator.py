@@ -11,26 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests.builders import contribution
 from tests.cluster.conftest import Forge, OperatorProcess, base_model
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 
 pytestmark = pytest.mark.usefixtures("operator")
-
-
-def contribution(name: str, base: tuple[str, str], task: str = "breakhis", **spec: Any) -> str:
-    doc = {
-        "apiVersion": "medforge.io/v1alpha1",
-        "kind": "LoRAContribution",
-        "metadata": {"name": name, "labels": {"medforge.io/test": "yes"}},
-        "spec": {
-            "baseModel": {"name": base[0]},
-            "task": {"name": task, "classes": ["benign", "malignant"]},
-            "dataset": {"uri": "s3://hospital-data/breakhis/"},
-            **spec,
-        },
-    }
-    return json.dumps(doc)
 
 
 def status(cluster: ClusterAccess, kind: str, ns: str, name: str) -> dict[str, Any]:

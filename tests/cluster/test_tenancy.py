@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model, composite_manifest
+from tests.builders import composite_manifest, contribution
+from tests.cluster.conftest import ROOT, Forge, OperatorProcess, base_model
 from tests.cluster.test_chart import render
-from tests.cluster.test_operator import condition, contribution, status, wait_phase
+from tests.cluster.test_operator import condition, status, wait_phase
 from tests.conftest import ClusterAccess
 from tests.helpers import get_json, wait_until
 

@@ -13,26 +13,13 @@ from medforge_operator import basemodel, composite, contribution, jobs, jobstatu
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings, SettingsError, load
 from medforge_operator.store import ForgeStore
+from tests.builders import lorac
 
 SETTINGS = Settings("http://s3", "forge", "ak", "sk")
 DIGEST = "sha256:" + "a" * 64
 BASE = basemodel.Resolved(
     "clip", DIGEST, S3Uri("forge", "base-models/clip/"), ("manifest.json", "config.json")
 )
-
-
-def lorac(gen: int = 1, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "medforge.io/v1alpha1",
-        "kind": "LoRAContribution",
-        "metadata": {"name": "breakhis", "namespace": "hospital-a", "uid": "u1", "generation": gen},
-        "spec": {
-            "baseModel": {"name": "clip"},
-            "task": {"name": "breakhis", "classes": ["a", "b"]},
-            "dataset": {"uri": "s3://data/breakhis/"},
-            **spec,
-        },
-    }
 
 
 def test_job_names_are_deterministic_and_fit() -> None:

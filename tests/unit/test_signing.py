@@ -23,6 +23,7 @@ from medforge_operator import (
     verify_contribution,
 )
 from medforge_operator.observed import slim
+from tests import builders
 
 DIGEST = "sha256:" + "a" * 64
 BASE = basemodel.Resolved(
@@ -31,16 +32,15 @@ BASE = basemodel.Resolved(
 
 
 def lorac(name: str = "lung", ns: str = "hospital-a", uid: str = "ua", gen: int = 3) -> Any:
-    return {
-        "kind": "LoRAContribution",
-        "metadata": {"name": name, "namespace": ns, "uid": uid, "generation": gen},
-        "spec": {
-            "baseModel": {"name": "clip"},
-            "task": {"name": "lung", "classes": ["a", "b"]},
-            "dataset": {"uri": "s3://hospital-data/lung/"},
-            "sharing": {"forges": ["forge/f"]},
-        },
-    }
+    return builders.lorac(
+        name,
+        ns,
+        uid,
+        gen,
+        task="lung",
+        dataset="s3://hospital-data/lung/",
+        sharing={"forges": ["forge/f"]},
+    )
 
 
 def urls(kind: str) -> Any:

@@ -13,26 +13,13 @@ from medforge_common import redact
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, composite, contribution, jobs, jobstatus, signing
 from medforge_operator.settings import Settings, SettingsError, load
+from tests.builders import lorac
 
 SETTINGS = Settings("http://s3", "forge", "ak", "sk", forge_namespaces=("forge",))
 DIGEST = "sha256:" + "a" * 64
 BASE = basemodel.Resolved(
     "clip", DIGEST, S3Uri("forge", "base-models/clip/"), ("manifest.json", "config.json")
 )
-
-
-def lorac(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "medforge.io/v1alpha1",
-        "kind": "LoRAContribution",
-        "metadata": {"name": "breakhis", "namespace": "hospital-a", "uid": "u1", "generation": 1},
-        "spec": {
-            "baseModel": {"name": "clip"},
-            "task": {"name": "breakhis", "classes": ["a", "b"]},
-            "dataset": {"uri": "s3://data/breakhis/"},
-            **spec,
-        },
-    }
 
 
 def fake_sign(kind: str) -> Any:
