@@ -12,7 +12,7 @@ from medforge_common.api import Reason as R
 from medforge_common.artifacts import MANIFEST_FILE
 from medforge_common.uris import S3Uri
 from medforge_operator import conditions
-from medforge_operator.conditions import Cond, merge_conditions, now
+from medforge_operator.conditions import Cond, merge_conditions, now, steady
 
 JSON = dict[str, Any]
 PREFIX = "base-models/"
@@ -130,9 +130,7 @@ def compute_status(old: JSON, o: Observation) -> JSON:
         status |= {"phase": Phase.READY, **o.verified, "verifiedAt": now()}
         msg = f"manifest {o.verified['digest'][:19]}... and {len(o.verified['files'])} file(s) verified"
         conds = [
-            Cond(C.READY, True, R.VERIFIED, msg),
-            Cond(C.RECONCILING, False, R.VERIFIED, ""),
-            Cond(C.STALLED, False, R.VERIFIED, ""),
+            *steady(R.VERIFIED, msg),
             Cond(C.VERIFIED, True, R.DIGESTS_MATCH, msg),
         ]
     else:

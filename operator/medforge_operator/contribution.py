@@ -13,7 +13,15 @@ from medforge_common.artifacts import CONTRIBUTION_FILES
 from medforge_common.result import finite_number, read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
 from medforge_operator import basemodel, jobs, jobstatus, names, signing
-from medforge_operator.conditions import Cond, merge_conditions
+from medforge_operator.conditions import (
+    Cond,
+    mark_false,
+    mark_true,
+    merge_conditions,
+    progressing,
+    stalled,
+    steady,
+)
 from medforge_operator.jobstatus import PodSummary
 from medforge_operator.settings import Settings
 
@@ -280,9 +288,7 @@ def _stalled(
     reason: str, message: str, trained: bool | None = False, verified: bool | None = None
 ) -> list[Cond]:
     return [
-        Cond(C.READY, False, reason, message),
-        Cond(C.RECONCILING, False, reason, ""),
-        Cond(C.STALLED, True, reason, message),
+        *stalled(reason, message),
         Cond(C.TRAINED, trained, reason, ""),
         Cond(
             C.ARTIFACT_VERIFIED,
@@ -313,16 +319,14 @@ def _completed(o: Observation, status: JSON) -> tuple[Phase, list[Cond]]:
             status["training"] = o.verified["training"]
         msg = f"adapter {o.verified['artifact']['digest'][:19]}... verified"
         return Phase.SUCCEEDED, [
-            Cond(C.READY, True, R.VERIFIED, msg),
-            Cond(C.RECONCILING, False, R.DONE, ""),
-            Cond(C.STALLED, False, R.DONE, ""),
+            *steady(R.VERIFIED, msg, quiet=R.DONE),
             Cond(C.TRAINED, True, R.JOB_COMPLETE, ""),
             Cond(C.ARTIFACT_VERIFIED, True, R.DIGESTS_MATCH, msg),
         ]
     return Phase.TRAINING, [
         Cond(C.READY, False, R.VERIFYING, "checking the uploaded files' digests"),
-        Cond(C.RECONCILING, True, R.VERIFYING, ""),
-        Cond(C.STALLED, False, R.VERIFYING, ""),
+        mark_true(C.RECONCILING, R.VERIFYING),
+        mark_false(C.STALLED, R.VERIFYING),
         Cond(C.TRAINED, True, R.JOB_COMPLETE, ""),
         Cond(C.ARTIFACT_VERIFIED, None, R.VERIFYING, ""),
     ]
@@ -337,9 +341,7 @@ def _in_flight(o: Observation, pods: PodSummary) -> tuple[Phase, list[Cond]]:
     reason = R.TRAINING if running else (R.JOB_CREATED if o.job is not None else R.CREATING_JOB)
     msg = f"Job {o.job_name} " + ("is training" if running else "is waiting for a node")
     return Phase.TRAINING if running else Phase.PENDING, [
-        Cond(C.READY, False, reason, msg),
-        Cond(C.RECONCILING, True, reason, msg),
-        Cond(C.STALLED, False, reason, ""),
+        *progressing(reason, msg),
         Cond(C.TRAINED, None, reason, ""),
         Cond(C.ARTIFACT_VERIFIED, None, R.NOT_YET, ""),
     ]

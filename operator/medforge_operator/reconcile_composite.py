@@ -17,7 +17,6 @@ from medforge_common.api import (
     InputState,
     RevisionState,
 )
-from medforge_common.api import ConditionType as C
 from medforge_common.api import Reason as R
 from medforge_common.uris import UriError
 from medforge_operator import (
@@ -31,7 +30,7 @@ from medforge_operator import (
 )
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.catalog import Catalog, ConfigRefused
-from medforge_operator.conditions import Cond, merge_conditions, now
+from medforge_operator.conditions import merge_conditions, now, stalled
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.metrics import JOBS_CREATED, REVISIONS
 from medforge_operator.revision_outcome import outcome
@@ -130,11 +129,7 @@ def _refusal(obj: JSON, s: Settings, cat: Catalog) -> tuple[str, str] | None:
 def refusal_status(obj: JSON, reason: str, message: str) -> JSON:
     """Status of a composite the operator refuses to serve: no inputs, no Jobs."""
     gen = int(obj["metadata"]["generation"])
-    conds = [
-        Cond(C.READY, False, reason, message),
-        Cond(C.RECONCILING, False, reason, ""),
-        Cond(C.STALLED, True, reason, message),
-    ]
+    conds = stalled(reason, message)
     return {
         "observedGeneration": gen,
         "phase": CompositePhase.FAILED,

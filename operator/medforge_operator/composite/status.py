@@ -12,7 +12,7 @@ from medforge_common.api import RevisionState
 from medforge_operator import isolation
 from medforge_operator.composite.inputs import evaluate_inputs
 from medforge_operator.composite.settling import Observation, in_flight
-from medforge_operator.conditions import Cond, merge_conditions
+from medforge_operator.conditions import Cond, merge_conditions, progressing, steady
 
 JSON = dict[str, Any]
 
@@ -118,42 +118,23 @@ def conditions_for(
         return phase, [*conds, merged, accepted]
     if running:
         msg = f"merging revision {running['revision']}"
+        ready_reason = R.MERGING if current is None else R.SERVING
         return R.MERGING, [
-            Cond(C.READY, current is not None, R.MERGING if current is None else R.SERVING, msg),
-            Cond(C.RECONCILING, True, R.MERGING, msg),
-            Cond(C.STALLED, False, R.MERGING, ""),
+            *progressing(R.MERGING, msg, ready=current is not None, ready_reason=ready_reason),
             merged,
             accepted,
         ]
     if paused:
-        return R.PAUSED, [
-            # Paused is the user's intent, a steady state (kstatus Current), like waiting.
-            Cond(C.READY, True, R.PAUSED, "spec.paused is true"),
-            Cond(C.RECONCILING, False, R.PAUSED, ""),
-            Cond(C.STALLED, False, R.PAUSED, ""),
-            merged,
-            accepted,
-        ]
+        # Paused is the user's intent, a steady state (kstatus Current), like waiting.
+        return R.PAUSED, [*steady(R.PAUSED, "spec.paused is true"), merged, accepted]
     if current is None:
         msg = "waiting for enough Ready contributions (spec.minContributions)"
         # Waiting is a steady state, not work in progress: Ready (kstatus Current), so that a
         # GitOps tool waiting on the apply (Flux's wait, kpt) does not hang until hospitals
         # contribute. The reason says it waits.
-        return Phase.WAITING, [
-            Cond(C.READY, True, R.WAITING_FOR_CONTRIBUTIONS, msg),
-            Cond(C.RECONCILING, False, R.WAITING_FOR_CONTRIBUTIONS, ""),
-            Cond(C.STALLED, False, R.WAITING_FOR_CONTRIBUTIONS, ""),
-            merged,
-            accepted,
-        ]
+        return Phase.WAITING, [*steady(R.WAITING_FOR_CONTRIBUTIONS, msg), merged, accepted]
     msg = f"serving revision {current['revision']}"
-    return Phase.READY, [
-        Cond(C.READY, True, R.REVISION_READY, msg),
-        Cond(C.RECONCILING, False, R.IDLE, ""),
-        Cond(C.STALLED, False, R.IDLE, ""),
-        merged,
-        accepted,
-    ]
+    return Phase.READY, [*steady(R.REVISION_READY, msg, quiet=R.IDLE), merged, accepted]
 
 
 def build_status(
