@@ -8,9 +8,11 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medforge_common.contract import ResultReference
 from medforge_common.manifest import digest_of
 from medforge_common.redact import redact
 
@@ -22,7 +24,7 @@ class ResultTooLarge(ValueError):
     pass
 
 
-def encode_result(result: dict[str, Any]) -> str:
+def encode_result(result: Mapping[str, Any]) -> str:
     text = json.dumps(result, separators=(",", ":"), sort_keys=True)
     if len(text.encode()) > MAX_BYTES:
         raise ResultTooLarge(
@@ -49,11 +51,11 @@ def write_failure(reason: str, path: Path = DEFAULT_PATH) -> None:
 MAX_RESULT_FILE_BYTES = 16 << 20
 
 
-def result_reference(result: dict[str, Any], body: bytes, name: str) -> dict[str, Any]:
+def result_reference(result: dict[str, Any], body: bytes, name: str) -> ResultReference:
     """What the termination message carries when the full result went to the store as a file
     (`body`, its bytes): the artifact, the score, and the file's digest, so that a result of
     any size (a thousand inputs) is reported while the message stays far below 4 KiB."""
-    ref: dict[str, Any] = {
+    ref: ResultReference = {
         "artifact": {
             k: result["artifact"][k] for k in ("digest", "uri") if k in result["artifact"]
         },

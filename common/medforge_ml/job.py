@@ -10,7 +10,7 @@ import argparse
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -53,7 +53,7 @@ def line(
 def run_job(
     args: argparse.Namespace,
     parse: Callable[[Any], C],
-    work: Callable[[Run[C]], dict[str, Any]],
+    work: Callable[[Run[C]], Mapping[str, Any]],
     ladder: Ladder[C],
     name: str,
     failed: str,

@@ -5,6 +5,7 @@ termination message. Any failure: non-zero exit and a one-line reason there."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from medforge_common.api import ExitCode
@@ -19,7 +20,7 @@ from medforge_ml.job import Ladder, Run, line, run_job
 from medforge_ml.transfers import StoreError
 
 
-def _work(run: Run[config.MergeConfig]) -> dict[str, Any]:
+def _work(run: Run[config.MergeConfig]) -> Mapping[str, Any]:
     if run.output_dir is not None:
         run.output_dir.mkdir(parents=True, exist_ok=True)
     result = pipeline.run(run.cfg, run.work, run.output_dir)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from medforge_common import gate, strategy
 from medforge_common.api import InputState, Reason
 from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, RESULT_FILE
+from medforge_common.contract import ResultReference
 from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_dir
 from medforge_common.result import failure_line, result_reference
 from medforge_common.strategy import Family
@@ -348,7 +349,9 @@ def verdict(cfg: MergeConfig, exc: NoUsableInput, work: Path, output_dir: Path |
     return json.dumps(line, sort_keys=True)
 
 
-def publish_result(cfg: MergeConfig, result: JSON, work: Path, output_dir: Path | None) -> JSON:
+def publish_result(
+    cfg: MergeConfig, result: JSON, work: Path, output_dir: Path | None
+) -> ResultReference:
     """The full result as result.json next to the composite; the small reference that the
     termination message carries (4 KiB would hold only about 20 inputs' entries)."""
     body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -116,7 +117,9 @@ class JobConfigs:
         self._expires: dict[str, float] = {}  # Job uid -> when its URLs expire (epoch s)
         self._lock = threading.Lock()
 
-    def ensure(self, job: JSON, plan: JSON, grant: signing.Grant, lifetime: int) -> None:
+    def ensure(
+        self, job: JSON, plan: Mapping[str, Any], grant: signing.Grant, lifetime: int
+    ) -> None:
         """Called for a Job of ours that may start pods now: Active, not waiting in a queue.
         Raises signing.SigningRefused (nothing signed) or ConfigRefused."""
         uid = job["metadata"]["uid"]

@@ -10,6 +10,7 @@ from medforge_common.api import ConditionType as C
 from medforge_common.api import ContributionPhase as Phase
 from medforge_common.api import Reason as R
 from medforge_common.artifacts import CONTRIBUTION_FILES
+from medforge_common.contract import TrainPlan
 from medforge_common.result import finite_number, read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
 from medforge_operator import basemodel, jobs, jobstatus, names, signing
@@ -101,7 +102,7 @@ def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]
     return cfg, env, volumes, mounts
 
 
-def train_plan(obj: JSON, base: basemodel.Resolved, output_uri: S3Uri) -> JSON:
+def train_plan(obj: JSON, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPlan:
     """The training Job's config with store URIs in place of URLs, derived from the object and
     its verified BaseModel only (signed when the Job may start, inside the training grant;
     see medforge_operator.signing)."""

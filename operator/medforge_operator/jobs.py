@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from medforge_common.manifest import digest_of
@@ -213,7 +214,7 @@ def put_ref(uri: S3Uri) -> JSON:
     return {"put": str(uri)}
 
 
-def plan_digest(plan: JSON) -> str:
+def plan_digest(plan: Mapping[str, Any]) -> str:
     """A plan's identity, recorded in the owner's status when its Job is created: a queued Job
     whose plan would differ now is replaced before it starts."""
     raw = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()

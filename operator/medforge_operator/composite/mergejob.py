@@ -7,6 +7,7 @@ from typing import Any
 from medforge_common.api import ConditionType as C
 from medforge_common.api import ExitCode
 from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
+from medforge_common.contract import MergeInput, MergePlan
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, jobs, names, signing
 from medforge_operator.composite.inputs import key
@@ -80,13 +81,13 @@ def merge_plan(
     base: basemodel.Resolved,
     output_uri: S3Uri,
     bucket: str,
-) -> JSON:
+) -> MergePlan:
     """The merge Job's config with store URIs in place of URLs (signed when the Job may start).
     Inputs are read from the operator's verified copies, in the forge bucket only."""
     spec, status = composite["spec"], composite.get("status") or {}
     current = status.get("current")
     incremental = effective_integration(spec) == "incremental" and current is not None
-    inputs = []
+    inputs: list[MergeInput] = []
     new = {c["status"]["artifact"]["digest"] for c in plan.new}
     for c in plan.all_inputs:
         art = c["status"]["artifact"]
@@ -102,7 +103,7 @@ def merge_plan(
                 "files": artifact_refs(input_prefix(bucket, c), art.get("files", [])),
             }
         )
-    cfg: JSON = {
+    cfg: MergePlan = {
         "kind": "merge",
         "composite": {
             "namespace": composite["metadata"]["namespace"],
@@ -143,7 +144,7 @@ def merge_grant(
     )
 
 
-def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: JSON) -> JSON:
+def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: MergePlan) -> JSON:
     meta, spec = composite["metadata"], composite["spec"]
     return jobs.job_manifest(
         name=names.merge_job_name(meta["name"], plan.revision),
