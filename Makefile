@@ -61,20 +61,20 @@ cluster: venv binaries
 
 # The Go binaries (about 17 minutes cold) need only the standard library to build, and only the
 # cluster phase uses them: they build in the background, in a process group of their own, while
-# the virtual environment, lint and unit tests take their turn. At the lowest priority: the unit
-# tests' heavier fixtures would otherwise run past their timeouts on two cores. A failure stops
+# the virtual environment is made and lint runs. The unit tests wait for them: beside a cold Go
+# build, their model-training fixtures ran past their timeouts on two cores. A failure stops
 # both.
 BUILD_LOG := .build/binaries.log
 test:
 	@mkdir -p .build
-	@setsid -w nice -n 19 env PYTHONPATH=localcluster $(PYTHON) -m medforge_localcluster.binaries \
+	@setsid -w env PYTHONPATH=localcluster $(PYTHON) -m medforge_localcluster.binaries \
 		> $(BUILD_LOG) 2>&1 & bg=$$!; \
 	echo "building the cluster binaries in the background (log: $(BUILD_LOG))"; \
-	$(MAKE) --no-print-directory lint unit; rc=$$?; \
+	$(MAKE) --no-print-directory lint; rc=$$?; \
 	if [ $$rc -ne 0 ]; then kill -- -$$bg 2>/dev/null; wait $$bg; exit $$rc; fi; \
 	if ! wait $$bg; then cat $(BUILD_LOG); exit 1; fi; \
 	cat $(BUILD_LOG); \
-	$(MAKE) --no-print-directory cluster
+	$(MAKE) --no-print-directory unit cluster
 
 clean:
 	-$(BIN)/medforge localcluster down
