@@ -12,6 +12,7 @@ from medforge_common.api import Reason as R
 from medforge_common.artifacts import MANIFEST_FILE
 from medforge_common.uris import S3Uri
 from medforge_operator import conditions
+from medforge_operator.bodies import Obj
 from medforge_operator.conditions import Cond, merge_conditions, now, steady
 
 JSON = dict[str, Any]
@@ -27,7 +28,7 @@ class BaseModelUnusable(Exception):
         self.message = message
 
 
-def store_prefix(bucket: str, obj: JSON) -> S3Uri:
+def store_prefix(bucket: str, obj: Obj) -> S3Uri:
     path = (obj.get("spec") or {}).get("path") or obj["metadata"]["name"]
     return S3Uri(bucket, f"{PREFIX}{path.strip('/')}/")
 
@@ -48,7 +49,7 @@ class Resolved:
         return [{"name": n, "get": str(self.uri.join(n))} for n in names]
 
 
-def resolve(obj: JSON | None, name: str, pin: str | None, field_path: str) -> Resolved:
+def resolve(obj: Obj | None, name: str, pin: str | None, field_path: str) -> Resolved:
     """The usable model named `name`, or BaseModelUnusable with a reason and what to do."""
     if obj is None:
         raise BaseModelUnusable(
@@ -117,7 +118,7 @@ class Observation:
     invalid: str | None = None  # uploaded but wrong: digest, manifest, a file
 
 
-def settled(obj: JSON) -> bool:
+def settled(obj: Obj) -> bool:
     st = obj.get("status") or {}
     return st.get("observedGeneration") == obj["metadata"].get("generation") and (
         st.get("phase") == Phase.READY

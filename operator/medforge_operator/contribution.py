@@ -14,6 +14,7 @@ from medforge_common.contract import TrainPlan
 from medforge_common.result import finite_number, read_result
 from medforge_common.uris import PvcUri, S3Uri, parse_uri
 from medforge_operator import basemodel, jobs, jobstatus, names, signing
+from medforge_operator.bodies import Obj
 from medforge_operator.conditions import (
     Cond,
     mark_false,
@@ -31,7 +32,7 @@ OUTPUT_FILES = CONTRIBUTION_FILES
 DATA_MOUNT = "/data"
 
 
-def output_prefix(bucket: str, obj: JSON, generation: int) -> S3Uri:
+def output_prefix(bucket: str, obj: Obj, generation: int) -> S3Uri:
     """Where a generation's artifact goes. The object's uid is part of it: a contribution
     deleted and created again under its name never reads or overwrites its predecessor's."""
     meta = obj["metadata"]
@@ -40,7 +41,7 @@ def output_prefix(bucket: str, obj: JSON, generation: int) -> S3Uri:
     )
 
 
-def verified_prefix(bucket: str, obj: JSON, digest: str) -> S3Uri:
+def verified_prefix(bucket: str, obj: Obj, digest: str) -> S3Uri:
     """The operator's own copy of a verified artifact: what every later reader reads."""
     meta = obj["metadata"]
     return signing.verified_contribution(
@@ -48,7 +49,7 @@ def verified_prefix(bucket: str, obj: JSON, digest: str) -> S3Uri:
     )
 
 
-def has_verified_copy(obj: JSON) -> bool:
+def has_verified_copy(obj: Obj) -> bool:
     """Whether status.artifact.uri is the operator's own verified copy of this very object's
     artifact."""
     art = (obj.get("status") or {}).get("artifact") or {}
@@ -64,7 +65,7 @@ def has_verified_copy(obj: JSON) -> bool:
     return uri.startswith("s3://") and uri.split("/", 3)[-1] == want
 
 
-def training_grant(bucket: str, obj: JSON, base: basemodel.Resolved) -> signing.Grant:
+def training_grant(bucket: str, obj: Obj, base: basemodel.Resolved) -> signing.Grant:
     return signing.training_grant(bucket, obj, base.uri, base.files)
 
 
@@ -102,7 +103,7 @@ def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]
     return cfg, env, volumes, mounts
 
 
-def train_plan(obj: JSON, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPlan:
+def train_plan(obj: Obj, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPlan:
     """The training Job's config with store URIs in place of URLs, derived from the object and
     its verified BaseModel only (signed when the Job may start, inside the training grant;
     see medforge_operator.signing)."""
@@ -139,7 +140,7 @@ def url_lifetime(spec: JSON, settings: Settings) -> int:
     return settings.presign_expiry_seconds
 
 
-def training_job(obj: JSON, settings: Settings, base: basemodel.Resolved) -> JSON:
+def training_job(obj: Obj, settings: Settings, base: basemodel.Resolved) -> JSON:
     """Raises ValueError (naming the field) when the spec breaks the base model's limits."""
     spec = obj["spec"]
     meta = obj["metadata"]

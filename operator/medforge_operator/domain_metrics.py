@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from medforge_common.api import BaseModelPhase, CompositePhase, ConditionType, ContributionPhase
 from medforge_common.result import finite_number
 from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS
+from medforge_operator.bodies import Obj
 from medforge_operator.observed import ObservedObjects
 
 JSON = dict[str, Any]
@@ -60,7 +61,7 @@ def _histogram(
     return h
 
 
-def _ident(obj: JSON) -> tuple[str, str]:
+def _ident(obj: Obj) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 

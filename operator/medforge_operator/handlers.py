@@ -37,6 +37,7 @@ from medforge_operator import (
 from medforge_operator import reconcile_basemodel as rbase
 from medforge_operator import reconcile_composite as rcomp
 from medforge_operator import reconcile_contribution as rcon
+from medforge_operator.bodies import BaseModelBody, CompositeBody, ContributionBody, Obj
 from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
 from medforge_operator.kube import Kube
@@ -108,7 +109,7 @@ class Runtime:
         if self.queue is not None:
             self.queue.add((plural, namespace, name), body)
 
-    def event(self, obj: JSON, etype: str, reason: str, message: str) -> None:
+    def event(self, obj: Obj, etype: str, reason: str, message: str) -> None:
         try:
             self.kube.post_event(obj, etype, reason, message)
         except Exception:  # an Event is best effort; the status carries the same facts
@@ -158,7 +159,9 @@ def _contribution_round(r: Runtime, obj: JSON) -> None:
     if rcon.settled(obj):
         return
     before = (obj.get("status") or {}).get("phase")
-    new = rcon.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
+    new = rcon.reconcile(
+        cast(ContributionBody, obj), r.kube, r.store, r.settings, r.event, r.catalog
+    )
     finished = (ContributionPhase.SUCCEEDED, ContributionPhase.FAILED)
     if new.get("phase") != before and new.get("phase") in finished:
         r.composites()
@@ -166,14 +169,14 @@ def _contribution_round(r: Runtime, obj: JSON) -> None:
 
 def _basemodel_round(r: Runtime, obj: JSON) -> None:
     before = (obj.get("status") or {}).get("phase")
-    new = rbase.reconcile(obj, r.kube, r.store, r.event)
+    new = rbase.reconcile(cast(BaseModelBody, obj), r.kube, r.store, r.event)
     r.catalog.base_models.forget(obj["metadata"]["name"])
     if new.get("phase") == BaseModelPhase.READY and before != BaseModelPhase.READY:
         _waiting_on_base_models(r)
 
 
 def _composite_round(r: Runtime, obj: JSON) -> None:
-    rcomp.reconcile(obj, r.kube, r.store, r.settings, r.event, r.catalog)
+    rcomp.reconcile(cast(CompositeBody, obj), r.kube, r.store, r.settings, r.event, r.catalog)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from medforge_common.manifest import digest_of
 from medforge_common.redact import redact
 from medforge_common.uris import S3Uri
 from medforge_operator import GROUP, VERSION, names
+from medforge_operator.bodies import Obj
 
 JSON = dict[str, Any]
 MANAGED_BY = "medforge-operator"
@@ -30,7 +31,7 @@ CONFIG_MOUNT = "/etc/medforge/job"
 CONFIG_KEY = "config.json"
 
 
-def owner_reference(obj: JSON) -> JSON:
+def owner_reference(obj: Obj) -> JSON:
     meta = obj["metadata"]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -146,7 +147,7 @@ def job_manifest(
     *,
     name: str,
     namespace: str,
-    owner: JSON,
+    owner: Obj,
     component: str,
     image: str,
     command: list[str],
@@ -292,7 +293,7 @@ def redact_urls(text: str) -> str:
     return redact(text)
 
 
-def owned_by(child: JSON, uid: str) -> bool:
+def owned_by(child: Obj, uid: str) -> bool:
     """Whether a Job is this object's own child (its controller owner reference), not just a
     Job that happens to have the right name."""
     refs = (child.get("metadata") or {}).get("ownerReferences") or []
@@ -304,7 +305,7 @@ def made_by_us(job: JSON) -> bool:
     return labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
 
 
-def owner_of(obj: JSON) -> str | None:
+def owner_of(obj: Obj) -> str | None:
     """The name of the CR that a Job or pod of ours belongs to."""
     meta = obj.get("metadata") or {}
     name = (meta.get("annotations") or {}).get(ANNOTATION_OWNER)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 from kubernetes import client, config
@@ -237,7 +237,7 @@ class Kube:
             if not token:
                 return
 
-    def post_event(self, obj: JSON, etype: str, reason: str, message: str) -> None:
+    def post_event(self, obj: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
         """A core/v1 Event about one of our objects (what `kubectl describe` shows)."""
         meta = obj["metadata"]
         namespace = meta.get("namespace") or "default"  # cluster-scoped kinds: as kubectl does

@@ -9,15 +9,16 @@ from typing import Any
 from medforge_common.api import BaseModelPhase, ConditionType, Reason
 from medforge_common.artifacts import MANIFEST_FILE
 from medforge_operator import BASEMODELS, basemodel, conditions, metrics
+from medforge_operator.bodies import BaseModelBody, Obj
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.statuswrite import write_status
 from medforge_operator.store import ForgeStore, ObjectMissing, StoreUnreachable, VerificationFailed
 
 JSON = dict[str, Any]
-EventFn = Callable[[JSON, str, str, str], None]
+EventFn = Callable[[Obj, str, str, str], None]
 
 
-def reconcile(obj: JSON, kube: KubeApi, store: ForgeStore, event: EventFn) -> JSON:
+def reconcile(obj: BaseModelBody, kube: KubeApi, store: ForgeStore, event: EventFn) -> JSON:
     """Returns the status written (or the unchanged one)."""
     old = obj.get("status") or {}
     if basemodel.settled(obj):

@@ -29,6 +29,7 @@ from medforge_operator import (
     signing,
 )
 from medforge_operator.basemodel import BaseModelUnusable
+from medforge_operator.bodies import CompositeBody, Obj
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.conditions import merge_conditions, now, stalled
 from medforge_operator.kubeapi import KubeApi
@@ -41,11 +42,11 @@ from medforge_operator.store import (
 )
 
 JSON = dict[str, Any]
-EventFn = Callable[[JSON, str, str, str], None]
+EventFn = Callable[[Obj, str, str, str], None]
 log = logging.getLogger("medforge.composite")
 
 
-def matching_contributions(obj: JSON, kube: KubeApi, s: Settings, cat: Catalog) -> list[JSON]:
+def matching_contributions(obj: Obj, kube: KubeApi, s: Settings, cat: Catalog) -> list[JSON]:
     """The contributions whose owners shared them with this composite, narrowed by its label
     and namespace selectors. Nothing else is ever read into its status or its merge Jobs."""
     meta = obj["metadata"]
@@ -72,7 +73,7 @@ def matching_contributions(obj: JSON, kube: KubeApi, s: Settings, cat: Catalog) 
 
 
 def reconcile(
-    obj: JSON, kube: KubeApi, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
+    obj: CompositeBody, kube: KubeApi, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
 ) -> None:
     """The work queue runs one round per composite at a time: no lock needed here."""
     meta = obj["metadata"]
@@ -106,12 +107,12 @@ def _apply(status: JSON, changes: JSON) -> JSON:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _write(obj: JSON, kube: KubeApi, new: JSON) -> None:
+def _write(obj: Obj, kube: KubeApi, new: JSON) -> None:
     # Compare-and-swap: a pendingRevision written by anyone since we read is never lost.
     write_status(kube, COMPOSITES, obj, obj.get("status") or {}, new, compare_and_swap=True)
 
 
-def _refusal(obj: JSON, s: Settings, cat: Catalog) -> tuple[str, str] | None:
+def _refusal(obj: Obj, s: Settings, cat: Catalog) -> tuple[str, str] | None:
     """Why this composite may not merge anything where it is, if it may not."""
     ns = obj["metadata"]["namespace"]
     if ns not in s.forge_namespaces:
@@ -126,7 +127,7 @@ def _refusal(obj: JSON, s: Settings, cat: Catalog) -> tuple[str, str] | None:
     return None
 
 
-def refusal_status(obj: JSON, reason: str, message: str) -> JSON:
+def refusal_status(obj: Obj, reason: str, message: str) -> JSON:
     """Status of a composite the operator refuses to serve: no inputs, no Jobs."""
     gen = int(obj["metadata"]["generation"])
     conds = stalled(reason, message)
@@ -138,7 +139,7 @@ def refusal_status(obj: JSON, reason: str, message: str) -> JSON:
 
 
 def observe(
-    obj: JSON, kube: KubeApi, store: ForgeStore, s: Settings, cat: Catalog
+    obj: Obj, kube: KubeApi, store: ForgeStore, s: Settings, cat: Catalog
 ) -> composite.Observation:
     """Everything the round decides on. A pending revision whose Job ended is read here: its
     pods' result and the uploaded composite, copied and checked in the store."""
@@ -174,7 +175,7 @@ def observe(
 
 
 def _sign(
-    obj: JSON,
+    obj: Obj,
     pending: JSON,
     o: composite.Observation,
     store: ForgeStore,
@@ -206,7 +207,7 @@ def _sign(
 
 
 def _start(
-    obj: JSON,
+    obj: Obj,
     plan: composite.Plan,
     kube: KubeApi,
     store: ForgeStore,
@@ -263,7 +264,7 @@ def _start(
 
 
 def _announce(
-    obj: JSON,
+    obj: Obj,
     old: JSON,
     o: composite.Observation,
     plan: composite.Plan | None,
@@ -295,7 +296,7 @@ def _announce(
 
 
 def _tell_excluded(
-    obj: JSON, old: JSON, new: JSON, o: composite.Observation, event: EventFn
+    obj: Obj, old: JSON, new: JSON, o: composite.Observation, event: EventFn
 ) -> None:
     """The operator's own verdicts (an input isolated after failures, or rejected by the gate
     on its own) reach the hospital as an Event on its contribution, in its namespace; what the
@@ -332,7 +333,7 @@ USED_BY_LIMIT = 50
 
 
 def _tell_contributions(
-    obj: JSON, pending: JSON, outcome: composite.Outcome, kube: KubeApi, event: EventFn
+    obj: Obj, pending: JSON, outcome: composite.Outcome, kube: KubeApi, event: EventFn
 ) -> None:
     """Each side learns who uses what: an accepted revision is recorded in the status of the
     contributions it newly includes; an input the merger excluded hears why in its own

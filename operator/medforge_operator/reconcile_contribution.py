@@ -24,6 +24,7 @@ from medforge_operator import (
     signing,
 )
 from medforge_operator.basemodel import BaseModelUnusable
+from medforge_operator.bodies import ContributionBody, Obj
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.metrics import JOBS_CREATED
@@ -35,11 +36,11 @@ from medforge_operator.store import (
 from medforge_operator.verify_contribution import keep_verified, verify
 
 JSON = dict[str, Any]
-EventFn = Callable[[JSON, str, str, str], None]
+EventFn = Callable[[Obj, str, str, str], None]
 log = logging.getLogger("medforge.contribution")
 
 
-def settled(obj: JSON) -> bool:
+def settled(obj: Obj) -> bool:
     """Nothing left to do for this generation (a contribution verified before the operator
     kept verified copies still has its copy to make)."""
     st = obj.get("status") or {}
@@ -57,7 +58,7 @@ WATCH_DRIVEN = frozenset(
 )
 
 
-def needs_polling(obj: JSON) -> bool:
+def needs_polling(obj: Obj) -> bool:
     """Whether an unsettled contribution waits on something no watch reports: a store that is
     unreachable, a base model not uploaded yet, digests still to verify, or no status yet for
     this generation."""
@@ -71,7 +72,12 @@ def needs_polling(obj: JSON) -> bool:
 
 
 def reconcile(
-    obj: JSON, kube: KubeApi, store: ForgeStore, s: Settings, event: EventFn, cat: Catalog
+    obj: ContributionBody,
+    kube: KubeApi,
+    store: ForgeStore,
+    s: Settings,
+    event: EventFn,
+    cat: Catalog,
 ) -> JSON:
     """Returns the status written (or the unchanged one)."""
     meta = obj["metadata"]
@@ -130,9 +136,7 @@ def _is_recorded(job: JSON, record: JSON | None) -> bool:
     return record is not None and job["metadata"].get("uid") == record.get("uid")
 
 
-def _write(
-    obj: JSON, kube: KubeApi, event: EventFn, old: JSON, o: contribution.Observation
-) -> JSON:
+def _write(obj: Obj, kube: KubeApi, event: EventFn, old: JSON, o: contribution.Observation) -> JSON:
     """Write the status the observation gives, with an Event when the phase moves."""
     gen = o.generation
     new = contribution.compute_status(old, o)
@@ -149,7 +153,7 @@ def _write(
     return new
 
 
-def _stale_plan(obj: JSON, o: contribution.Observation, store: ForgeStore, cat: Catalog) -> bool:
+def _stale_plan(obj: Obj, o: contribution.Observation, store: ForgeStore, cat: Catalog) -> bool:
     """Whether our Job that never started differs from the plan it would get now (its
     BaseModel re-registered with another digest, say). A running Job is never replaced."""
     if not jobstatus.never_started(o.job or {}):
@@ -163,7 +167,7 @@ def _stale_plan(obj: JSON, o: contribution.Observation, store: ForgeStore, cat: 
     return jobs.plan_digest(plan) != (o.record or {}).get("planDigest")
 
 
-def _base(obj: JSON, cat: Catalog, pin: str | None) -> basemodel.Resolved:
+def _base(obj: Obj, cat: Catalog, pin: str | None) -> basemodel.Resolved:
     ref = obj["spec"].get("baseModel") or {}
     return cat.base_models.resolve(
         str(ref.get("name", "")), pin or ref.get("digest"), "spec.baseModel"
@@ -171,7 +175,7 @@ def _base(obj: JSON, cat: Catalog, pin: str | None) -> basemodel.Resolved:
 
 
 def _follow(
-    obj: JSON,
+    obj: Obj,
     o: contribution.Observation,
     kube: KubeApi,
     store: ForgeStore,
@@ -192,7 +196,7 @@ def _follow(
 
 
 def _sign(
-    obj: JSON, o: contribution.Observation, store: ForgeStore, s: Settings, cat: Catalog
+    obj: Obj, o: contribution.Observation, store: ForgeStore, s: Settings, cat: Catalog
 ) -> None:
     """Fresh URLs for pods about to start. The plan is derived again from the object and the
     BaseModel the Job was given (its recorded digest), never read back from the Job, and
@@ -213,7 +217,7 @@ def _sign(
         o.build_error = (Reason.INVALID_SPEC, str(exc))
 
 
-def _retire_older(obj: JSON, job_name: str, kube: KubeApi, event: EventFn) -> None:
+def _retire_older(obj: Obj, job_name: str, kube: KubeApi, event: EventFn) -> None:
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     selector = f"{jobs.LABEL_OWNER}={names.label_value(name)},{jobs.LABEL_COMPONENT}=train"
     for stale in kube.list_jobs(ns, selector):
@@ -228,7 +232,7 @@ def _retire_older(obj: JSON, job_name: str, kube: KubeApi, event: EventFn) -> No
 
 
 def _not_ours(
-    obj: JSON, job: JSON, kube: KubeApi, event: EventFn, o: contribution.Observation
+    obj: Obj, job: JSON, kube: KubeApi, event: EventFn, o: contribution.Observation
 ) -> None:
     """A Job with this generation's name whose uid the operator did not record: it never gets a
     config. One that claims to be ours (our labels, a controller reference to this object) is
@@ -254,7 +258,7 @@ def _not_ours(
 
 
 def _create_job(
-    obj: JSON,
+    obj: Obj,
     kube: KubeApi,
     store: ForgeStore,
     s: Settings,

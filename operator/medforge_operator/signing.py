@@ -25,6 +25,7 @@ from typing import Any
 
 from medforge_common.artifacts import COMPOSITE_FILES, CONTRIBUTION_FILES, MANIFEST_FILE
 from medforge_common.uris import S3Uri, UriError, parse_uri
+from medforge_operator.bodies import Obj
 
 JSON = dict[str, Any]
 VERIFIED = "verified/"  # no PUT URL ever targets a key below it (checked in `grant`)
@@ -81,7 +82,7 @@ def _keys(prefix: S3Uri, files: Iterable[str]) -> set[str]:
 
 
 def training_grant(
-    bucket: str, contribution: JSON, base_uri: S3Uri, base_files: Iterable[str]
+    bucket: str, contribution: Obj, base_uri: S3Uri, base_files: Iterable[str]
 ) -> Grant:
     meta = contribution["metadata"]
     out = contribution_output(
@@ -96,7 +97,7 @@ def training_grant(
 
 def merge_grant(
     bucket: str,
-    composite: JSON,
+    composite: Obj,
     revision: int,
     base_uri: S3Uri,
     base_files: Iterable[str],

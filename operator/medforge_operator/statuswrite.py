@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medforge_operator.bodies import Obj
 from medforge_operator.kubeapi import KubeApi
 
 JSON = dict[str, Any]
@@ -21,7 +22,7 @@ def status_patch(old: JSON, new: JSON) -> JSON:
 
 
 def write_status(
-    kube: KubeApi, plural: str, obj: JSON, old: JSON, new: JSON, compare_and_swap: bool = False
+    kube: KubeApi, plural: str, obj: Obj, old: JSON, new: JSON, compare_and_swap: bool = False
 ) -> bool:
     """Patch the status when it changed; whether it did. With `compare_and_swap`, the patch
     names the resourceVersion read, so a write by anyone since is never lost (a conflict)."""

@@ -15,6 +15,7 @@ from medforge_operator import (
     jobs,
     metrics,
 )
+from medforge_operator.bodies import Obj
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.store import (
     ForgeStore,
@@ -57,7 +58,7 @@ def _announced_digest(o: contribution.Observation, store: ForgeStore, prefix: An
         return None
 
 
-def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
+def verify(obj: Obj, o: contribution.Observation, store: ForgeStore) -> None:
     """Copy the upload into the operator's verified prefix and check the copy against the
     manifest before the contribution becomes Ready. The termination message (the tenant's to
     write) only announces a digest: it is parsed as untrusted input."""
@@ -104,7 +105,7 @@ def verify(obj: JSON, o: contribution.Observation, store: ForgeStore) -> None:
     }
 
 
-def artifact_status(obj: JSON, verified: Any, digest: str, manifest: Manifest) -> JSON:
+def artifact_status(obj: Obj, verified: Any, digest: str, manifest: Manifest) -> JSON:
     """status.artifact: where the verified copy lies and what it holds, from the manifest."""
     spec, meta = obj["spec"], manifest.meta
     lora = spec.get("lora") or {}
@@ -133,7 +134,7 @@ def artifact_status(obj: JSON, verified: Any, digest: str, manifest: Manifest) -
     return {k: v for k, v in artifact.items() if v is not None}
 
 
-def keep_verified(obj: JSON, kube: KubeApi, store: ForgeStore, old: JSON) -> JSON:
+def keep_verified(obj: Obj, kube: KubeApi, store: ForgeStore, old: JSON) -> JSON:
     """A contribution verified before the operator kept its own copies (status.artifact.uri
     under the upload prefix) is copied and checked again once, so that every reader reads a
     verified copy; one already there is left as it is."""

@@ -13,6 +13,7 @@ from medforge_common.api import CompositePhase, InputReason, Reason, RevisionSta
 from medforge_common.manifest import Manifest
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, composite, reconcile_composite, reconcile_contribution
+from medforge_operator.bodies import CompositeBody, ContributionBody
 from medforge_operator.catalog import Catalog
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore, StoreUnreachable
@@ -379,7 +380,7 @@ def round_(kube: FakeKube, store: FakeStore) -> list[tuple[str, str]]:
     events: list[tuple[str, str]] = []
     k, st = kube, cast(ForgeStore, store)
     reconcile_composite.reconcile(
-        comp(),
+        cast(CompositeBody, comp()),
         k,
         st,
         SETTINGS,
@@ -467,7 +468,12 @@ def test_a_spec_change_retires_the_older_jobs_of_a_contribution() -> None:
     k, st = kube, cast(ForgeStore, FakeStore())
     events: list[str] = []
     new = reconcile_contribution.reconcile(
-        obj, k, st, SETTINGS, lambda _o, _t, r, _m: events.append(r), Catalog(k, st, SETTINGS)
+        cast(ContributionBody, obj),
+        k,
+        st,
+        SETTINGS,
+        lambda _o, _t, r, _m: events.append(r),
+        Catalog(k, st, SETTINGS),
     )
     assert kube.deleted == ["a-train-g1"] and "RetiredJob" in events
     assert [j["metadata"]["name"] for j in kube.created] == ["a-train-g2"]
@@ -541,14 +547,14 @@ def test_a_job_of_the_right_name_but_another_owner_is_never_adopted() -> None:
     kube = FakeKube([obj], {"a-train-g1": stale})
     k, st = kube, cast(ForgeStore, FakeStore())
     new = reconcile_contribution.reconcile(
-        obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
+        cast(ContributionBody, obj), k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
     )
     assert kube.deleted == ["a-train-g1"] and new["phase"] == "Pending"  # never its result
     foreign = {"metadata": {"name": "a-train-g1", "ownerReferences": []}, "status": {}}
     kube = FakeKube([obj], {"a-train-g1": foreign})
     k = kube
     new = reconcile_contribution.reconcile(
-        obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
+        cast(ContributionBody, obj), k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
     )
     stalled = next(c for c in new["conditions"] if c["type"] == "Stalled")
     assert kube.deleted == [] and stalled["reason"] == "JobNameTaken"
@@ -572,7 +578,7 @@ def test_a_queued_job_built_for_another_base_model_is_replaced() -> None:
 
     def round_once() -> JSON:
         return reconcile_contribution.reconcile(
-            obj, k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
+            cast(ContributionBody, obj), k, st, SETTINGS, lambda *_: None, Catalog(k, st, SETTINGS)
         )
 
     obj["status"] = round_once()  # creates the queued Job

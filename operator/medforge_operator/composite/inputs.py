@@ -10,6 +10,7 @@ from medforge_common.api import ContributionPhase
 from medforge_common.api import InputReason as IR
 from medforge_common.api import InputState as IS
 from medforge_operator import contribution
+from medforge_operator.bodies import Obj
 from medforge_operator.conditions import get as get_condition
 from medforge_operator.conditions import is_true
 
@@ -81,7 +82,7 @@ def has_verified_copy(c: JSON) -> bool:
 
 
 def evaluate_inputs(
-    composite: JSON, contribs: list[JSON], base_digest: str | None
+    composite: Obj, contribs: list[JSON], base_digest: str | None
 ) -> tuple[list[JSON], list[JSON]]:
     """(status.inputs, candidates): every contribution shared with this composite, with its
     state and a reason code (never another hospital's messages or URIs), and the Ready ones

@@ -10,6 +10,7 @@ from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
 from medforge_common.contract import MergeInput, MergePlan
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, jobs, names, signing
+from medforge_operator.bodies import Obj
 from medforge_operator.composite.inputs import key
 from medforge_operator.composite.planning import Plan, effective_integration
 from medforge_operator.conditions import is_true
@@ -19,14 +20,14 @@ JSON = dict[str, Any]
 OUTPUT_FILES = COMPOSITE_FILES
 
 
-def output_prefix(bucket: str, obj: JSON, revision: int) -> S3Uri:
+def output_prefix(bucket: str, obj: Obj, revision: int) -> S3Uri:
     """Where a revision's merge Job uploads; the composite's uid is part of it (as for
     contributions)."""
     meta = obj["metadata"]
     return signing.revision_output(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
 
 
-def verified_prefix(bucket: str, obj: JSON, revision: int) -> S3Uri:
+def verified_prefix(bucket: str, obj: Obj, revision: int) -> S3Uri:
     """The operator's own copy of a verified revision: what later merges and pulls read."""
     meta = obj["metadata"]
     return signing.verified_revision(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
@@ -76,7 +77,7 @@ def merge_inputs(
 
 
 def merge_plan(
-    composite: JSON,
+    composite: Obj,
     plan: Plan,
     base: basemodel.Resolved,
     output_uri: S3Uri,
@@ -136,15 +137,13 @@ def merge_plan(
     return cfg
 
 
-def merge_grant(
-    bucket: str, composite: JSON, plan: Plan, base: basemodel.Resolved
-) -> signing.Grant:
+def merge_grant(bucket: str, composite: Obj, plan: Plan, base: basemodel.Resolved) -> signing.Grant:
     return signing.merge_grant(
         bucket, composite, plan.revision, base.uri, base.files, plan.all_inputs
     )
 
 
-def merge_job(composite: JSON, plan: Plan, settings: Settings, job_plan: MergePlan) -> JSON:
+def merge_job(composite: Obj, plan: Plan, settings: Settings, job_plan: MergePlan) -> JSON:
     meta, spec = composite["metadata"], composite["spec"]
     return jobs.job_manifest(
         name=names.merge_job_name(meta["name"], plan.revision),

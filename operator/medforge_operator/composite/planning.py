@@ -10,6 +10,7 @@ from typing import Any
 from medforge_common.strategy import DEFAULT as DEFAULT_STRATEGY
 from medforge_common.strategy import STRATEGIES, Traits
 from medforge_operator import isolation
+from medforge_operator.bodies import Obj
 from medforge_operator.composite.inputs import evaluate_inputs
 from medforge_operator.composite.settling import Observation, in_flight
 
@@ -33,7 +34,7 @@ def effective_integration(spec: JSON, registry: Mapping[str, Traits] = STRATEGIE
     return str(spec.get("integration", "incremental"))
 
 
-def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON]) -> Plan | None:
+def plan_revision(composite: Obj, candidates: list[JSON], contribs: list[JSON]) -> Plan | None:
     """The next revision to start, if any."""
     spec, status = composite["spec"], composite.get("status") or {}
     if spec.get("paused") or status.get("pendingRevision") or not candidates:
@@ -59,7 +60,7 @@ def plan_revision(composite: JSON, candidates: list[JSON], contribs: list[JSON])
     return Plan(revision, candidates, candidates)
 
 
-def next_plan(composite: JSON, o: Observation, at: str) -> Plan | None:
+def next_plan(composite: Obj, o: Observation, at: str) -> Plan | None:
     """The revision to start now (`at`), if any (`composite` carries the settled status)."""
     status = composite.get("status") or {}
     if at < str((status.get("retry") or {}).get("notBefore", "")):

@@ -10,6 +10,7 @@ from medforge_common.api import InputState as IS
 from medforge_common.api import Reason as R
 from medforge_common.api import RevisionState
 from medforge_operator import isolation
+from medforge_operator.bodies import Obj
 from medforge_operator.composite.inputs import evaluate_inputs
 from medforge_operator.composite.settling import Observation, in_flight
 from medforge_operator.conditions import Cond, merge_conditions, progressing, steady
@@ -42,7 +43,7 @@ def problem_of(status: JSON, o: Observation) -> tuple[str, str] | None:
     return problem
 
 
-def compute_status(old: JSON, composite: JSON, o: Observation, changes: JSON) -> JSON:
+def compute_status(old: JSON, composite: Obj, o: Observation, changes: JSON) -> JSON:
     """The new status: `composite` carries the status after this round's changes (`changes`,
     the fields settle and a started revision set)."""
     status = composite.get("status") or {}
