@@ -92,18 +92,18 @@ def _family(s: Strategy) -> Family:
     return DEFAULT_REGISTRY.family(s)
 
 
-def _scorer(cfg: MergeConfig, s: Strategy, work: Path) -> Scorer | None:
+def _scorer(cfg: MergeConfig, work: Path) -> Scorer | None:
     """torch and the base model only when something needs them: an exact merge without a base
     model to score on stays numpy-only."""
     base = cfg.base
-    if _family(s) is Family.SEARCHED or base.get("files") or base.get("path"):
+    if _family(cfg.strategy) is Family.SEARCHED or base.get("files") or base.get("path"):
         from medforge_merger.scoring import Scorer
 
         return Scorer(base, base["digest"], work, fetch)
     return None
 
 
-def _current(cfg: MergeConfig, s: Strategy, work: Path, scorer: Scorer | None) -> Adapter | None:
+def _current(cfg: MergeConfig, work: Path, scorer: Scorer | None) -> Adapter | None:
     """The revision this one merges into (incremental), verified, or None."""
     if cfg.current is None:
         return None
@@ -113,9 +113,9 @@ def _current(cfg: MergeConfig, s: Strategy, work: Path, scorer: Scorer | None) -
         current = _load_current(cfg.current, d, cfg.base_digest)
     except (InputRejected, ManifestError, OSError, KeyError) as exc:
         raise JobFailed(f"the current revision cannot be read: {exc}") from exc
-    if (current is None) != (s.type == "mixture"):
+    if (current is None) != (cfg.strategy.type == "mixture"):
         raise JobFailed(
-            f"the current revision was merged with another strategy than {s.type}; "
+            f"the current revision was merged with another strategy than {cfg.strategy.type}; "
             "use integration: full to rebuild it"
         )
     if scorer is not None:
@@ -124,13 +124,9 @@ def _current(cfg: MergeConfig, s: Strategy, work: Path, scorer: Scorer | None) -
 
 
 def _merge(
-    cfg: MergeConfig,
-    s: Strategy,
-    use: Loaded,
-    current: Adapter | None,
-    scorer: Scorer | None,
-    work: Path,
+    cfg: MergeConfig, use: Loaded, current: Adapter | None, scorer: Scorer | None, work: Path
 ) -> Merged:
+    s = cfg.strategy  # its scale may be searched below
     if _family(s) is Family.SEARCHED:
         from medforge_merger.search import SearchSettings
 
@@ -242,7 +238,6 @@ def _figures(merged: Merged, seconds: float, inputs: int) -> JSON:
 
 def _merge_and_blame(
     cfg: MergeConfig,
-    s: Strategy,
     use: Loaded,
     current: Adapter | None,
     scorer: Scorer | None,
@@ -257,7 +252,7 @@ def _merge_and_blame(
     def attempt(inputs: Loaded, evaluate: bool = True) -> tuple[Merged, JSON, JSON]:
         if scorer is not None and start is not None:
             scorer.restore(start)  # every attempt from the same tasks and state
-        merged = _merge(cfg, s, inputs, current, scorer, work)
+        merged = _merge(cfg, inputs, current, scorer, work)
         # A left-out input may own the task an evaluation set names: the gate reads the
         # distilled sets only, so the extra merges skip the evaluation sets.
         return (merged, *_score(cfg if evaluate else replace(cfg, evaluation=[]), scorer, work))
@@ -288,14 +283,14 @@ def run(cfg: MergeConfig, work: Path, output_dir: Path | None) -> JSON:
     """Verify and screen the inputs, merge, score (finding whom a regression is due to),
     upload; the result JSON."""
     s = cfg.strategy
-    scorer = _scorer(cfg, s, work)
+    scorer = _scorer(cfg, work)
     report_: list[JSON] = []
-    current = _current(cfg, s, work, scorer)
+    current = _current(cfg, work, scorer)
     use = compatible(read_inputs(cfg, work, report_, scorer), current, report_)
     if not use:
         raise NoUsableInput(report_)
     t0 = time.monotonic()
-    merged, metrics, regression, use = _merge_and_blame(cfg, s, use, current, scorer, work, report_)
+    merged, metrics, regression, use = _merge_and_blame(cfg, use, current, scorer, work, report_)
     merge_seconds = time.monotonic() - t0
     print(f"merged {len(use)} input(s) with {s.type} in {merge_seconds:.2f} s", flush=True)
     bundle = scorer.save_tasks(work) if scorer else None

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from medforge_common.strategy import STRATEGIES, Family, Traits
+from medforge_common.strategy import STRATEGIES, Family, Traits, UnknownStrategy
+from medforge_common.strategy import traits as strategy_traits
 from medforge_merger import strategies as st
 from medforge_merger import subspace
 from medforge_merger.strategies import Factors, MergeError
@@ -94,11 +95,10 @@ class Registry:
     implementations: Mapping[str, Implementation] = field(default_factory=lambda: IMPLEMENTATIONS)
 
     def family(self, s: Strategy) -> Family:
-        if s.type not in self.traits:
-            raise MergeError(
-                f"strategy.type: unknown strategy {s.type!r}; use one of {', '.join(self.traits)}"
-            )
-        return self.traits[s.type].family
+        try:
+            return strategy_traits(s.type, self.traits).family
+        except UnknownStrategy as exc:
+            raise MergeError(str(exc)) from None
 
     def implementation(self, s: Strategy) -> Implementation:
         if self.family(s) is Family.SEARCHED:

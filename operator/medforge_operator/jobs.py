@@ -294,8 +294,8 @@ def redact_urls(text: str) -> str:
 
 
 def owned_by(child: Obj, uid: str) -> bool:
-    """Whether a Job is this object's own child (its controller owner reference), not just a
-    Job that happens to have the right name."""
+    """Whether `child` (a Job, or a Job's pod) is controlled by the object with this uid (its
+    controller owner reference), not just named or labelled as if it were."""
     refs = (child.get("metadata") or {}).get("ownerReferences") or []
     return any(r.get("uid") == uid and r.get("controller") for r in refs)
 

@@ -11,7 +11,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from medforge_common.redact import redact, redact_all
-from medforge_operator import GROUP, VERSION
+from medforge_operator import GROUP, VERSION, jobs
 
 JSON = dict[str, Any]
 
@@ -109,14 +109,7 @@ class Kube:
             _request_timeout=TIMEOUT,
         )
         items: list[JSON] = _data(resp)["items"]
-        return [
-            p
-            for p in items
-            if any(
-                r.get("uid") == uid and r.get("controller")
-                for r in p["metadata"].get("ownerReferences") or []
-            )
-        ]
+        return [p for p in items if jobs.owned_by(p, uid)]
 
     def apply_secret(self, secret: JSON) -> None:
         """Create the Secret, or replace the data and annotations of ours under its name. The
