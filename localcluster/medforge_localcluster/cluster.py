@@ -28,6 +28,7 @@ import yaml
 
 from medforge_localcluster import binaries, commands, pki
 from medforge_localcluster.clusterstate import State, default_state_dir, kubeconfig_doc
+from medforge_localcluster.containers import release_container
 from medforge_localcluster.errors import SetupError
 from medforge_localcluster.processes import (
     ProcessRecord,
@@ -282,6 +283,8 @@ class LocalCluster:
     def _start_kubelet(self, st: State) -> None:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        # Container mode: each pod's own network namespace relays these to the host.
+        env["MEDFORGE_KUBELET_FORWARD_PORTS"] = str(st.ports["s3"])
         argv = [
             sys.executable,
             "-m",
@@ -346,6 +349,8 @@ class LocalCluster:
             return
         for rec_file in running.glob("*.json"):
             data = json.loads(rec_file.read_text())
+            if data.get("runc"):  # container mode: runc's own record outlives a killed runc
+                release_container(data["runcRoot"], data["runc"], Path(data["bundle"]))
             if data.get("start_ticks") is not None:
                 stop(ProcessRecord(rec_file.stem, int(data["pid"]), int(data["start_ticks"])), 5)
             rec_file.unlink(missing_ok=True)

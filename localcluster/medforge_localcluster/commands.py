@@ -14,6 +14,9 @@ CONTROLLERS = (
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
     "cronjob-controller",
+    # The chart's Deployment gets its pods (container mode runs them from the images).
+    "deployment-controller",
+    "replicaset-controller",
     "pod-garbage-collector-controller",
     # Fills view, edit and admin from the roles labelled to aggregate into them (MedForge's
     # tenant roles among them), as in any real cluster.

@@ -4,7 +4,7 @@ It stands in for a kubelet plus a scheduler on a machine without a container run
 - registers its Node and keeps its Ready condition fresh;
 - binds pending pods to the Node (honouring nodeSelector, a pod budget and GPU count);
 - runs each container's command and args as a local process in the project's Python
-  environment, with the env a kubelet resolves (values, Secret and ConfigMap keys, fieldRefs),
+  environment (or, in container mode, from its image with runc: `containers`), with the env a kubelet resolves (values, Secret and ConfigMap keys, fieldRefs),
   volumes mounted at their mountPath in a private mount namespace, and the termination-message
   file read back into containerStatuses;
 - reports CreateContainerConfigError for a missing Secret, ConfigMap or key, then retries;
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -38,11 +39,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from medforge_localcluster import podspec
+from medforge_localcluster import containers, containerspec, podspec
 from medforge_localcluster.kube import ApiError, Kube
 from medforge_localcluster.processes import start_ticks
 
 JSON = dict[str, Any]
+# A container's command, env and mounts, and in container mode its image and runtime view.
+Prepared = tuple[list[str], dict[str, str], list[JSON], "containers.Plan | None"]
 VERSION = "v1.35.4-medforge-process"
 POLL = 0.2
 
@@ -83,6 +86,8 @@ class Kubelet:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.bin_dir = str(Path(sys.executable).parent)
+        api_port = int(self.api_server.rsplit(":", 1)[1])
+        self.runtime = containers.Runtime.from_env(self.dir, os.environ, api_port)
 
     # ----- node -----
     def register(self) -> None:
@@ -496,6 +501,7 @@ class PodRunner(threading.Thread):
         self.stop_requested = threading.Event()
         self.deleted = False
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.netns: tuple[subprocess.Popen[bytes], str] | None = None  # container mode
         self.reported_waiting: dict[str, str] = {}
         self.start_time = podspec.now()
 
@@ -561,8 +567,9 @@ class PodRunner(threading.Thread):
         if self.pod["metadata"].get("deletionTimestamp"):
             self.k.finalize_delete(self.pod)
 
-    def _prepare(self) -> dict[str, tuple[list[str], dict[str, str], list[JSON]]] | None:
-        """Resolve env, command and mounts of every container; wait while a Secret is missing."""
+    def _prepare(self) -> dict[str, Prepared] | None:
+        """Resolve env, command and mounts of every container (and, in container mode, its
+        image); wait while a Secret or the image is missing."""
         spec = self.pod["spec"]
         containers = [*(spec.get("initContainers") or []), *spec["containers"]]
         while True:
@@ -571,21 +578,25 @@ class PodRunner(threading.Thread):
                 out = {}
                 for c in containers:
                     env = podspec.resolve_env(self.pod, c, self._lookup)
-                    argv = podspec.command_argv(c, env)
-                    out[c["name"]] = (argv, env, self._mounts(c, volumes))
+                    plan = self.k.runtime.plan(self.pod, c, env) if self.k.runtime else None
+                    argv = plan.spec.argv if plan else podspec.command_argv(c, env)
+                    out[c["name"]] = (argv, env, self._mounts(c, volumes), plan)
                 return out
             except podspec.ConfigError as exc:
-                self._report_config_error(containers, str(exc))
+                reason = getattr(exc, "reason", "CreateContainerConfigError")
+                self._report_config_error(containers, str(exc), reason)
             if self.stop_requested.wait(3):
                 return None
 
-    def _report_config_error(self, containers: list[JSON], message: str) -> None:
+    def _report_config_error(
+        self, containers: list[JSON], message: str, reason: str = "CreateContainerConfigError"
+    ) -> None:
         if all(self.reported_waiting.get(c["name"]) == message for c in containers):
             return
         for c in containers:
             self.reported_waiting[c["name"]] = message
         statuses = [
-            podspec.waiting_status(c, "CreateContainerConfigError", message)
+            podspec.waiting_status(c, reason, message)
             for c in self.pod["spec"]["containers"]
         ]
         self.patch_status(
@@ -615,6 +626,8 @@ class PodRunner(threading.Thread):
                 vols[name] = path
                 continue
             path.mkdir(parents=True, exist_ok=True)
+            if "emptyDir" in v:
+                path.chmod(0o777)  # as a kubelet makes it: writable by the pod's non-root user
             if "secret" in v:
                 self._write_keys(path, "Secret", v["secret"].get("secretName", ""), v["secret"])
             elif "configMap" in v:
@@ -703,13 +716,15 @@ class PodRunner(threading.Thread):
 
     # ----- running -----
     def _spawn(
-        self, c: JSON, argv: list[str], env: dict[str, str], mounts: list[JSON]
+        self, c: JSON, argv: list[str], env: dict[str, str], mounts: list[JSON], plan: Any = None
     ) -> tuple[subprocess.Popen[bytes], Path]:
         cdir = self.dir / c["name"]
         cdir.mkdir(parents=True, exist_ok=True)
         term = cdir / "termination-log"
         term.write_bytes(b"")
         term_target = c.get("terminationMessagePath") or podspec.DEFAULT_TERMINATION_PATH
+        if plan is not None:
+            return self._spawn_container(c, plan, env, mounts, term, term_target), term
         full_env = {
             "PATH": f"{self.k.bin_dir}:/usr/local/bin:/usr/bin:/bin",
             "HOME": os.environ.get("HOME", "/root"),
@@ -751,13 +766,50 @@ class PodRunner(threading.Thread):
                 start_new_session=True,
                 cwd=cdir,
             )
-        ticks = start_ticks(proc.pid)
-        (self.k.running_dir / f"{self.uid}-{c['name']}.json").write_text(
-            json.dumps({"pid": proc.pid, "start_ticks": ticks})
-        )
+        self._record(c["name"], proc.pid)
         return proc, term
 
+    def _record(self, name: str, pid: int, **extra: str) -> None:
+        """What `localcluster down` needs to end this process if the kubelet cannot."""
+        record = {"pid": pid, "start_ticks": start_ticks(pid), **extra}
+        (self.k.running_dir / f"{self.uid}-{name}.json").write_text(json.dumps(record))
+
+    def _spawn_container(
+        self, c: JSON, plan: containers.Plan, env: dict[str, str], mounts: list[JSON],
+        term: Path, term_target: str,
+    ) -> subprocess.Popen[bytes]:
+        """Start container `c` from its image with runc, in the pod's network namespace."""
+        runtime = self.k.runtime
+        assert runtime is not None
+        term.chmod(0o666)  # the container's user writes its termination message
+        if self.netns is None:
+            self.netns = runtime.pod_network(self.dir)
+            self._record("netns", self.netns[0].pid)
+        cluster_env = {
+            "HOSTNAME": self.pod_name,
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": self.k.api_server.rsplit(":", 1)[1],
+        }
+        spec = dataclasses.replace(plan.spec, env={**plan.spec.env, **cluster_env, **env})
+        binds = [containerspec.Mount(m["source"], m["target"], m["readOnly"]) for m in mounts]
+        binds.append(containerspec.Mount(str(term), term_target))
+        cid, bundle = f"{self.uid}-{c['name']}", self.dir / c["name"] / "bundle"
+        argv = runtime.bundle(
+            dataclasses.replace(plan, spec=spec), bundle, cid, self.pod_name, self.netns[1], binds
+        )
+        with (self.dir / f"{c['name']}.log").open("ab") as logf:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=self.dir,
+            )
+        self._record(c["name"], proc.pid, runc=cid, runcRoot=str(runtime.state), bundle=str(bundle))
+        return proc
+
     def kill_all(self, sig: int) -> None:
+        if self.k.runtime is not None:
+            for name, proc in self.procs.items():
+                if proc.poll() is None:  # runc forwards SIGTERM, not SIGKILL: ask it directly
+                    self.k.runtime.kill(f"{self.uid}-{name}", sig)
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -808,8 +860,8 @@ class PodRunner(threading.Thread):
         terms: dict[str, Path] = {}
 
         def start(c: JSON) -> None:
-            argv, env, mounts = prepared[c["name"]]
-            proc, term = self._spawn(c, argv, env, mounts)
+            argv, env, mounts, plan = prepared[c["name"]]
+            proc, term = self._spawn(c, argv, env, mounts, plan)
             self.procs[c["name"]] = proc
             terms[c["name"]] = term
             started[c["name"]] = podspec.now()
@@ -924,8 +976,16 @@ class PodRunner(threading.Thread):
         self.patch_status(status)
 
     def _cleanup(self) -> None:
+        runtime = self.k.runtime
         for name in list(self.procs):
+            if runtime is not None:
+                runtime.release(self.dir / name / "bundle", f"{self.uid}-{name}")
             (self.k.running_dir / f"{self.uid}-{name}.json").unlink(missing_ok=True)
+        if self.netns is not None:
+            self.netns[0].terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.netns[0].wait(5)
+            (self.k.running_dir / f"{self.uid}-netns.json").unlink(missing_ok=True)
         # Logs stay while the pod object exists (kubectl logs); a finished pod keeps
         # only its log files, the volumes go.
         shutil.rmtree(self.dir / "volumes", ignore_errors=True)

@@ -1,0 +1,103 @@
+"""The Python environment inside an image: locked wheels, installed by pip in a chroot.
+
+pip runs from its own locked wheel (`python pip.whl/pip`), so it never lands in the image;
+SOURCE_DATE_EPOCH makes the byte-compiled files hash-checked rather than stamped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tools.images.rootfs import BuildError
+from tools.images.spec import PREFIX, ROOT
+
+WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medforge" / "wheels"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheels(wheels: list[dict[str, str]]) -> None:
+    """Download the locked wheels missing from the cache; every one is checked by its hash."""
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    missing = [w for w in wheels if not (WHEEL_CACHE / w["file"]).is_file()]
+    if missing:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as req:
+            req.write("".join(f"{w['name']}=={w['version']} --hash=sha256:{w['sha256']}\n" for w in missing))
+            req.flush()
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+            cmd += ["--only-binary=:all:", "--require-hashes", "-d", str(WHEEL_CACHE), "-r", req.name]
+            subprocess.run(cmd, check=True)
+    for w in wheels:
+        if sha256(WHEEL_CACHE / w["file"]) != w["sha256"]:
+            raise BuildError(f"{WHEEL_CACHE / w['file']} does not match the lock's sha256: delete it")
+
+
+def medforge_wheel(dest: Path, epoch: int) -> Path:
+    """The medforge wheel, built from the working tree's files (tracked and new, not ignored)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        for rel in filter(None, files):
+            if (ROOT / rel).is_file():
+                (src / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, src / rel)
+        env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
+        cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"]
+        cmd += ["--no-build-isolation", "-w", str(dest), str(src)]
+        subprocess.run(cmd, check=True, env=env, cwd=tmp, capture_output=True)
+    (wheel,) = dest.glob("medforge-*.whl")
+    return wheel
+
+
+def install(root: Path, pip_wheel: Path, wheels: list[Path], requirements: list[str], epoch: int) -> None:
+    """pip install `requirements` (no index, no dependencies beyond those listed) into the
+    image's virtual environment, creating it first when it is missing."""
+    stage = root / "tmp" / "wheels"
+    stage.mkdir(parents=True, exist_ok=True)
+    try:
+        for w in [pip_wheel, *wheels]:
+            try:
+                os.link(w, stage / w.name)
+            except OSError:
+                shutil.copy(w, stage / w.name)
+        (stage / "requirements.txt").write_text("\n".join(requirements) + "\n")
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": "/tmp",
+            "LANG": "C.UTF-8",
+            "SOURCE_DATE_EPOCH": str(epoch),
+            "PYTHONHASHSEED": "0",
+            "PIP_NO_CACHE_DIR": "1",
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        }
+        if not (root / PREFIX.lstrip("/") / "bin" / "python").exists():
+            _chroot(root, ["/usr/bin/python3.11", "-m", "venv", "--without-pip", PREFIX], env)
+        cmd = [f"{PREFIX}/bin/python", f"/tmp/wheels/{pip_wheel.name}/pip", "install", "--quiet"]
+        cmd += ["--no-index", "--no-deps", "--find-links", "/tmp/wheels", "--no-warn-script-location"]
+        cmd += ["-r", "/tmp/wheels/requirements.txt"]
+        _chroot(root, cmd, env)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _chroot(root: Path, argv: list[str], env: dict[str, str]) -> None:
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    done = subprocess.run([chroot, str(root), *argv], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
+        raise BuildError(f"in the image root ({' '.join(argv[:3])} ...) failed:\n{tail}")
