@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 EXTRAS ?= localcluster,operator,train,merge,cli,dev
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: help venv binaries up down env status demo lint unit cluster test generate clean
+.PHONY: help venv binaries up down env status demo lint unit cluster test generate clean \
+	image-tools images images-lock test-images
 
 help:
 	@echo "make demo    bring up the local cluster and S3 server, run a job, then train and merge contributions"
 	@echo "make test    lint, type-check, unit tests, then cluster tests (builds what it needs)"
 	@echo "make up|down|env|status   drive the local cluster by hand"
 	@echo "make generate   rewrite the CRD reference, the dashboard and the alerts (tools/)"
+	@echo "make images     build the operator, trainer and merger OCI images into build/images"
+	@echo "make test-images   the images in container mode: helm install, train, merge (before a release)"
 
 # The virtual environment is rebuilt only when pyproject.toml changes; pip keeps its own cache.
 $(STAMP): pyproject.toml
@@ -75,6 +78,26 @@ test:
 	if ! wait $$bg; then cat $(BUILD_LOG); exit 1; fi; \
 	cat $(BUILD_LOG); \
 	$(MAKE) --no-print-directory unit cluster
+
+# The images are built without a container engine: mmdebstrap makes the Debian root
+# filesystem, runc runs the containers of the image tests. Both are Debian packages.
+image-tools:
+	@missing=""; for t in mmdebstrap runc; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing from Debian's packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+images: venv image-tools
+	$(BIN)/python -m tools.images.build
+
+# Record new versions of the images' Debian packages and wheels (then commit tools/images/lock).
+images-lock: venv image-tools
+	$(BIN)/python -m tools.images.lock
+
+# Slow (the ML images are about 3.3 GB each): not part of `make test`; run before a release.
+test-images: images binaries
+	$(BIN)/pytest -m images -q -s
 
 clean:
 	-$(BIN)/medforge localcluster down

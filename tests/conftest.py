@@ -33,6 +33,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif "cluster" in parts:
             item.add_marker(pytest.mark.cluster)
+        elif "images" in parts:
+            item.add_marker(pytest.mark.images)
 
 
 @dataclass(frozen=True)

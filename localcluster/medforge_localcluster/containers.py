@@ -28,7 +28,9 @@ from medforge_localcluster.podspec import ConfigError
 JSON = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LAYOUT = ROOT / "build" / "images" / "oci"
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medforge" / "layers"
+DEFAULT_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medforge" / "layers"
+)
 
 
 class ImagePullError(ConfigError):
@@ -79,13 +81,22 @@ class Runtime:
                 stderr=log,
                 start_new_session=True,
             )
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"ready":
+        if proc.stdout is None or proc.stdout.readline().strip() != b"ready":
             proc.kill()
-            raise ConfigError(f"the pod's network namespace did not start (see {pod_dir / 'netns.log'})")
+            raise ConfigError(
+                f"the pod's network namespace did not start (see {pod_dir / 'netns.log'})"
+            )
         return proc, f"/proc/{proc.pid}/ns/net"
 
-    def bundle(self, plan: Plan, cdir: Path, cid: str, hostname: str, netns: str, mounts: list[containerspec.Mount]) -> list[str]:
+    def bundle(
+        self,
+        plan: Plan,
+        cdir: Path,
+        cid: str,
+        hostname: str,
+        netns: str,
+        mounts: list[containerspec.Mount],
+    ) -> list[str]:
         """Mount the container's root and write its runc bundle; returns runc's argv."""
         layers = self.store.unpacked(plan.image)
         rootfs, upper, work = cdir / "rootfs", cdir / "upper", cdir / "work"
@@ -95,9 +106,14 @@ class Runtime:
         hosts = cdir / "hosts"
         hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n")
         options = f"lowerdir={':'.join(map(str, layers))},upperdir={upper},workdir={work}"
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(rootfs)], check=True)
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(rootfs)], check=True
+        )
         config = containerspec.runtime_config(
-            plan.spec, str(rootfs), hostname, netns,
+            plan.spec,
+            str(rootfs),
+            hostname,
+            netns,
             [*mounts, containerspec.Mount(str(hosts), "/etc/hosts", read_only=True)],
             f"/medforge/{cid}",
         )
@@ -105,7 +121,11 @@ class Runtime:
         return [self.runc, "--root", str(self.state), "run", "--bundle", str(cdir), cid]
 
     def kill(self, cid: str, sig: int) -> None:
-        subprocess.run([self.runc, "--root", str(self.state), "kill", cid, str(sig)], capture_output=True, check=False)
+        subprocess.run(
+            [self.runc, "--root", str(self.state), "kill", cid, str(sig)],
+            capture_output=True,
+            check=False,
+        )
 
     def release(self, cdir: Path, cid: str) -> None:
         release_container(str(self.state), cid, cdir)
@@ -115,7 +135,9 @@ def release_container(runc_root: str, cid: str, bundle: Path) -> None:
     """End the container (if runc still knows it), unmount its root and drop its writable
     layer; each part may already be gone."""
     runc = shutil.which("runc") or "runc"
-    subprocess.run([runc, "--root", runc_root, "delete", "--force", cid], capture_output=True, check=False)
+    subprocess.run(
+        [runc, "--root", runc_root, "delete", "--force", cid], capture_output=True, check=False
+    )
     rootfs = bundle / "rootfs"
     if os.path.ismount(rootfs):
         subprocess.run(["umount", "--lazy", str(rootfs)], capture_output=True, check=False)
@@ -123,4 +145,3 @@ def release_container(runc_root: str, cid: str, bundle: Path) -> None:
         rootfs.rmdir()
     for d in ("upper", "work"):
         shutil.rmtree(bundle / d, ignore_errors=True)
-

@@ -19,8 +19,16 @@ JSON = dict[str, Any]
 # the pod drops it.
 DEFAULT_CAPS = ("CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE")
 MASKED = (
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
 )
 READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
@@ -81,12 +89,23 @@ def _capabilities(sc: JSON) -> list[str]:
     caps = sc.get("capabilities") or {}
     drop = {str(c).upper() for c in caps.get("drop") or []}
     keep = [] if "ALL" in drop else [c for c in DEFAULT_CAPS if c.removeprefix("CAP_") not in drop]
-    return sorted({*keep, *(f"CAP_{str(c).upper().removeprefix('CAP_')}" for c in caps.get("add") or [])})
+    return sorted(
+        {*keep, *(f"CAP_{str(c).upper().removeprefix('CAP_')}" for c in caps.get("add") or [])}
+    )
 
 
 def quantity(value: str) -> int:
     """A memory quantity in bytes ("512Mi", "1G", "1e9")."""
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
     for unit, factor in units.items():
         if value.endswith(unit):
             return int(float(value[: -len(unit)]) * factor)
@@ -123,7 +142,9 @@ def container(pod: JSON, c: JSON, image: JSON, env: Mapping[str, str]) -> Contai
     )
 
 
-def runtime_config(spec: Container, rootfs: str, hostname: str, netns: str, mounts: list[Mount], cgroup: str) -> JSON:
+def runtime_config(
+    spec: Container, rootfs: str, hostname: str, netns: str, mounts: list[Mount], cgroup: str
+) -> JSON:
     """runc's config.json for one container (OCI runtime spec 1.0)."""
     caps = list(spec.capabilities)
     resources: JSON = {"pids": {"limit": 4096}}
@@ -149,7 +170,10 @@ def runtime_config(spec: Container, rootfs: str, hostname: str, netns: str, moun
             "cgroupsPath": cgroup,
             "resources": resources,
             "namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
                 {"type": "network", "path": netns},
             ],
             "maskedPaths": list(MASKED),
@@ -166,9 +190,34 @@ def _bind(m: Mount) -> JSON:
 def _system_mounts() -> list[JSON]:
     return [
         {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        },
+        {
+            "destination": "/dev/shm",  # noqa: S108 - inside the container
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
     ]

@@ -596,8 +596,7 @@ class PodRunner(threading.Thread):
         for c in containers:
             self.reported_waiting[c["name"]] = message
         statuses = [
-            podspec.waiting_status(c, reason, message)
-            for c in self.pod["spec"]["containers"]
+            podspec.waiting_status(c, reason, message) for c in self.pod["spec"]["containers"]
         ]
         self.patch_status(
             {
@@ -661,6 +660,14 @@ class PodRunner(threading.Thread):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data[item["key"]])
             target.chmod(int(item.get("mode", ref.get("defaultMode", 0o644))))
+            self._fs_group(target)
+
+    def _fs_group(self, path: Path) -> None:
+        """Give the pod's fsGroup the file, as a kubelet does: a 0440 Secret stays readable by
+        a non-root container in that group."""
+        group = (self.pod["spec"].get("securityContext") or {}).get("fsGroup")
+        if group is not None:
+            os.chown(path, -1, int(group))
 
     def _write_projection(self, path: Path, src: JSON) -> None:
         if "serviceAccountToken" in src:
@@ -682,6 +689,7 @@ class PodRunner(threading.Thread):
             }
             tok = self.k.kube.post(f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}/token", req)
             (path / sat["path"]).write_text(tok["status"]["token"])
+            self._fs_group(path / sat["path"])
         elif "configMap" in src:
             self._write_keys(path, "ConfigMap", src["configMap"]["name"], src["configMap"])
         elif "secret" in src:
@@ -775,12 +783,18 @@ class PodRunner(threading.Thread):
         (self.k.running_dir / f"{self.uid}-{name}.json").write_text(json.dumps(record))
 
     def _spawn_container(
-        self, c: JSON, plan: containers.Plan, env: dict[str, str], mounts: list[JSON],
-        term: Path, term_target: str,
+        self,
+        c: JSON,
+        plan: containers.Plan,
+        env: dict[str, str],
+        mounts: list[JSON],
+        term: Path,
+        term_target: str,
     ) -> subprocess.Popen[bytes]:
         """Start container `c` from its image with runc, in the pod's network namespace."""
         runtime = self.k.runtime
-        assert runtime is not None
+        if runtime is None:
+            raise RuntimeError("a container plan without container mode")
         term.chmod(0o666)  # the container's user writes its termination message
         if self.netns is None:
             self.netns = runtime.pod_network(self.dir)
@@ -799,8 +813,12 @@ class PodRunner(threading.Thread):
         )
         with (self.dir / f"{c['name']}.log").open("ab") as logf:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self.dir,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.dir,
             )
         self._record(c["name"], proc.pid, runc=cid, runcRoot=str(runtime.state), bundle=str(bundle))
         return proc

@@ -60,7 +60,11 @@ class Store:
 
     def _blob(self, digest: str) -> Path:
         algo, _, hexdigest = digest.partition(":")
-        if algo != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
+        if (
+            algo != "sha256"
+            or len(hexdigest) != 64
+            or not all(c in "0123456789abcdef" for c in hexdigest)
+        ):
             raise ImageError(f"unsupported digest {digest!r}")
         return self.blobs / hexdigest
 
@@ -83,14 +87,21 @@ class Store:
         name, digest = normalise(reference)
         for entry in index.get("manifests", []):
             notes = entry.get("annotations") or {}
-            names = {notes.get("io.containerd.image.name"), notes.get("org.opencontainers.image.ref.name")}
+            names = {
+                notes.get("io.containerd.image.name"),
+                notes.get("org.opencontainers.image.ref.name"),
+            }
             if (digest and entry["digest"] == digest) or (not digest and name in names):
                 manifest = self._json(entry["digest"])
                 config = self._json(manifest["config"]["digest"])
                 diff_ids = config["rootfs"]["diff_ids"]
-                layers = tuple(zip((la["digest"] for la in manifest["layers"]), diff_ids, strict=True))
+                layers = tuple(
+                    zip((la["digest"] for la in manifest["layers"]), diff_ids, strict=True)
+                )
                 return Image(reference, entry["digest"], config.get("config") or {}, layers)
-        raise ImageError(f'image "{reference}" is not in the local store {self.layout} (run `make images`)')
+        raise ImageError(
+            f'image "{reference}" is not in the local store {self.layout} (run `make images`)'
+        )
 
     def unpacked(self, image: Image) -> list[Path]:
         """The image's layer directories, top first (overlay's lowerdir order), unpacking
@@ -108,8 +119,8 @@ class Store:
             tmp = self.cache / f"{target.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            with self._blob(blob).open("rb") as raw:
-                hashing = _DiffHash(gzip.open(raw, "rb"))
+            with self._blob(blob).open("rb") as raw, gzip.open(raw, "rb") as tar_stream:
+                hashing = _DiffHash(tar_stream)
                 _extract(hashing, tmp)
                 got = hashing.digest()
             if got != diff_id:
@@ -129,7 +140,7 @@ def _locked(path: Path) -> Iterator[None]:
 class _DiffHash:
     """Reads the tar stream through, hashing it (the layer's diff_id)."""
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    def __init__(self, inner: IO[bytes] | gzip.GzipFile) -> None:
         self.inner = inner
         self.sha = hashlib.sha256()
 

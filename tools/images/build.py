@@ -30,11 +30,19 @@ from tools.images.layer import (
     write_index,
     write_layer,
 )
-from tools.images.python_env import WHEEL_CACHE, fetch_wheels, install, medforge_wheel, sha256
+from tools.images.python_env import (
+    STAGE,
+    WHEEL_CACHE,
+    fetch_wheels,
+    install,
+    medforge_wheel,
+    sha256,
+)
 from tools.images.spec import (
     BASE_PACKAGES,
     HOME,
     IMAGES,
+    LOCK,
     PREFIX,
     ROOT,
     SOURCE_DATE_EPOCH,
@@ -46,8 +54,12 @@ from tools.images.spec import (
     version,
 )
 
+# The code that decides what goes into a layer: a change to it rebuilds every layer.
 BUILDER = hashlib.sha256(
-    b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+    b"".join(
+        (Path(__file__).parent / f).read_bytes()
+        for f in ("layer.py", "rootfs.py", "python_env.py", "spec.py")
+    )
 ).hexdigest()
 SOURCE = "https://github.com/medforge/medforge"
 
@@ -59,7 +71,12 @@ def _key(*parts: str) -> str:
 def revision() -> str:
     git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -75,7 +92,7 @@ class Builder:
             d.mkdir(parents=True, exist_ok=True)
         self.epoch = SOURCE_DATE_EPOCH
         self.timings: dict[str, float] = {}
-        self.base_key = _key(BUILDER, (lock.LOCK / "debian-base.txt").read_text())
+        self.base_key = _key(BUILDER, (LOCK / "debian-base.txt").read_text())
         self.wheel: Path | None = None
 
     def _cached(self, key: str) -> Layer | None:
@@ -85,7 +102,9 @@ class Builder:
         layer = Layer(**json.loads(record.read_text()))
         return layer if (self.blobs / layer.digest.removeprefix("sha256:")).is_file() else None
 
-    def _layer(self, key: str, what: str, root: Path, paths: list[str], deleted: list[str] = []) -> Layer:  # noqa: B006
+    def _layer(
+        self, key: str, what: str, root: Path, paths: list[str], deleted: tuple[str, ...] = ()
+    ) -> Layer:
         started = time.monotonic()
         layer = write_layer(root, paths, self.blobs, self.epoch, deleted)
         self.timings[f"pack {what}"] = round(time.monotonic() - started, 1)
@@ -114,13 +133,13 @@ class Builder:
         return layer
 
     def toolchain(self) -> Layer:
-        key = _key(self.base_key, (lock.LOCK / "debian-toolchain.txt").read_text())
+        key = _key(self.base_key, (LOCK / "debian-toolchain.txt").read_text())
         layer = self._cached(key)
         if layer is None:
             lower = self.rootfs("base", BASE_PACKAGES)
             upper = self.rootfs("toolchain", BASE_PACKAGES + TOOLCHAIN_PACKAGES)
             changed, deleted = diff(lower, upper)
-            layer = self._layer(key, "toolchain", upper, changed, deleted)
+            layer = self._layer(key, "toolchain", upper, changed, tuple(deleted))
         return layer
 
     def environment(self, env: str) -> tuple[Layer, Layer, Path]:
@@ -130,14 +149,18 @@ class Builder:
         fetch_wheels([*wheels, *pip])
         if self.wheel is None:
             self.wheel = medforge_wheel(self.work / "wheel", self.epoch)
-        deps_key = _key(self.base_key, (lock.LOCK / f"python-{env}.txt").read_text(), pip[0]["sha256"])
+        deps_key = _key(self.base_key, (LOCK / f"python-{env}.txt").read_text(), pip[0]["sha256"])
         app_key = _key(deps_key, sha256(self.wheel))
         deps, app = self._cached(deps_key), self._cached(app_key)
         bom = self.cache / f"{app_key}.python.cdx.json"
         if deps and app and bom.is_file():
             return deps, app, bom
         root = self.rootfs("base", BASE_PACKAGES)
-        venv, parked, stamp = root / PREFIX.lstrip("/"), self.work / f"venv-{env}", self.work / f"venv-{env}.key"
+        venv, parked, stamp = (
+            root / PREFIX.lstrip("/"),
+            self.work / f"venv-{env}",
+            self.work / f"venv-{env}.key",
+        )
         shutil.rmtree(venv, ignore_errors=True)
         pip_wheel = WHEEL_CACHE / pip[0]["file"]
         if stamp.is_file() and stamp.read_text() == deps_key and parked.is_dir():
@@ -149,12 +172,20 @@ class Builder:
             self.timings[f"install {env}"] = round(time.monotonic() - started, 1)
         stamp.unlink(missing_ok=True)
         if deps is None:
-            deps = self._layer(deps_key, f"{env} wheels", root, list(walk(root, PREFIX.lstrip("/"))))
+            deps = self._layer(
+                deps_key, f"{env} wheels", root, list(walk(root, PREFIX.lstrip("/")))
+            )
         before = {p: (root / p).lstat() for p in walk(root, PREFIX.lstrip("/"))}
-        install(root, pip_wheel, [self.wheel], [f"/tmp/wheels/{self.wheel.name}"], self.epoch)
+        install(root, pip_wheel, [self.wheel], [f"{STAGE}/{self.wheel.name}"], self.epoch)
         now = list(walk(root, PREFIX.lstrip("/")))
         new = [p for p in now if p not in before]
-        changed = [p for p in now if p in before and (root / p).lstat().st_mtime_ns != before[p].st_mtime_ns and not (root / p).is_dir()]
+        changed = [
+            p
+            for p in now
+            if p in before
+            and (root / p).lstat().st_mtime_ns != before[p].st_mtime_ns
+            and not (root / p).is_dir()
+        ]
         app = self._layer(app_key, f"{env} medforge", root, new + changed)
         sbom.python(root, bom, self.epoch)
         for p in sorted(new, reverse=True):
@@ -191,17 +222,30 @@ class Builder:
                 "Labels": labels,
             },
             "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]},
-            "history": [{"created": created, "created_by": f"medforge images ({n})"} for n in _layer_names(image)],
+            "history": [
+                {"created": created, "created_by": f"medforge images ({n})"}
+                for n in _layer_names(image)
+            ],
         }
         manifest = {
             "schemaVersion": 2,
             "mediaType": MANIFEST_MEDIA,
             "config": write_blob(self.blobs, canonical(config), CONFIG_MEDIA),
             "layers": [la.descriptor() for la in layers],
-            "annotations": {k: labels[k] for k in ("org.opencontainers.image.version", "org.opencontainers.image.revision", "org.opencontainers.image.created")},
+            "annotations": {
+                k: labels[k]
+                for k in (
+                    "org.opencontainers.image.version",
+                    "org.opencontainers.image.revision",
+                    "org.opencontainers.image.created",
+                )
+            },
         }
         entry = write_blob(self.blobs, canonical(manifest), MANIFEST_MEDIA)
-        entry["annotations"] = {"org.opencontainers.image.ref.name": ref, "io.containerd.image.name": ref}
+        entry["annotations"] = {
+            "org.opencontainers.image.ref.name": ref,
+            "io.containerd.image.name": ref,
+        }
         return entry
 
     def prune(self, manifests: list[JSON]) -> None:
@@ -215,6 +259,24 @@ class Builder:
         for blob in self.blobs.iterdir():
             if f"sha256:{blob.name}" not in keep:
                 blob.unlink()
+
+
+def single_layout(layout: Path, entry: JSON, dest: Path) -> None:
+    """A layout holding one image (blobs hard-linked from the shared one), for tools that
+    push a whole layout: `crane push build/images/operator REF`."""
+    shutil.rmtree(dest, ignore_errors=True)
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / entry["digest"].removeprefix("sha256:")).read_bytes())
+    digests = [
+        entry["digest"],
+        manifest["config"]["digest"],
+        *(la["digest"] for la in manifest["layers"]),
+    ]
+    (dest / "blobs" / "sha256").mkdir(parents=True)
+    for digest in digests:
+        name = digest.removeprefix("sha256:")
+        (dest / "blobs" / "sha256" / name).hardlink_to(blobs / name)
+    write_index(dest, [entry])
 
 
 def _layer_names(image: Image) -> list[str]:
@@ -244,7 +306,9 @@ def build(out: Path, registry: str, selected: list[Image]) -> JSON:
         b.timings[f"image {image.name}"] = round(time.monotonic() - started, 1)
     write_index(b.layout, manifests)
     b.prune(manifests)
-    summary["checks"] = checks.run(b.layout, [i for i in selected])
+    for image, entry in zip(selected, manifests, strict=True):
+        single_layout(b.layout, entry, out / image.name)
+    summary["checks"] = checks.run(b.layout, selected, b.cache)
     (out / "images.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -264,7 +328,7 @@ def main() -> None:
         summary = build(args.out, args.registry, selected)
     except rootfs.BuildError as exc:
         raise SystemExit(f"make images: {exc}") from None
-    for name, info in summary["images"].items():
+    for info in summary["images"].values():
         print(f"{info['reference']}  {info['digest']}  {info['compressedBytes'] / 1e6:.0f} MB")
     print(f"built in {time.monotonic() - started:.0f} s; SBOMs and images.json in {args.out}")
 

@@ -36,7 +36,19 @@ def _scan(blob: Path) -> LayerScan:
     return scan
 
 
-def run(layout: Path, images: list[Image]) -> JSON:
+def _scan_cached(blob: Path, cache: Path) -> LayerScan:
+    """A layer's scan, kept beside the layer cache: blobs are content-addressed."""
+    record = cache / f"scan-{blob.name}.json"
+    if record.is_file():
+        doc = json.loads(record.read_text())
+        return LayerScan(doc["setuid"], {k: v.encode("latin-1") for k, v in doc["files"].items()})
+    scan = _scan(blob)
+    files = {k: v.decode("latin-1") for k, v in scan.files.items()}
+    record.write_text(json.dumps({"setuid": scan.setuid, "files": files}))
+    return scan
+
+
+def run(layout: Path, images: list[Image], cache: Path) -> JSON:
     """Check every image; raises BuildError naming each failure, returns what was checked."""
     blobs = layout / "blobs" / "sha256"
     index = json.loads((layout / "index.json").read_text())
@@ -45,11 +57,16 @@ def run(layout: Path, images: list[Image]) -> JSON:
     failures: list[str] = []
     for entry, img in zip(index["manifests"], images, strict=True):
         manifest = json.loads((blobs / entry["digest"].removeprefix("sha256:")).read_bytes())
-        config = json.loads((blobs / manifest["config"]["digest"].removeprefix("sha256:")).read_bytes())
+        config = json.loads(
+            (blobs / manifest["config"]["digest"].removeprefix("sha256:")).read_bytes()
+        )
         for la in manifest["layers"]:
             if la["digest"] not in scans:
-                scans[la["digest"]] = _scan(blobs / la["digest"].removeprefix("sha256:"))
-        problems = _problems(img, manifest, config["config"], [scans[la["digest"]] for la in manifest["layers"]])
+                blob = blobs / la["digest"].removeprefix("sha256:")
+                scans[la["digest"]] = _scan_cached(blob, cache)
+        problems = _problems(
+            img, manifest, config["config"], [scans[la["digest"]] for la in manifest["layers"]]
+        )
         failures += [f"{img.name}: {p}" for p in problems]
         report[img.name] = {
             "user": config["config"]["User"],
@@ -85,5 +102,7 @@ def _problems(img: Image, manifest: JSON, config: JSON, scans: list[LayerScan]) 
             out.append(f"label {key} is missing")
     size = sum(la["size"] for la in manifest["layers"])
     if size > BUDGET.get(img.name, 1 << 62):
-        out.append(f"{size / 1e6:.0f} MB compressed, over the budget of {BUDGET[img.name] / 1e6:.0f} MB")
+        out.append(
+            f"{size / 1e6:.0f} MB compressed, over the budget of {BUDGET[img.name] / 1e6:.0f} MB"
+        )
     return out

@@ -40,7 +40,7 @@ class Layer:
 class _Hashing:
     """A write-only file that hashes what passes through it on its way to `inner`."""
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    def __init__(self, inner: IO[bytes] | gzip.GzipFile) -> None:
         self.inner = inner
         self.sha = hashlib.sha256()
         self.size = 0
@@ -71,7 +71,7 @@ def _same(lower: Path, upper: Path) -> bool:
     if (a.st_mode, a.st_uid, a.st_gid) != (b.st_mode, b.st_uid, b.st_gid):
         return False
     if stat.S_ISLNK(a.st_mode):
-        return os.readlink(lower) == os.readlink(upper)
+        return lower.readlink() == upper.readlink()
     if stat.S_ISREG(a.st_mode):
         return a.st_size == b.st_size and filecmp.cmp(lower, upper, shallow=False)
     return True
@@ -106,7 +106,7 @@ def _entry(root: Path, rel: str, epoch: int, links: dict[tuple[int, int], str]) 
     if stat.S_ISDIR(st.st_mode):
         info.type = tarfile.DIRTYPE
     elif stat.S_ISLNK(st.st_mode):
-        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(root / rel)
+        info.type, info.linkname = tarfile.SYMTYPE, str((root / rel).readlink())
     elif stat.S_ISREG(st.st_mode):
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in links:
@@ -129,8 +129,8 @@ def write_layer(
     whiteouts = {str(Path(p).parent / f".wh.{Path(p).name}").removeprefix("./"): p for p in deleted}
     with tmp.open("wb") as raw:
         outer = _Hashing(raw)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0, compresslevel=6) as gz:  # type: ignore[arg-type]
-            inner = _Hashing(gz)  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0, compresslevel=6) as gz:
+            inner = _Hashing(gz)
             with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 for rel in _with_parents([*paths, *whiteouts]):
                     if rel in whiteouts:

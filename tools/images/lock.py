@@ -62,7 +62,9 @@ def resolve(reqs: list[str]) -> list[dict[str, str]]:
 
 
 def write_python(name: str, wheels: list[dict[str, str]]) -> None:
-    lines = [f"{w['name']}=={w['version']} --hash=sha256:{w['sha256']}  # {w['file']}" for w in wheels]
+    lines = [
+        f"{w['name']}=={w['version']} --hash=sha256:{w['sha256']}  # {w['file']}" for w in wheels
+    ]
     (LOCK / f"python-{name}.txt").write_text("\n".join(lines) + "\n")
 
 

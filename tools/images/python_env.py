@@ -17,6 +17,8 @@ from pathlib import Path
 from tools.images.rootfs import BuildError
 from tools.images.spec import PREFIX, ROOT
 
+# Where the wheels are staged inside the image's root while pip runs (removed after).
+STAGE = "/tmp/wheels"  # noqa: S108 - a path in the image being built, not on the host
 WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medforge" / "wheels"
 
 
@@ -34,22 +36,41 @@ def fetch_wheels(wheels: list[dict[str, str]]) -> None:
     missing = [w for w in wheels if not (WHEEL_CACHE / w["file"]).is_file()]
     if missing:
         with tempfile.NamedTemporaryFile("w", suffix=".txt") as req:
-            req.write("".join(f"{w['name']}=={w['version']} --hash=sha256:{w['sha256']}\n" for w in missing))
+            req.write(
+                "".join(
+                    f"{w['name']}=={w['version']} --hash=sha256:{w['sha256']}\n" for w in missing
+                )
+            )
             req.flush()
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
-            cmd += ["--only-binary=:all:", "--require-hashes", "-d", str(WHEEL_CACHE), "-r", req.name]
+            cmd += [
+                "--only-binary=:all:",
+                "--require-hashes",
+                "-d",
+                str(WHEEL_CACHE),
+                "-r",
+                req.name,
+            ]
             subprocess.run(cmd, check=True)
     for w in wheels:
         if sha256(WHEEL_CACHE / w["file"]) != w["sha256"]:
-            raise BuildError(f"{WHEEL_CACHE / w['file']} does not match the lock's sha256: delete it")
+            raise BuildError(
+                f"{WHEEL_CACHE / w['file']} does not match the lock's sha256: delete it"
+            )
 
 
 def medforge_wheel(dest: Path, epoch: int) -> Path:
     """The medforge wheel, built from the working tree's files (tracked and new, not ignored)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         for rel in filter(None, files):
@@ -64,10 +85,12 @@ def medforge_wheel(dest: Path, epoch: int) -> Path:
     return wheel
 
 
-def install(root: Path, pip_wheel: Path, wheels: list[Path], requirements: list[str], epoch: int) -> None:
+def install(
+    root: Path, pip_wheel: Path, wheels: list[Path], requirements: list[str], epoch: int
+) -> None:
     """pip install `requirements` (no index, no dependencies beyond those listed) into the
     image's virtual environment, creating it first when it is missing."""
-    stage = root / "tmp" / "wheels"
+    stage = root / STAGE.lstrip("/")
     stage.mkdir(parents=True, exist_ok=True)
     try:
         for w in [pip_wheel, *wheels]:
@@ -78,7 +101,7 @@ def install(root: Path, pip_wheel: Path, wheels: list[Path], requirements: list[
         (stage / "requirements.txt").write_text("\n".join(requirements) + "\n")
         env = {
             "PATH": "/usr/bin:/bin",
-            "HOME": "/tmp",
+            "HOME": "/tmp",  # noqa: S108 - inside the image root
             "LANG": "C.UTF-8",
             "SOURCE_DATE_EPOCH": str(epoch),
             "PYTHONHASHSEED": "0",
@@ -87,9 +110,15 @@ def install(root: Path, pip_wheel: Path, wheels: list[Path], requirements: list[
         }
         if not (root / PREFIX.lstrip("/") / "bin" / "python").exists():
             _chroot(root, ["/usr/bin/python3.11", "-m", "venv", "--without-pip", PREFIX], env)
-        cmd = [f"{PREFIX}/bin/python", f"/tmp/wheels/{pip_wheel.name}/pip", "install", "--quiet"]
-        cmd += ["--no-index", "--no-deps", "--find-links", "/tmp/wheels", "--no-warn-script-location"]
-        cmd += ["-r", "/tmp/wheels/requirements.txt"]
+        cmd = [f"{PREFIX}/bin/python", f"{STAGE}/{pip_wheel.name}/pip", "install", "--quiet"]
+        cmd += [
+            "--no-index",
+            "--no-deps",
+            "--find-links",
+            STAGE,
+            "--no-warn-script-location",
+        ]
+        cmd += ["-r", f"{STAGE}/requirements.txt"]
         _chroot(root, cmd, env)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -97,7 +126,9 @@ def install(root: Path, pip_wheel: Path, wheels: list[Path], requirements: list[
 
 def _chroot(root: Path, argv: list[str], env: dict[str, str]) -> None:
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
-    done = subprocess.run([chroot, str(root), *argv], env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [chroot, str(root), *argv], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
         raise BuildError(f"in the image root ({' '.join(argv[:3])} ...) failed:\n{tail}")

@@ -87,7 +87,9 @@ def _tidy(root: Path) -> None:
         path = root / rel
         if path.is_dir() and not path.is_symlink():
             for child in path.iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                shutil.rmtree(
+                    child
+                ) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif path.exists():
             path.unlink()
     for rel in ("dev", "proc", "sys", "run", "tmp"):

@@ -32,7 +32,9 @@ def debian_component(name: str, version: str) -> JSON:
     return {"type": "library", "bom-ref": purl, "name": name, "version": version, "purl": purl}
 
 
-def image(out: Path, img: Image, entry: JSON, debian: dict[str, str], python_bom: Path, epoch: int) -> None:
+def image(
+    out: Path, img: Image, entry: JSON, debian: dict[str, str], python_bom: Path, epoch: int
+) -> None:
     """One SBOM for the image: the image itself as the subject, every Python and Debian
     component in it."""
     doc: JSON = json.loads(python_bom.read_text())
@@ -50,7 +52,10 @@ def image(out: Path, img: Image, entry: JSON, debian: dict[str, str], python_bom
     doc["components"] = components
     doc["dependencies"] = [
         *doc.get("dependencies", []),
-        {"ref": subject["bom-ref"], "dependsOn": sorted(c["bom-ref"] for c in components if "bom-ref" in c)},
+        {
+            "ref": subject["bom-ref"],
+            "dependsOn": sorted(c["bom-ref"] for c in components if "bom-ref" in c),
+        },
     ]
     del epoch  # the timestamp came from SOURCE_DATE_EPOCH through cyclonedx-py
     out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
