@@ -7,7 +7,7 @@ EXTRAS ?= localcluster,operator,train,merge,cli,dev
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
 .PHONY: help venv binaries up down env status demo lint unit cluster test generate clean \
-	image-tools images images-lock test-images
+	image-tools images images-lock images-reproduce test-images
 
 help:
 	@echo "make demo    bring up the local cluster and S3 server, run a job, then train and merge contributions"
@@ -90,6 +90,10 @@ image-tools:
 
 images: venv image-tools
 	$(BIN)/python -m tools.images.build
+
+# Two clean builds from the lock, digests compared (IMAGES="operator" for one image).
+images-reproduce: venv image-tools
+	$(BIN)/python -m tools.images.reproduce $(IMAGES)
 
 # Record new versions of the images' Debian packages and wheels (then commit tools/images/lock).
 images-lock: venv image-tools

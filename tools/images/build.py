@@ -37,6 +37,7 @@ from tools.images.python_env import (
     install,
     medforge_wheel,
     sha256,
+    smoke,
 )
 from tools.images.spec import (
     BASE_PACKAGES,
@@ -45,6 +46,7 @@ from tools.images.spec import (
     LOCK,
     PREFIX,
     ROOT,
+    SMOKE,
     SOURCE_DATE_EPOCH,
     TOOLCHAIN_PACKAGES,
     UID,
@@ -187,6 +189,7 @@ class Builder:
             and not (root / p).is_dir()
         ]
         app = self._layer(app_key, f"{env} medforge", root, new + changed)
+        smoke(root, SMOKE[env])
         sbom.python(root, bom, self.epoch)
         for p in sorted(new, reverse=True):
             path = root / p

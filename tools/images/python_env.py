@@ -124,6 +124,13 @@ def install(
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def smoke(root: Path, modules: tuple[str, ...]) -> None:
+    """Import `modules` with the image's own interpreter (no bytecode written)."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    _chroot(root, [f"{PREFIX}/bin/python", "-c", code, *modules], env)
+
+
 def _chroot(root: Path, argv: list[str], env: dict[str, str]) -> None:
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     done = subprocess.run(

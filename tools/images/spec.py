@@ -22,12 +22,20 @@ UID = 10001
 HOME = "/scratch"
 
 # Debian packages on top of the essential set. The base has the interpreter the wheels were
-# locked for (CPython 3.11) and the CA bundle for HTTPS to the store.
-BASE_PACKAGES = ("python3.11", "ca-certificates")
+# locked for (CPython 3.11), the CA bundle for HTTPS to the store, and the C++ runtime that
+# numpy's and torch's wheels link against (manylinux wheels do not bundle it).
+BASE_PACKAGES = ("python3.11", "ca-certificates", "libstdc++6")
 TOOLCHAIN_PACKAGES = ("gcc", "libc6-dev", "python3.11-dev")
 
 # The extras of pyproject.toml that make each Python environment.
 ENVIRONMENTS = {"operator": ("operator",), "ml": ("train", "merge")}
+
+# Imported in the image's root after each build: a missing library or package fails the
+# build instead of the first Job.
+SMOKE = {
+    "operator": ("medforge_operator.__main__",),
+    "ml": ("medforge_trainer.__main__", "medforge_merger.__main__", "torch", "peft"),
+}
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
