@@ -194,6 +194,12 @@ def _composite_commands(cmd: Command) -> None:
         default=None,
         help="peft from a dense strategy (ties, dare): the rank to keep",
     )
+    pull.add_argument(
+        "--allow-withdrawn",
+        action="store_true",
+        help="take a revision that held a withdrawn input (by --revision, while its files are "
+        "kept): for an audit, never to serve",
+    )
     pull.add_argument("-o", "--output", required=True, help="folder to write (must be empty)")
     _store_args(pull)
     _kube_args(pull)

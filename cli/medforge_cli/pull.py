@@ -23,8 +23,11 @@ from medforge_common.manifest import (
 JSON = dict[str, Any]
 
 
-def _revision(obj: JSON, revision: int | None) -> tuple[int, str, str, JSON]:
-    """(revision, s3 uri, manifest digest, history entry) of an accepted revision."""
+def _revision(
+    obj: JSON, revision: int | None, allow_withdrawn: bool = False
+) -> tuple[int, str, str, JSON]:
+    """(revision, s3 uri, manifest digest, history entry) of an accepted revision; a withdrawn
+    one only when asked for by number with `allow_withdrawn` (while its files are kept)."""
     st = obj.get("status") or {}
     current = st.get("current") or {}
     name = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
@@ -36,7 +39,15 @@ def _revision(obj: JSON, revision: int | None) -> tuple[int, str, str, JSON]:
     entry = next((h for h in st.get("history") or [] if h.get("revision") == want), None)
     if entry is None:
         raise CliError(f"composite {name} keeps no revision {want} (status.history)")
-    if entry.get("state") != RevisionState.ACCEPTED or not entry.get("digest"):
+    withdrawn = entry.get("state") == RevisionState.WITHDRAWN
+    if withdrawn and not allow_withdrawn:
+        raise CliError(
+            f"revision {want} of {name} was withdrawn ({entry.get('withdrawnReason', '')}: it "
+            f"held {entry.get('withdrawnInput', 'an input')}, which left); it is not served. "
+            "Pass --allow-withdrawn to take it anyway while its files are kept, for an audit"
+        )
+    accepted = entry.get("stateBefore" if withdrawn else "state") == RevisionState.ACCEPTED
+    if not accepted or not entry.get("digest"):
         raise CliError(
             f"revision {want} of {name} was {entry.get('state')} "
             f"({entry.get('reason', '')}): only accepted revisions are published"
@@ -56,11 +67,16 @@ def pull(args: argparse.Namespace) -> int:
     cl = Cluster.connect(args.kubeconfig, args.context)
     ns = args.namespace or cl.default_namespace
     obj = cl.get("composite", ns, args.name)
-    revision, uri, digest, _ = _revision(obj, args.revision)
+    revision, uri, digest, _ = _revision(obj, args.revision, args.allow_withdrawn)
     base_name = str(((obj.get("spec") or {}).get("baseModel") or {}).get("name", ""))
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     store = Store.from_args(args, bucket=bucket)
-    raw = store.read(key + MANIFEST)
+    try:
+        raw = store.read(key + MANIFEST)
+    except CliError as exc:
+        raise CliError(
+            f"revision {revision}: {exc} (an erased revision is gone for good)"
+        ) from None
     if digest_of(raw) != digest:
         raise CliError(
             f"manifest.json of revision {revision} does not match the digest in the "

@@ -137,10 +137,15 @@ def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
         [
             str(h.get("revision", "")),
             str(h.get("state", "")),
-            str(h.get("reason", "")),
+            str(h.get("withdrawnReason") or h.get("reason", "")),
             f"{h['score']:.3f}" if isinstance(h.get("score"), int | float) else "-",
             age(h.get("completedAt"), now),
-            str(h.get("message", ""))[:60],
+            (
+                f"held {h.get('withdrawnInput', '?')}, withdrawn {age(h.get('withdrawnAt'), now)}"
+                " ago"
+                if h.get("state") == "Withdrawn"
+                else str(h.get("message", ""))
+            )[:60],
         ]
         for h in st.get("history") or []
     ]
@@ -149,6 +154,7 @@ def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
         if rows
         else "  none yet"
     )
+    lines += _withdrawals(st, now)
     lines += ["", "Inputs:"]
     inputs = [
         [
@@ -164,6 +170,25 @@ def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
         lines.append(f"  ... and {st['inputsOmitted']} more")
     lines += _scores(c, current)
     return "\n".join(lines)
+
+
+def _withdrawals(st: JSON, now: dt.datetime | None) -> list[str]:
+    """Inputs that left: which revisions they took with them and where the erasure stands."""
+    rows = [
+        [
+            f"{w.get('namespace', '')}/{w.get('name', '')}",
+            str(w.get("reason", "")),
+            age(w.get("at"), now),
+            ",".join(str(n) for n in w.get("revisions") or []) or "-",
+            str(w.get("replacement", "-")),
+            str(w.get("state", "")),
+        ]
+        for w in st.get("withdrawals") or []
+    ]
+    if not rows:
+        return []
+    headers = ["INPUT", "REASON", "AGE", "WITHDRAWN REVISIONS", "REPLACED BY", "STATE"]
+    return ["", "Withdrawals (newest first):", table(headers, rows)]
 
 
 def _scores(c: JSON, current: JSON) -> list[str]:

@@ -103,6 +103,9 @@ class Reason(StrEnum):
     # A revision failed twice (or was rejected with several new inputs): its new inputs are
     # tried in halves until the one that causes it is found; the others merge meanwhile.
     ISOLATING = "Isolating"
+    # An input left (deleted, or consent withdrawn): the revisions that hold it are no longer
+    # served, and a replacement without it merges (status.rebuild).
+    WITHDRAWING = "Withdrawing"
     # A BaseModel's way.
     NOT_UPLOADED = "NotUploaded"
     VERIFICATION_FAILED = "VerificationFailed"
@@ -115,6 +118,16 @@ class RevisionState(StrEnum):
     ACCEPTED = "Accepted"
     REJECTED = "Rejected"
     FAILED = "Failed"
+    # It held an input that was withdrawn: never served or made current again.
+    WITHDRAWN = "Withdrawn"
+
+
+class WithdrawalReason(StrEnum):
+    """Why an input left a composite (status.withdrawals[].reason, history[].withdrawnReason)."""
+
+    CONTRIBUTION_DELETED = "ContributionDeleted"
+    CONSENT_WITHDRAWN = "ConsentWithdrawn"  # spec.sharing.forges no longer names the composite
+    NO_LONGER_SELECTED = "NoLongerSelected"  # the composite's selectors no longer match it
 
 
 class InputState(StrEnum):
@@ -150,3 +163,6 @@ class EventReason(StrEnum):
     REVISION_STARTED = "RevisionStarted"
     EXCLUDED_BY_MERGER = "ExcludedByMerger"
     ISOLATED_AFTER_FAILURES = "IsolatedAfterFailures"
+    WITHDRAWN = "Withdrawn"  # the forge saw an input leave (on the composite and the contribution)
+    REVISION_CANCELLED = "RevisionCancelled"  # a merge that read a withdrawn input was stopped
+    ERASED = "Erased"  # a withdrawal's files were deleted from the store (the receipt's key)

@@ -15,6 +15,11 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_now(at: str) -> dt.datetime:
+    """A time as `now` writes it."""
+    return dt.datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
 @dataclass(frozen=True)
 class Cond:
     type: str

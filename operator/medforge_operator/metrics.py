@@ -22,6 +22,15 @@ RECONCILES = Counter("medforge_reconciles_total", "Reconcile rounds", ["kind", "
 RECONCILE_SECONDS = Histogram(
     "medforge_reconcile_seconds", "Duration of a reconcile round", ["kind"]
 )
+WITHDRAWALS = Counter(
+    "medforge_withdrawals_total",
+    "Inputs that left a composite, by reason (ContributionDeleted, ConsentWithdrawn, "
+    "NoLongerSelected)",
+    ["reason"],
+)
+WITHDRAWALS_ERASED = Counter(
+    "medforge_withdrawal_erasures_total", "Withdrawals whose files were erased from the store"
+)
 REVISIONS = Counter("medforge_revisions_total", "Composite revisions finished", ["outcome"])
 
 # The work queue and the controllers, in the names controller-runtime exports (so the dashboards

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -23,6 +24,7 @@ from medforge_operator import (
     COMPOSITES,
     CONTRIBUTIONS,
     composite,
+    erasure,
     jobs,
     jobstatus,
     names,
@@ -31,15 +33,13 @@ from medforge_operator import (
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.bodies import CompositeBody, Obj
 from medforge_operator.catalog import Catalog, ConfigRefused
-from medforge_operator.conditions import merge_conditions, now, stalled
+from medforge_operator.conditions import merge_conditions, now, parse_now, stalled
 from medforge_operator.kubeapi import KubeApi
-from medforge_operator.metrics import JOBS_CREATED, REVISIONS
+from medforge_operator.metrics import JOBS_CREATED, REVISIONS, WITHDRAWALS, WITHDRAWALS_ERASED
 from medforge_operator.revision_outcome import outcome
 from medforge_operator.settings import Settings
 from medforge_operator.statuswrite import write_status
-from medforge_operator.store import (
-    ForgeStore,
-)
+from medforge_operator.store import ForgeStore, StoreUnreachable
 
 JSON = dict[str, Any]
 EventFn = Callable[[Obj, str, str, str], None]
@@ -84,11 +84,15 @@ def reconcile(
     if refusal is not None:
         _write(fresh, kube, refusal_status(fresh, *refusal))
         return
-    o = observe(fresh, kube, store, s, cat)
+    at = now()
+    o = observe(fresh, kube, store, s, cat, at)
     spec = fresh["spec"]
     old = fresh.get("status") or {}
-    at = now()
-    changes = composite.settle(old, o, int(spec.get("historyLimit", 10)), at)
+    changes = dict(o.withdrawal.changes) if o.withdrawal else {}
+    before = _apply(old, changes)
+    changes |= composite.settle(before, o, int(spec.get("historyLimit", 10)), at)
+    settled = {**fresh, "status": _apply(old, changes)}
+    changes |= composite.abandoned_rebuild(settled["status"], o, at)
     settled = {**fresh, "status": _apply(old, changes)}
     plan = composite.next_plan(settled, o, at)
     if plan is not None and o.base is not None:
@@ -96,10 +100,76 @@ def reconcile(
         if o.started is not None:
             changes |= {"revision": plan.revision, "pendingRevision": o.started}
             settled = {**fresh, "status": _apply(old, changes)}
+    changes |= _erase_due(settled, kube, store, event, at)
+    settled = {**fresh, "status": _apply(old, changes)}
     new = composite.compute_status(old, settled, o, changes)
     _write(fresh, kube, new)
     _announce(fresh, old, o, plan, kube, event, cat)
     _tell_excluded(fresh, old, new, o, event)
+    _tell_withdrawn(fresh, o, event)
+
+
+def _erase_due(obj: Obj, kube: KubeApi, store: ForgeStore, event: EventFn, at: str) -> JSON:
+    """Erase the withdrawals whose retention is over (spec.withdrawal.retention after the
+    replacement was accepted); a store that does not answer is tried again next round."""
+    try:
+        retention, _ = composite.withdrawal_settings(obj["spec"])
+    except ValueError:
+        return {}  # the CRD's pattern keeps this out; nothing is erased early on a bad value
+    changes: JSON = {}
+    for record in composite.erasure_due(obj.get("status") or {}, retention, parse_now(at)):
+        try:
+            changes = erasure.erase(obj, record, kube, store, event, at)
+        except StoreUnreachable as exc:
+            log.warning("erasure of %s/%s waits: %s", record["namespace"], record["name"], exc)
+            break
+        obj = {**obj, "status": _apply(obj.get("status") or {}, changes)}
+        WITHDRAWALS_ERASED.inc()
+    return changes
+
+
+def _tell_withdrawn(obj: Obj, o: composite.Observation, event: EventFn) -> None:
+    """A withdrawal seen: the forge hears which revisions no longer serve, the hospital (in its
+    namespace) that its input left."""
+    me = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+    records = {
+        (w["namespace"], w["name"], w["digest"]): w
+        for w in ((o.withdrawal.changes if o.withdrawal else {}).get("withdrawals") or [])
+    }
+    for d in o.departures:
+        WITHDRAWALS.labels(d.reason).inc()
+        w = records.get((d.namespace, d.name, d.digest)) or {}
+        revisions = w.get("revisions") or []
+        event(
+            obj,
+            "Warning",
+            EventReason.WITHDRAWN,
+            f"{d.ident} left ({d.reason}): revision(s) {revisions or 'none'} withdrawn; "
+            + (
+                "a replacement without it merges next"
+                if w.get("state") == "Replacing"
+                else "no replacement is needed"
+            ),
+        )
+        target = {
+            "apiVersion": "medforge.io/v1alpha1",
+            "kind": "LoRAContribution",
+            "metadata": {"namespace": d.namespace, "name": d.name},
+        }
+        event(
+            target,
+            "Normal",
+            EventReason.WITHDRAWN,
+            f"{me}: this contribution left ({d.reason}); no new revision will hold it, and its "
+            "files are erased once a replacement is accepted",
+        )
+    if o.withdrawal is not None and o.withdrawal.cancel:
+        event(
+            obj,
+            "Normal",
+            EventReason.REVISION_CANCELLED,
+            "the pending merge read an input that was withdrawn: stopped before it could finish",
+        )
 
 
 def _apply(status: JSON, changes: JSON) -> JSON:
@@ -139,10 +209,11 @@ def refusal_status(obj: Obj, reason: str, message: str) -> JSON:
 
 
 def observe(
-    obj: Obj, kube: KubeApi, store: ForgeStore, s: Settings, cat: Catalog
+    obj: Obj, kube: KubeApi, store: ForgeStore, s: Settings, cat: Catalog, at: str
 ) -> composite.Observation:
-    """Everything the round decides on. A pending revision whose Job ended is read here: its
-    pods' result and the uploaded composite, copied and checked in the store."""
+    """Everything the round decides on. Inputs that left are found first: a pending merge that
+    reads one is stopped before anything is signed for it. A pending revision whose Job ended
+    is read here: its pods' result and the uploaded composite, copied and checked in the store."""
     meta, spec = obj["metadata"], obj["spec"]
     o = composite.Observation(generation=int(meta["generation"]))
     try:
@@ -151,6 +222,10 @@ def observe(
         o.base_problem = (exc.reason, exc.message)
     o.contribs = matching_contributions(obj, kube, s, cat)
     pending = (obj.get("status") or {}).get("pendingRevision")
+    _departures(obj, o, kube, at)
+    if o.withdrawal is not None and o.withdrawal.cancel and pending:
+        _cancel(obj, pending, kube, cat)
+        return o
     if not pending:
         return o
     job_name = names.merge_job_name(meta["name"], pending["revision"])
@@ -174,6 +249,37 @@ def observe(
     return o
 
 
+def _departures(obj: Obj, o: composite.Observation, kube: KubeApi, at: str) -> None:
+    """The merged inputs whose contributions no longer consent or exist, each with its reason
+    (read from the contribution itself: the forge never has to act)."""
+    status = obj.get("status") or {}
+    present = {(c["metadata"]["namespace"], c["metadata"]["name"]) for c in o.contribs}
+    gone = composite.departed(status, present)
+    if not gone:
+        return
+    me = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+    o.departures = [
+        replace(
+            d,
+            reason=erasure.departure_reason(
+                kube.get_object(CONTRIBUTIONS, d.namespace, d.name), me
+            ),
+        )
+        for d in gone
+    ]
+    o.withdrawal = composite.withdraw(status, o.departures, at)
+
+
+def _cancel(obj: Obj, pending: JSON, kube: KubeApi, cat: Catalog) -> None:
+    """Stop the pending merge: its Job (the one this revision recorded, by uid) goes with its
+    pods, and its URLs are forgotten."""
+    ns = obj["metadata"]["namespace"]
+    job = kube.get_job(ns, names.merge_job_name(obj["metadata"]["name"], pending["revision"]))
+    if job is not None and job["metadata"].get("uid") == pending.get("jobUid"):
+        cat.configs.forget(job)
+        kube.delete_job(ns, job["metadata"]["name"])
+
+
 def _sign(
     obj: Obj,
     pending: JSON,
@@ -190,7 +296,9 @@ def _sign(
             obj["spec"]["baseModel"]["name"], pending.get("baseDigest"), "spec.baseModel"
         )
         new, every = composite.merge_inputs(pending, o.contribs, base.digest)
-        plan = composite.Plan(int(pending["revision"]), new, every)
+        plan = composite.Plan(
+            int(pending["revision"]), new, every, replacement=bool(pending.get("replacement"))
+        )
         out = composite.output_prefix(store.bucket, obj, plan.revision)
         job_plan = composite.merge_plan(obj, plan, base, out, store.bucket)
         grant = composite.merge_grant(store.bucket, obj, plan, base)
@@ -253,6 +361,14 @@ def _start(
         "revision": plan.revision,
         "digests": [c["status"]["artifact"]["digest"] for c in plan.new],
         "inputs": [c["status"]["artifact"]["digest"] for c in plan.all_inputs],
+        # Who each input is: a withdrawal finds the merges that read it.
+        "sources": [
+            composite.source(
+                c["metadata"]["namespace"], c["metadata"]["name"], c["status"]["artifact"]["digest"]
+            )
+            for c in plan.all_inputs
+        ],
+        **({"replacement": True} if plan.replacement else {}),
         "baseDigest": o.base.digest,
         "jobUid": job["metadata"]["uid"],
         "incremental": job_plan["integration"] == "incremental",
@@ -291,7 +407,10 @@ def _announce(
             obj,
             "Normal",
             EventReason.REVISION_STARTED,
-            f"merging revision {plan.revision} with {len(plan.new)} new contribution(s)",
+            f"merging revision {plan.revision}: the {len(plan.all_inputs)} remaining input(s) "
+            "afresh, replacing the revisions that hold a withdrawn input"
+            if plan.replacement
+            else f"merging revision {plan.revision} with {len(plan.new)} new contribution(s)",
         )
 
 

@@ -176,6 +176,64 @@ class ForgeStore:
             with contextlib.suppress(ClientError, BotoCoreError):
                 self._api.delete_object(Bucket=uri.bucket, Key=uri.key)
 
+    def _versions(self, prefix: S3Uri) -> list[tuple[str, str | None]]:
+        """(key, version id) of every object version and delete marker under `prefix`; a
+        store or bucket that keeps no versions answers with its current objects."""
+        out: list[tuple[str, str | None]] = []
+        try:
+            pages = self._api.get_paginator("list_object_versions").paginate(
+                Bucket=prefix.bucket, Prefix=prefix.key
+            )
+            for page in pages:
+                for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                    vid = v.get("VersionId")
+                    out.append((str(v["Key"]), None if vid in (None, "", "null") else str(vid)))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in ("NotImplemented", "MethodNotAllowed", "501"):
+                raise
+        pages = self._api.get_paginator("list_objects_v2").paginate(
+            Bucket=prefix.bucket, Prefix=prefix.key
+        )
+        for page in pages:
+            out += [(str(o["Key"]), None) for o in page.get("Contents", [])]
+        return list(dict.fromkeys(out))
+
+    def erase(self, prefix: S3Uri) -> list[str]:
+        """Delete every object under `prefix` (a folder: it ends with /), every version and
+        delete marker too where the bucket keeps versions; the keys deleted, sorted. A fault is
+        StoreUnreachable and the next call goes on where this one stopped."""
+        if not prefix.key.endswith("/") or prefix.key.count("/") < 2:
+            raise ValueError(f"refusing to erase {prefix}: not an artifact's folder")
+        deleted: set[str] = set()
+        try:
+            for _ in range(3):  # a delete marker written meanwhile is found on the next pass
+                found = self._versions(prefix)
+                if not found:
+                    break
+                for key, version in found:
+                    extra = {"VersionId": version} if version else {}
+                    self._api.delete_object(Bucket=prefix.bucket, Key=key, **extra)
+                    deleted.add(key)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise StoreUnreachable(f"the forge store refused erasing {prefix}: {code}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnreachable(
+                f"the forge store at {self.s.store_endpoint} is unreachable: {exc}"
+            ) from exc
+        return sorted(deleted)
+
+    def write_json(self, uri: S3Uri, data: dict[str, Any]) -> None:
+        """A small JSON object the operator writes itself (an erasure receipt)."""
+        body = json.dumps(data, sort_keys=True, indent=1).encode()
+        try:
+            self._api.put_object(
+                Bucket=uri.bucket, Key=uri.key, Body=body, ContentType="application/json"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnreachable(f"the forge store refused writing {uri}: {exc}") from exc
+
     def _manifest(self, prefix: S3Uri, digest: str | None) -> Manifest:
         raw = self.read(prefix.join(MANIFEST_FILE))
         actual = digest_of(raw)

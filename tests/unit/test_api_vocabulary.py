@@ -57,4 +57,4 @@ def test_reasons_are_unique_camel_case_codes() -> None:
 
 def test_the_composite_history_states_are_revision_states() -> None:
     """status.history[].state values and the Revision<State> Event reasons come from here."""
-    assert {s.value for s in api.RevisionState} == {"Accepted", "Rejected", "Failed"}
+    assert {s.value for s in api.RevisionState} == {"Accepted", "Rejected", "Failed", "Withdrawn"}

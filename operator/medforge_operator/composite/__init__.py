@@ -1,5 +1,6 @@
 """CompositeModel, by concern: which contributions count (inputs), when a revision starts
-(planning), the merge Job (mergejob), how a revision ends (settling) and the status (status).
+(planning), the merge Job (mergejob), how a revision ends (settling), inputs that leave
+(withdrawal) and the status (status).
 All pure functions; the reconciler (reconcile_composite) observes and writes."""
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from medforge_operator.composite.mergejob import (
 )
 from medforge_operator.composite.planning import (
     Plan,
+    abandoned_rebuild,
     effective_integration,
     next_plan,
     plan_revision,
+    replacement_inputs,
 )
 from medforge_operator.composite.settling import (
     RETRY_BASE_SECONDS,
@@ -58,6 +61,15 @@ from medforge_operator.composite.status import (
     problem_of,
     revision_conditions,
 )
+from medforge_operator.composite.withdrawal import (
+    Departure,
+    Withdrawal,
+    departed,
+    source,
+    withdraw,
+)
+from medforge_operator.composite.withdrawal import due as erasure_due
+from medforge_operator.composite.withdrawal import settings as withdrawal_settings
 
 __all__ = [
     "INPUTS_SHOWN",
@@ -65,16 +77,21 @@ __all__ = [
     "OUTPUT_FILES",
     "RETRY_BASE_SECONDS",
     "RETRY_MAX_SECONDS",
+    "Departure",
     "Observation",
     "Outcome",
     "Plan",
+    "Withdrawal",
+    "abandoned_rebuild",
     "accepted_current",
     "after_revision",
     "artifact_refs",
     "build_status",
     "compute_status",
     "conditions_for",
+    "departed",
     "effective_integration",
+    "erasure_due",
     "evaluate_inputs",
     "finish_revision",
     "gate",
@@ -96,12 +113,16 @@ __all__ = [
     "problem_of",
     "ready_since",
     "reason_code",
+    "replacement_inputs",
     "retry_delay",
     "revision_conditions",
     "selector_matches",
     "selector_string",
     "settle",
     "shares_with",
+    "source",
     "trial_result",
     "verified_prefix",
+    "withdraw",
+    "withdrawal_settings",
 ]

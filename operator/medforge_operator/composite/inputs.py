@@ -81,6 +81,13 @@ def has_verified_copy(c: JSON) -> bool:
     return contribution.has_verified_copy(c)
 
 
+def merging(pending: JSON) -> set[str]:
+    """The digests a pending revision merges anew (a withdrawal's replacement: all it reads)."""
+    if pending.get("replacement"):
+        return set(pending.get("inputs") or [])
+    return set(pending.get("digests") or [])
+
+
 def evaluate_inputs(
     composite: Obj, contribs: list[JSON], base_digest: str | None
 ) -> tuple[list[JSON], list[JSON]]:
@@ -93,7 +100,7 @@ def evaluate_inputs(
     merged = {i["digest"]: i for i in current.get("inputs") or []}
     excluded: dict[str, str] = status.get("excluded") or {}
     pending = status.get("pendingRevision") or {}
-    in_flight = set(pending.get("digests") or [])
+    in_flight = merging(pending)
     inputs: list[JSON] = []
     candidates: list[JSON] = []
     for c in sorted(contribs, key=lambda c: (ready_since(c), key(c))):

@@ -87,7 +87,11 @@ def merge_plan(
     Inputs are read from the operator's verified copies, in the forge bucket only."""
     spec, status = composite["spec"], composite.get("status") or {}
     current = status.get("current")
-    incremental = effective_integration(spec) == "incremental" and current is not None
+    incremental = (
+        effective_integration(spec) == "incremental"
+        and current is not None
+        and not plan.replacement
+    )
     inputs: list[MergeInput] = []
     new = {c["status"]["artifact"]["digest"] for c in plan.new}
     for c in plan.all_inputs:

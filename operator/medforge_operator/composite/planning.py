@@ -7,12 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from medforge_common.api import ConditionType as C
 from medforge_common.strategy import DEFAULT as DEFAULT_STRATEGY
 from medforge_common.strategy import STRATEGIES, Traits
 from medforge_operator import isolation
 from medforge_operator.bodies import Obj
-from medforge_operator.composite.inputs import evaluate_inputs
+from medforge_operator.composite import withdrawal
+from medforge_operator.composite.inputs import evaluate_inputs, has_verified_copy
 from medforge_operator.composite.settling import Observation, in_flight
+from medforge_operator.conditions import is_true
 
 JSON = dict[str, Any]
 
@@ -22,6 +25,8 @@ class Plan:
     revision: int
     new: list[JSON]  # contributions this revision adds
     all_inputs: list[JSON]  # contributions the merge reads (new ones, or all for `full`)
+    # A withdrawal's replacement: a full merge of the remaining inputs, nothing new.
+    replacement: bool = False
 
 
 def effective_integration(spec: JSON, registry: Mapping[str, Traits] = STRATEGIES) -> str:
@@ -34,10 +39,33 @@ def effective_integration(spec: JSON, registry: Mapping[str, Traits] = STRATEGIE
     return str(spec.get("integration", "incremental"))
 
 
+def replacement_inputs(status: JSON, contribs: list[JSON], base_digest: str) -> list[JSON]:
+    """The contributions a withdrawal's replacement merges: status.rebuild's inputs, in their
+    order, that are still Ready with their verified copy for the base model."""
+    wanted = list((status.get("rebuild") or {}).get("inputs") or [])
+    by_digest = {}
+    for c in contribs:
+        st = c.get("status") or {}
+        art = st.get("artifact") or {}
+        if (
+            art.get("digest") in wanted
+            and is_true(st.get("conditions"), C.READY)
+            and st.get("observedGeneration") == c["metadata"].get("generation")
+            and art.get("baseModelDigest") == base_digest
+            and has_verified_copy(c)
+        ):
+            by_digest[art["digest"]] = c
+    return [by_digest[d] for d in wanted if d in by_digest]
+
+
 def plan_revision(composite: Obj, candidates: list[JSON], contribs: list[JSON]) -> Plan | None:
     """The next revision to start, if any."""
     spec, status = composite["spec"], composite.get("status") or {}
-    if spec.get("paused") or status.get("pendingRevision") or not candidates:
+    if status.get("pendingRevision"):
+        return None
+    if status.get("rebuild"):
+        return None  # a withdrawal's replacement goes first (next_plan)
+    if spec.get("paused") or not candidates:
         return None
     current = status.get("current")
     if current is None and len(candidates) < int(spec.get("minContributions", 1)):
@@ -70,5 +98,25 @@ def next_plan(composite: Obj, o: Observation, at: str) -> Plan | None:
     blocked = o.start_problem or o.base_problem
     if o.base is None or blocked or in_flight(status, o) is not None:
         return None
+    if status.get("rebuild"):
+        # A withdrawal goes first, paused or not: the forge cannot hold a hospital in.
+        if status.get("pendingRevision"):
+            return None
+        inputs = replacement_inputs(status, o.contribs, o.base.digest)
+        revision = int(status.get("revision") or 0) + 1
+        return Plan(revision, [], inputs, replacement=True) if inputs else None
     _, candidates = evaluate_inputs(composite, o.contribs, o.base.digest)
     return plan_revision(composite, candidates, o.contribs)
+
+
+def abandoned_rebuild(status: JSON, o: Observation, at: str) -> JSON:
+    """Status fields when a withdrawal's replacement has nothing left to merge."""
+    if (
+        not status.get("rebuild")
+        or status.get("pendingRevision")
+        or o.base is None
+        or o.base_problem
+        or replacement_inputs(status, o.contribs, o.base.digest)
+    ):
+        return {}
+    return withdrawal.abandon(status, at)

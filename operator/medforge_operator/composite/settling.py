@@ -14,6 +14,7 @@ from medforge_common.api import Reason as R
 from medforge_common.api import RevisionState
 from medforge_common.result import finite_number
 from medforge_operator import basemodel, isolation
+from medforge_operator.composite import withdrawal
 
 JSON = dict[str, Any]
 
@@ -54,6 +55,9 @@ class Observation:
     contribs: list[JSON] = field(default_factory=list)
     started: JSON | None = None  # the pendingRevision of a merge Job created this round
     start_problem: tuple[str, str] | None = None
+    # Inputs that left this round (deleted, consent withdrawn) and what that changes.
+    departures: list[withdrawal.Departure] = field(default_factory=list)
+    withdrawal: withdrawal.Withdrawal | None = None
 
 
 def in_flight(status: JSON, o: Observation) -> JSON | None:
@@ -127,15 +131,24 @@ def finish_revision(
         **merge_figures(res.get("merge")),
     }
     entry = {k: v for k, v in entry.items() if v is not None}
+    accepted_inputs = None
     if outcome.state == RevisionState.ACCEPTED:
         art = res["artifact"]
         out["current"] = accepted_current(status, pending, res, uri, job_name, at)
-        # Per-task metrics too: `medforge describe` charts each task over the revisions.
+        accepted_inputs = out["current"]["inputs"]
+        # Per-task metrics too: `medforge describe` charts each task over the revisions. The
+        # files let a withdrawal serve this revision again without reading the store.
         entry |= {
             "digest": art["digest"],
             "score": res.get("score"),
             "metrics": res.get("metrics", {}),
+            "files": art.get("files", []),
         }
+    if pending.get("replacement"):
+        entry["replacement"] = True
+    # Every input whose update these files hold, so that a withdrawal finds them.
+    entry["inputs"] = withdrawal.revision_sources(status, pending, accepted_inputs)
+    out |= withdrawal.after_replacement(status, pending, outcome.state, at)
     changes, blamed = after_revision(status, pending, outcome, excluded, at)
     for d, code in blamed.items():
         excluded.setdefault(d, code)
@@ -156,7 +169,8 @@ def accepted_current(
     if res.get("integration") == "incremental" or pending.get("incremental"):
         known = {i["digest"] for i in merged}
         merged = [*[p for p in prev if p["digest"] not in known], *merged]
-    return {
+    blank = {k: None for k in status.get("current") or {}}  # a merge patch keeps the rest
+    return blank | {
         "revision": pending["revision"],
         "uri": uri,
         "digest": art["digest"],
@@ -200,6 +214,17 @@ def after_revision(
     stored = status.get("retry")
     retry: JSON = stored if isinstance(stored, dict) else {}
     attempts = int(finite_number(retry.get("attempt")) or 0)
+    if pending.get("replacement"):
+        # A withdrawal's replacement adds nothing to blame: retried while it fails, an
+        # isolation under way goes on after it.
+        if result in (isolation.FAILED, isolation.FAULT):
+            return {
+                "retry": {
+                    "attempt": attempts + 1,
+                    "notBefore": later(at, retry_delay(attempts + 1)),
+                }
+            }, {}
+        return {"retry": None}, {}
     input_failures = int(finite_number(retry.get("inputFailures")) or 0)
     isolating = status.get("isolation")
     tried = [str(d) for d in pending.get("digests") or []]

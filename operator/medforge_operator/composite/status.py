@@ -117,6 +117,8 @@ def conditions_for(
     if problem:
         phase, conds = problem_conditions(status, problem)
         return phase, [*conds, merged, accepted]
+    if status.get("rebuild"):
+        return _withdrawing(status, running, merged, accepted)
     if running:
         msg = f"merging revision {running['revision']}"
         ready_reason = R.MERGING if current is None else R.SERVING
@@ -138,6 +140,27 @@ def conditions_for(
     return Phase.READY, [*steady(R.REVISION_READY, msg, quiet=R.IDLE), merged, accepted]
 
 
+def _withdrawing(
+    status: JSON, running: JSON | None, merged: Cond, accepted: Cond
+) -> tuple[str, list[Cond]]:
+    """While a withdrawal's replacement is to merge: what is served meanwhile (never a revision
+    that holds the withdrawn input)."""
+    current = status.get("current")
+    left = len((status.get("rebuild") or {}).get("inputs") or [])
+    serving = (
+        f"serving revision {current['revision']}, the newest without it,"
+        if current
+        else "serving nothing"
+    )
+    step = f"revision {running['revision']} merges" if running else "a replacement merges next:"
+    msg = (
+        f"an input was withdrawn: {serving} until {step} the {left} remaining input(s) afresh "
+        "and is accepted"
+    )
+    conds = progressing(R.WITHDRAWING, msg, ready=current is not None)
+    return Phase.MERGING, [*conds, merged, accepted]
+
+
 def build_status(
     old: JSON, generation: int, inputs: list[JSON], phase: str, conds: list[Cond], extra: JSON
 ) -> JSON:
@@ -145,7 +168,17 @@ def build_status(
         k: v
         for k, v in old.items()
         if k
-        in ("revision", "current", "history", "excluded", "pendingRevision", "retry", "isolation")
+        in (
+            "revision",
+            "current",
+            "history",
+            "excluded",
+            "pendingRevision",
+            "retry",
+            "isolation",
+            "rebuild",
+            "withdrawals",
+        )
     }
     status |= extra
     counts = {state.value: 0 for state in IS}
