@@ -257,11 +257,16 @@ class LocalCluster:
             ROOT_ACCESS_KEY=creds["access_key"],
             ROOT_SECRET_KEY=creds["secret_key"],
         )
+        versions = self.dir / "s3" / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
         argv = [
             str(versitygw),
             f"--port=127.0.0.1:{st.ports['s3']}",
             "--quiet",
             "posix",
+            # Buckets may keep object versions (PutBucketVersioning), as production stores do:
+            # erasure is tested against them.
+            f"--versioning-dir={versions}",
             str(root),
         ]
         log = self.logs / "s3.log"

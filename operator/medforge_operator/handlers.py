@@ -344,6 +344,8 @@ def contribution_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     if status.get("observedGeneration") != obj["metadata"].get("generation"):
         meta = obj["metadata"]
         r.enqueue(CONTRIBUTIONS, meta["namespace"], meta["name"], obj)
+        # A spec change may withdraw consent (spec.sharing): the composites look at once.
+        r.composites()
 
 
 # ----- BaseModel (cluster-scoped) -----

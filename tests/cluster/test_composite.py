@@ -1,5 +1,5 @@
 """CompositeModel revisions: asynchronous arrivals, base-model mismatch, the regression gate,
-pause, and deletion of an input."""
+pause, and deletion of an input (a withdrawal, even while paused)."""
 
 from __future__ import annotations
 
@@ -153,19 +153,16 @@ def test_revisions_follow_contributions(
     st = wait_until(queued, 60)
     assert st["revision"] == 3 and st["phase"] == "Paused"
 
-    # Deleting an included contribution leaves the current revision as it is.
-    current = st["current"]
+    # Deleting an included contribution withdraws it, paused or not: every revision that held
+    # it is withdrawn, and revision 4 merges the rest afresh.
     cluster.kubectl("delete", "lorac", "breakhis", "-n", a)
-    wait_until(
-        lambda: all(
-            i["name"] != "breakhis" for i in status(cluster, "cmodel", namespace, "forge")["inputs"]
-        ),
-        60,
-    )
-    after = status(cluster, "cmodel", namespace, "forge")
-    assert after["current"] == current and after["current"]["digest"] != first_digest
+    st = revision_state(cluster, namespace, 4, "Accepted")
+    assert [i["name"] for i in st["current"]["inputs"]] == ["lung"]
+    states = {h["revision"]: h["state"] for h in st["history"]}
+    assert states == {1: "Withdrawn", 2: "Withdrawn", 3: "Withdrawn", 4: "Accepted"}
+    assert st["current"]["digest"] != first_digest and st["phase"] == "Paused"
 
-    # Unpaused: the queued contribution becomes revision 4.
+    # Unpaused: the queued contribution becomes revision 5.
     cluster.kubectl(
         "patch",
         "cmodel",
@@ -176,8 +173,8 @@ def test_revisions_follow_contributions(
         "-p",
         '{"spec": {"paused": false}}',
     )
-    st = revision_state(cluster, namespace, 4, "Accepted")
-    assert st["current"]["revision"] == 4 and len(st["history"]) == 4
+    st = revision_state(cluster, namespace, 5, "Accepted")
+    assert st["current"]["revision"] == 5 and len(st["history"]) == 5
     events = cluster.kubectl("get", "events", "-n", namespace).stdout
     assert "RevisionAccepted" in events and "RevisionRejected" in events
 

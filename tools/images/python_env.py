@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -128,7 +129,21 @@ def smoke(root: Path, modules: tuple[str, ...]) -> None:
     """Import `modules` with the image's own interpreter (no bytecode written)."""
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
-    _chroot(root, [f"{PREFIX}/bin/python", "-c", code, *modules], env)
+    # torch opens /dev/urandom on import; the image has no /dev (the runtime mounts one), so a
+    # few device nodes are lent for the check and removed, the root's times restored.
+    before = root.stat()
+    dev = root / "dev"
+    lent = not dev.exists()
+    try:
+        if lent:
+            dev.mkdir()
+            for name, (major, minor) in {"null": (1, 3), "zero": (1, 5), "urandom": (1, 9)}.items():
+                os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        _chroot(root, [f"{PREFIX}/bin/python", "-c", code, *modules], env)
+    finally:
+        if lent:
+            shutil.rmtree(dev, ignore_errors=True)
+            os.utime(root, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def _chroot(root: Path, argv: list[str], env: dict[str, str]) -> None:
