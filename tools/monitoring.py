@@ -215,6 +215,35 @@ ROWS = [
         ],
     ),
     Row(
+        "Withdrawal",
+        [
+            Panel(
+                "Withdrawals by reason (24 h)",
+                "timeseries",
+                [("sum by (reason) (increase(medforge_withdrawals_total[24h]))", "{{reason}}")],
+                description="Inputs that left a composite: deleted, consent withdrawn, or no "
+                "longer selected.",
+            ),
+            Panel(
+                "Oldest withdrawal waiting for its replacement",
+                "timeseries",
+                [
+                    (
+                        f"max by (name) (medforge_composite_withdrawal_pending_seconds{{{FORGE}}})",
+                        "waiting {{name}}",
+                    ),
+                    (
+                        f"max by (name) (medforge_composite_withdrawal_deadline_seconds{{{FORGE}}})",
+                        "deadline {{name}}",
+                    ),
+                ],
+                unit="s",
+                description="Until the replacement revision is accepted no revision holding the "
+                "withdrawn input is served; the alert fires past spec.withdrawal.deadline.",
+            ),
+        ],
+    ),
+    Row(
         "Verification",
         [
             Panel(
@@ -381,6 +410,17 @@ ALERTS = [
         "warning",
         "{{ $labels.namespace }}/{{ $labels.name }} has accepted no revision for long",
         "Inputs are pending but no revision was accepted for more than $NO_REVISION_HOURS hours.",
+    ),
+    Alert(
+        "MedForgeWithdrawalNotReplaced",
+        "max by (namespace, name) (medforge_composite_withdrawal_pending_seconds) "
+        "> max by (namespace, name) (medforge_composite_withdrawal_deadline_seconds)",
+        "withdrawalNotReplacedFor",
+        "warning",
+        "A withdrawal from {{ $labels.namespace }}/{{ $labels.name }} has no replacement yet",
+        "An input left more than spec.withdrawal.deadline ago and no revision without it has "
+        "been accepted; the composite serves an older revision without it, or nothing. "
+        "kubectl describe compositemodel says what holds the replacement.",
     ),
     Alert(
         "MedForgeReconcileErrors",

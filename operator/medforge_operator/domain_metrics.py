@@ -24,6 +24,7 @@ from medforge_common.api import BaseModelPhase, CompositePhase, ConditionType, C
 from medforge_common.result import finite_number
 from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS
 from medforge_operator.bodies import Obj
+from medforge_operator.composite import withdrawal
 from medforge_operator.observed import ObservedObjects
 
 JSON = dict[str, Any]
@@ -186,6 +187,14 @@ def _composite_gauges() -> dict[str, GaugeMetricFamily]:
             "Seconds since the last accepted revision (since creation while none was)",
             ident,
         ),
+        "withdrawal_pending_seconds": (
+            "Seconds the oldest withdrawal without an accepted replacement has waited (0: none)",
+            ident,
+        ),
+        "withdrawal_deadline_seconds": (
+            "spec.withdrawal.deadline in seconds (MedForgeWithdrawalNotReplaced fires past it)",
+            ident,
+        ),
         "merge_seconds": ("Seconds the newest merge that ran spent merging", ident),
         "search_evaluations": (
             "Coefficient-search evaluations of the newest merge that ran",
@@ -229,6 +238,13 @@ def _one_composite(
             if (v := finite_number(value)) is not None:
                 g["task_metric"].add_metric([*ident, str(task), str(metric)], v)
     _history(g, ident, status, durations, tries)
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
+    g["withdrawal_pending_seconds"].add_metric(ident, withdrawal.overdue_seconds(status, at))
+    try:
+        _, deadline = withdrawal.settings(c.get("spec") or {})
+    except ValueError:
+        deadline = withdrawal.seconds(withdrawal.DEFAULT_DEADLINE)
+    g["withdrawal_deadline_seconds"].add_metric(ident, float(deadline))
     since = parse_time(current.get("completedAt")) or parse_time(
         (c.get("metadata") or {}).get("creationTimestamp")
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from medforge_common.api import WithdrawalReason
+
 JOBS_CREATED = Counter("medforge_jobs_created_total", "Jobs created by the operator", ["component"])
 VERIFICATIONS = Counter(
     "medforge_artifact_verifications_total", "Artifact verifications", ["outcome"]
@@ -88,6 +90,8 @@ VERIFICATION_REASONS = {
 def preset(queue: str = "medforge") -> None:
     """Create every known label set at 0, so that rates and alerts see a series from the
     first scrape instead of nothing until the first error."""
+    for why in WithdrawalReason:
+        WITHDRAWALS.labels(why.value)
     for controller in CONTROLLERS:
         RECONCILE_ERRORS.labels(controller)
         ACTIVE_WORKERS.labels(controller)

@@ -47,6 +47,7 @@ def test_alerts_cover_what_the_platform_team_asked_for() -> None:
         "MedForgeNoAcceptedRevision",
         "MedForgeReconcileErrors",
         "MedForgeOperatorDown",
+        "MedForgeWithdrawalNotReplaced",
     }
     for a in monitoring.ALERTS:
         assert a.severity in ("info", "warning", "critical")
