@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -24,22 +23,22 @@ from medforge_operator import (
     COMPOSITES,
     CONTRIBUTIONS,
     composite,
-    erasure,
     jobs,
     jobstatus,
     names,
+    reconcile_withdrawal,
     signing,
 )
 from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.bodies import CompositeBody, Obj
 from medforge_operator.catalog import Catalog, ConfigRefused
-from medforge_operator.conditions import merge_conditions, now, parse_now, stalled
+from medforge_operator.conditions import merge_conditions, now, stalled
 from medforge_operator.kubeapi import KubeApi
-from medforge_operator.metrics import JOBS_CREATED, REVISIONS, WITHDRAWALS, WITHDRAWALS_ERASED
+from medforge_operator.metrics import JOBS_CREATED, REVISIONS
 from medforge_operator.revision_outcome import outcome
 from medforge_operator.settings import Settings
 from medforge_operator.statuswrite import write_status
-from medforge_operator.store import ForgeStore, StoreUnreachable
+from medforge_operator.store import ForgeStore
 
 JSON = dict[str, Any]
 EventFn = Callable[[Obj, str, str, str], None]
@@ -100,76 +99,13 @@ def reconcile(
         if o.started is not None:
             changes |= {"revision": plan.revision, "pendingRevision": o.started}
             settled = {**fresh, "status": _apply(old, changes)}
-    changes |= _erase_due(settled, kube, store, event, at)
+    changes |= reconcile_withdrawal.erase_due(settled, kube, store, event, at)
     settled = {**fresh, "status": _apply(old, changes)}
     new = composite.compute_status(old, settled, o, changes)
     _write(fresh, kube, new)
     _announce(fresh, old, o, plan, kube, event, cat)
     _tell_excluded(fresh, old, new, o, event)
-    _tell_withdrawn(fresh, o, event)
-
-
-def _erase_due(obj: Obj, kube: KubeApi, store: ForgeStore, event: EventFn, at: str) -> JSON:
-    """Erase the withdrawals whose retention is over (spec.withdrawal.retention after the
-    replacement was accepted); a store that does not answer is tried again next round."""
-    try:
-        retention, _ = composite.withdrawal_settings(obj["spec"])
-    except ValueError:
-        return {}  # the CRD's pattern keeps this out; nothing is erased early on a bad value
-    changes: JSON = {}
-    for record in composite.erasure_due(obj.get("status") or {}, retention, parse_now(at)):
-        try:
-            changes = erasure.erase(obj, record, kube, store, event, at)
-        except StoreUnreachable as exc:
-            log.warning("erasure of %s/%s waits: %s", record["namespace"], record["name"], exc)
-            break
-        obj = {**obj, "status": _apply(obj.get("status") or {}, changes)}
-        WITHDRAWALS_ERASED.inc()
-    return changes
-
-
-def _tell_withdrawn(obj: Obj, o: composite.Observation, event: EventFn) -> None:
-    """A withdrawal seen: the forge hears which revisions no longer serve, the hospital (in its
-    namespace) that its input left."""
-    me = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
-    records = {
-        (w["namespace"], w["name"], w["digest"]): w
-        for w in ((o.withdrawal.changes if o.withdrawal else {}).get("withdrawals") or [])
-    }
-    for d in o.departures:
-        WITHDRAWALS.labels(d.reason).inc()
-        w = records.get((d.namespace, d.name, d.digest)) or {}
-        revisions = w.get("revisions") or []
-        event(
-            obj,
-            "Warning",
-            EventReason.WITHDRAWN,
-            f"{d.ident} left ({d.reason}): revision(s) {revisions or 'none'} withdrawn; "
-            + (
-                "a replacement without it merges next"
-                if w.get("state") == "Replacing"
-                else "no replacement is needed"
-            ),
-        )
-        target = {
-            "apiVersion": "medforge.io/v1alpha1",
-            "kind": "LoRAContribution",
-            "metadata": {"namespace": d.namespace, "name": d.name},
-        }
-        event(
-            target,
-            "Normal",
-            EventReason.WITHDRAWN,
-            f"{me}: this contribution left ({d.reason}); no new revision will hold it, and its "
-            "files are erased once a replacement is accepted",
-        )
-    if o.withdrawal is not None and o.withdrawal.cancel:
-        event(
-            obj,
-            "Normal",
-            EventReason.REVISION_CANCELLED,
-            "the pending merge read an input that was withdrawn: stopped before it could finish",
-        )
+    reconcile_withdrawal.tell(fresh, o, event)
 
 
 def _apply(status: JSON, changes: JSON) -> JSON:
@@ -222,9 +158,9 @@ def observe(
         o.base_problem = (exc.reason, exc.message)
     o.contribs = matching_contributions(obj, kube, s, cat)
     pending = (obj.get("status") or {}).get("pendingRevision")
-    _departures(obj, o, kube, at)
+    reconcile_withdrawal.departures(obj, o, kube, at)
     if o.withdrawal is not None and o.withdrawal.cancel and pending:
-        _cancel(obj, pending, kube, cat)
+        reconcile_withdrawal.cancel(obj, pending, kube, cat)
         return o
     if not pending:
         return o
@@ -247,37 +183,6 @@ def observe(
         o.outcome = outcome(o.job, kube, store, meta["namespace"], uri, verified, spec, previous)
         o.outcome.uri, o.outcome.job_name = str(verified), job_name
     return o
-
-
-def _departures(obj: Obj, o: composite.Observation, kube: KubeApi, at: str) -> None:
-    """The merged inputs whose contributions no longer consent or exist, each with its reason
-    (read from the contribution itself: the forge never has to act)."""
-    status = obj.get("status") or {}
-    present = {(c["metadata"]["namespace"], c["metadata"]["name"]) for c in o.contribs}
-    gone = composite.departed(status, present)
-    if not gone:
-        return
-    me = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
-    o.departures = [
-        replace(
-            d,
-            reason=erasure.departure_reason(
-                kube.get_object(CONTRIBUTIONS, d.namespace, d.name), me
-            ),
-        )
-        for d in gone
-    ]
-    o.withdrawal = composite.withdraw(status, o.departures, at)
-
-
-def _cancel(obj: Obj, pending: JSON, kube: KubeApi, cat: Catalog) -> None:
-    """Stop the pending merge: its Job (the one this revision recorded, by uid) goes with its
-    pods, and its URLs are forgotten."""
-    ns = obj["metadata"]["namespace"]
-    job = kube.get_job(ns, names.merge_job_name(obj["metadata"]["name"], pending["revision"]))
-    if job is not None and job["metadata"].get("uid") == pending.get("jobUid"):
-        cat.configs.forget(job)
-        kube.delete_job(ns, job["metadata"]["name"])
 
 
 def _sign(
@@ -357,26 +262,33 @@ def _start(
             )
         return
     JOBS_CREATED.labels("merge").inc()
-    o.started = {
-        "revision": plan.revision,
-        "digests": [c["status"]["artifact"]["digest"] for c in plan.new],
-        "inputs": [c["status"]["artifact"]["digest"] for c in plan.all_inputs],
-        # Who each input is: a withdrawal finds the merges that read it.
-        "sources": [
-            composite.source(
-                c["metadata"]["namespace"], c["metadata"]["name"], c["status"]["artifact"]["digest"]
-            )
-            for c in plan.all_inputs
-        ],
-        **({"replacement": True} if plan.replacement else {}),
-        "baseDigest": o.base.digest,
-        "jobUid": job["metadata"]["uid"],
-        "incremental": job_plan["integration"] == "incremental",
-        "startedAt": now(),
-    }
+    incremental = job_plan["integration"] == "incremental"
+    o.started = _pending_record(plan, o.base.digest, job["metadata"]["uid"], incremental)
     if jobstatus.job_state(job) == "Active" and not jobstatus.never_started(job):
         o.job = job
         _sign(obj, o.started, o, store, s, cat)
+
+
+def _pending_record(
+    plan: composite.Plan, base_digest: str, job_uid: str, incremental: bool
+) -> JSON:
+    """status.pendingRevision of a merge Job just created."""
+    digest = [c["status"]["artifact"]["digest"] for c in plan.all_inputs]
+    return {
+        "revision": plan.revision,
+        "digests": [c["status"]["artifact"]["digest"] for c in plan.new],
+        "inputs": digest,
+        # Who each input is: a withdrawal finds the merges that read it.
+        "sources": [
+            composite.source(c["metadata"]["namespace"], c["metadata"]["name"], d)
+            for c, d in zip(plan.all_inputs, digest, strict=True)
+        ],
+        **({"replacement": True} if plan.replacement else {}),
+        "baseDigest": base_digest,
+        "jobUid": job_uid,
+        "incremental": incremental,
+        "startedAt": now(),
+    }
 
 
 def _announce(

@@ -274,3 +274,16 @@ def test_a_hospital_deletes_its_contribution_and_the_composite_rebuilds_without_
     before = list(store.erased)
     round_(kube, store)
     assert store.erased == before and not kube.objects[0]["status"].get("pendingRevision")
+
+
+def test_pull_refuses_a_withdrawn_revision_unless_allowed() -> None:
+    from medforge_cli.errors import CliError
+    from medforge_cli.pull import _revision
+
+    w = withdrawal.withdraw(THREE, [withdrawal.Departure("h", "b", B)], "2026-12-07T10:00:00Z")
+    obj = {"metadata": {"namespace": "forge", "name": "f"}, "status": {**THREE, **w.changes}}
+    with pytest.raises(CliError, match="withdrawn .*--allow-withdrawn"):
+        _revision(obj, 3)
+    revision, uri, digest, _ = _revision(obj, 3, allow_withdrawn=True)
+    assert (revision, digest) == (3, "sha256:r3") and uri.endswith("/cu/rev-3/")
+    assert _revision(obj, None)[0] == 1  # the served fallback

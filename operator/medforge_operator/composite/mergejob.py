@@ -76,22 +76,7 @@ def merge_inputs(
     return [c for c in found if c["status"]["artifact"]["digest"] in new_digests], found
 
 
-def merge_plan(
-    composite: Obj,
-    plan: Plan,
-    base: basemodel.Resolved,
-    output_uri: S3Uri,
-    bucket: str,
-) -> MergePlan:
-    """The merge Job's config with store URIs in place of URLs (signed when the Job may start).
-    Inputs are read from the operator's verified copies, in the forge bucket only."""
-    spec, status = composite["spec"], composite.get("status") or {}
-    current = status.get("current")
-    incremental = (
-        effective_integration(spec) == "incremental"
-        and current is not None
-        and not plan.replacement
-    )
+def _plan_inputs(plan: Plan, bucket: str) -> list[MergeInput]:
     inputs: list[MergeInput] = []
     new = {c["status"]["artifact"]["digest"] for c in plan.new}
     for c in plan.all_inputs:
@@ -108,6 +93,24 @@ def merge_plan(
                 "files": artifact_refs(input_prefix(bucket, c), art.get("files", [])),
             }
         )
+    return inputs
+
+
+def merge_plan(
+    composite: Obj,
+    plan: Plan,
+    base: basemodel.Resolved,
+    output_uri: S3Uri,
+    bucket: str,
+) -> MergePlan:
+    """The merge Job's config with store URIs in place of URLs (signed when the Job may start).
+    Inputs are read from the operator's verified copies, in the forge bucket only."""
+    spec, status = composite["spec"], composite.get("status") or {}
+    current = status.get("current")
+    # A withdrawal's replacement merges afresh, whatever the strategy.
+    incremental = effective_integration(spec) == "incremental" and bool(current)
+    incremental = incremental and not plan.replacement
+    inputs = _plan_inputs(plan, bucket)
     cfg: MergePlan = {
         "kind": "merge",
         "composite": {

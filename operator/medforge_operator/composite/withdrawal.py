@@ -166,18 +166,15 @@ class Withdrawal:
     cancel: bool = False
 
 
-def withdraw(status: JSON, gone: list[Departure], at: str) -> Withdrawal:
-    """Mark every revision that holds a departed input Withdrawn; serve the newest accepted
-    revision without it (or nothing); plan the replacement (the remaining inputs of the revision
-    served, in their order) and stop a pending merge that reads it."""
-    if not gone:
-        return Withdrawal({})
-    digests = {d.digest for d in gone}
+def _mark(
+    history: list[JSON], gone: list[Departure], at: str
+) -> tuple[list[JSON], dict[str, list[int]]]:
+    """(history with every revision that holds a departed input Withdrawn, {digest: revisions})."""
     by_digest = {d.digest: d for d in gone}
     marked: dict[str, list[int]] = {d.digest: [] for d in gone}
-    history = []
-    for e in status.get("history") or []:
-        hit = _holds(e, digests) if e.get("state") != RevisionState.WITHDRAWN else None
+    out = []
+    for e in history:
+        hit = _holds(e, set(by_digest)) if e.get("state") != RevisionState.WITHDRAWN else None
         if hit is not None:
             d = by_digest[hit.digest]
             e = {
@@ -192,7 +189,18 @@ def withdraw(status: JSON, gone: list[Departure], at: str) -> Withdrawal:
                 p = parse_source(str(s))
                 if p is not None and p[2] in marked:
                     marked[p[2]].append(int(e["revision"]))
-        history.append(e)
+        out.append(e)
+    return out, marked
+
+
+def withdraw(status: JSON, gone: list[Departure], at: str) -> Withdrawal:
+    """Mark every revision that holds a departed input Withdrawn; serve the newest accepted
+    revision without it (or nothing); plan the replacement (the remaining inputs of the revision
+    served, in their order) and stop a pending merge that reads it."""
+    if not gone:
+        return Withdrawal({})
+    digests = {d.digest for d in gone}
+    history, marked = _mark(status.get("history") or [], gone, at)
     changes: JSON = {"history": history}
     current = status.get("current")
     rebuild = status.get("rebuild")
