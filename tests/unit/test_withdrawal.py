@@ -287,3 +287,12 @@ def test_pull_refuses_a_withdrawn_revision_unless_allowed() -> None:
     revision, uri, digest, _ = _revision(obj, 3, allow_withdrawn=True)
     assert (revision, digest) == (3, "sha256:r3") and uri.endswith("/cu/rev-3/")
     assert _revision(obj, None)[0] == 1  # the served fallback
+
+
+def test_a_revision_recorded_without_its_inputs_is_never_served_again() -> None:
+    legacy = {k: v for k, v in entry(1, [SA]).items() if k != "inputs"}
+    status = {**THREE, "history": [entry(3, [SA, SB, SC]), entry(2, [SA, SB]), legacy]}
+    w = withdrawal.withdraw(status, [withdrawal.Departure("h", "b", B)], "t")
+    assert [h["state"] for h in w.changes["history"]] == ["Withdrawn"] * 3
+    assert w.changes["current"] is None
+    assert w.changes["withdrawals"][0]["revisions"] == [1, 2, 3]

@@ -118,7 +118,12 @@ def _records(status: JSON) -> list[JSON]:
     return [w for w in status.get("withdrawals") or [] if isinstance(w, dict)]
 
 
-def _holds(entry: JSON, digests: set[str]) -> Departure | None:
+def _holds(entry: JSON, gone: list[Departure]) -> Departure | None:
+    """The departure a revision holds; a revision recorded before history entries listed their
+    inputs may hold any, and is taken to (it is never served again)."""
+    if "inputs" not in entry:
+        return gone[0]
+    digests = {d.digest for d in gone}
     for s in entry.get("inputs") or []:
         p = parse_source(str(s))
         if p is not None and p[2] in digests:
@@ -133,8 +138,9 @@ def fallback(history: list[JSON], current: JSON) -> JSON | None:
     if "/" not in uri:
         return None
     for e in history:
-        if e.get("state") != RevisionState.ACCEPTED or not e.get("digest") or not e.get("files"):
-            continue
+        known = "inputs" in e and e.get("digest") and e.get("files")
+        if e.get("state") != RevisionState.ACCEPTED or not known:
+            continue  # never serve a revision whose inputs are not recorded
         inputs = []
         for s in e.get("inputs") or []:
             if (p := parse_source(str(s))) is not None:
@@ -174,7 +180,7 @@ def _mark(
     marked: dict[str, list[int]] = {d.digest: [] for d in gone}
     out = []
     for e in history:
-        hit = _holds(e, set(by_digest)) if e.get("state") != RevisionState.WITHDRAWN else None
+        hit = _holds(e, gone) if e.get("state") != RevisionState.WITHDRAWN else None
         if hit is not None:
             d = by_digest[hit.digest]
             e = {
@@ -185,10 +191,9 @@ def _mark(
                 "withdrawnReason": d.reason,
                 "withdrawnInput": d.ident,
             }
-            for s in e.get("inputs") or []:
-                p = parse_source(str(s))
-                if p is not None and p[2] in marked:
-                    marked[p[2]].append(int(e["revision"]))
+            held = {p[2] for s in e.get("inputs") or [] if (p := parse_source(str(s)))}
+            for digest in held & set(marked) if "inputs" in e else {d.digest}:
+                marked[digest].append(int(e["revision"]))
         out.append(e)
     return out, marked
 
