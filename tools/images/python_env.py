@@ -129,21 +129,28 @@ def smoke(root: Path, modules: tuple[str, ...]) -> None:
     """Import `modules` with the image's own interpreter (no bytecode written)."""
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
-    # torch opens /dev/urandom on import; the image has no /dev (the runtime mounts one), so a
-    # few device nodes are lent for the check and removed, the root's times restored.
-    before = root.stat()
+    # torch opens /dev/urandom on import; the image has no device nodes (the runtime mounts
+    # /dev), so a few are lent for the check and removed, the directories' times restored.
     dev = root / "dev"
-    lent = not dev.exists()
+    times = {d: d.stat() for d in (root, dev) if d.exists()}
+    made_dir = not dev.exists()
+    made: list[Path] = []
     try:
-        if lent:
-            dev.mkdir()
-            for name, (major, minor) in {"null": (1, 3), "zero": (1, 5), "urandom": (1, 9)}.items():
-                os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        dev.mkdir(exist_ok=True)
+        for name, (major, minor) in {"null": (1, 3), "zero": (1, 5), "urandom": (1, 9)}.items():
+            node = dev / name
+            if not node.exists():
+                os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+                made.append(node)
         _chroot(root, [f"{PREFIX}/bin/python", "-c", code, *modules], env)
     finally:
-        if lent:
+        for node in made:
+            node.unlink(missing_ok=True)
+        if made_dir:
             shutil.rmtree(dev, ignore_errors=True)
-            os.utime(root, ns=(before.st_atime_ns, before.st_mtime_ns))
+        for d, st in times.items():
+            if d.exists():
+                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _chroot(root: Path, argv: list[str], env: dict[str, str]) -> None:
