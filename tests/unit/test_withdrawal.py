@@ -282,7 +282,7 @@ def test_pull_refuses_a_withdrawn_revision_unless_allowed() -> None:
 
     w = withdrawal.withdraw(THREE, [withdrawal.Departure("h", "b", B)], "2026-12-07T10:00:00Z")
     obj = {"metadata": {"namespace": "forge", "name": "f"}, "status": {**THREE, **w.changes}}
-    with pytest.raises(CliError, match="withdrawn .*--allow-withdrawn"):
+    with pytest.raises(CliError, match=r"withdrawn .*--allow-withdrawn"):
         _revision(obj, 3)
     revision, uri, digest, _ = _revision(obj, 3, allow_withdrawn=True)
     assert (revision, digest) == (3, "sha256:r3") and uri.endswith("/cu/rev-3/")

@@ -44,7 +44,7 @@ def run(setup: Setup, root: Path, name: str, strat: JSON, **extra: Any) -> Path:
 
 
 def tensors(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for f in sorted(d.glob("*.safetensors")):
         out |= {f"{f.name}:{k}": v for k, v in load_file(str(f)).items()}
     return out
