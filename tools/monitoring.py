@@ -215,7 +215,7 @@ ROWS = [
         ],
     ),
     Row(
-        "Withdrawal",
+        "Withdrawal and privacy",
         [
             Panel(
                 "Withdrawals by reason (24 h)",
@@ -223,6 +223,7 @@ ROWS = [
                 [("sum by (reason) (increase(medforge_withdrawals_total[24h]))", "{{reason}}")],
                 description="Inputs that left a composite: deleted, consent withdrawn, or no "
                 "longer selected.",
+                width=8,
             ),
             Panel(
                 "Oldest withdrawal waiting for its replacement",
@@ -240,6 +241,26 @@ ROWS = [
                 unit="s",
                 description="Until the replacement revision is accepted no revision holding the "
                 "withdrawn input is served; the alert fires past spec.withdrawal.deadline.",
+                width=8,
+            ),
+            Panel(
+                "Privacy budgets: epsilon spent of the total",
+                "bargauge",
+                [
+                    (
+                        "max by (namespace, name) (medforge_privacy_budget_epsilon"
+                        '{namespace=~"$namespace", kind="spent"})',
+                        "{{namespace}}/{{name}} spent",
+                    ),
+                    (
+                        "max by (namespace, name) (medforge_privacy_budget_epsilon"
+                        '{namespace=~"$namespace", kind="total"})',
+                        "{{namespace}}/{{name}} total",
+                    ),
+                ],
+                description="Each PrivacyBudget's epsilon reserved by the operator at admission, "
+                "and its total; a contribution that would exceed it is refused.",
+                width=8,
             ),
         ],
     ),

@@ -106,6 +106,9 @@ class Reason(StrEnum):
     # An input left (deleted, or consent withdrawn): the revisions that hold it are no longer
     # served, and a replacement without it merges (status.rebuild).
     WITHDRAWING = "Withdrawing"
+    # Differential privacy (spec.privacy, PrivacyBudget): refused at admission, no Job made.
+    PRIVACY_REQUIRED = "PrivacyRequired"  # the dataset is under a budget: spec.privacy needed
+    PRIVACY_BUDGET_EXCEEDED = "PrivacyBudgetExceeded"  # the budget has not that much left
     # A BaseModel's way.
     NOT_UPLOADED = "NotUploaded"
     VERIFICATION_FAILED = "VerificationFailed"
@@ -154,6 +157,8 @@ class InputReason(StrEnum):
     EXCLUDED_BY_MERGER = "ExcludedByMerger"
     # Every merge with it failed, alone too, while merges without it succeeded.
     ISOLATED_AFTER_FAILURES = "IsolatedAfterFailures"
+    # spec.privacy.maxEpsilon: the granted epsilon is missing or above it.
+    PRIVACY_BUDGET_TOO_LARGE = "PrivacyBudgetTooLarge"
 
 
 class EventReason(StrEnum):

@@ -39,6 +39,7 @@ class MergeInput(TypedDict):
     files: list[JSON]
     new: NotRequired[bool]  # merged before (False): never blamed for a regression
     task: NotRequired[str | None]
+    privacy: NotRequired[JSON]  # the (epsilon, delta) the operator's ledger granted
 
 
 class RevisionRef(TypedDict):
@@ -85,6 +86,7 @@ class TrainPlan(TypedDict):
     training: JSON
     distillation: JSON
     output: OutputRef
+    privacy: NotRequired[JSON]  # spec.privacy: epsilon, delta, maxGradNorm, accountant
 
 
 class ResultFileRef(TypedDict):

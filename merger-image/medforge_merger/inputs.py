@@ -110,6 +110,9 @@ def read_inputs(cfg: MergeConfig, work: Path, report: list[JSON], scorer: Scorer
         entry = {"namespace": item["namespace"], "name": item["name"], "digest": item["digest"]}
         if item.get("new") is False:
             entry["new"] = False  # merged before (a full revision): never blamed for a regression
+        granted = item.get("privacy")
+        if isinstance(granted, dict):  # the operator's ledger: the revision's manifest keeps it
+            entry["privacy"] = {k: granted[k] for k in ("epsilon", "delta") if k in granted}
         d = work / f"input-{i}"
         d.mkdir()
         try:

@@ -110,7 +110,7 @@ def train_plan(obj: Obj, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPl
     spec = obj["spec"]
     meta = obj["metadata"]
     dataset, _, _, _ = dataset_wiring(spec)
-    return {
+    plan: TrainPlan = {
         "kind": "train",
         "contribution": {
             "namespace": meta["namespace"],
@@ -129,6 +129,9 @@ def train_plan(obj: Obj, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPl
             "files": {f: jobs.put_ref(output_uri.join(f)) for f in OUTPUT_FILES},
         },
     }
+    if spec.get("privacy"):
+        plan["privacy"] = spec["privacy"]  # the trainer stops before it spends more
+    return plan
 
 
 def url_lifetime(spec: JSON, settings: Settings) -> int:
@@ -180,6 +183,8 @@ class Observation:
     pods: list[JSON] = field(default_factory=list)
     # (reason, message): the spec cannot become a Job yet (the message names the field)
     build_error: tuple[str, str] | None = None
+    # What the privacy ledger granted this generation (status.privacy), once admitted.
+    privacy: JSON | None = None
     verified: JSON | None = None  # {"artifact": ..., "metrics": ...} once verification passed
     verify_error: tuple[str, str] | None = None  # (reason, message)
     # The operator's own record of the Job it created for this generation (uid, planDigest,
@@ -360,6 +365,8 @@ def compute_status(old: JSON, o: Observation) -> JSON:
         status["baseModel"] = dict(o.record["baseModel"])  # what the operator gave the Job
     if old.get("usedBy"):
         status["usedBy"] = old["usedBy"]  # written by the composites that merged it
+    if o.privacy:
+        status["privacy"] = o.privacy
     phase: Phase
     if o.build_error:
         # Not terminal: the base model may be registered later, the namespace labelled; the

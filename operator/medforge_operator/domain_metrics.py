@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from medforge_common.api import BaseModelPhase, CompositePhase, ConditionType, ContributionPhase
 from medforge_common.result import finite_number
-from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS
+from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS, PRIVACYBUDGETS
 from medforge_operator.bodies import Obj
 from medforge_operator.composite import withdrawal
 from medforge_operator.observed import ObservedObjects
@@ -322,11 +322,31 @@ def basemodel_families(models: list[JSON]) -> Iterator[Metric]:
     yield from (by_phase, size)
 
 
+def budget_families(budgets: list[JSON]) -> Iterator[Metric]:
+    """Each PrivacyBudget's total, spent and remaining epsilon (the dashboard's budget panel)."""
+    g = GaugeMetricFamily(
+        "medforge_privacy_budget_epsilon",
+        "A PrivacyBudget's epsilon: total (spec), spent and remaining (reserved by the operator)",
+        labels=["namespace", "name", "kind"],
+    )
+    for b in budgets:
+        ns, name = _ident(b)
+        total = finite_number((b.get("spec") or {}).get("epsilon"))
+        spent = finite_number(((b.get("status") or {}).get("spent") or {}).get("epsilon")) or 0.0
+        if total is None:
+            continue
+        # Remaining from the spec as it is now: the officer may have raised the total since.
+        for kind, v in (("total", total), ("spent", spent), ("remaining", max(0.0, total - spent))):
+            g.add_metric([ns, name, kind], v)
+    yield g
+
+
 def families(snapshot: dict[str, list[JSON]], now: float) -> Iterator[Metric]:
     """Every domain metric family for one snapshot of the observed objects."""
     yield from contribution_families(snapshot.get(CONTRIBUTIONS, []))
     yield from composite_families(snapshot.get(COMPOSITES, []), now)
     yield from basemodel_families(snapshot.get(BASEMODELS, []))
+    yield from budget_families(snapshot.get(PRIVACYBUDGETS, []))
 
 
 class DomainCollector(Collector):

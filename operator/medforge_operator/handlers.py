@@ -29,6 +29,7 @@ from medforge_operator import (
     COMPOSITES,
     CONTRIBUTIONS,
     GROUP,
+    PRIVACYBUDGETS,
     VERSION,
     basemodel,
     jobs,
@@ -357,6 +358,19 @@ def basemodel_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
     r.observed.observe(BASEMODELS, type, obj)
     if type != "DELETED" and not basemodel.settled(obj):
         r.enqueue(BASEMODELS, "", body["metadata"]["name"])
+
+
+@kopf.on.event(GROUP, VERSION, PRIVACYBUDGETS)
+def budget_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The privacy ledger's budgets; one the officer changed lets refused contributions retry."""
+    r, obj = rt(memo), plain(body)
+    r.observed.observe(PRIVACYBUDGETS, type, obj)
+    seen = (obj.get("status") or {}).get("observedGeneration") == obj["metadata"].get("generation")
+    if type != "DELETED" and not seen:
+        ns = obj["metadata"]["namespace"]
+        for c in r.kube.iter_objects(CONTRIBUTIONS, ns):
+            if rcon.needs_polling(c):
+                r.enqueue(CONTRIBUTIONS, ns, c["metadata"]["name"])
 
 
 # ----- CompositeModel and its Jobs and pods -----

@@ -29,6 +29,7 @@ KEPT_STATUS = {
         "isolation",
     ),
     "basemodels": ("phase", "conditions", "sizeBytes"),
+    "privacybudgets": ("spent", "remaining"),
 }
 
 

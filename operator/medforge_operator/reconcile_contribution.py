@@ -15,12 +15,14 @@ from medforge_common.api import ContributionPhase as Phase
 from medforge_common.uris import UriError
 from medforge_operator import (
     CONTRIBUTIONS,
+    PRIVACYBUDGETS,
     basemodel,
     conditions,
     contribution,
     jobs,
     jobstatus,
     names,
+    privacy_ledger,
     signing,
 )
 from medforge_operator.basemodel import BaseModelUnusable
@@ -89,6 +91,7 @@ def reconcile(
     o = contribution.Observation(generation=gen, job_name=job_name, job=None)
     if old.get("observedGeneration") == gen:
         o.record = recorded_job(old, job_name)
+        o.privacy = old.get("privacy")
 
     if gen > 1:  # a spec change retires the Jobs of older generations
         _retire_older(obj, job_name, kube, event)
@@ -279,6 +282,8 @@ def _create_job(
         base = _base(obj, cat, None)
         output = contribution.output_prefix(store.bucket, obj, o.generation)
         plan = contribution.train_plan(obj, base, output)
+        if not _admitted(obj, kube, o):
+            return None, False
         job, created = kube.create_job(contribution.training_job(obj, s, base))
     except BaseModelUnusable as exc:
         o.build_error = (exc.reason, exc.message)
@@ -304,6 +309,29 @@ def _create_job(
         "baseModel": {"name": base.name, "digest": base.digest},
     }
     return job, True
+
+
+def _admitted(obj: Obj, kube: KubeApi, o: contribution.Observation) -> bool:
+    """The privacy ledger, before any Job exists: the epsilon is reserved in every budget of
+    the namespace that covers the dataset (compare-and-swap: two contributions admitted at once
+    never overspend; a conflict retries the round), or the refusal goes into the observation."""
+    ns = obj["metadata"]["namespace"]
+    try:
+        budgets = kube.list_objects(PRIVACYBUDGETS, ns)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        budgets = []  # the PrivacyBudget CRD is not installed: no budget covers anything
+    verdict = privacy_ledger.admit(obj, budgets, conditions.now())
+    for budget, status in verdict.reserve:
+        write_status(
+            kube, PRIVACYBUDGETS, budget, budget.get("status") or {}, status, compare_and_swap=True
+        )
+    if not verdict.admitted:
+        o.build_error = verdict.refusal
+        return False
+    o.privacy = verdict.grant or o.privacy
+    return True
 
 
 def _api_message(exc: ApiException) -> str:

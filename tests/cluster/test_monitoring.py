@@ -154,6 +154,14 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
     tmp_path: Path,
 ) -> None:
     base = base_model(cluster, forge, "clip-monitoring")
+    # A data-protection officer's budget (on a dataset nobody trains on here): the budget panel.
+    budget = {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "PrivacyBudget",
+        "metadata": {"name": "archive"},
+        "spec": {"dataset": {"uri": "s3://archive/scans/"}, "epsilon": 8, "delta": 1e-5},
+    }
+    cluster.apply(namespace, json.dumps(budget))
     cluster.apply(namespace, shared_contribution("seen", base))
     # Stalled: the base model it names is not registered.
     cluster.apply(namespace, contribution("stuck", ("no-such-model", "")))

@@ -292,6 +292,8 @@ class FakeKube:
         )
 
     def list_objects(self, plural: str, ns: str | None = None, selector: str = "") -> list[JSON]:
+        if plural == "privacybudgets":
+            return [o for o in self.objects if o.get("kind") == "PrivacyBudget"]
         return [o for o in self.objects if "sharing" in o.get("spec", {})]
 
     def iter_objects(self, plural: str, ns: str | None = None, selector: str = "") -> Any:

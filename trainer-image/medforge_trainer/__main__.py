@@ -28,7 +28,7 @@ from medforge_common.result import (
 from medforge_ml.basemodel import prepare_model_dir
 from medforge_ml.errors import ModelError
 from medforge_ml.job import Ladder, Run, line, run_job
-from medforge_trainer import VERSION, config, dataset, distill, model, sources, train
+from medforge_trainer import VERSION, config, dataset, distill, model, private, sources, train
 from medforge_trainer.errors import ConfigError
 
 JSON = dict[str, Any]
@@ -185,7 +185,13 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
     clf.to(rt.device)
     norm = train.normalizer(p.mean, p.std, rt.device)
     log(f"training on {rt.describe()}")
-    stats = train.train(clf, p.data.train, cfg.training, rt, norm, log, started=started)
+    privacy: JSON | None = None
+    if cfg.privacy is not None:
+        stats, privacy = private.train_private(
+            clf, p.data.train, cfg.training, cfg.privacy, rt, norm, log
+        )
+    else:
+        stats = train.train(clf, p.data.train, cfg.training, rt, norm, log, started=started)
     log(
         f"trained at batch size {int(stats['batchSize'])}: first step after "
         f"{stats['secondsToFirstStep']:.1f} s, {stats['imagesPerSecond']:.1f} img/s"
@@ -204,11 +210,14 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
         path, distilled = _distilled(cfg, clf, p, norm, rt, work)
         out.append(path)
     meta = _manifest_meta(cfg, p, metrics, stats, rt.device.type, distilled)
+    if privacy is not None:
+        meta["privacy"] = privacy
     manifest = Manifest("contribution", cfg.base_digest, [], meta)
     return {
         "artifact": _publish(cfg, manifest, out, work, output_dir),
         "metrics": metrics,
         "training": meta["training"],
+        **({"privacy": privacy} if privacy is not None else {}),
     }
 
 

@@ -45,6 +45,19 @@ class DistillSettings:
     real_batch: int = 64
 
 
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Differential privacy (DP-SGD) for this run: the (epsilon, delta) it may spend."""
+
+    epsilon: float
+    delta: float
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+
+
 @dataclass(frozen=True)
 class DatasetSettings:
     uri: str  # s3://bucket/prefix/ or a local directory
@@ -66,6 +79,7 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     distillation: DistillSettings = field(default_factory=DistillSettings)
+    privacy: PrivacySettings | None = None
     output_uri: str = ""
     output_files: dict[str, str] = field(default_factory=dict)
     contribution: JSON = field(default_factory=dict)
@@ -213,6 +227,34 @@ def _distillation(cfg: JSON) -> DistillSettings:
     )
 
 
+def _privacy(cfg: JSON, distillation: DistillSettings) -> PrivacySettings | None:
+    pr = cfg.get("privacy")
+    if pr is None or pr == {}:
+        return None
+    pr = _obj(cfg, "privacy", "")
+    for key in ("epsilon", "delta"):
+        if key not in pr:
+            raise ConfigError(f"privacy.{key}: required when privacy is set")
+    accountant = pr.get("accountant", "prv")
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(
+            f"privacy.accountant: {accountant!r} is not one of {', '.join(ACCOUNTANTS)}"
+        )
+    if distillation.images_per_class > 0:
+        # The distilled set is optimised on the raw images without noise: releasing it would
+        # void the run's guarantee.
+        raise ConfigError(
+            "privacy: a distilled set cannot be released from a differentially private run; "
+            "set distillation.imagesPerClass to 0 (exact merges need no distilled set)"
+        )
+    return PrivacySettings(
+        epsilon=_num(pr, "epsilon", "privacy", 1.0, 0.0, 100.0, lo_open=True),
+        delta=_num(pr, "delta", "privacy", 1e-5, 0.0, 0.1, lo_open=True),
+        max_grad_norm=_num(pr, "maxGradNorm", "privacy", 1.0, 0.0, 1000.0, lo_open=True),
+        accountant=accountant,
+    )
+
+
 def parse(cfg: Any) -> TrainConfig:
     """Check the whole config and return it typed, or raise ConfigError naming the field."""
     if not isinstance(cfg, dict):
@@ -221,6 +263,7 @@ def parse(cfg: Any) -> TrainConfig:
     digest, files, base_path = _base_model(cfg)
     dataset, lora, training = _dataset(cfg), _lora(cfg), _training(cfg)
     distillation = _distillation(cfg)
+    privacy = _privacy(cfg, distillation)
     out = _obj(cfg, "output", "")
     out_files = out.get("files") or {}
     if not isinstance(out_files, dict):
@@ -236,6 +279,7 @@ def parse(cfg: Any) -> TrainConfig:
         lora=lora,
         training=training,
         distillation=distillation,
+        privacy=privacy,
         output_uri=str(out.get("uri") or ""),
         output_files={str(k): str(v) for k, v in out_files.items()},
         contribution=_obj(cfg, "contribution", ""),

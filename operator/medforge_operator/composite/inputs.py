@@ -81,6 +81,29 @@ def has_verified_copy(c: JSON) -> bool:
     return contribution.has_verified_copy(c)
 
 
+def granted_privacy(c: JSON) -> JSON | None:
+    """(epsilon, delta) the operator's ledger granted the generation that made the artifact
+    (status.privacy, written by the operator at admission), or None for a run without DP."""
+    st = c.get("status") or {}
+    grant = st.get("privacy")
+    if not isinstance(grant, dict) or grant.get("generation") != st.get("observedGeneration"):
+        return None
+    return {k: grant[k] for k in ("epsilon", "delta") if k in grant}
+
+
+def _refused(composite: Obj, c: JSON, base_digest: str) -> str | None:
+    """A verdict on a Ready contribution: trained for another base model, or with a privacy
+    guarantee weaker than the composite requires (spec.privacy.maxEpsilon)."""
+    if (c["status"].get("artifact") or {}).get("baseModelDigest") != base_digest:
+        return IR.BASE_MODEL_MISMATCH
+    most = ((composite.get("spec") or {}).get("privacy") or {}).get("maxEpsilon")
+    if most is not None:
+        grant = granted_privacy(c)
+        if grant is None or float(grant.get("epsilon", float("inf"))) > float(most):
+            return IR.PRIVACY_BUDGET_TOO_LARGE
+    return None
+
+
 def merging(pending: JSON) -> set[str]:
     """The digests a pending revision merges anew (a withdrawal's replacement: all it reads)."""
     if pending.get("replacement"):
@@ -126,8 +149,8 @@ def evaluate_inputs(
             }
         elif base_digest is None:
             entry |= {"state": IS.PENDING, "reason": IR.BASE_MODEL_NOT_READY}
-        elif art.get("baseModelDigest") != base_digest:
-            entry |= {"state": IS.EXCLUDED, "reason": IR.BASE_MODEL_MISMATCH}
+        elif (refused := _refused(composite, c, base_digest)) is not None:
+            entry |= {"state": IS.EXCLUDED, "reason": refused}
         elif not has_verified_copy(c):
             entry |= {"state": IS.PENDING, "reason": IR.NOT_READY}
         elif digest in excluded:

@@ -11,7 +11,7 @@ from medforge_common.contract import MergeInput, MergePlan
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, jobs, names, signing
 from medforge_operator.bodies import Obj
-from medforge_operator.composite.inputs import key
+from medforge_operator.composite.inputs import granted_privacy, key
 from medforge_operator.composite.planning import Plan, effective_integration
 from medforge_operator.conditions import is_true
 from medforge_operator.settings import Settings
@@ -93,6 +93,8 @@ def _plan_inputs(plan: Plan, bucket: str) -> list[MergeInput]:
                 "files": artifact_refs(input_prefix(bucket, c), art.get("files", [])),
             }
         )
+        if (grant := granted_privacy(c)) is not None:
+            inputs[-1]["privacy"] = grant  # the ledger's figure, into the revision's manifest
     return inputs
 
 
