@@ -456,13 +456,16 @@ def test_rendered_chart_is_valid_kubernetes_and_takes_the_platform_settings(forg
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(board["data"]["medforge.json"])["uid"] == "medforge-overview"
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    assert len(crds) == 3
+    assert len(crds) == len(list((ROOT / "crds").glob("*.yaml"))) == 4
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
     no_crds = render("forge-system", forge, "--set", "crds.enabled=false")
     assert not any(d["kind"] == "CustomResourceDefinition" for d in no_crds)
 
 
-CRD_NAMES = [f"{p}.medforge.io" for p in ("basemodels", "compositemodels", "loracontributions")]
+CRD_NAMES = [
+    f"{p}.medforge.io"
+    for p in ("basemodels", "compositemodels", "loracontributions", "privacybudgets")
+]
 
 
 def test_helm_install_then_upgrade_updates_the_crds_and_the_operator_works_after_each(

@@ -31,7 +31,8 @@ URL = re.compile(r"https?://[^\s\"']+")
 
 @pytest.fixture(scope="module")
 def tenant_roles(cluster: ClusterAccess, forge: Forge) -> None:
-    """The chart's tenant ClusterRoles (medforge-contributor, -viewer, -forge-editor)."""
+    """The chart's tenant ClusterRoles (medforge-contributor, -viewer, -forge-editor,
+    -data-protection)."""
     roles = [
         d
         for d in render("medforge-system", forge)
@@ -43,6 +44,7 @@ def tenant_roles(cluster: ClusterAccess, forge: Forge) -> None:
         "medforge-contributor",
         "medforge-viewer",
         "medforge-forge-editor",
+        "medforge-data-protection",
     }
     cluster.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(r) for r in roles))
 
@@ -345,6 +347,18 @@ def test_the_readme_can_i_table_holds(cluster: ClusterAccess, tenant_roles: None
     ]
     table = [r for r in rows if len(r) == 1 + len(columns) and r[1] in ("yes", "no")]
     assert len(table) >= 15, rows
+    # The data-protection officer keeps the budgets and nothing else of the hospital's.
+    bind(cluster, ns, "officer", "medforge-data-protection")
+    for action, expected in (
+        ("create privacybudgets.medforge.io", "yes"),
+        ("patch privacybudgets.medforge.io --subresource=status", "no"),
+        ("create loracontributions.medforge.io", "no"),
+        ("get secrets", "no"),
+    ):
+        out = cluster.kubectl(
+            "auth", "can-i", *action.split(), "-n", ns, as_(ns, "officer"), check=False
+        )
+        assert out.stdout.strip() == expected, (action, out.stdout, out.stderr)
     try:
         for action, *answers in table:
             args = action.split()
