@@ -97,11 +97,26 @@ def make_private(
     return Engine(module, optimizer, dl, engine)
 
 
-def _epsilon_after_one_more(e: Engine, delta: float) -> float:
-    """What the run would have spent after one more step (steps are counted as they happen)."""
+def spend(e: Engine, delta: float, steps: int) -> float:
+    """The epsilon of `steps` DP-SGD steps at this run's noise multiplier and sample rate, by
+    the run's accountant. Every batch drawn counts, an empty one too (conservative)."""
+    if steps == 0:
+        return 0.0
     acc = copy.deepcopy(e.engine.accountant)
-    acc.step(noise_multiplier=e.optimizer.noise_multiplier, sample_rate=e.loader.sample_rate)
+    acc.history = [(e.optimizer.noise_multiplier, e.loader.sample_rate, steps)]
     return float(acc.get_epsilon(delta))
+
+
+def allowed_steps(e: Engine, privacy: PrivacySettings, planned: int) -> int:
+    """The most steps whose spend stays within the grant (the accountant's epsilon grows with
+    the steps; the noise multiplier was solved for `planned` steps only up to a tolerance)."""
+    if planned == 0 or spend(e, privacy.delta, planned) <= privacy.epsilon:
+        return planned
+    lo, hi = 0, planned  # within at lo, beyond at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if spend(e, privacy.delta, mid) <= privacy.epsilon else (lo, mid)
+    return lo
 
 
 def report(e: Engine, privacy: PrivacySettings, steps: int, stopped_early: bool) -> JSON:
@@ -109,9 +124,8 @@ def report(e: Engine, privacy: PrivacySettings, steps: int, stopped_early: bool)
     operator's ledger holds what was granted."""
     import opacus
 
-    spent = float(e.engine.accountant.get_epsilon(privacy.delta)) if steps else 0.0
     return {
-        "epsilon": round(spent, 6),
+        "epsilon": round(spend(e, privacy.delta, steps), 6),
         "epsilonGranted": privacy.epsilon,
         "delta": privacy.delta,
         "noiseMultiplier": round(float(e.optimizer.noise_multiplier), 6),
@@ -120,7 +134,7 @@ def report(e: Engine, privacy: PrivacySettings, steps: int, stopped_early: bool)
         "maxGradNorm": privacy.max_grad_norm,
         "accountant": privacy.accountant,
         "library": f"opacus {opacus.__version__}",
-        "history": [[float(s), float(q), int(n)] for s, q, n in e.engine.accountant.history],
+        "history": [[float(e.optimizer.noise_multiplier), float(e.loader.sample_rate), steps]],
         "stoppedEarly": stopped_early,
         "unit": "image",
     }
@@ -148,17 +162,20 @@ def train_private(
     )
     e.module.train()
     t0 = time.perf_counter()
-    steps = seen = 0
+    # Every batch drawn is a step the accountant counts (Poisson sampling: len(loader) a epoch).
+    allowed = allowed_steps(e, privacy, settings.epochs * len(e.loader))
+    drawn = steps = seen = 0
     stopped = False
     last = float("nan")
     for epoch in range(1, settings.epochs + 1):
         for x, y in e.loader:
-            if _epsilon_after_one_more(e, privacy.delta) > privacy.epsilon:
+            if drawn >= allowed:
                 stopped = True
                 break
+            drawn += 1
             e.optimizer.zero_grad(set_to_none=True)
             if len(y) == 0:
-                continue  # an empty Poisson batch: nothing to release
+                continue  # an empty Poisson batch: nothing to learn from, counted as a step
             logits = e.module(norm(x.to(rt.device)))
             loss = loss_fn(logits.float(), y.to(rt.device))
             loss.backward()
@@ -168,7 +185,7 @@ def train_private(
         if stopped:
             log("the run's privacy budget is spent: training stops here")
             break
-    out = report(e, privacy, steps, stopped)
+    out = report(e, privacy, drawn, stopped)
     e.module._close()  # removes Opacus's hooks; the model's parameters were trained in place
     model.eval()
     if not math.isfinite(last):
