@@ -34,7 +34,7 @@ ENVIRONMENTS = {"operator": ("operator",), "ml": ("train", "merge")}
 # build instead of the first Job.
 SMOKE = {
     "operator": ("medforge_operator.__main__",),
-    "ml": ("medforge_trainer.__main__", "medforge_merger.__main__", "torch", "peft"),
+    "ml": ("medforge_trainer.__main__", "medforge_merger.__main__", "torch", "peft", "opacus"),
 }
 
 OFFLINE_ENV = {
