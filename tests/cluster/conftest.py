@@ -36,7 +36,7 @@ def crds(cluster: ClusterAccess) -> None:
 
 # Forge namespaces are settings of the operator, fixed when it starts: the tests draw fresh ones
 # from this pool, never reusing a name in a session (a deleted namespace lingers a while).
-FORGE_POOL = tuple(f"medforge-forge-{i}" for i in range(16))
+FORGE_POOL = tuple(f"medforge-forge-{i}" for i in range(32))
 _forge_names = itertools.count()
 
 
