@@ -17,8 +17,14 @@ def status_changed(old: JSON, new: JSON) -> bool:
     return any(old.get(k) != new.get(k) for k in keys)
 
 
+# Status fields another reconciler writes too (the composites record themselves in a
+# contribution's usedBy): sent only when this round changed them, never written back stale.
+SHARED_FIELDS = frozenset({"usedBy"})
+
+
 def status_patch(old: JSON, new: JSON) -> JSON:
-    return {**new, **{k: None for k in set(old) - set(new) - {"kopf"}}}
+    kept = {k: v for k, v in new.items() if k not in SHARED_FIELDS or old.get(k) != v}
+    return {**kept, **{k: None for k in set(old) - set(new) - {"kopf"} - SHARED_FIELDS}}
 
 
 def write_status(
