@@ -31,6 +31,9 @@ JSON = dict[str, Any]
 OUTPUT_FILES = CONTRIBUTION_FILES
 DATA_MOUNT = "/data"
 
+# How many composites a contribution lists in status.usedBy.
+USED_BY_LIMIT = 50
+
 
 def output_prefix(bucket: str, obj: Obj, generation: int) -> S3Uri:
     """Where a generation's artifact goes. The object's uid is part of it: a contribution

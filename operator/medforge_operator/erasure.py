@@ -11,7 +11,7 @@ from typing import Any
 from medforge_common.api import EventReason
 from medforge_common.api import WithdrawalReason as WR
 from medforge_common.uris import S3Uri
-from medforge_operator import CONTRIBUTIONS, signing
+from medforge_operator import CONTRIBUTIONS, contribution, signing
 from medforge_operator.bodies import Obj
 from medforge_operator.composite import inputs, withdrawal
 from medforge_operator.kubeapi import KubeApi
@@ -20,8 +20,6 @@ from medforge_operator.store import ForgeStore
 JSON = dict[str, Any]
 EventFn = Callable[[Obj, str, str, str], None]
 RECEIPTS = "receipts/"
-# How many revisions a contribution lists in status.usedBy.
-USED_BY_LIMIT = 50
 
 
 def contribution_prefixes(bucket: str, namespace: str, name: str) -> list[S3Uri]:
@@ -135,7 +133,7 @@ def _record_on_contribution(live: JSON, me: str, record: JSON, at: str, kube: Ku
         CONTRIBUTIONS,
         str(live["metadata"]["namespace"]),
         str(live["metadata"]["name"]),
-        {"usedBy": [entry, *used][:USED_BY_LIMIT]},
+        {"usedBy": [entry, *used][: contribution.USED_BY_LIMIT]},
     )
 
 

@@ -33,11 +33,12 @@ from medforge_operator.basemodel import BaseModelUnusable
 from medforge_operator.bodies import CompositeBody, Obj
 from medforge_operator.catalog import Catalog, ConfigRefused
 from medforge_operator.conditions import merge_conditions, now, stalled
+from medforge_operator.contribution import USED_BY_LIMIT
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.metrics import JOBS_CREATED, REVISIONS
 from medforge_operator.revision_outcome import outcome
 from medforge_operator.settings import Settings
-from medforge_operator.statuswrite import write_status
+from medforge_operator.statuswrite import apply_changes, write_status
 from medforge_operator.store import ForgeStore
 
 JSON = dict[str, Any]
@@ -88,29 +89,24 @@ def reconcile(
     spec = fresh["spec"]
     old = fresh.get("status") or {}
     changes = dict(o.withdrawal.changes) if o.withdrawal else {}
-    before = _apply(old, changes)
+    before = apply_changes(old, changes)
     changes |= composite.settle(before, o, int(spec.get("historyLimit", 10)), at)
-    settled = {**fresh, "status": _apply(old, changes)}
+    settled = {**fresh, "status": apply_changes(old, changes)}
     changes |= composite.abandoned_rebuild(settled["status"], o, at)
-    settled = {**fresh, "status": _apply(old, changes)}
+    settled = {**fresh, "status": apply_changes(old, changes)}
     plan = composite.next_plan(settled, o, at)
     if plan is not None and o.base is not None:
         _start(settled, plan, kube, store, s, cat, o)
         if o.started is not None:
             changes |= {"revision": plan.revision, "pendingRevision": o.started}
-            settled = {**fresh, "status": _apply(old, changes)}
+            settled = {**fresh, "status": apply_changes(old, changes)}
     changes |= reconcile_withdrawal.erase_due(settled, kube, store, event, at)
-    settled = {**fresh, "status": _apply(old, changes)}
+    settled = {**fresh, "status": apply_changes(old, changes)}
     new = composite.compute_status(old, settled, o, changes)
     _write(fresh, kube, new)
     _announce(fresh, old, o, plan, kube, event, cat)
     _tell_excluded(fresh, old, new, o, event)
     reconcile_withdrawal.tell(fresh, o, event)
-
-
-def _apply(status: JSON, changes: JSON) -> JSON:
-    out = {**status, **changes}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _write(obj: Obj, kube: KubeApi, new: JSON) -> None:
@@ -359,10 +355,6 @@ def _tell_excluded(
             event(c, "Warning", str(code), f"{me}: {why}")
 
 
-# How many composites a contribution lists in status.usedBy.
-USED_BY_LIMIT = 50
-
-
 def _tell_contributions(
     obj: Obj, pending: JSON, outcome: composite.Outcome, kube: KubeApi, event: EventFn
 ) -> None:
@@ -387,5 +379,6 @@ def _tell_contributions(
             )
         elif outcome.state == RevisionState.ACCEPTED:
             used = [u for u in (c["status"].get("usedBy") or []) if u.get("composite") != me]
-            used = [{"composite": me, "revision": pending["revision"]}, *used][:USED_BY_LIMIT]
+            used = [{"composite": me, "revision": pending["revision"]}, *used]
+            used = used[:USED_BY_LIMIT]
             kube.patch_status(CONTRIBUTIONS, str(ns), str(name), {"usedBy": used})

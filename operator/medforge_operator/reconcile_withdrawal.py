@@ -16,16 +16,12 @@ from medforge_operator.catalog import Catalog
 from medforge_operator.conditions import parse_now
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.metrics import WITHDRAWALS, WITHDRAWALS_ERASED
+from medforge_operator.statuswrite import apply_changes
 from medforge_operator.store import ForgeStore, StoreUnreachable
 
 JSON = dict[str, Any]
 EventFn = Callable[[Obj, str, str, str], None]
 log = logging.getLogger("medforge.composite")
-
-
-def _apply(status: JSON, changes: JSON) -> JSON:
-    out = {**status, **changes}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def departures(obj: Obj, o: composite.Observation, kube: KubeApi, at: str) -> None:
@@ -73,7 +69,7 @@ def erase_due(obj: Obj, kube: KubeApi, store: ForgeStore, event: EventFn, at: st
         except StoreUnreachable as exc:
             log.warning("erasure of %s/%s waits: %s", record["namespace"], record["name"], exc)
             break
-        obj = {**obj, "status": _apply(obj.get("status") or {}, changes)}
+        obj = {**obj, "status": apply_changes(obj.get("status") or {}, changes)}
         WITHDRAWALS_ERASED.inc()
     return changes
 

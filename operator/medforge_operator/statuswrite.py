@@ -11,6 +11,12 @@ from medforge_operator.kubeapi import KubeApi
 JSON = dict[str, Any]
 
 
+def apply_changes(status: JSON, changes: JSON) -> JSON:
+    """A status with a round's changes applied; a None value removes the field."""
+    out = {**status, **changes}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def status_changed(old: JSON, new: JSON) -> bool:
     """Compare ignoring kopf's own bookkeeping in status."""
     keys = set(new) | (set(old) - {"kopf"})

@@ -19,11 +19,13 @@ from tests.helpers import get_json, wait_until
 pytestmark = pytest.mark.usefixtures("operator")
 
 
-@pytest.fixture
-def institutions(cluster: ClusterAccess) -> Iterator[tuple[str, list[str]]]:
-    """A label value and two institution namespaces carrying it."""
+def tagged_members(
+    cluster: ClusterAccess, prefix: str, count: int
+) -> Iterator[tuple[str, list[str]]]:
+    """A label value and `count` member namespaces carrying it (medforge.io/forge=<tag>),
+    deleted afterwards."""
     tag = uuid.uuid4().hex[:6]
-    spaces = [f"hospital-{tag}-{i}" for i in range(2)]
+    spaces = [f"{prefix}-{tag}-{i}" for i in range(count)]
     for ns in spaces:
         cluster.kubectl("create", "namespace", ns)
         cluster.kubectl(
@@ -32,6 +34,12 @@ def institutions(cluster: ClusterAccess) -> Iterator[tuple[str, list[str]]]:
     yield tag, spaces
     for ns in spaces:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture
+def institutions(cluster: ClusterAccess) -> Iterator[tuple[str, list[str]]]:
+    """A label value and two institution namespaces carrying it."""
+    yield from tagged_members(cluster, "hospital", 2)
 
 
 def contribution(name: str, base: tuple[str, str], task: str = "breakhis", **spec: Any) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from medforge_localcluster.s3 import client
 from tests.cluster.conftest import Forge, base_model
 from tests.cluster.test_cli import medforge
-from tests.cluster.test_composite import composite_doc, contribution
+from tests.cluster.test_composite import composite_doc, contribution, tagged_members
 from tests.cluster.test_operator import status
 from tests.conftest import ClusterAccess
 from tests.helpers import wait_until
@@ -27,16 +26,7 @@ pytestmark = pytest.mark.usefixtures("operator")
 
 @pytest.fixture
 def hospitals(cluster: ClusterAccess) -> Iterator[tuple[str, list[str]]]:
-    tag = uuid.uuid4().hex[:6]
-    spaces = [f"withdraw-{tag}-{i}" for i in range(3)]
-    for ns in spaces:
-        cluster.kubectl("create", "namespace", ns)
-        cluster.kubectl(
-            "label", "namespace", ns, f"medforge.io/forge={tag}", "medforge.io/member=true"
-        )
-    yield tag, spaces
-    for ns in spaces:
-        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    yield from tagged_members(cluster, "withdraw", 3)
 
 
 def accepted(cluster: ClusterAccess, ns: str, revision: int) -> dict[str, Any]:

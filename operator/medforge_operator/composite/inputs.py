@@ -81,6 +81,16 @@ def has_verified_copy(c: JSON) -> bool:
     return contribution.has_verified_copy(c)
 
 
+def ready_for(c: JSON, base_digest: str) -> bool:
+    """Ready for its current generation, with an artifact trained for this base model."""
+    st = c.get("status") or {}
+    return (
+        is_true(st.get("conditions"), C.READY)
+        and st.get("observedGeneration") == c["metadata"].get("generation")
+        and (st.get("artifact") or {}).get("baseModelDigest") == base_digest
+    )
+
+
 def granted_privacy(c: JSON) -> JSON | None:
     """(epsilon, delta) the operator's ledger granted the generation that made the artifact
     (status.privacy, written by the operator at admission), or None for a run without DP."""

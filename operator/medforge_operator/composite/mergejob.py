@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from medforge_common.api import ConditionType as C
 from medforge_common.api import ExitCode
 from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
 from medforge_common.contract import MergeInput, MergePlan
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, jobs, names, signing
 from medforge_operator.bodies import Obj
-from medforge_operator.composite.inputs import granted_privacy, key
+from medforge_operator.composite.inputs import granted_privacy, key, ready_for
 from medforge_operator.composite.planning import Plan, effective_integration
-from medforge_operator.conditions import is_true
 from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
@@ -62,14 +60,8 @@ def merge_inputs(
     new_digests = set(pending.get("digests") or [])
     found: list[JSON] = []
     for c in contribs:
-        st = c.get("status") or {}
-        art = st.get("artifact") or {}
-        if (
-            art.get("digest") in wanted
-            and is_true(st.get("conditions"), C.READY)
-            and st.get("observedGeneration") == c["metadata"].get("generation")
-            and art.get("baseModelDigest") == base_digest
-        ):
+        digest = ((c.get("status") or {}).get("artifact") or {}).get("digest")
+        if digest in wanted and ready_for(c, base_digest):
             found.append(c)
     order = {d: i for i, d in enumerate(pending.get("inputs") or pending.get("digests") or [])}
     found.sort(key=lambda c: order.get(c["status"]["artifact"]["digest"], 0))

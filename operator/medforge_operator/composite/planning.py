@@ -7,15 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from medforge_common.api import ConditionType as C
 from medforge_common.strategy import DEFAULT as DEFAULT_STRATEGY
 from medforge_common.strategy import STRATEGIES, Traits
 from medforge_operator import isolation
 from medforge_operator.bodies import Obj
 from medforge_operator.composite import withdrawal
-from medforge_operator.composite.inputs import evaluate_inputs, has_verified_copy
+from medforge_operator.composite.inputs import evaluate_inputs, has_verified_copy, ready_for
 from medforge_operator.composite.settling import Observation, in_flight
-from medforge_operator.conditions import is_true
 
 JSON = dict[str, Any]
 
@@ -45,16 +43,9 @@ def replacement_inputs(status: JSON, contribs: list[JSON], base_digest: str) -> 
     wanted = list((status.get("rebuild") or {}).get("inputs") or [])
     by_digest = {}
     for c in contribs:
-        st = c.get("status") or {}
-        art = st.get("artifact") or {}
-        if (
-            art.get("digest") in wanted
-            and is_true(st.get("conditions"), C.READY)
-            and st.get("observedGeneration") == c["metadata"].get("generation")
-            and art.get("baseModelDigest") == base_digest
-            and has_verified_copy(c)
-        ):
-            by_digest[art["digest"]] = c
+        digest = ((c.get("status") or {}).get("artifact") or {}).get("digest")
+        if digest in wanted and ready_for(c, base_digest) and has_verified_copy(c):
+            by_digest[digest] = c
     return [by_digest[d] for d in wanted if d in by_digest]
 
 
