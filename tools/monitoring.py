@@ -21,6 +21,7 @@ DASHBOARD_UID = "medforge-overview"
 # Dashboard variables as the queries use them (Grafana expands these).
 NS = 'namespace=~"$namespace"'
 FORGE = 'namespace=~"$forge_namespace", name=~"$composite"'
+SITE = 'composite=~"$forge_namespace/$composite"'
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,41 @@ ROWS = [
                     ),
                 ],
                 width=8,
+            ),
+        ],
+    ),
+    Row(
+        "Sites: each hospital's own patients",
+        [
+            Panel(
+                "Accuracy of each candidate on each site's own images (revision x site)",
+                "timeseries",
+                [
+                    (
+                        f'max by (composite, site) (medforge_site_metric{{metric="accuracy", {SITE}}})',
+                        "{{site}} ({{composite}})",
+                    ),
+                ],
+                unit="percentunit",
+                description="Every candidate revision is scored by each consenting hospital "
+                "(EvaluationSet) beside the served revision; one point per candidate. The table "
+                "per revision: medforge describe composite.",
+                width=12,
+            ),
+            Panel(
+                "Drop against the served revision, per site",
+                "bargauge",
+                [
+                    (
+                        f'max by (composite, site) (medforge_site_metric{{metric="drop", {SITE}}})',
+                        "{{site}}",
+                    ),
+                ],
+                unit="percentunit",
+                description="Served minus candidate accuracy on the site's images: above "
+                "spec.gate.sites.maxRegression (and significant for its sample count) the "
+                "candidate is rejected with SiteRegression.",
+                width=12,
             ),
         ],
     ),
@@ -421,6 +457,16 @@ ALERTS = [
         "The newest revision of {{ $labels.namespace }}/{{ $labels.name }} was rejected",
         "Revision {{ $value }} was not accepted ({{ $labels.reason }}); the previous revision "
         "is still served and the inputs that caused it are excluded.",
+    ),
+    Alert(
+        "MedForgeSiteRegression",
+        'max by (composite, site) (medforge_site_metric{metric="regressed"}) == 1',
+        "siteRegressionFor",
+        "warning",
+        "A candidate of {{ $labels.composite }} regressed on site {{ $labels.site }}",
+        "On that hospital's own held-out images the newest candidate scored significantly "
+        "below the served revision (spec.gate.sites.maxRegression); it was rejected and the "
+        "hospital got an Event with its figures. The new inputs that cause it are excluded.",
     ),
     Alert(
         "MedForgeNoAcceptedRevision",

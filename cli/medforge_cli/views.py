@@ -155,6 +155,7 @@ def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
         else "  none yet"
     )
     lines += _withdrawals(st, now)
+    lines += site_matrix(st)
     lines += ["", "Inputs:"]
     inputs = [
         [
@@ -170,6 +171,49 @@ def describe_composite(c: JSON, now: dt.datetime | None = None) -> str:
         lines.append(f"  ... and {st['inputsOmitted']} more")
     lines += _scores(c, current)
     return "\n".join(lines)
+
+
+SITE_CELLS = {"TooSmall": "too small", "NotReported": "no report", "Failed": "failed"}
+
+
+def site_matrix(st: JSON, revisions: int = 6) -> list[str]:
+    """Revision x site: each site's accuracy of the candidate on its own images (the served
+    revision's in brackets), newest revision first; a candidate still at the sites too."""
+    pending = st.get("pendingRevision") or {}
+    scored = [
+        (str(h.get("revision")), h.get("sites") or [])
+        for h in st.get("history") or []
+        if h.get("sites")
+    ]
+    if (pending.get("evaluation") or {}).get("sites"):
+        scored.insert(0, (f"{pending['revision']}*", pending["evaluation"]["sites"]))
+    scored = scored[:revisions]
+    if not scored:
+        return []
+    names = sorted({str(x.get("site")) for _, sites in scored for x in sites})
+    rows = []
+    for name in names:
+        row = [name]
+        for _, sites in scored:
+            x = next((x for x in sites if x.get("site") == name), None)
+            row.append(_site_cell(x))
+        rows.append(row)
+    head = ["SITE", *[f"REV {r}" for r, _ in scored]]
+    note = "  (accuracy on the site's own images; the served revision's in brackets; * scoring)"
+    return ["", "Sites (revision x site):", table(head, rows), note]
+
+
+def _site_cell(x: JSON | None) -> str:
+    if x is None:
+        return "-"
+    state = str(x.get("state", ""))
+    cand, served = x.get("candidate") or {}, x.get("served") or {}
+    if state != "Reported" or not isinstance(cand.get("accuracy"), int | float):
+        return SITE_CELLS.get(state, state.lower() or "-")
+    cell = f"{cand['accuracy']:.3f}"
+    if isinstance(served.get("accuracy"), int | float):
+        cell += f" ({served['accuracy']:.3f})"
+    return f"{cell} n={cand.get('samples', '?')}"
 
 
 def _withdrawals(st: JSON, now: dt.datetime | None) -> list[str]:

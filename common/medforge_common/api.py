@@ -28,6 +28,7 @@ class ContributionPhase(StrEnum):
 class CompositePhase(StrEnum):
     WAITING = "Waiting"
     MERGING = "Merging"
+    EVALUATING = "Evaluating"  # a candidate is scored at the sites (EvaluationSets)
     READY = "Ready"
     PAUSED = "Paused"
     FAILED = "Failed"
@@ -100,6 +101,10 @@ class Reason(StrEnum):
     REGRESSION_OVER_GATE = "RegressionOverGate"  # a task regressed beyond spec.gate
     MERGE_FAILED = "MergeFailed"
     NO_USABLE_INPUT = "NoUsableInput"  # the merger refused every input: a verdict on each
+    # The sites (EvaluationSets) score a candidate on their own images (spec.gate.sites).
+    EVALUATING = "Evaluating"
+    SITE_REGRESSION = "SiteRegression"  # a site's own images regressed beyond gate.sites
+    QUORUM_NOT_REACHED = "QuorumNotReached"  # too few sites reported by gate.sites.timeout
     # A revision failed twice (or was rejected with several new inputs): its new inputs are
     # tried in halves until the one that causes it is found; the others merge meanwhile.
     ISOLATING = "Isolating"
@@ -171,3 +176,7 @@ class EventReason(StrEnum):
     WITHDRAWN = "Withdrawn"  # the forge saw an input leave (on the composite and the contribution)
     REVISION_CANCELLED = "RevisionCancelled"  # a merge that read a withdrawn input was stopped
     ERASED = "Erased"  # a withdrawal's files were deleted from the store (the receipt's key)
+    REVISION_EVALUATING = "RevisionEvaluating"  # a candidate went to the sites' EvaluationSets
+    SITE_REGRESSION = "SiteRegression"  # on a set, in its namespace: its images regressed
+    # On a set: some of its files have the name and size of files the hospital trained on.
+    TRAINING_OVERLAP = "TrainingOverlap"

@@ -119,13 +119,21 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 class Predictor:
     """A composite revision (a pulled folder) on its verified base model."""
 
-    def __init__(self, base_dir: Path, composite_dir: Path, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        composite_dir: Path,
+        device: str = "cpu",
+        tasks: list[TaskHead] | None = None,
+    ) -> None:
+        """`tasks`: the heads to score with, when not the revision's own (an evaluation site
+        receives its own head only, never the revision's tasks file)."""
         self.device = torch.device(device)
         self.base, tokenizer, config = classifier.load_base(base_dir)
         self.size, mean, std = classifier.image_settings(base_dir, config)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
-        self.tasks = read_tasks(composite_dir / TASKS_FILE)
+        self.tasks = tasks if tasks is not None else read_tasks(composite_dir / TASKS_FILE)
         self.updates = read_updates(composite_dir)
         self.classifiers: dict[str, classifier.Classifier] = {}
         for t in self.tasks:

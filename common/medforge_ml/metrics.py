@@ -67,3 +67,15 @@ def classification_metrics(labels: torch.Tensor, probs: torch.Tensor) -> dict[st
     if auc is not None:
         out["auc"] = round(auc, 6)
     return out
+
+
+def per_class_recall(
+    labels: torch.Tensor, preds: torch.Tensor, classes: list[str]
+) -> dict[str, float]:
+    """Recall (sensitivity) of each class present in the labels, by class name."""
+    out: dict[str, float] = {}
+    for c, name in enumerate(classes):
+        support = int((labels == c).sum())
+        if support:
+            out[name] = round(int(((preds == c) & (labels == c)).sum()) / support, 6)
+    return out

@@ -50,6 +50,7 @@ def _install_crds(k: Kubectl, step: Callable[[str], None]) -> None:
         "crd/loracontributions.medforge.io",
         "crd/compositemodels.medforge.io",
         "crd/basemodels.medforge.io",
+        "crd/evaluationsets.medforge.io",
         "--timeout=60s",
     )
 
@@ -68,6 +69,13 @@ def _fill_store(s3: Any, bucket: str, tag: str) -> str:
         for task, classes, style in HOSPITALS:
             data = make_dataset(Path(tmp) / task, classes, 24, seed=style, style=style)
             _upload_dir(s3, bucket, data, f"hospitals/{tag}/{task}/")
+            # Held-out patients, never trained on: the hospital's own evaluation set.
+            held = make_dataset(
+                Path(tmp) / f"{task}-held", classes, 12, seed=50 + style, style=style
+            )
+            for p in held.rglob("*.png"):  # other patients, other file names
+                p.rename(p.with_name(f"held-{p.name}"))
+            _upload_dir(s3, bucket, held, f"hospitals/{tag}/{task}-heldout/")
     return digest
 
 
@@ -118,19 +126,22 @@ def _apply(
         },
         "strategy": {"type": "fusion", "search": {"budget": 20}},
         "minContributions": 2,
+        # Each hospital scores every candidate on its own held-out images before it is served.
+        "gate": {"sites": {"quorum": "100%", "maxRegression": 0.05, "timeout": "5m"}},
     }
     print(k("apply", "-f", "-", input=_doc("CompositeModel", "forge", forge_ns, composite)), end="")
     for task, classes, _ in HOSPITALS:
+        data: dict[str, Any] = {
+            "uri": f"s3://{bucket}/hospitals/{tag}/{task}/",
+            "endpoint": endpoint,
+            "credentialsSecretRef": {"name": "imaging-data"},
+        }
         spec = {
             "baseModel": base,
             # The hospital opts in to this forge; no other composite may merge it.
             "sharing": {"forges": [f"{forge_ns}/forge"]},
             "task": {"name": task, "classes": classes},
-            "dataset": {
-                "uri": f"s3://{bucket}/hospitals/{tag}/{task}/",
-                "endpoint": endpoint,
-                "credentialsSecretRef": {"name": "imaging-data"},
-            },
+            "dataset": data,
             "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
             "training": {"epochs": 4, "batchSize": 16, "learningRate": 0.005},
             "distillation": {"imagesPerClass": 4, "iterations": 60},
@@ -138,6 +149,15 @@ def _apply(
         doc = json.loads(_doc("LoRAContribution", task, f"hospital-{task}-{tag}", spec))
         doc["metadata"]["labels"] = {"medforge.io/demo": tag}
         print(k("apply", "-f", "-", input=json.dumps(doc)), end="")
+        dataset = data | {"uri": f"s3://{bucket}/hospitals/{tag}/{task}-heldout/"}
+        held = {
+            "task": {"name": task, "classes": classes},
+            "dataset": dataset,
+            "forges": [f"{forge_ns}/forge"],
+            "minSamples": 20,
+        }
+        ev = _doc("EvaluationSet", "held-out", f"hospital-{task}-{tag}", held)
+        print(k("apply", "-f", "-", input=ev), end="")
 
 
 def _follow(
@@ -180,6 +200,16 @@ def _report(k: Kubectl, st: dict[str, Any], forge_ns: str, tag: str) -> None:
             f"  {task}: accuracy {m.get('accuracy')} (the hospital's adapter alone: "
             f"{m.get('solo')}), macro-F1 {m.get('f1')}, AUC {m.get('auc')}"
         )
+    print("  each hospital's own held-out patients (revision x site; EvaluationSets):")
+    print(f"  {'REVISION':<9} {'SITE':<36} {'STATE':<12} {'ACC':>6} {'F1':>6} {'AUC':>6} {'N':>4}")
+    for h in st.get("history") or []:
+        for site in h.get("sites") or []:
+            c = site.get("candidate") or {}
+            figs = [f"{c[k]:.3f}" if k in c else "-" for k in ("accuracy", "f1", "auc")]
+            print(
+                f"  {h['revision']:<9} {site['site']:<36} {site['state']:<12} "
+                f"{figs[0]:>6} {figs[1]:>6} {figs[2]:>6} {c.get('samples', '-'):>4}"
+            )
 
 
 def run(
@@ -217,7 +247,7 @@ def run(
         _apply(k, base, forge_ns, tag, bucket, endpoint)
         step("training, verifying and merging (about a minute)")
         st = _follow(k, op, forge_ns, tag, log)
-        step("revision 1: what was merged and how well it scores on each hospital's distilled set")
+        step("revision 1: what was merged, its scores on the distilled sets and at each site")
         _report(k, st, forge_ns, tag)
     finally:
         op.terminate()

@@ -12,8 +12,8 @@ from medforge_common.api import Reason as R
 from medforge_common.artifacts import CONTRIBUTION_FILES
 from medforge_common.contract import TrainPlan
 from medforge_common.result import finite_number, read_result
-from medforge_common.uris import PvcUri, S3Uri, parse_uri
-from medforge_operator import basemodel, jobs, jobstatus, names, signing
+from medforge_common.uris import S3Uri
+from medforge_operator import basemodel, datajob, jobs, jobstatus, names, signing
 from medforge_operator.bodies import Obj
 from medforge_operator.conditions import (
     Cond,
@@ -24,12 +24,12 @@ from medforge_operator.conditions import (
     stalled,
     steady,
 )
+from medforge_operator.datajob import dataset_wiring
 from medforge_operator.jobstatus import PodSummary
 from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
 OUTPUT_FILES = CONTRIBUTION_FILES
-DATA_MOUNT = "/data"
 
 # How many composites a contribution lists in status.usedBy.
 USED_BY_LIMIT = 50
@@ -70,40 +70,6 @@ def has_verified_copy(obj: Obj) -> bool:
 
 def training_grant(bucket: str, obj: Obj, base: basemodel.Resolved) -> signing.Grant:
     return signing.training_grant(bucket, obj, base.uri, base.files)
-
-
-def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]]:
-    """(dataset config, env, volumes, volume mounts) for the dataset: S3 credentials go through
-    secretKeyRef env vars (the operator never reads them), a PVC is mounted read-only."""
-    ds = spec["dataset"]
-    uri = parse_uri(ds["uri"], "spec.dataset.uri")
-    cfg: JSON = {"uri": ds["uri"], "validationFraction": ds.get("validationFraction", 0.2)}
-    env: list[JSON] = []
-    volumes: list[JSON] = []
-    mounts: list[JSON] = []
-    if isinstance(uri, PvcUri):
-        volumes.append(
-            {"name": "dataset", "persistentVolumeClaim": {"claimName": uri.claim, "readOnly": True}}
-        )
-        mounts.append({"name": "dataset", "mountPath": DATA_MOUNT, "readOnly": True})
-        cfg["path"] = f"{DATA_MOUNT}/{uri.path}".rstrip("/")
-    else:
-        if ds.get("endpoint"):
-            cfg["endpoint"] = ds["endpoint"]
-        ref = ds.get("credentialsSecretRef")
-        if ref:
-            for var, key in (
-                ("DATASET_AWS_ACCESS_KEY_ID", ref.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID")),
-                (
-                    "DATASET_AWS_SECRET_ACCESS_KEY",
-                    ref.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"),
-                ),
-            ):
-                env.append(
-                    {"name": var, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": key}}}
-                )
-            cfg["credentialsFromEnv"] = True
-    return cfg, env, volumes, mounts
 
 
 def train_plan(obj: Obj, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPlan:
@@ -148,31 +114,17 @@ def url_lifetime(spec: JSON, settings: Settings) -> int:
 
 def training_job(obj: Obj, settings: Settings, base: basemodel.Resolved) -> JSON:
     """Raises ValueError (naming the field) when the spec breaks the base model's limits."""
-    spec = obj["spec"]
     meta = obj["metadata"]
-    _, env, volumes, mounts = dataset_wiring(spec)
-    resources = basemodel.training_resources(
-        spec.get("resources") or {}, base.training, "spec.resources"
-    )
-    return jobs.job_manifest(
-        name=names.training_job_name(meta["name"], meta["generation"]),
-        namespace=meta["namespace"],
-        owner=obj,
-        component="train",
-        image=str(base.training.get("image") or settings.trainer_image),
-        command=list(settings.trainer_command),
-        annotations={
-            jobs.ANNOTATION_BASE_DIGEST: base.digest,
-            jobs.ANNOTATION_BASE_NAME: base.name,
-        },
-        env=env,
+    return datajob.data_job(
+        obj,
+        names.training_job_name(meta["name"], meta["generation"]),
+        "train",
+        list(settings.trainer_command),
+        settings,
+        base,
         labels={jobs.LABEL_GENERATION: str(meta["generation"])},
-        resources=resources,
-        volumes=volumes,
-        volume_mounts=mounts,
-        backoff_limit=int(spec.get("backoffLimit", 2)),
-        active_deadline=spec.get("activeDeadlineSeconds"),
-        ttl_seconds=settings.job_ttl_seconds,
+        backoff_limit=int(obj["spec"].get("backoffLimit", 2)),
+        active_deadline=obj["spec"].get("activeDeadlineSeconds"),
     )
 
 

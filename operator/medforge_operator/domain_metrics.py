@@ -26,6 +26,7 @@ from medforge_operator import BASEMODELS, COMPOSITES, CONTRIBUTIONS, PRIVACYBUDG
 from medforge_operator.bodies import Obj
 from medforge_operator.composite import withdrawal
 from medforge_operator.observed import ObservedObjects
+from medforge_operator.site_metrics import site_families
 
 JSON = dict[str, Any]
 TRAINING_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
@@ -345,6 +346,7 @@ def families(snapshot: dict[str, list[JSON]], now: float) -> Iterator[Metric]:
     """Every domain metric family for one snapshot of the observed objects."""
     yield from contribution_families(snapshot.get(CONTRIBUTIONS, []))
     yield from composite_families(snapshot.get(COMPOSITES, []), now)
+    yield from site_families(snapshot.get(COMPOSITES, []))
     yield from basemodel_families(snapshot.get(BASEMODELS, []))
     yield from budget_families(snapshot.get(PRIVACYBUDGETS, []))
 

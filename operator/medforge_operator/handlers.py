@@ -28,6 +28,7 @@ from medforge_operator import (
     BASEMODELS,
     COMPOSITES,
     CONTRIBUTIONS,
+    EVALUATIONSETS,
     GROUP,
     PRIVACYBUDGETS,
     VERSION,
@@ -41,6 +42,7 @@ from medforge_operator import reconcile_contribution as rcon
 from medforge_operator.bodies import BaseModelBody, CompositeBody, ContributionBody, Obj
 from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
+from medforge_operator.evaluation import ANNOTATION_COMPOSITE
 from medforge_operator.kube import Kube
 from medforge_operator.leader import LeaderElection
 from medforge_operator.metrics import (
@@ -54,39 +56,13 @@ from medforge_operator.metrics import (
 from medforge_operator.observed import ObservedObjects
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
-from medforge_operator.workqueue import WorkQueue
+from medforge_operator.workqueue import FailedKeys, Key, WorkQueue
 
 JSON = dict[str, Any]
-Key = tuple[str, str, str]  # (plural, namespace, name); namespace "" for cluster-scoped kinds
 log = logging.getLogger("medforge.operator")
 # Every FULL_RESYNC_EVERY-th resync queues every contribution in flight, not only those that
 # need polling: the safety net in case a watch event was lost.
 FULL_RESYNC_EVERY = 15
-
-
-class FailedKeys:
-    """Keys whose last round raised: the resync queues them again, whatever their status says."""
-
-    def __init__(self) -> None:
-        self._keys: set[Key] = set()
-        self._lock = threading.Lock()
-
-    def add(self, key: Key) -> None:
-        with self._lock:
-            self._keys.add(key)
-
-    def discard(self, key: Key) -> None:
-        with self._lock:
-            self._keys.discard(key)
-
-    def snapshot(self) -> set[Key]:
-        with self._lock:
-            return set(self._keys)
-
-    def forget_all_but(self, keys: set[Key], seen: set[Key]) -> None:
-        """Drop those of `keys` whose objects no longer exist (not in `seen`)."""
-        with self._lock:
-            self._keys.difference_update(keys - seen)
 
 
 @dataclass
@@ -385,6 +361,17 @@ def composite_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
         r.enqueue(COMPOSITES, meta["namespace"], meta["name"])
 
 
+@kopf.on.event(GROUP, VERSION, EVALUATIONSETS)
+def evaluation_set_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A hospital's set came, went or changed its consent: the composites look at their sites
+    (only a candidate being scored reads them)."""
+    meta = body["metadata"]
+    if type == "DELETED" or (body.get("status") or {}).get("observedGeneration") != meta.get(
+        "generation"
+    ):
+        rt(memo).composites()
+
+
 def child_event(
     r: Runtime, kind: str, etype: str, namespace: str, labels: dict[str, str], obj: JSON
 ) -> None:
@@ -397,3 +384,9 @@ def child_event(
         r.enqueue(CONTRIBUTIONS, namespace, owner)
     elif owner and component == "merge":
         r.enqueue(COMPOSITES, namespace, owner)
+    elif component == "evaluate":
+        # The annotation only says which composite to look at; the round derives the rest.
+        forge = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_COMPOSITE)
+        if isinstance(forge, str) and forge.count("/") == 1:
+            forge_ns, forge_name = forge.split("/")
+            r.enqueue(COMPOSITES, forge_ns, forge_name)

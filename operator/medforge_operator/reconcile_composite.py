@@ -26,6 +26,7 @@ from medforge_operator import (
     jobs,
     jobstatus,
     names,
+    reconcile_evaluation,
     reconcile_withdrawal,
     signing,
 )
@@ -107,6 +108,8 @@ def reconcile(
     _announce(fresh, old, o, plan, kube, event, cat)
     _tell_excluded(fresh, old, new, o, event)
     reconcile_withdrawal.tell(fresh, o, event)
+    for args in o.site_events:
+        event(*args)
 
 
 def _write(obj: Obj, kube: KubeApi, new: JSON) -> None:
@@ -157,8 +160,12 @@ def observe(
     reconcile_withdrawal.departures(obj, o, kube, at)
     if o.withdrawal is not None and o.withdrawal.cancel and pending:
         reconcile_withdrawal.cancel(obj, pending, kube, cat)
+        reconcile_evaluation.stop(obj, pending, kube)
         return o
     if not pending:
+        return o
+    if pending.get("evaluation"):  # merged and past the summary gate: at the sites
+        reconcile_evaluation.advance(obj, pending, o, kube, store, s, cat, at)
         return o
     job_name = names.merge_job_name(meta["name"], pending["revision"])
     o.job = kube.get_job(meta["namespace"], job_name)
@@ -178,6 +185,7 @@ def observe(
         previous = ((obj.get("status") or {}).get("current") or {}).get("metrics") or {}
         o.outcome = outcome(o.job, kube, store, meta["namespace"], uri, verified, spec, previous)
         o.outcome.uri, o.outcome.job_name = str(verified), job_name
+        reconcile_evaluation.hand_over(obj, pending, o, kube, store, s, cat, at)
     return o
 
 

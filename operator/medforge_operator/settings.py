@@ -37,6 +37,8 @@ class Settings:
     merger_image: str = "ghcr.io/medforge/merger:0.1.0"
     trainer_command: tuple[str, ...] = ("medforge-train",)
     merger_command: tuple[str, ...] = ("medforge-merge",)
+    # Runs in the trainer's image, in a hospital's namespace (EvaluationSet).
+    evaluator_command: tuple[str, ...] = ("medforge-evaluate",)
     concurrency: int = 32
     job_ttl_seconds: int = 7 * 24 * 3600
     metrics_port: int = 0  # 0: no Prometheus endpoint
@@ -78,6 +80,7 @@ ENV = {
     "merger_image": "MEDFORGE_MERGER_IMAGE",
     "trainer_command": "MEDFORGE_TRAINER_COMMAND",
     "merger_command": "MEDFORGE_MERGER_COMMAND",
+    "evaluator_command": "MEDFORGE_EVALUATOR_COMMAND",
     "concurrency": "MEDFORGE_CONCURRENCY",
     "job_ttl_seconds": "MEDFORGE_JOB_TTL_SECONDS",
     "metrics_port": "MEDFORGE_METRICS_PORT",
@@ -148,7 +151,7 @@ def _typed(name: str, value: str) -> object:
     what = ENV[name]
     if name in ("namespaces", "forge_namespaces"):
         return tuple(n.strip() for n in value.split(",") if n.strip())
-    if name in ("trainer_command", "merger_command"):
+    if name in ("trainer_command", "merger_command", "evaluator_command"):
         return _command(value, what)
     if name == "leader_election":
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

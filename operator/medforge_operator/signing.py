@@ -13,8 +13,12 @@ from the same trusted sources:
   verified BaseModel's files, the verified copies of the consenting inputs' artifacts, and the
   composite's own revision it builds on.
 
-Later features (evaluation Jobs, contributions that start from a revision, signing keys) extend
-the grants here, each with its own attacker test.
+- an evaluation Job (a hospital's EvaluationSet scoring a candidate): PUT its one result file;
+  GET the verified BaseModel's files, the candidate's and the served revision's model files
+  (not their tasks file), and the hospital's own verified contributions' head and fingerprints.
+
+Later features (contributions that start from a revision, signing keys) extend the grants
+here, each with its own attacker test.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from medforge_common.artifacts import COMPOSITE_FILES, CONTRIBUTION_FILES, MANIFEST_FILE
+from medforge_common.artifacts import (
+    ADAPTER_FILE,
+    COMPOSITE_FILES,
+    CONTRIBUTION_FILES,
+    EVALUATION_FILE,
+    FINGERPRINTS_FILE,
+    HEAD_FILE,
+    MANIFEST_FILE,
+    MIXTURE_FILE,
+)
 from medforge_common.uris import S3Uri, UriError, parse_uri
 from medforge_operator.bodies import Obj
 
@@ -122,6 +135,55 @@ def merge_grant(
         gets |= _keys(prefix, [f for f in current.get("files") or [] if isinstance(f, str)])
     out = revision_output(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
     return Grant(bucket, frozenset(gets), frozenset(out.join(f).key for f in COMPOSITE_FILES))
+
+
+def evaluation_prefix(bucket: str, composite: Obj, revision: int, evaluation_set: Obj) -> S3Uri:
+    """Where a site's evaluation Job writes its figures for one candidate: the composite's and
+    the set's uids are part of it, so no earlier object of the same name reaches it."""
+    cm, em = composite["metadata"], evaluation_set["metadata"]
+    return S3Uri(
+        bucket,
+        f"evaluations/{cm['namespace']}/{cm['name']}/{cm['uid']}/rev-{revision}/"
+        f"{em['namespace']}/{em['name']}/{em['uid']}/",
+    )
+
+
+def evaluation_result(bucket: str, composite: Obj, revision: int, evaluation_set: Obj) -> S3Uri:
+    return evaluation_prefix(bucket, composite, revision, evaluation_set).join(EVALUATION_FILE)
+
+
+def evaluation_grant(
+    bucket: str,
+    composite: Obj,
+    revisions: Iterable[tuple[int, Iterable[str]]],
+    base_uri: S3Uri,
+    base_files: Iterable[str],
+    own: Iterable[JSON],
+    evaluation_set: Obj,
+    revision: int,
+) -> Grant:
+    """An evaluation Job in a hospital's namespace: GET the verified BaseModel, the model files
+    of the candidate and the served revision (never their tasks file, which holds every task's
+    head and distilled set), and the verified copies of the hospital's own contributions (its
+    head, its training fingerprints) in the set's own namespace only; PUT its one result."""
+    meta = composite["metadata"]
+    gets = _keys(base_uri, base_files)
+    for rev, files in revisions:
+        prefix = verified_revision(bucket, meta["namespace"], meta["name"], meta["uid"], rev)
+        gets |= _keys(prefix, [f for f in files if f in (ADAPTER_FILE, MIXTURE_FILE)])
+    ns = evaluation_set["metadata"]["namespace"]
+    for c in own:
+        cm, art = c["metadata"], (c.get("status") or {}).get("artifact") or {}
+        if cm.get("namespace") != ns:
+            continue
+        prefix = verified_contribution(
+            bucket, ns, cm["name"], cm["uid"], str(art.get("digest", ""))
+        )
+        gets |= _keys(
+            prefix, [f for f in art.get("files") or [] if f in (HEAD_FILE, FINGERPRINTS_FILE)]
+        )
+    out = evaluation_result(bucket, composite, revision, evaluation_set)
+    return Grant(bucket, frozenset(gets), frozenset({out.key}))
 
 
 def refs(plan: Any) -> list[tuple[str, str]]:

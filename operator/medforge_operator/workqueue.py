@@ -150,3 +150,31 @@ class WorkQueue:
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
+
+
+Key = tuple[str, str, str]  # (plural, namespace, name); namespace "" for cluster-scoped kinds
+
+
+class FailedKeys:
+    """Keys whose last round raised: the resync queues them again, whatever their status says."""
+
+    def __init__(self) -> None:
+        self._keys: set[Key] = set()
+        self._lock = threading.Lock()
+
+    def add(self, key: Key) -> None:
+        with self._lock:
+            self._keys.add(key)
+
+    def discard(self, key: Key) -> None:
+        with self._lock:
+            self._keys.discard(key)
+
+    def snapshot(self) -> set[Key]:
+        with self._lock:
+            return set(self._keys)
+
+    def forget_all_but(self, keys: set[Key], seen: set[Key]) -> None:
+        """Drop those of `keys` whose objects no longer exist (not in `seen`)."""
+        with self._lock:
+            self._keys.difference_update(keys - seen)

@@ -144,6 +144,9 @@ class OperatorProcess:
                     ["python", str(STANDINS / "fake_trainer.py")]
                 ),
                 "MEDFORGE_MERGER_COMMAND": json.dumps(["python", str(STANDINS / "fake_merger.py")]),
+                "MEDFORGE_EVALUATOR_COMMAND": json.dumps(
+                    ["python", str(STANDINS / "fake_evaluator.py")]
+                ),
                 "MEDFORGE_PRESIGN_EXPIRY_SECONDS": "3600",
                 "MEDFORGE_FORGE_NAMESPACES": ",".join(FORGE_POOL),
                 "PYTHONUNBUFFERED": "1",

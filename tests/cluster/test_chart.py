@@ -423,7 +423,22 @@ def test_rendered_chart_is_valid_kubernetes_and_takes_the_platform_settings(forg
         "monitoring.podMonitor.enabled=true",
         "--set",
         "monitoring.prometheusRule.enabled=true",
+        "--set",
+        "evaluationNetworkPolicy.enabled=true",
+        "--set",
+        "evaluationNetworkPolicy.namespaces={hospital-a,hospital-b}",
+        "--set",
+        "evaluationNetworkPolicy.storeCIDRs={10.0.0.5/32}",
+        "--set",
+        "evaluationNetworkPolicy.datasetCIDRs={192.168.1.0/24}",
     )
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["hospital-a", "hospital-b"]
+    egress = policies[0]["spec"]["egress"]
+    assert [b["ipBlock"]["cidr"] for b in egress[0]["to"]] == ["10.0.0.5/32", "192.168.1.0/24"]
+    assert policies[0]["spec"]["ingress"] == []
+    assert policies[0]["spec"]["podSelector"]["matchLabels"]["medforge.io/component"] == "evaluate"
+    assert not [d for d in render("forge-system", forge) if d["kind"] == "NetworkPolicy"]
     monitoring_kinds = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
     for d in docs:
         if d["kind"] not in monitoring_kinds:  # no public schema for the Prometheus Operator's
@@ -456,7 +471,7 @@ def test_rendered_chart_is_valid_kubernetes_and_takes_the_platform_settings(forg
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(board["data"]["medforge.json"])["uid"] == "medforge-overview"
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    assert len(crds) == len(list((ROOT / "crds").glob("*.yaml"))) == 4
+    assert len(crds) == len(list((ROOT / "crds").glob("*.yaml"))) == 5
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
     no_crds = render("forge-system", forge, "--set", "crds.enabled=false")
     assert not any(d["kind"] == "CustomResourceDefinition" for d in no_crds)
@@ -464,7 +479,13 @@ def test_rendered_chart_is_valid_kubernetes_and_takes_the_platform_settings(forg
 
 CRD_NAMES = [
     f"{p}.medforge.io"
-    for p in ("basemodels", "compositemodels", "loracontributions", "privacybudgets")
+    for p in (
+        "basemodels",
+        "compositemodels",
+        "evaluationsets",
+        "loracontributions",
+        "privacybudgets",
+    )
 ]
 
 

@@ -69,13 +69,18 @@ def composite_doc(base: tuple[str, str], tag: str | None, **spec: Any) -> str:
     )
 
 
-def revision_state(cluster: ClusterAccess, ns: str, revision: int, state: str) -> dict[str, Any]:
+def revision_state(
+    cluster: ClusterAccess, ns: str, revision: int, state: str | None
+) -> dict[str, Any]:
+    """The composite's status once `revision` is the newest in its history (in `state`, unless
+    None: decided either way)."""
+
     def check() -> dict[str, Any] | None:
         st = status(cluster, "cmodel", ns, "forge")
         hist = st.get("history") or []
-        return (
-            st if hist and hist[0]["revision"] == revision and hist[0]["state"] == state else None
-        )
+        if not hist or hist[0]["revision"] != revision:
+            return None
+        return st if state is None or hist[0]["state"] == state else None
 
     try:
         return wait_until(check, 90, what=f"revision {revision} {state}")

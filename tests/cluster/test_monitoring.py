@@ -166,6 +166,18 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
     # Stalled: the base model it names is not registered.
     cluster.apply(namespace, contribution("stuck", ("no-such-model", "")))
     wait_phase(cluster, namespace, "seen", "Succeeded", 120)
+    # The hospital scores each candidate on its own images: the sites' panels and alert.
+    site = {
+        "apiVersion": "medforge.io/v1alpha1",
+        "kind": "EvaluationSet",
+        "metadata": {"name": "held-out"},
+        "spec": {
+            "task": {"name": "breakhis", "classes": ["benign", "malignant"]},
+            "dataset": {"uri": "s3://site-data/ok/"},
+            "forges": [f"{forge_namespace}/forge"],
+        },
+    }
+    cluster.apply(namespace, json.dumps(site))
     comp = composite_doc(base, None, minContributions=1, integration="incremental")
     cluster.apply(forge_namespace, comp)
     revision_state(cluster, forge_namespace, 1, "Accepted")

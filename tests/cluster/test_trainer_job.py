@@ -123,7 +123,11 @@ def test_trainer_job_through_presigned_urls(
     manifest = store.verify_copy(out, verified, result["artifact"]["digest"])
     assert contribution.manifest_matches_spec(manifest.meta, obj["spec"]) is None
     assert manifest.base_model_digest == digest
-    assert {f.name for f in manifest.files} == {"adapter.safetensors", "distilled.safetensors"}
+    assert {f.name for f in manifest.files} == {
+        "adapter.safetensors",
+        "distilled.safetensors",
+        "fingerprints.json",
+    }
     assert manifest.meta["task"] == "lung" and manifest.meta["samples"]["validation"] == 18
     logs = cluster.kubectl("-n", namespace, "logs", f"job/{job['metadata']['name']}").stdout
     assert "base model sha256:" in logs and "img/s eta" in logs

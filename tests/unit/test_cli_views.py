@@ -84,6 +84,48 @@ def test_describe_shows_revisions_inputs_metrics_and_a_chart() -> None:
     assert views.age("2026-11-28T12:00:00Z", NOW) == "1d"
 
 
+def test_describe_prints_the_revision_by_site_matrix() -> None:
+    c = composite()
+    st = c["status"]
+    assert isinstance(st, dict)
+    fig = {"accuracy": 0.9, "samples": 40}
+    st["history"] = [
+        {
+            "revision": 4,
+            "state": "Rejected",
+            "reason": "SiteRegression",
+            "sites": [
+                {
+                    "site": "h-a/evs",
+                    "state": "Reported",
+                    "candidate": {**fig, "accuracy": 0.5},
+                    "served": fig,
+                },
+                {"site": "h-b/evs", "state": "TooSmall"},
+            ],
+        },
+        {
+            "revision": 3,
+            "state": "Accepted",
+            "sites": [{"site": "h-a/evs", "state": "Reported", "candidate": fig}],
+        },
+    ]
+    st["pendingRevision"] = {
+        "revision": 5,
+        "evaluation": {"sites": [{"site": "h-b/evs", "state": "Pending"}]},
+    }
+    text = views.describe_composite(c, NOW)
+    matrix = text.split("Sites (revision x site):")[1]
+    header = matrix.strip().splitlines()[0].split()
+    assert (
+        header[:2] == ["SITE", "REV"] and "5*" in header and header.index("5*") < header.index("4")
+    )
+    row_a = next(line for line in matrix.splitlines() if line.startswith("h-a/evs"))
+    assert "0.500 (0.900) n=40" in row_a and "0.900 n=40" in row_a
+    row_b = next(line for line in matrix.splitlines() if line.startswith("h-b/evs"))
+    assert "pending" in row_b and "too small" in row_b
+
+
 def test_sparkline_rises_with_the_values() -> None:
     line = views.sparkline([0.1, 0.5, 0.9])
     assert len(line) == 3 and line[0] < line[1] < line[2]

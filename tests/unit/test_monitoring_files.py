@@ -31,7 +31,11 @@ def test_dashboard_is_templated_and_its_panels_do_not_overlap() -> None:
         cells |= mine
     queries = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
     # Domain panels follow the dashboard's variables.
-    domain = [q for q in queries if "medforge_contribution" in q or "medforge_composite" in q]
+    domain = [
+        q
+        for q in queries
+        if "medforge_contribution" in q or "medforge_composite" in q or "medforge_site" in q
+    ]
     assert domain and all("$namespace" in q or "$composite" in q for q in domain)
     assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
     json.dumps(board)  # plain JSON
@@ -48,6 +52,7 @@ def test_alerts_cover_what_the_platform_team_asked_for() -> None:
         "MedForgeReconcileErrors",
         "MedForgeOperatorDown",
         "MedForgeWithdrawalNotReplaced",
+        "MedForgeSiteRegression",
     }
     for a in monitoring.ALERTS:
         assert a.severity in ("info", "warning", "critical")

@@ -9,7 +9,7 @@ import pytest
 
 from medforge_common import strategy
 from medforge_common.uris import S3Uri
-from medforge_operator import basemodel, composite, contribution, jobs, jobstatus, names
+from medforge_operator import basemodel, composite, contribution, datajob, jobs, jobstatus, names
 from medforge_operator.conditions import Cond, merge_conditions
 from medforge_operator.settings import Settings, SettingsError, load
 from medforge_operator.store import ForgeStore
@@ -73,7 +73,7 @@ def test_training_job_is_restricted_and_carries_the_contract() -> None:
 
 
 def test_pvc_dataset_is_mounted_read_only() -> None:
-    cfg, env, volumes, mounts = contribution.dataset_wiring(
+    cfg, env, volumes, mounts = datajob.dataset_wiring(
         lorac(dataset={"uri": "pvc://scans/breakhis/v2"})["spec"]
     )
     assert volumes == [

@@ -16,7 +16,13 @@ import torch
 from safetensors.torch import save_file
 
 from medforge_common.api import ExitCode
-from medforge_common.artifacts import ADAPTER_FILE, DISTILLED_FILE, HEAD_FILE, MANIFEST_FILE
+from medforge_common.artifacts import (
+    ADAPTER_FILE,
+    DISTILLED_FILE,
+    FINGERPRINTS_FILE,
+    HEAD_FILE,
+    MANIFEST_FILE,
+)
 from medforge_common.manifest import Manifest
 from medforge_common.redact import redact
 from medforge_common.result import (
@@ -209,6 +215,9 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
     if cfg.distillation.images_per_class > 0:
         path, distilled = _distilled(cfg, clf, p, norm, rt, work)
         out.append(path)
+    if p.data.files:
+        (work / FINGERPRINTS_FILE).write_text(json.dumps({"files": p.data.files}))
+        out.append(work / FINGERPRINTS_FILE)
     meta = _manifest_meta(cfg, p, metrics, stats, rt.device.type, distilled)
     if privacy is not None:
         meta["privacy"] = privacy

@@ -255,6 +255,16 @@ def _privacy(cfg: JSON, distillation: DistillSettings) -> PrivacySettings | None
     )
 
 
+def parse_shared(
+    cfg: JSON,
+) -> tuple[
+    tuple[str, tuple[str, ...], str], tuple[str, tuple[Any, ...], str | None], DatasetSettings
+]:
+    """The task, base model and dataset of a config, as training reads them (shared with
+    `medforge-evaluate`, whose sets have the same layout and checks)."""
+    return _task(cfg), _base_model(cfg), _dataset(cfg)
+
+
 def parse(cfg: Any) -> TrainConfig:
     """Check the whole config and return it typed, or raise ConfigError naming the field."""
     if not isinstance(cfg, dict):

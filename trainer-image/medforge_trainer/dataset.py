@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class LoadedDataset:
     outside: int = 0  # links that lead out of the dataset's folder, never followed
     decode_images_per_second: float = float("nan")
     workers: int = 1
+    files: list[str] = field(default_factory=list)  # file_fingerprints of every file scanned
 
 
 def scan(root: Path, classes: tuple[str, ...]) -> dict[str, list[Path]]:
@@ -101,6 +102,17 @@ def fingerprint(root: Path, files: dict[str, list[Path]]) -> str:
         for p in files[c]:
             h.update(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n".encode())
     return "sha256:" + h.hexdigest()
+
+
+def file_fingerprints(root: Path, files: dict[str, list[Path]]) -> list[str]:
+    """One hash per file, of its path in the dataset and its size (never its content), sorted:
+    an evaluation set counts how many of its files a training set of the same hospital held."""
+    out = []
+    for c in sorted(files):
+        for p in files[c]:
+            line = f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}"
+            out.append(hashlib.sha256(line.encode()).hexdigest()[:32])
+    return sorted(out)
 
 
 def decode(path: Path, size: int) -> torch.Tensor | None:
@@ -272,6 +284,8 @@ def load(
     ]
     if spill is not None:
         (spill / "all.u8").unlink(missing_ok=True)  # the splits hold their own copies
-    return LoadedDataset(
+    out = LoadedDataset(
         splits[0], splits[1], fingerprint(root, files), len(corrupt), total, outside, rate, workers
     )
+    out.files = file_fingerprints(root, files)
+    return out

@@ -25,6 +25,13 @@ and patches the config Secrets of its Jobs (the admission policy holds it to its
 - apiGroups: [medforge.io]
   resources: [loracontributions/status, compositemodels/status]
   verbs: [get, patch, update]
+# The hospitals' evaluation sets: read, and what each candidate scored written to their status.
+- apiGroups: [medforge.io]
+  resources: [evaluationsets]
+  verbs: [get, list, watch]
+- apiGroups: [medforge.io]
+  resources: [evaluationsets/status]
+  verbs: [get, patch, update]
 # The privacy ledger: budgets are read, their status (the reservations) written.
 - apiGroups: [medforge.io]
   resources: [privacybudgets]

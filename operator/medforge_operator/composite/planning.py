@@ -61,6 +61,8 @@ def plan_revision(composite: Obj, candidates: list[JSON], contribs: list[JSON]) 
     current = status.get("current")
     if current is None and len(candidates) < int(spec.get("minContributions", 1)):
         return None
+    if _waits(status, spec, candidates):
+        return None
     revision = int(status.get("revision") or 0) + 1
     trial = isolation.group(status.get("isolation"))
     if trial is not None:
@@ -77,6 +79,20 @@ def plan_revision(composite: Obj, candidates: list[JSON], contribs: list[JSON]) 
         ]
         return Plan(revision, candidates, included + candidates)
     return Plan(revision, candidates, candidates)
+
+
+def _waits(status: JSON, spec: JSON, candidates: list[JSON]) -> bool:
+    """Arrivals wait: for spec.minNewInputs hospitals (so that no revision adds one hospital's
+    update alone), or, after a candidate the sites did not score by the timeout, for one
+    input that candidate did not hold."""
+    if status.get("isolation"):
+        return False  # trials of the inputs under suspicion are not batched
+    digests = {c["status"]["artifact"]["digest"] for c in candidates}
+    hospitals = {c["metadata"]["namespace"] for c in candidates}
+    if len(hospitals) < int(spec.get("minNewInputs", 1)):
+        return True
+    last = (status.get("history") or [{}])[0]
+    return bool(last.get("awaiting")) and digests <= set(last["awaiting"])
 
 
 def next_plan(composite: Obj, o: Observation, at: str) -> Plan | None:

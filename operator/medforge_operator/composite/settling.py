@@ -16,6 +16,8 @@ from medforge_common.result import finite_number
 from medforge_operator import basemodel, isolation
 from medforge_operator.composite import withdrawal
 
+HISTORY_WITH_SITES = 10  # older history entries drop their per-site figures (object size)
+
 JSON = dict[str, Any]
 
 
@@ -40,6 +42,10 @@ class Outcome:
     # A Failed Job that its inputs can explain (jobstatus.caused_by_inputs), as opposed to a fault of
     # the store or the node, which is retried and never counts toward isolating an input.
     by_inputs: bool = False
+    # Per-site figures of a candidate scored at the sites (sites.settled_sites).
+    sites: list[JSON] = field(default_factory=list)
+    # Rejected with nobody to blame (no quorum): the new inputs wait for another arrival.
+    awaiting: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -58,12 +64,18 @@ class Observation:
     # Inputs that left this round (deleted, consent withdrawn) and what that changes.
     departures: list[withdrawal.Departure] = field(default_factory=list)
     withdrawal: withdrawal.Withdrawal | None = None
+    # The pending revision while the sites score its candidate (reconcile_evaluation).
+    evaluating: JSON | None = None
+    # Events for the sites, in their own namespaces: (object, type, reason, message).
+    site_events: list[tuple[Any, str, str, str]] = field(default_factory=list)
 
 
 def in_flight(status: JSON, o: Observation) -> JSON | None:
     """The pending revision while its Job runs (or its upload cannot be checked yet)."""
     if o.started is not None:
         return o.started
+    if o.evaluating is not None:
+        return o.evaluating
     pending = status.get("pendingRevision")
     if not pending or o.job is None:
         return None
@@ -76,6 +88,8 @@ def settle(status: JSON, o: Observation, history_limit: int, at: str) -> JSON:
     """Status fields to change once the pending revision ended (current, history, excluded)
     or was lost before it ran (it starts over); a None value removes the field."""
     pending = status.get("pendingRevision")
+    if pending and o.evaluating is not None:
+        return {"pendingRevision": o.evaluating}
     if not pending or in_flight(status, o) is not None:
         return {}
     if o.outcome is None:  # the Job is gone before it ended: start that revision over
@@ -146,6 +160,10 @@ def finish_revision(
         }
     if pending.get("replacement"):
         entry["replacement"] = True
+    if outcome.sites:
+        entry["sites"] = outcome.sites
+    if outcome.awaiting:
+        entry["awaiting"] = outcome.awaiting
     # Every input whose update these files hold, so that a withdrawal finds them.
     entry["inputs"] = withdrawal.revision_sources(status, pending, accepted_inputs)
     out |= withdrawal.after_replacement(status, pending, outcome.state, at)
@@ -154,8 +172,18 @@ def finish_revision(
         excluded.setdefault(d, code)
     out |= changes
     out["excluded"] = excluded
-    out["history"] = [entry, *(status.get("history") or [])][:history_limit]
+    out["history"] = with_entry(status, entry, history_limit)
     return out
+
+
+def with_entry(status: JSON, entry: JSON, limit: int) -> list[JSON]:
+    """status.history with the newest entry first; the revision x site matrix is kept for the
+    newest HISTORY_WITH_SITES revisions only (50 sites each at most)."""
+    history = [entry, *(status.get("history") or [])][:limit]
+    return [
+        {k: v for k, v in h.items() if k != "sites"} if i >= HISTORY_WITH_SITES else h
+        for i, h in enumerate(history)
+    ]
 
 
 def accepted_current(
@@ -198,7 +226,8 @@ def trial_result(outcome: Outcome) -> str:
     if outcome.state == RevisionState.ACCEPTED:
         return isolation.MERGED
     if outcome.state == RevisionState.REJECTED:
-        return isolation.VERDICT if outcome.reason == R.NO_USABLE_INPUT else isolation.REJECTED
+        no_blame = outcome.reason == R.NO_USABLE_INPUT or bool(outcome.awaiting)
+        return isolation.VERDICT if no_blame else isolation.REJECTED
     return isolation.FAILED if outcome.by_inputs else isolation.FAULT
 
 

@@ -13,6 +13,7 @@ from medforge_operator import isolation
 from medforge_operator.bodies import Obj
 from medforge_operator.composite.inputs import evaluate_inputs
 from medforge_operator.composite.settling import Observation, in_flight
+from medforge_operator.composite.sites import ANSWERED
 from medforge_operator.conditions import Cond, merge_conditions, progressing, steady
 
 JSON = dict[str, Any]
@@ -119,6 +120,18 @@ def conditions_for(
         return phase, [*conds, merged, accepted]
     if status.get("rebuild"):
         return _withdrawing(status, running, merged, accepted)
+    if running and running.get("evaluation"):
+        ev = running["evaluation"]
+        done = sum(1 for x in ev.get("sites") or [] if x.get("state") in ANSWERED)
+        msg = (
+            f"revision {running['revision']} is scored at the sites: {done} of "
+            f"{len(ev.get('sites') or [])} answered (timeout {ev.get('deadline')})"
+        )
+        return Phase.EVALUATING, [
+            *progressing(R.EVALUATING, msg, ready=current is not None, ready_reason=R.SERVING),
+            merged,
+            accepted,
+        ]
     if running:
         msg = f"merging revision {running['revision']}"
         ready_reason = R.MERGING if current is None else R.SERVING
