@@ -5,6 +5,7 @@ records, the evaluation Job, its plan and its grant; reconcile_evaluation does t
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 from medforge_common.artifacts import (
@@ -49,15 +50,20 @@ def applies(evaluation_set: Obj, tasks: set[str]) -> bool:
     return not tasks or task in tasks
 
 
-def one_per_task(sets: list[JSON]) -> list[JSON]:
+def one_per_task(sets: Iterable[JSON]) -> list[JSON]:
     """A hospital's oldest set per task, by site code: a namespace that declares many sets
-    for one task cannot crowd the others out of the SITES_SHOWN kept."""
+    for one task cannot crowd the others out of the SITES_SHOWN kept (read as a stream: what
+    is held is one set per hospital and task)."""
     oldest: dict[tuple[str, str], JSON] = {}
-    for e in sorted(
-        sets, key=lambda e: (str(e["metadata"].get("creationTimestamp", "")), site_code(e))
-    ):
+
+    def age(e: JSON) -> tuple[str, str]:
+        return str(e["metadata"].get("creationTimestamp", "")), site_code(e)
+
+    for e in sets:
         task = str(((e.get("spec") or {}).get("task") or {}).get("name"))
-        oldest.setdefault((e["metadata"]["namespace"], task), e)
+        k = (e["metadata"]["namespace"], task)
+        if k not in oldest or age(e) < age(oldest[k]):
+            oldest[k] = e
     return sorted(oldest.values(), key=site_code)
 
 
@@ -81,15 +87,19 @@ def job_name(evaluation_set: Obj, composite: Obj, revision: int) -> str:
     return names.child_name(evaluation_set["metadata"]["name"], f"eval-{h[:6]}-r{revision}")
 
 
-def own_contributions(contribs: list[JSON], evaluation_set: Obj, base_digest: str) -> list[JSON]:
-    """The hospital's own Ready contributions (the set's namespace only) for the base model:
-    their heads and training fingerprints are the only contribution files a site receives."""
+def own_contributions(
+    contribs: Iterable[JSON], evaluation_set: Obj, base_digest: str
+) -> list[JSON]:
+    """The hospital's own Ready contributions (the set's namespace only) for the base model,
+    the first OWN_SHOWN by name: their heads and training fingerprints are the only
+    contribution files a site receives (read as a stream, at most 2 x OWN_SHOWN held)."""
     ns = evaluation_set["metadata"]["namespace"]
-    own = [
-        c
-        for c in contribs
-        if c["metadata"]["namespace"] == ns and ready_for(c, base_digest) and has_verified_copy(c)
-    ]
+    own: list[JSON] = []
+    for c in contribs:
+        if c["metadata"]["namespace"] == ns and ready_for(c, base_digest) and has_verified_copy(c):
+            own.append(c)
+            if len(own) > 2 * OWN_SHOWN:
+                own = sorted(own, key=lambda x: x["metadata"]["name"])[:OWN_SHOWN]
     return sorted(own, key=lambda c: c["metadata"]["name"])[:OWN_SHOWN]
 
 

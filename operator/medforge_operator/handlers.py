@@ -363,13 +363,16 @@ def composite_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
 
 @kopf.on.event(GROUP, VERSION, EVALUATIONSETS)
 def evaluation_set_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A hospital's set came, went or changed its consent: the composites look at their sites
+    """A hospital's set came, went or changed: the composites it names look at their sites
     (only a candidate being scored reads them)."""
-    meta = body["metadata"]
+    meta, r = body["metadata"], rt(memo)
     if type == "DELETED" or (body.get("status") or {}).get("observedGeneration") != meta.get(
         "generation"
     ):
-        rt(memo).composites()
+        for forge in ((body.get("spec") or {}).get("forges") or [])[:64]:
+            if isinstance(forge, str) and forge.count("/") == 1:
+                forge_ns, forge_name = forge.split("/")
+                r.enqueue(COMPOSITES, forge_ns, forge_name)
 
 
 def child_event(

@@ -379,6 +379,8 @@ def _tell_contributions(
         if c is None or (c.get("status") or {}).get("artifact", {}).get("digest") != digest:
             continue
         if i.get("state", InputState.INCLUDED) == InputState.EXCLUDED:
+            if i.get("told"):  # told at the hand-over to the sites, with the merger's words
+                continue
             event(
                 c,
                 "Warning",

@@ -11,7 +11,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from medforge_common.api import EventReason, RevisionState
+from medforge_common.api import EventReason, InputState, RevisionState
 from medforge_common.api import Reason as R
 from medforge_common.artifacts import EVALUATION_FILE
 from medforge_common.uris import UriError
@@ -40,41 +40,66 @@ SCORED_KEPT = 20  # status.scored of a set: the newest candidates it scored
 RESULT_KEYS = ("artifact", "metrics", "score", "integration", "merge")
 
 
+def is_site(e: JSON, obj: Obj, cat: Catalog, tasks: set[str] | None = None) -> bool:
+    """A set that names this composite (for one of its tasks), in a managed namespace that
+    the composite's contributions' namespace selector matches: a site receives the candidate's
+    files, so only the consortium's own hospitals may be one."""
+    ns = e["metadata"]["namespace"]
+    ns_sel = (obj["spec"].get("contributions") or {}).get("namespaceSelector")
+    return (
+        evaluation.consents(e, obj)
+        and (tasks is None or evaluation.applies(e, tasks))
+        and cat.namespaces.managed(ns)
+        and (not ns_sel or composite.selector_matches(ns_sel, cat.namespaces.labels(ns) or {}))
+    )
+
+
 def consenting_sets(
     obj: Obj, kube: KubeApi, s: Settings, cat: Catalog, tasks: set[str]
 ) -> list[JSON]:
-    """The EvaluationSets that name this composite, for its tasks, in managed namespaces its
-    contributions' namespace selector matches: a site receives the candidate's files, so only
-    the consortium's own hospitals may be one."""
-    ns_sel = (obj["spec"].get("contributions") or {}).get("namespaceSelector")
-    found = [
+    """The sites of a candidate: each hospital's oldest set per task (read a page at a time)."""
+    found = (
         e
         for ns in (s.namespaces or (None,))
         for e in kube.iter_objects(EVALUATIONSETS, ns)
-        if evaluation.consents(e, obj)
-        and evaluation.applies(e, tasks)
-        and cat.namespaces.managed(e["metadata"]["namespace"])
-        and (
-            not ns_sel
-            or composite.selector_matches(
-                ns_sel, cat.namespaces.labels(e["metadata"]["namespace"]) or {}
-            )
-        )
-    ]
+        if is_site(e, obj, cat, tasks)
+    )
     return evaluation.one_per_task(found)
 
 
 def _kept_result(result: JSON) -> JSON:
     """What settling needs of the merge's result, kept in pendingRevision while the sites score:
-    the artifact, figures and inputs (codes only; the merger's words about an input went to its
-    hospital)."""
+    the artifact, figures and inputs (codes only: the merger's words about an input went to its
+    hospital at the hand-over)."""
     out = {k: result[k] for k in RESULT_KEYS if k in result}
     out["inputs"] = [
-        {k: v for k, v in i.items() if k != "reason"}
+        {k: v for k, v in i.items() if k != "reason"} | {"told": True}
+        if i.get("state") == InputState.EXCLUDED
+        else dict(i)
         for i in result.get("inputs") or []
         if isinstance(i, dict)
     ]
     return out
+
+
+def _tell_excluded(
+    obj: Obj, pending: JSON, result: JSON, o: composite.Observation, kube: KubeApi
+) -> None:
+    """The merger's reasons for excluding new inputs reach their hospitals now, while the
+    result still holds them (the forge's status keeps codes only)."""
+    me = evaluation.key(obj)
+    new = set(pending.get("digests") or [])
+    for i in result.get("inputs") or []:
+        ns, name, digest = i.get("namespace"), i.get("name"), i.get("digest")
+        if i.get("state") != InputState.EXCLUDED or not (ns and name and digest in new):
+            continue
+        c = kube.get_object(CONTRIBUTIONS, str(ns), str(name))
+        if (
+            c is not None
+            and ((c.get("status") or {}).get("artifact") or {}).get("digest") == digest
+        ):
+            why = f"{me} revision {pending['revision']}: {i.get('reason', '')}"
+            o.site_events.append((c, "Warning", EventReason.EXCLUDED_BY_MERGER, why))
 
 
 def hand_over(
@@ -87,10 +112,12 @@ def hand_over(
     if out is None or out.state != RevisionState.ACCEPTED:
         return
     tasks = {str(t) for t in (out.result.get("metrics") or {})}
-    found = consenting_sets(obj, kube, s, cat, tasks)
+    found = consenting_sets(obj, kube, s, cat, tasks)[: sites.SITES_SHOWN]
     if not found:
         return  # no site: the gate behaves as before
     rule = sites.SiteRule.from_spec(obj["spec"].get("gate"))
+    _tell_excluded(obj, pending, out.result, o, kube)
+    cat.configs.forget(o.job)  # the merge Job is done with its URLs
     o.evaluating = {
         **pending,
         "evaluation": {
@@ -98,7 +125,7 @@ def hand_over(
             "deadline": composite.later(at, rule.timeout),
             "message": out.message,
             "result": _kept_result(out.result),
-            "sites": [evaluation.site_record(e) for e in found[: sites.SITES_SHOWN]],
+            "sites": [evaluation.site_record(e) for e in found],
         },
     }
     o.outcome = None
@@ -119,25 +146,30 @@ def advance(
     s: Settings, cat: Catalog, at: str,
 ) -> None:  # fmt: skip
     """One round of a candidate at its sites: start or follow each site's Job, read what
-    arrived, and decide when the gate can."""
+    arrived, and decide when the gate can. A site's trouble stays that site's; a store that
+    does not answer postpones the decision (a fault is retried, never a verdict)."""
     ev = dict(pending["evaluation"])
     revision = int(pending["revision"])
     try:
-        base = cat.base_models.resolve(
+        base: Resolved | None = cat.base_models.resolve(
             obj["spec"]["baseModel"]["name"], pending.get("baseDigest"), "spec.baseModel"
         )
-    except BaseModelUnusable as exc:
-        o.start_problem = (exc.reason, exc.message)
-        o.evaluating = pending
-        return
-    try:
-        ev["sites"] = [
-            _site(obj, revision, ev, dict(site), kube, store, s, cat, base, at)
-            for site in ev.get("sites") or []
-        ]
-    except StoreUnreachable as exc:
-        o.outcome = composite.Outcome(R.STORE_UNREACHABLE, str(exc))
-        o.evaluating = pending
+    except BaseModelUnusable:
+        base = None  # no new Job or URL meanwhile; what arrives is still read and decided
+    kept, fault = [], None
+    for site in ev.get("sites") or []:
+        try:
+            now = _site(obj, revision, ev, dict(site), kube, store, s, cat, base, at)
+        except StoreUnreachable as exc:
+            fault, now = exc, site
+        except (UriError, ValueError) as exc:
+            now = site | {"state": sites.FAILED, "message": f"its spec: {exc}"[:300]}
+        if now is not None:
+            kept.append(now)
+    ev["sites"] = kept
+    if fault is not None:
+        o.outcome = composite.Outcome(R.STORE_UNREACHABLE, str(fault))
+        o.evaluating = {**pending, "evaluation": ev}
         return
     rule = sites.SiteRule.from_spec(obj["spec"].get("gate"))
     d = sites.decide(ev, rule, at)
@@ -151,31 +183,24 @@ def advance(
     o.outcome.uri = str(composite.verified_prefix(store.bucket, obj, revision))
     o.outcome.job_name = names.merge_job_name(obj["metadata"]["name"], revision)
     o.outcome.sites = sites.settled_sites(ev)
-    _tell_sites(obj, revision, ev, d, o, kube, at)
-    if d.accepted or d.reason != sites.QUORUM_NOT_REACHED:
-        return
-    # Nobody blamed: these inputs wait for the next arrival to make a new candidate.
-    o.outcome.awaiting = [str(x) for x in pending.get("digests") or []]
+    _tell_sites(obj, revision, ev, d, o, kube, cat, at)
+    if not d.accepted and d.reason == sites.QUORUM_NOT_REACHED:
+        # Nobody blamed: these inputs wait for the next arrival to make a new candidate.
+        o.outcome.awaiting = [str(x) for x in pending.get("digests") or []]
 
 
 def _site(
     obj: Obj, revision: int, ev: JSON, site: JSON, kube: KubeApi, store: ForgeStore,
-    s: Settings, cat: Catalog, base: Resolved, at: str,
-) -> JSON:  # fmt: skip
-    """A site's record after this round: its result once in the store, else its Job's."""
+    s: Settings, cat: Catalog, base: Resolved | None, at: str,
+) -> JSON | None:  # fmt: skip
+    """A site's record after this round: its result once in the store, else its Job's; None
+    when the set left (deleted, consent withdrawn, no longer selected): it no longer counts."""
     if site.get("state") in sites.ANSWERED:
         return site
     ns, name = str(site["namespace"]), str(site["name"])
     es = kube.get_object(EVALUATIONSETS, ns, name)
-    if (
-        es is None
-        or es["metadata"].get("uid") != site.get("uid")
-        or not evaluation.consents(es, obj)
-    ):
-        return site | {
-            "state": sites.FAILED,
-            "message": "the set left (deleted or consent withdrawn)",
-        }
+    if es is None or es["metadata"].get("uid") != site.get("uid") or not is_site(es, obj, cat):
+        return None
     try:
         raw = store.read_json(
             signing.evaluation_prefix(store.bucket, obj, revision, es),
@@ -183,51 +208,52 @@ def _site(
             MAX_RESULT_BYTES,
             artifact=False,
         )
-        return sites.report(site, raw, at)
     except ObjectMissing:
-        pass
+        return _follow_job(obj, revision, ev, site, es, kube, store, s, cat, base)
     except VerificationFailed:
         return site | {"state": sites.FAILED, "message": "its result file is not JSON"}
-    return _follow_job(obj, revision, ev, site, es, kube, store, s, cat, base)
+    full = sites.report(site, raw, at)
+    # The set's own status gets every figure (per-class recall too) at once; the forge's
+    # status keeps the headline figures only.
+    _record(es, evaluation.scored_entry(obj, revision, full, "Pending", at), obj, revision, kube)
+    return sites.compact(full)
 
 
 def _follow_job(
     obj: Obj, revision: int, ev: JSON, site: JSON, es: Obj, kube: KubeApi, store: ForgeStore,
-    s: Settings, cat: Catalog, base: Resolved,
+    s: Settings, cat: Catalog, base: Resolved | None,
 ) -> JSON:  # fmt: skip
     """Start the site's Job, or follow it: a failed Job is the site's answer (Failed); a
     running one gets fresh URLs for the plan derived again from the composite and the set."""
     ns, name = es["metadata"]["namespace"], evaluation.job_name(es, obj, revision)
     job = kube.get_job(ns, name)
+    foreign = {"state": sites.FAILED, "message": f"Job {name} is not the one made for it"}
     if job is not None and job["metadata"].get("uid") != site.get("jobUid"):
-        ours = jobs.made_by_us(job) and jobs.owned_by(job, es["metadata"]["uid"])
-        if site.get("jobUid") or not ours:
-            return site | {
-                "state": sites.FAILED,
-                "message": f"Job {name} is not the one made for it",
-            }
+        if site.get("jobUid") or not jobs.owned_by(job, es["metadata"]["uid"]):
+            return site | foreign
         site["jobUid"] = job["metadata"]["uid"]  # ours, made in a round whose write was lost
     if job is None:
         if site.get("jobUid"):
             return site | {"state": sites.FAILED, "message": "its evaluation Job was deleted"}
+        if base is None:
+            return site  # the base model is not usable now: no Job, no URL
         try:
             job, created = kube.create_job(evaluation.job(es, obj, revision, s, base))
-        except (ApiException, ValueError, UriError) as exc:
-            why = getattr(exc, "reason", None) or str(exc)
-            return site | {"state": sites.FAILED, "message": f"no evaluation Job: {why}"}
+        except ApiException as exc:
+            if exc.status not in (400, 403, 409, 422):
+                raise
+            return site | {"state": sites.FAILED, "message": f"no evaluation Job: {exc.reason}"}
         if not created and not jobs.owned_by(job, es["metadata"]["uid"]):
-            return site | {
-                "state": sites.FAILED,
-                "message": f"Job {name} is not the one made for it",
-            }
+            return site | foreign
         site["jobUid"] = job["metadata"]["uid"]
     state = jobstatus.job_state(job)
     if state == "Failed":
         reason, message = jobstatus.job_failure(job)
         text = jobs.redact_urls(f"{reason}: {message}")[:300]
         return site | {"state": sites.FAILED, "message": text}
-    if state == "Active" and not jobstatus.never_started(job):
-        own = evaluation.own_contributions(kube.list_objects(CONTRIBUTIONS, ns), es, base.digest)
+    if state == "Active" and base is not None and not jobstatus.never_started(job):
+        contribs = kube.iter_objects(CONTRIBUTIONS, ns)
+        own = evaluation.own_contributions(contribs, es, base.digest)
         cand = (ev.get("result") or {}).get("artifact") or {}
         files = list(cand.get("files") or [])
         try:
@@ -240,14 +266,31 @@ def _follow_job(
     return site
 
 
+def _record(es: Obj, entry: JSON, obj: Obj, revision: int, kube: KubeApi) -> None:
+    """The set's status.scored with this candidate's entry (merged into the one it has)."""
+    me = evaluation.key(obj)
+    scored = [e for e in (es.get("status") or {}).get("scored") or [] if isinstance(e, dict)]
+    mine = next(
+        (e for e in scored if e.get("composite") == me and e.get("revision") == revision), {}
+    )
+    rest = [e for e in scored if e is not mine]
+    patch = {
+        "scored": [mine | entry, *rest][:SCORED_KEPT],
+        "observedGeneration": es["metadata"].get("generation"),
+    }
+    kube.patch_status(EVALUATIONSETS, es["metadata"]["namespace"], es["metadata"]["name"], patch)
+
+
 def _tell_sites(
     obj: Obj, revision: int, ev: JSON, d: sites.Decision, o: composite.Observation,
-    kube: KubeApi, at: str,
+    kube: KubeApi, cat: Catalog, at: str,
 ) -> None:  # fmt: skip
-    """Each set learns what its images said (status.scored), a regressed site with its figures
-    (an Event in its namespace); Jobs still running are stopped."""
+    """Each set learns the verdict (status.scored), a regressed site with its figures (an Event
+    in its namespace); Jobs still running are stopped, and every Job's URLs forgotten."""
     verdict = RevisionState.ACCEPTED if d.accepted else f"{RevisionState.REJECTED}: {d.reason}"
     for site in ev.get("sites") or []:
+        if site.get("jobUid"):
+            cat.configs.forget({"metadata": {"uid": site["jobUid"]}})
         ns, name = str(site["namespace"]), str(site["name"])
         es = kube.get_object(EVALUATIONSETS, ns, name)
         if es is None or es["metadata"].get("uid") != site.get("uid"):
@@ -258,43 +301,44 @@ def _tell_sites(
             if job is not None and job["metadata"].get("uid") == site.get("jobUid"):
                 kube.delete_job(ns, job["metadata"]["name"])
         entry = evaluation.scored_entry(obj, revision, site, verdict, at)
-        me = evaluation.key(obj)
-        kept = [
-            e
-            for e in (es.get("status") or {}).get("scored") or []
-            if not (e.get("composite") == me and e.get("revision") == revision)
-        ]
-        patch = {
-            "scored": [entry, *kept][:SCORED_KEPT],
-            "observedGeneration": es["metadata"].get("generation"),
-        }
-        kube.patch_status(EVALUATIONSETS, ns, name, patch)
-        if site.get("overlap"):
-            o.site_events.append(
-                (
-                    es,
-                    "Warning",
-                    EventReason.TRAINING_OVERLAP,
-                    f"{site['overlap']} of this set's images have the name and size of images "
-                    "this namespace's own contributions trained on: scores on them overstate "
-                    "the model; keep held-out patients apart",
-                )
+        if site.get("state") == sites.REPORTED:  # its full figures are there already
+            entry = {k: v for k, v in entry.items() if k not in ("candidate", "served")}
+        _record(es, entry, obj, revision, kube)
+        for event in _site_events(obj, revision, site, d, es):
+            o.site_events.append(event)
+
+
+def _site_events(
+    obj: Obj, revision: int, site: JSON, d: sites.Decision, es: Obj
+) -> list[tuple[Obj, str, str, str]]:
+    out: list[tuple[Obj, str, str, str]] = []
+    if site.get("overlap"):
+        out.append(
+            (
+                es,
+                "Warning",
+                EventReason.TRAINING_OVERLAP,
+                f"{site['overlap']} of this set's images have the name and size of images this "
+                "namespace's own contributions trained on: scores on them overstate the model; "
+                "keep held-out patients apart",
             )
-        if site["site"] in d.regressed:
-            c, sv = site["candidate"], site.get("served") or {}
-            served = ((obj.get("status") or {}).get("current") or {}).get("revision", "")
-            o.site_events.append(
-                (
-                    es,
-                    "Warning",
-                    EventReason.SITE_REGRESSION,
-                    f"{me} revision {revision} was rejected: on your {c.get('samples')} images "
-                    f"its accuracy is {c.get('accuracy'):.3f} against {sv.get('accuracy', 0):.3f} "
-                    f"for the served revision {served} (macro-F1 "
-                    f"{c.get('f1', 0):.3f} vs {sv.get('f1', 0):.3f}); the new inputs that cause it "
-                    "are found and excluded",
-                )
+        )
+    if site["site"] in d.regressed:
+        c, sv = site["candidate"], site.get("served") or {}
+        served = ((obj.get("status") or {}).get("current") or {}).get("revision", "")
+        out.append(
+            (
+                es,
+                "Warning",
+                EventReason.SITE_REGRESSION,
+                f"{evaluation.key(obj)} revision {revision} was rejected: on your "
+                f"{c.get('samples')} images its accuracy is {c.get('accuracy'):.3f} against "
+                f"{sv.get('accuracy', 0):.3f} for the served revision {served} (macro-F1 "
+                f"{c.get('f1', 0):.3f} vs {sv.get('f1', 0):.3f}); the new inputs that cause it "
+                "are found and excluded",
             )
+        )
+    return out
 
 
 def stop(obj: Obj, pending: JSON, kube: KubeApi) -> None:

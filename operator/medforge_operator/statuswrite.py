@@ -28,8 +28,23 @@ def status_changed(old: JSON, new: JSON) -> bool:
 SHARED_FIELDS = frozenset({"usedBy"})
 
 
+def _nested(old: Any, new: Any) -> Any:
+    """`new` as a merge patch over `old`: inside objects too, a key `new` dropped is blanked
+    (a merge patch merges nested objects, so a new pendingRevision would otherwise keep the
+    previous one's fields)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {k: _nested(old.get(k), v) for k, v in new.items()} | {
+        k: None for k in old if k not in new
+    }
+
+
 def status_patch(old: JSON, new: JSON) -> JSON:
-    kept = {k: v for k, v in new.items() if k not in SHARED_FIELDS or old.get(k) != v}
+    kept = {
+        k: _nested(old.get(k), v)
+        for k, v in new.items()
+        if k not in SHARED_FIELDS or old.get(k) != v
+    }
     return {**kept, **{k: None for k in set(old) - set(new) - {"kopf"} - SHARED_FIELDS}}
 
 

@@ -12,13 +12,9 @@ from typing import Any
 
 import pytest
 
+from tests.builders import contribution as private_contribution
 from tests.cluster.conftest import Forge, base_model
-from tests.cluster.test_composite import (
-    composite_doc,
-    contribution,
-    revision_state,
-    tagged_members,
-)
+from tests.cluster.test_composite import composite_doc, revision_state, tagged_members
 from tests.cluster.test_operator import status
 from tests.conftest import ClusterAccess
 from tests.helpers import wait_until
@@ -67,7 +63,8 @@ def test_sites_gate_a_candidate_on_their_own_images(
     cluster.apply(first, evaluation_set(ns, "ok"))
     cluster.apply(second, evaluation_set(ns, "small"))
     cluster.apply(third, evaluation_set(ns, "never"))
-    cluster.apply(first, contribution("first", base))
+    # Shared with this test's forge only: no other test's composite picks them up.
+    cluster.apply(first, private_contribution("first", base, sharing={"forges": [f"{ns}/forge"]}))
     # A member namespace outside the consortium (the composite's namespace selector) names the
     # composite too: it is never a site, so it never receives a candidate's files.
     cluster.apply(outsider[1][0], evaluation_set(ns, "ok"))
@@ -129,7 +126,7 @@ def test_sites_gate_a_candidate_on_their_own_images(
         "-p", json.dumps({"spec": {"dataset": {"uri": "s3://site-data/regress/"}}}),
     )  # fmt: skip
     cluster.kubectl("delete", "evs", "held-out", "-n", third)  # it leaves; quorum 2 of 2
-    cluster.apply(second, contribution("second", base))
+    cluster.apply(second, private_contribution("second", base, sharing={"forges": [f"{ns}/forge"]}))
     st = revision_state(cluster, ns, 2, None)
     two = st["history"][0]
     assert two["state"] == "Rejected" and two["reason"] == "SiteRegression", two

@@ -223,6 +223,13 @@ def test_next_plan(observation: composite.Observation, status: JSON, plans: bool
             "BaseModelNotFound",
         ),
         (
+            {},
+            composite.Observation(1, base_problem=("BaseModelNotReady", "being verified")),
+            False,
+            CompositePhase.WAITING,
+            "BaseModelNotReady",
+        ),
+        (
             {"current": {"revision": 1}, **PENDING},
             composite.Observation(
                 1, base=BASE, job={}, outcome=composite.Outcome(Reason.STORE_UNREACHABLE, "down")
@@ -241,7 +248,7 @@ def test_every_branch_of_the_conditions(
     assert (new["phase"], ready["reason"]) == (phase, ready_reason)
     stalled = next(c for c in new["conditions"] if c["type"] == "Stalled")
     assert (stalled["status"] == "True") == (
-        phase == CompositePhase.FAILED or ready_reason == "StoreUnreachable"
+        phase == CompositePhase.FAILED or ready_reason in ("StoreUnreachable", "BaseModelNotReady")
     )
     if "retry" in status:  # a fault being retried is in progress, with when it retries
         reconciling = next(c for c in new["conditions"] if c["type"] == "Reconciling")

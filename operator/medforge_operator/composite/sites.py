@@ -72,7 +72,7 @@ class SiteRule:
         return cls(
             quorum,
             gate_rule.DEFAULT_MAX_REGRESSION if mr is None else min(max(mr, 0.0), 1.0),
-            seconds(str(s.get("timeout") or DEFAULT_TIMEOUT)),
+            _timeout(s.get("timeout")),
             gate_rule.DEFAULT_CORROBORATION if co is None else max(int(co), 1),
         )
 
@@ -83,6 +83,17 @@ class SiteRule:
         if self.quorum < 1:
             return max(1, math.ceil(self.quorum * sites - 1e-9))
         return min(sites, int(self.quorum))
+
+
+MAX_TIMEOUT = 30 * 86400
+
+
+def _timeout(value: Any) -> int:
+    """gate.sites.timeout in seconds, at most 30 days (the CRD's pattern allows any digits)."""
+    try:
+        return min(seconds(str(value or DEFAULT_TIMEOUT)), MAX_TIMEOUT)
+    except (ValueError, OverflowError):
+        return seconds(DEFAULT_TIMEOUT)
 
 
 @dataclass
@@ -200,6 +211,16 @@ def decide(evaluation: JSON, rule: SiteRule, at: str) -> Decision:
     if quiet:
         note.append(f"{quiet} did not")
     return Decision(True, True, "", "no site regressed significantly: " + ", ".join(note))
+
+
+def compact(site: JSON) -> JSON:
+    """A site's record as the forge's status keeps it: headline figures, no per-class recall
+    (that stays in the set's own status, in the hospital's namespace)."""
+    out = dict(site)
+    for side in ("candidate", "served"):
+        if isinstance(out.get(side), dict):
+            out[side] = {k: v for k, v in out[side].items() if k in (*HEADLINE, "classes")}
+    return out
 
 
 def settled_sites(evaluation: JSON) -> list[JSON]:

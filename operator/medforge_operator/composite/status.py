@@ -97,7 +97,8 @@ def problem_conditions(status: JSON, problem: tuple[str, str]) -> tuple[str, lis
     # in progress, not stuck.
     retrying = (reason == R.MERGE_FAILED and bool(status.get("retry"))) or (reason == R.ISOLATING)
     phase = Phase.FAILED if current is None and not retrying else Phase.READY
-    if current is None and retrying:
+    # A BaseModel still being verified is a wait, as for a contribution (Pending): not Failed.
+    if current is None and (retrying or reason == R.BASE_MODEL_NOT_READY):
         phase = Phase.WAITING
     return phase, [
         Cond(C.READY, current is not None and reason != R.STORE_UNREACHABLE, reason, message),
