@@ -63,14 +63,20 @@ def fetch_model_dir(digest: str, files: list[dict[str, Any]], path: str | None, 
     return dest
 
 
-def _get(spec: dict[str, Any], target: Path) -> None:
+def get_file(spec: dict[str, Any], target: Path, what: str) -> None:
+    """One file of a job config's list: {name, url} (a presigned URL) or {name, path} (by
+    hand); `what` names it in the error."""
     if "path" in spec:
         try:
-            shutil.copyfile(spec["path"], target)
+            shutil.copyfile(str(spec["path"]), target)
         except OSError as exc:
-            raise ModelError(f"base model file {spec['name']}: cannot be read ({exc})") from exc
+            raise ModelError(f"{what}: cannot be read ({exc})") from exc
     else:
-        download(str(spec["url"]), target, f"base model file {spec['name']}")
+        download(str(spec["url"]), target, what)
+
+
+def _get(spec: dict[str, Any], target: Path) -> None:
+    get_file(spec, target, f"base model file {spec['name']}")
 
 
 def _check_manifest(raw: bytes, digest: str) -> Manifest:

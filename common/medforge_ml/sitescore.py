@@ -5,17 +5,16 @@ recall and the sample count."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_file
+from medforge_ml.basemodel import get_file
 from medforge_ml.composite import Predictor, TaskHead
 from medforge_ml.errors import ModelError
 from medforge_ml.metrics import classification_metrics, per_class_recall
-from medforge_ml.transfers import download
 
 
 def fetch_listed(what: str, digest: str, files: list[dict[str, Any]], dest: Path) -> Manifest:
@@ -27,7 +26,7 @@ def fetch_listed(what: str, digest: str, files: list[dict[str, Any]], dest: Path
     by_name = {str(f["name"]): f for f in files}
     if "manifest.json" not in by_name:
         raise ModelError(f"{what}: its manifest.json is not among the files given")
-    _get(by_name["manifest.json"], dest / "manifest.json", f"{what} manifest")
+    get_file(by_name["manifest.json"], dest / "manifest.json", f"{what} manifest")
     raw = (dest / "manifest.json").read_bytes()
     if digest_of(raw) != digest:
         raise ModelError(f"{what}: manifest.json does not hash to {digest[:19]}...")
@@ -41,22 +40,12 @@ def fetch_listed(what: str, digest: str, files: list[dict[str, Any]], dest: Path
             continue
         if name not in entries:
             raise ModelError(f"{what}: {name} is not listed in its manifest")
-        _get(spec, dest / name, f"{what} {name}")
+        get_file(spec, dest / name, f"{what} {name}")
         try:
             verify_file(dest / name, entries[name])
         except ManifestError as exc:
             raise ModelError(f"{what}: {exc}") from exc
     return manifest
-
-
-def _get(spec: dict[str, Any], target: Path, what: str) -> None:
-    if "path" in spec:
-        try:
-            shutil.copyfile(str(spec["path"]), target)
-        except OSError as exc:
-            raise ModelError(f"{what}: cannot be read ({exc})") from exc
-    else:
-        download(str(spec["url"]), target, what)
 
 
 def read_head(path: Path) -> dict[str, torch.Tensor]:

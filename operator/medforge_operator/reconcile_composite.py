@@ -28,6 +28,7 @@ from medforge_operator import (
     names,
     reconcile_evaluation,
     reconcile_withdrawal,
+    revision_outcome,
     signing,
 )
 from medforge_operator.basemodel import BaseModelUnusable
@@ -370,25 +371,14 @@ def _tell_contributions(
     contributions it newly includes; an input the merger excluded hears why in its own
     namespace (the forge's status keeps only the reason code)."""
     me = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
-    new = set(pending.get("digests") or [])
-    for i in outcome.result.get("inputs") or []:
-        ns, name, digest = i.get("namespace"), i.get("name"), i.get("digest")
-        if not (ns and name and digest in new):
-            continue
-        c = kube.get_object(CONTRIBUTIONS, str(ns), str(name))
-        if c is None or (c.get("status") or {}).get("artifact", {}).get("digest") != digest:
-            continue
+    for i, c in revision_outcome.new_inputs(pending, outcome.result, kube):
         if i.get("state", InputState.INCLUDED) == InputState.EXCLUDED:
-            if i.get("told"):  # told at the hand-over to the sites, with the merger's words
-                continue
-            event(
-                c,
-                "Warning",
-                EventReason.EXCLUDED_BY_MERGER,
-                f"{me} revision {pending['revision']}: {i.get('reason', '')}",
-            )
+            if not i.get("told"):  # else told at the hand-over to the sites
+                message = revision_outcome.excluded_message(obj, pending, i)
+                event(c, "Warning", EventReason.EXCLUDED_BY_MERGER, message)
         elif outcome.state == RevisionState.ACCEPTED:
             used = [u for u in (c["status"].get("usedBy") or []) if u.get("composite") != me]
             used = [{"composite": me, "revision": pending["revision"]}, *used]
             used = used[:USED_BY_LIMIT]
-            kube.patch_status(CONTRIBUTIONS, str(ns), str(name), {"usedBy": used})
+            meta = c["metadata"]
+            kube.patch_status(CONTRIBUTIONS, meta["namespace"], meta["name"], {"usedBy": used})

@@ -23,6 +23,7 @@ from medforge_operator import (
     jobs,
     jobstatus,
     names,
+    revision_outcome,
     signing,
 )
 from medforge_operator.basemodel import BaseModelUnusable, Resolved
@@ -87,18 +88,9 @@ def _tell_excluded(
 ) -> None:
     """The merger's reasons for excluding new inputs reach their hospitals now, while the
     result still holds them (the forge's status keeps codes only)."""
-    me = evaluation.key(obj)
-    new = set(pending.get("digests") or [])
-    for i in result.get("inputs") or []:
-        ns, name, digest = i.get("namespace"), i.get("name"), i.get("digest")
-        if i.get("state") != InputState.EXCLUDED or not (ns and name and digest in new):
-            continue
-        c = kube.get_object(CONTRIBUTIONS, str(ns), str(name))
-        if (
-            c is not None
-            and ((c.get("status") or {}).get("artifact") or {}).get("digest") == digest
-        ):
-            why = f"{me} revision {pending['revision']}: {i.get('reason', '')}"
+    for i, c in revision_outcome.new_inputs(pending, result, kube):
+        if i.get("state") == InputState.EXCLUDED:
+            why = revision_outcome.excluded_message(obj, pending, i)
             o.site_events.append((c, "Warning", EventReason.EXCLUDED_BY_MERGER, why))
 
 
@@ -184,7 +176,7 @@ def advance(
     o.outcome.job_name = names.merge_job_name(obj["metadata"]["name"], revision)
     o.outcome.sites = sites.settled_sites(ev)
     _tell_sites(obj, revision, ev, d, o, kube, cat, at)
-    if not d.accepted and d.reason == sites.QUORUM_NOT_REACHED:
+    if not d.accepted and d.reason == R.QUORUM_NOT_REACHED:
         # Nobody blamed: these inputs wait for the next arrival to make a new candidate.
         o.outcome.awaiting = [str(x) for x in pending.get("digests") or []]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from medforge_common.api import Reason as R
@@ -11,11 +12,13 @@ from medforge_common.api import (
 from medforge_common.artifacts import RESULT_FILE
 from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_operator import (
+    CONTRIBUTIONS,
     composite,
     jobs,
     jobstatus,
     metrics,
 )
+from medforge_operator.bodies import Obj
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.store import (
     ForgeStore,
@@ -96,3 +99,25 @@ def outcome(
     message = jobs.redact_urls(message)
     state = RevisionState.ACCEPTED if ok else RevisionState.REJECTED
     return composite.Outcome(state, message, result)
+
+
+def new_inputs(pending: JSON, result: JSON, kube: KubeApi) -> Iterator[tuple[JSON, JSON]]:
+    """(the merger's entry, the contribution) for each new input of the revision whose
+    contribution still carries the digest merged: what its hospital is told about."""
+    new = set(pending.get("digests") or [])
+    for i in result.get("inputs") or []:
+        ns, name, digest = i.get("namespace"), i.get("name"), i.get("digest")
+        if not (ns and name and digest in new):
+            continue
+        c = kube.get_object(CONTRIBUTIONS, str(ns), str(name))
+        if (
+            c is not None
+            and ((c.get("status") or {}).get("artifact") or {}).get("digest") == digest
+        ):
+            yield i, c
+
+
+def excluded_message(obj: Obj, pending: JSON, entry: JSON) -> str:
+    """The merger's reason for excluding an input, for its hospital's namespace only."""
+    me = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+    return f"{me} revision {pending['revision']}: {entry.get('reason', '')}"

@@ -4,8 +4,8 @@ accepted only when no reporting site regresses significantly beyond spec.gate.si
 
 The worst site decides, not the mean; the test of significance is the summary gate's
 (medforge_common.gate: the lower 95 % bound of the drop, for the site's sample count), and
-gate.corroboration sites must regress before a candidate is rejected, so that one small or
-adversarial site cannot veto. A site below its set's minSamples is "TooSmall": it answered,
+gate.corroboration hospitals must regress before a candidate is rejected, so that one small or
+adversarial site can be kept from vetoing. A site below its set's minSamples is "TooSmall": it answered,
 counts toward the quorum, and none of its figures is kept.
 
 status.pendingRevision.evaluation holds the state between rounds:
@@ -39,9 +39,6 @@ TOO_SMALL = "TooSmall"  # fewer images than the set's minSamples: no figures lea
 FAILED = "Failed"  # its Job failed (its data, its credentials): not reported
 NOT_REPORTED = "NotReported"  # no answer by the timeout
 ANSWERED = (REPORTED, TOO_SMALL, FAILED)
-# Why a candidate was rejected at the sites (status.history[].reason).
-SITE_REGRESSION = R.SITE_REGRESSION
-QUORUM_NOT_REACHED = R.QUORUM_NOT_REACHED
 
 
 @dataclass(frozen=True)
@@ -177,7 +174,7 @@ def decide(evaluation: JSON, rule: SiteRule, at: str) -> Decision:
         return Decision(
             True,
             False,
-            SITE_REGRESSION,
+            R.SITE_REGRESSION,
             f"{len(bad_hospitals)} hospital(s) regressed significantly; site {s['site']} (task "
             f"{f.task}) dropped by {f.drop:.3f} (at least {f.lower_bound:.3f} at 95 %, "
             f"{f.samples} images) against the served revision, more than "
@@ -198,7 +195,7 @@ def decide(evaluation: JSON, rule: SiteRule, at: str) -> Decision:
         return Decision(
             True,
             False,
-            QUORUM_NOT_REACHED,
+            R.QUORUM_NOT_REACHED,
             f"{len(answered)} of {len(hospitals)} hospital(s) reported by the timeout, "
             f"gate.sites.quorum needs {need}; the next arrival makes a new candidate",
         )
@@ -213,27 +210,31 @@ def decide(evaluation: JSON, rule: SiteRule, at: str) -> Decision:
     return Decision(True, True, "", "no site regressed significantly: " + ", ".join(note))
 
 
-def compact(site: JSON) -> JSON:
-    """A site's record as the forge's status keeps it: headline figures, no per-class recall
-    (that stays in the set's own status, in the hospital's namespace)."""
+def _headline(site: JSON, keys: tuple[str, ...]) -> JSON:
+    """The record with only `keys` of its candidate's and served revision's figures."""
     out = dict(site)
     for side in ("candidate", "served"):
         if isinstance(out.get(side), dict):
-            out[side] = {k: v for k, v in out[side].items() if k in (*HEADLINE, "classes")}
+            out[side] = {k: v for k, v in out[side].items() if k in keys}
     return out
+
+
+def compact(site: JSON) -> JSON:
+    """A site's record as the forge's status keeps it: headline figures, no per-class recall
+    (that stays in the set's own status, in the hospital's namespace)."""
+    return _headline(site, (*HEADLINE, "classes"))
 
 
 def settled_sites(evaluation: JSON) -> list[JSON]:
     """The sites as history keeps them once the candidate is decided: a site still pending is
-    NotReported; at most SITES_SHOWN, the headline figures only where they were reported (the
-    per-class recall stays in the set's own status, in the hospital's namespace)."""
+    NotReported; at most SITES_SHOWN, the headline figures only where they were reported."""
     out = []
     for s in (evaluation.get("sites") or [])[:SITES_SHOWN]:
-        keep = {k: s[k] for k in ("site", "task", "state") if k in s}
+        keep = _headline(
+            {k: s[k] for k in ("site", "task", "state", "candidate", "served") if k in s},
+            HEADLINE,
+        )
         if keep.get("state") not in ANSWERED:
             keep["state"] = NOT_REPORTED
-        for side in ("candidate", "served"):
-            if isinstance(s.get(side), dict):
-                keep[side] = {k: v for k, v in s[side].items() if k in HEADLINE}
         out.append(keep)
     return out
