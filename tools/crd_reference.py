@@ -14,7 +14,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT / "crds"
 TARGET = ROOT / "docs" / "crd-reference.md"
-ORDER = ("BaseModel", "LoRAContribution", "CompositeModel", "EvaluationSet", "PrivacyBudget")
+ORDER = (
+    "BaseModel",
+    "LoRAContribution",
+    "CompositeModel",
+    "EvaluationSet",
+    "PrivacyBudget",
+    "Institution",
+)
 JSON = dict[str, Any]
 
 

@@ -14,7 +14,9 @@ PLURALS = {
     "contribution": "loracontributions",
     "composite": "compositemodels",
     "basemodel": "basemodels",
+    "institution": "institutions",
 }
+CLUSTER_SCOPED = ("basemodel", "institution")
 JSON = dict[str, Any]
 TIMEOUT = 30
 
@@ -72,7 +74,7 @@ class Cluster:
         plural = PLURALS[kind]
         where = f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
         with _api_errors(where):
-            if kind == "basemodel":
+            if kind in CLUSTER_SCOPED:
                 obj = self.custom.get_cluster_custom_object(
                     GROUP, VERSION, plural, name, _request_timeout=TIMEOUT
                 )
@@ -88,7 +90,7 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         plural = PLURALS[kind]
-        if namespace is None and kind != "basemodel":
+        if namespace is None and kind not in CLUSTER_SCOPED:
             try:
                 resp = self.custom.list_cluster_custom_object(
                     GROUP, VERSION, plural, _request_timeout=TIMEOUT
@@ -100,7 +102,7 @@ class Cluster:
                         raise
                 namespace = self.default_namespace
         with _api_errors(f"listing {plural}" + (f" in {namespace}" if namespace else "")):
-            if kind == "basemodel":
+            if kind in CLUSTER_SCOPED:
                 resp = self.custom.list_cluster_custom_object(
                     GROUP, VERSION, plural, _request_timeout=TIMEOUT
                 )

@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     _follow_commands(cmd)
     _model_commands(cmd)
     _composite_commands(cmd)
+    _institution_commands(cmd)
     _inference_commands(cmd)
     lc = cmd(
         "localcluster",
@@ -147,6 +148,11 @@ def _model_commands(cmd: Command) -> None:
     push.add_argument("directory")
     push.add_argument("--name", required=True, help="the BaseModel's name (and store folder)")
     push.add_argument(
+        "--sign-key",
+        help="a PEM EC private key: sign the model (signature.sigstore.json) and register its "
+        "public key as spec.publicKey",
+    )
+    push.add_argument(
         "--register",
         action="store_true",
         help="create or update the BaseModel (needs the platform team's rights)",
@@ -159,8 +165,15 @@ def _model_commands(cmd: Command) -> None:
         epilog="example:\n  medforge model verify clip-vit-b16 --digest sha256:...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify.add_argument("name", help="the store folder under base-models/")
+    verify.add_argument("name", help="the store folder under base-models/ (the BaseModel)")
     verify.add_argument("--digest", help="the manifest digest it must have")
+    verify.add_argument("--public-key", help="a PEM public key the model must be signed with")
+    verify.add_argument(
+        "--trust", help="or the trust file (`medforge institution export`) naming its key"
+    )
+    verify.add_argument(
+        "--dir", help="check this local folder offline instead of the store (no credentials)"
+    )
     _store_args(verify)
 
 
@@ -201,8 +214,58 @@ def _composite_commands(cmd: Command) -> None:
         "kept): for an audit, never to serve",
     )
     pull.add_argument("-o", "--output", required=True, help="folder to write (must be empty)")
+    _chain_args(pull)
+    pull.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the chain of custody (the digests are still checked)",
+    )
     _store_args(pull)
     _kube_args(pull)
+    ver = csub.add_parser(
+        "verify",
+        help="check a pulled revision's chain of custody offline: the forge's signature, "
+        "every file's sha256, every input's signature; exit 0 only when all hold",
+        epilog="example:\n  medforge institution export -o trust.json\n  medforge composite "
+        "pull foundation -n medforge-forge --format raw -o ./r3\n  medforge composite verify "
+        "foundation -n medforge-forge --dir ./r3 --trust trust.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ver.add_argument("name", help="the composite (its namespace names the forge's keys)")
+    ver.add_argument("-n", "--namespace", required=True, help="the composite's namespace")
+    ver.add_argument("--revision", type=int, help="the revision the folder must hold")
+    ver.add_argument("--dir", required=True, help="a folder from `composite pull --format raw`")
+    _chain_args(ver, required=True)
+
+
+def _chain_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--trust",
+        required=required,
+        help="the trust file (`medforge institution export`)"
+        + ("" if required else "; default: the cluster's Institutions now"),
+    )
+    p.add_argument(
+        "--allow-unsigned-inputs",
+        action="store_true",
+        help="accept inputs that carry no signature (every signature present is still checked)",
+    )
+
+
+def _institution_commands(cmd: Command) -> None:
+    i = cmd(
+        "institution",
+        "the hospitals' and the forge's public keys (Institutions)",
+        "medforge institution export -o trust.json",
+    )
+    isub = i.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ex = isub.add_parser(
+        "export",
+        help="write the trust file: every Institution's namespace and keys (Revoked ones "
+        "marked), the root that `composite verify` trusts",
+    )
+    ex.add_argument("-o", "--output", help="file to write (default: standard output)")
+    _kube_args(ex)
 
 
 def _inference_commands(cmd: Command) -> None:
@@ -237,6 +300,11 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         from medforge_localcluster import cli as lc
 
         return lambda: lc.run(args)
+    action = getattr(args, "action", None)  # commands without sub-actions have none
+    if args.command == "institution" or (args.command, action) == ("composite", "verify"):
+        from medforge_cli import trust
+
+        return lambda: trust.export(args) if args.command == "institution" else trust.verify(args)
     if args.command in ("model", "composite"):
         from medforge_cli import models
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import re
 import sys
@@ -215,6 +216,7 @@ def push(args: argparse.Namespace) -> int:
     manifest = Manifest("base-model", "", entries, {"tool": "medforge model push"})
     body = manifest.to_json().encode()
     digest = manifest.digest()
+    public_key = _sign(args, store, prefix, entries, body) if args.sign_key else None
     progress = Progress(sum(e.size for e in entries), f"uploading {len(entries)} files")
     for p, e in zip(files, entries, strict=True):
         store.upload(p, prefix + e.name, progress)
@@ -233,6 +235,8 @@ def push(args: argparse.Namespace) -> int:
     print(f"pushed {len(entries)} files to s3://{store.bucket}/{prefix}")
     print(f"digest {digest}")
     doc = basemodel_manifest(args.name, digest)
+    if public_key is not None:
+        doc["spec"]["publicKey"] = public_key  # the operator checks the signature against it
     if args.register:
         from medforge_cli.cluster import Cluster
 
@@ -245,6 +249,30 @@ def push(args: argparse.Namespace) -> int:
         print("register it (platform team):\n---")
         print(_yaml(doc), end="")
     return 0
+
+
+def _sign(
+    args: argparse.Namespace, store: Store, prefix: str, entries: list[FileEntry], body: bytes
+) -> str:
+    """Sign the model (every file's digest, computed once for the manifest, and the manifest's)
+    in the OpenSSF model-signing format and upload the bundle; the public key's PEM."""
+    from medforge_common import attestation as at
+
+    key = Path(args.sign_key)
+    try:
+        pem = key.read_bytes()
+        public = at.public_pem(pem)
+    except OSError as exc:
+        raise CliError(f"--sign-key {key}: {exc.strerror}", 2) from None
+    except at.BadKey as exc:
+        raise CliError(f"--sign-key {key}: {exc}", 2) from None
+    files = {e.name: e.sha256 for e in entries} | {MANIFEST: hashlib.sha256(body).hexdigest()}
+    stmt = at.statement(args.name, files, at.MODEL_PREDICATE, at.FILE_SERIALIZATION)
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        Path(tmp.name).write_bytes(at.sign_statement(stmt, pem))
+        store.upload(Path(tmp.name), prefix + at.SIGNATURE_FILE, lambda _: None)
+    print(f"signed with key {at.key_id(public)[:16]} ({at.SIGNATURE_FILE})")
+    return public.decode()
 
 
 def basemodel_manifest(name: str, digest: str) -> JSON:
@@ -262,8 +290,69 @@ def _yaml(doc: JSON) -> str:
     return str(yaml.safe_dump(doc, sort_keys=False))
 
 
-def verify(args: argparse.Namespace) -> int:
+def _model_key(args: argparse.Namespace) -> Any:
+    """The key the model must be signed with (--public-key or --trust), or None."""
+    from medforge_common import attestation as at
 
+    if args.public_key:
+        try:
+            pem = Path(args.public_key).read_bytes()
+            return at.TrustedKey(at.key_id(pem), pem, "--public-key", "")
+        except OSError as exc:
+            raise CliError(f"--public-key {args.public_key}: {exc.strerror}", 2) from None
+        except at.BadKey as exc:
+            raise CliError(f"--public-key {args.public_key}: {exc}", 2) from None
+    if args.trust:
+        from medforge_cli.trust import read_trust
+
+        key = read_trust(args.trust).models.get(args.name)
+        if key is None:
+            raise CliError(f"--trust {args.trust} names no key for BaseModel {args.name}", 1)
+        return key
+    return None
+
+
+def _verify_dir(args: argparse.Namespace, key: Any) -> int:
+    from medforge_common.chain import ChainBroken, verify_model
+
+    if key is None:
+        raise CliError("--dir checks a signature: give --public-key or --trust", 2)
+    folder = Path(args.dir)
+    try:
+        report = verify_model(folder, key, args.name)
+    except ChainBroken as exc:
+        raise CliError(f"chain of custody broken at {exc}", 1) from None
+    digest = digest_of((folder / MANIFEST).read_bytes())
+    if args.digest and digest != args.digest:
+        raise CliError(f"manifest.json has digest {digest}, not {args.digest}", 1)
+    print(f"verified {report['files']} files, digest {digest}, signed by key {key.key_id[:16]}")
+    return 0
+
+
+def _check_signature(store: Store, prefix: str, manifest: Manifest, raw: bytes, key: Any) -> None:
+    """The stored bundle against `key`, over the digests just verified."""
+    from medforge_common import attestation as at
+
+    try:
+        bundle = store.read(prefix + at.SIGNATURE_FILE, at.MAX_REVISION_SIGNATURE_BYTES)
+    except CliError as exc:
+        raise CliError(f"the model is not signed: {exc}", 1) from None
+    files = {e.name: e.sha256 for e in manifest.files}
+    files[MANIFEST] = hashlib.sha256(raw).hexdigest()
+    try:
+        signed = at.open_bundle(bundle, [key], f"BaseModel {prefix}")
+        at.check_files(signed.statement, files)
+    except at.SignatureProblem as exc:
+        raise CliError(
+            f"chain of custody broken at model signature: {exc.reason}: {exc}", 1
+        ) from None
+    print(f"ok  signed by key {key.key_id[:16]}")
+
+
+def verify(args: argparse.Namespace) -> int:
+    key = _model_key(args)
+    if args.dir:
+        return _verify_dir(args, key)
     store = Store.from_args(args)
     prefix = BASE_PREFIX + args.name.strip("/") + "/"
     raw = store.read(prefix + MANIFEST)
@@ -278,6 +367,8 @@ def verify(args: argparse.Namespace) -> int:
         for e in manifest.files:
             store.download_verified(prefix + e.name, e, Path(tmp) / "f")
             print(f"ok  {e.name}  {e.size} bytes")
+    if key is not None:
+        _check_signature(store, prefix, manifest, raw, key)
     print(f"verified {len(manifest.files)} files, digest {digest}")
     return 0
 

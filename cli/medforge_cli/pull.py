@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from medforge_cli import export
+from medforge_cli import export, trust
 from medforge_cli.errors import CliError
 from medforge_cli.models import MANIFEST, Progress, Store
 from medforge_common.api import RevisionState
+from medforge_common.attestation import MAX_REVISION_SIGNATURE_BYTES, SIGNATURE_FILE
+from medforge_common.chain import load_trust, trust_document
 from medforge_common.manifest import (
     Manifest,
     ManifestError,
@@ -94,6 +98,7 @@ def pull(args: argparse.Namespace) -> int:
             store.download_verified(key + e.name, e, work / e.name)
             progress(e.size)
         progress.close()
+        _verify(args, cl, obj, store, key, work, revision)
         out.mkdir(parents=True, exist_ok=True)
         report = _write(args, cl, work, manifest, base_name, out)
     summary = {
@@ -112,6 +117,47 @@ def pull(args: argparse.Namespace) -> int:
     if report.get("relativeError") is not None:
         print(f"low-rank reconstruction error (relative Frobenius): {report['relativeError']:.2e}")
     return 0
+
+
+def _verify(
+    args: argparse.Namespace, cl: Any, obj: JSON, store: Store, key: str, work: Path, revision: int
+) -> None:
+    """The chain of custody, before anything is written: the forge's bundle beside the files,
+    checked against --trust or, by default, the cluster's Institutions as they are now."""
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    try:
+        (work / SIGNATURE_FILE).write_bytes(
+            store.read(key + SIGNATURE_FILE, MAX_REVISION_SIGNATURE_BYTES)
+        )
+    except CliError as exc:
+        if "not found" not in str(exc):
+            raise
+        if (obj.get("spec") or {}).get("signing") and not args.no_verify:
+            raise CliError(
+                f"revision {revision} of {ns}/{name} has no forge signature, though the "
+                "composite signs its revisions (spec.signing); pass --no-verify to take it anyway"
+            ) from None
+        print(f"note: revision {revision} of {ns}/{name} is not signed", file=sys.stderr)
+        return
+    if args.no_verify:
+        return
+    if args.trust:
+        chain_trust = trust.read_trust(args.trust)
+    else:
+        at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            institutions = cl.objects("institution", None)
+        except CliError as exc:
+            raise CliError(
+                f"{exc}; to check the revision's signatures, pass --trust with a trust file "
+                "(`medforge institution export`, medforge-trust-reader), or --no-verify"
+            ) from None
+        doc = trust_document(institutions, at)
+        chain_trust = load_trust(json.dumps(doc).encode(), "the cluster's Institutions")
+    report = trust.check(
+        work, chain_trust, ns, name, argparse.Namespace(**{**vars(args), "revision": revision})
+    )
+    trust.print_report(report)
 
 
 def _write(

@@ -164,6 +164,11 @@ class InputReason(StrEnum):
     ISOLATED_AFTER_FAILURES = "IsolatedAfterFailures"
     # spec.privacy.maxEpsilon: the granted epsilon is missing or above it.
     PRIVACY_BUDGET_TOO_LARGE = "PrivacyBudgetTooLarge"
+    # spec.requireSignatures: no signature, one that does not hold, or a signer that is not an
+    # Active key of the namespace's Institution (medforge_common.attestation.Reason).
+    UNSIGNED = "Unsigned"
+    SIGNATURE_INVALID = "SignatureInvalid"
+    UNKNOWN_SIGNER = "UnknownSigner"
 
 
 class EventReason(StrEnum):

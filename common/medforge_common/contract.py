@@ -40,6 +40,8 @@ class MergeInput(TypedDict):
     new: NotRequired[bool]  # merged before (False): never blamed for a regression
     task: NotRequired[str | None]
     privacy: NotRequired[JSON]  # the (epsilon, delta) the operator's ledger granted
+    # The operator's verdict {institution, keyId} and its verified copy of the bundle (get).
+    signature: NotRequired[JSON]
 
 
 class RevisionRef(TypedDict):
@@ -67,6 +69,7 @@ class MergePlan(TypedDict):
     previous: NotRequired[RevisionRef]  # the revision replaced: the gate compares with it
     current: NotRequired[RevisionRef]  # the revision merged into (incremental)
     evaluation: NotRequired[list[JSON]]
+    signing: NotRequired[JSON]  # spec.signing: {keyFile}, the forge's mounted private key
 
 
 class ContributionRef(TypedDict):
@@ -87,6 +90,7 @@ class TrainPlan(TypedDict):
     distillation: JSON
     output: OutputRef
     privacy: NotRequired[JSON]  # spec.privacy: epsilon, delta, maxGradNorm, accountant
+    signing: NotRequired[JSON]  # spec.signing: {keyFile}, the mounted private key's path
 
 
 class ResultFileRef(TypedDict):

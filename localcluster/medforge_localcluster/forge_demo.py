@@ -51,6 +51,7 @@ def _install_crds(k: Kubectl, step: Callable[[str], None]) -> None:
         "crd/compositemodels.medforge.io",
         "crd/basemodels.medforge.io",
         "crd/evaluationsets.medforge.io",
+        "crd/institutions.medforge.io",
         "--timeout=60s",
     )
 
@@ -103,6 +104,44 @@ def _register(
         )
 
 
+def _signing_keys(k: Kubectl, forge_ns: str, tag: str, work: Path) -> None:
+    """What each institution and the platform team do for signatures: an EC key pair per
+    hospital and one for the forge; the private key into a Secret in its own namespace (only
+    its training or merge Job mounts it), the public key into an Institution."""
+    from medforge_common.attestation import new_key_pair
+
+    owners = [(forge_ns, f"forge-{tag}")]
+    owners += [(f"hospital-{task}-{tag}", f"hospital-{task}-{tag}") for task, _, _ in HOSPITALS]
+    for ns, name in owners:
+        private, public = new_key_pair()
+        pem = work / f"{name}.pem"
+        pem.write_bytes(private)
+        k("-n", ns, "create", "secret", "generic", "signing-key", f"--from-file=private.pem={pem}")
+        pem.unlink()
+        inst = {"namespace": ns, "displayName": name, "keys": [
+            {"name": "2026", "publicKey": public.decode()}]}  # fmt: skip
+        print(k("apply", "-f", "-", input=_doc("Institution", name, "", inst)), end="")
+
+
+def _verify_offline(env_: dict[str, str], forge_ns: str, work: Path) -> None:
+    """Pull revision 1 (verified against the cluster's Institutions), export the trust file
+    and check the chain again with nothing but the files and that file."""
+    env = dict(os.environ) | env_
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "medforge_cli"]
+    out, trust = work / "revision-1", work / "trust.json"
+    for args in (
+        ["composite", "pull", "forge", "-n", forge_ns, "--format", "raw", "-o", str(out)],
+        ["institution", "export", "-o", str(trust)],
+        ["composite", "verify", "forge", "-n", forge_ns, "--dir", str(out), "--trust", str(trust)],
+    ):
+        print(f"  $ medforge {' '.join(args)}")
+        done = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, check=False)
+        print("".join(f"    {line}\n" for line in (done.stdout + done.stderr).splitlines()), end="")
+        if done.returncode != 0:
+            raise RuntimeError(f"medforge {args[0]} {args[1]} failed: {done.stderr.strip()}")
+
+
 def _start_operator(env_: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.update(env_ | {"PYTHONUNBUFFERED": "1"})
@@ -126,6 +165,9 @@ def _apply(
         },
         "strategy": {"type": "fusion", "search": {"budget": 20}},
         "minContributions": 2,
+        # Only adapters signed by their hospital's registered key; each revision signed too.
+        "requireSignatures": True,
+        "signing": {"keySecretRef": {"name": "signing-key"}},
         # Each hospital scores every candidate on its own held-out images before it is served.
         "gate": {"sites": {"quorum": "100%", "maxRegression": 0.05, "timeout": "5m"}},
     }
@@ -140,6 +182,7 @@ def _apply(
             "baseModel": base,
             # The hospital opts in to this forge; no other composite may merge it.
             "sharing": {"forges": [f"{forge_ns}/forge"]},
+            "signing": {"keySecretRef": {"name": "signing-key"}},
             "task": {"name": task, "classes": classes},
             "dataset": data,
             "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
@@ -229,19 +272,18 @@ def run(
     base = {"name": f"clip-demo-{tag}", "digest": _fill_store(s3, bucket, tag)}
     step("the platform team registers the base model and the namespaces")
     _register(k, base, forge_ns, tag, creds)
+    step("each hospital and the forge get a signing key; the platform team registers them")
+    _signing_keys(k, forge_ns, tag, log_dir)
     step("starting medforge-operator with the real trainer and merger")
     log = log_dir / "demo-operator.log"
-    op = _start_operator(
-        {
-            "KUBECONFIG": str(kubeconfig),
-            "MEDFORGE_STORE_ENDPOINT": endpoint,
-            "MEDFORGE_STORE_BUCKET": bucket,
-            "MEDFORGE_STORE_ACCESS_KEY_ID": creds["access_key"],
-            "MEDFORGE_STORE_SECRET_ACCESS_KEY": creds["secret_key"],
-            "MEDFORGE_FORGE_NAMESPACES": forge_ns,
-        },
-        log,
-    )
+    env = {
+        "KUBECONFIG": str(kubeconfig),
+        "MEDFORGE_STORE_ENDPOINT": endpoint,
+        "MEDFORGE_STORE_BUCKET": bucket,
+        "MEDFORGE_STORE_ACCESS_KEY_ID": creds["access_key"],
+        "MEDFORGE_STORE_SECRET_ACCESS_KEY": creds["secret_key"],
+    }
+    op = _start_operator(env | {"MEDFORGE_FORGE_NAMESPACES": forge_ns}, log)
     try:
         step(f"kubectl apply: a CompositeModel in {forge_ns} and a LoRAContribution per hospital")
         _apply(k, base, forge_ns, tag, bucket, endpoint)
@@ -249,6 +291,8 @@ def run(
         st = _follow(k, op, forge_ns, tag, log)
         step("revision 1: what was merged, its scores on the distilled sets and at each site")
         _report(k, st, forge_ns, tag)
+        step("the chain of custody: revision 1 pulled, then checked offline against the keys")
+        _verify_offline(env, forge_ns, log_dir / f"chain-{tag}")
     finally:
         op.terminate()
         op.wait(30)

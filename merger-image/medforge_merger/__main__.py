@@ -13,6 +13,7 @@ from medforge_common.manifest import ManifestError
 from medforge_common.result import failure_line, job_parser
 from medforge_merger import config, pipeline
 from medforge_merger.allocator import keep_freed_memory
+from medforge_merger.attest import SigningFailed
 from medforge_merger.inputs import StoreFault
 from medforge_merger.pipeline import JobFailed, NoUsableInput
 from medforge_merger.strategies import MergeError
@@ -42,7 +43,7 @@ LADDER: Ladder[config.MergeConfig] = [
     (NoUsableInput, _no_usable_input),
     # No input explains a store fault: the operator retries the revision and blames nobody.
     ((StoreFault, StoreError), line("merge failed: the store", ExitCode.STORE_FAULT)),
-    ((JobFailed, MergeError, ManifestError, KeyError), line("merge failed")),
+    ((JobFailed, MergeError, ManifestError, KeyError, SigningFailed), line("merge failed")),
     (MemoryError, _out_of_memory),
 ]
 

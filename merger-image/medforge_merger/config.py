@@ -45,6 +45,10 @@ class MergeConfig:
     evaluation: list[JSON] = field(default_factory=list)
     output_uri: str = ""
     output_files: dict[str, str] = field(default_factory=dict)
+    # spec.signing: the forge's mounted private key; `record` keeps the plan's own words
+    # (composite, strategy as written, the parent revision) for the signed statement.
+    signing_key: str | None = None
+    record: JSON = field(default_factory=dict)
 
     @property
     def base_digest(self) -> str:
@@ -188,6 +192,13 @@ def parse(raw: Any) -> MergeConfig:
     for i, e in enumerate(evaluation):
         if not isinstance(e, dict):
             raise ConfigError(f"evaluation[{i}]: expected an object, got {type(e).__name__}")
+    signing = _obj(raw, "signing", "")
+    key = signing.get("keyFile")
+    if signing and not isinstance(key, str):
+        raise ConfigError("signing.keyFile: expected the path of the mounted private key")
+    record = {k: raw[k] for k in ("composite", "strategy", "previous") if k in raw}
+    if isinstance(raw.get("current"), dict):  # incremental: the revision this one builds on
+        record["parent"] = {k: raw["current"].get(k) for k in ("revision", "digest")}
     return MergeConfig(
         strategy=s,
         base=base,
@@ -202,4 +213,6 @@ def parse(raw: Any) -> MergeConfig:
         evaluation=evaluation,
         output_uri=str(out.get("uri") or ""),
         output_files=dict(out_files),
+        signing_key=key if isinstance(key, str) else None,
+        record=record,
     )

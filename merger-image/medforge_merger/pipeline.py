@@ -18,7 +18,7 @@ from medforge_common.contract import ResultReference
 from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_dir
 from medforge_common.result import failure_line, result_reference
 from medforge_common.strategy import Family
-from medforge_merger import blame
+from medforge_merger import attest, blame
 from medforge_merger.adapters import Adapter, InputRejected, load_adapter
 from medforge_merger.config import MergeConfig
 from medforge_merger.inputs import (
@@ -204,19 +204,22 @@ def _publish(
     entries = [manifest.add_file(p) for p in files]
     manifest_path = work / MANIFEST_FILE
     manifest_path.write_text(manifest.to_json())
-    outputs = cfg.output_files
     for path in [*files, manifest_path]:
-        if output_dir is not None:
-            put(str(output_dir / path.name), path)
-        elif path.name in outputs:
-            put(outputs[path.name], path)
-        else:
-            raise JobFailed(f"the job config has no output URL for {path.name}")
+        _upload(cfg, path, output_dir)
     return {
         "uri": cfg.output_uri or str(output_dir),
         "digest": digest_of(manifest_path.read_bytes()),
         "sizeBytes": sum(e.size for e in entries),
     }
+
+
+def _upload(cfg: MergeConfig, path: Path, output_dir: Path | None) -> None:
+    if output_dir is not None:
+        put(str(output_dir / path.name), path)
+    elif path.name in cfg.output_files:
+        put(cfg.output_files[path.name], path)
+    else:
+        raise JobFailed(f"the job config has no output URL for {path.name}")
 
 
 def _public(entry: JSON) -> JSON:
@@ -328,6 +331,9 @@ def run(cfg: MergeConfig, work: Path, output_dir: Path | None) -> JSON:
     if metrics:
         scores = [float(m["accuracy"]) for m in metrics.values()]
         result["score"] = round(sum(scores) / len(scores), 4)
+    if cfg.signing_key:  # the forge signs what it uploaded (spec.signing)
+        signed = [*files, work / MANIFEST_FILE]
+        _upload(cfg, attest.sign_revision(cfg, result, signed, work), output_dir)
     return result
 
 
@@ -352,11 +358,5 @@ def publish_result(
     body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
     path = work / RESULT_FILE
     path.write_bytes(body)
-    outputs = cfg.output_files
-    if output_dir is not None:
-        put(str(output_dir / RESULT_FILE), path)
-    elif RESULT_FILE in outputs:
-        put(outputs[RESULT_FILE], path)
-    else:
-        raise JobFailed(f"the job config has no output URL for {RESULT_FILE}")
+    _upload(cfg, path, output_dir)
     return result_reference(result, body, RESULT_FILE)

@@ -116,6 +116,7 @@ class Observation:
     missing: str | None = None  # nothing uploaded yet at the prefix
     store_error: str | None = None
     invalid: str | None = None  # uploaded but wrong: digest, manifest, a file
+    invalid_reason: str | None = None  # a signature's verdict, when that is what is wrong
 
 
 def settled(obj: Obj) -> bool:
@@ -136,7 +137,8 @@ def compute_status(old: JSON, o: Observation) -> JSON:
         ]
     else:
         if o.invalid:
-            reason, message, phase = R.VERIFICATION_FAILED, o.invalid, Phase.FAILED
+            reason, message = o.invalid_reason or R.VERIFICATION_FAILED, o.invalid
+            phase = Phase.FAILED
         elif o.store_error:
             reason, message = R.STORE_UNREACHABLE, o.store_error + "; retrying"
             phase = Phase.PENDING

@@ -4,6 +4,7 @@ one of these; a pure function that only reads it takes `Obj` (any of them, or a 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
@@ -45,3 +46,13 @@ class BaseModelBody(TypedDict, total=False):
     metadata: ObjectMeta
     spec: JSON
     status: JSON
+
+
+def plain(body: Any) -> dict[str, Any]:
+    """A plain copy of a watched object, without what no round reads: managedFields and
+    kubectl's copy of the last applied spec (as large as the spec itself)."""
+    out: dict[str, Any] = json.loads(json.dumps(dict(body)))
+    meta = out.get("metadata") or {}
+    meta.pop("managedFields", None)
+    (meta.get("annotations") or {}).pop("kubectl.kubernetes.io/last-applied-configuration", None)
+    return out

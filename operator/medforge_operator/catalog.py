@@ -12,7 +12,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from medforge_operator import BASEMODELS, basemodel, jobs, signing
+from medforge_common.attestation import TrustedKey
+from medforge_operator import BASEMODELS, INSTITUTIONS, basemodel, institution, jobs, signing
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.settings import Settings
 from medforge_operator.store import ForgeStore
@@ -98,6 +99,31 @@ class BaseModels:
         self._cache.drop(name)
 
 
+class Institutions:
+    """Every Institution (a handful), listed once per short while: the keys that sign for a
+    namespace. Changed ones are forgotten at once (their round calls `forget`)."""
+
+    def __init__(self, kube: KubeApi, ttl: float = 3.0) -> None:
+        self.kube = kube
+        self._cache = _TtlCache(ttl)
+
+    def all(self) -> list[JSON]:
+        hit, items = self._cache.get("")
+        if not hit:
+            items = self.kube.list_objects(INSTITUTIONS, None)
+            self._cache.put("", items)
+        return list(items)
+
+    def trusted(self, namespace: str) -> list[TrustedKey]:
+        return institution.trusted(self.all(), namespace)
+
+    def active_ids(self) -> dict[str, frozenset[str]]:
+        return institution.active_ids(self.all())
+
+    def forget(self) -> None:
+        self._cache.drop("")
+
+
 class ConfigRefused(Exception):
     """The API server refused a Job's config Secret (400, 403 or 422: an admission policy, a
     quota): a status to report, not a round to retry forever."""
@@ -167,4 +193,5 @@ class Catalog:
     def __init__(self, kube: KubeApi, store: ForgeStore, settings: Settings) -> None:
         self.namespaces = Namespaces(kube, settings)
         self.base_models = BaseModels(kube)
+        self.institutions = Institutions(kube)
         self.configs = JobConfigs(kube, store)

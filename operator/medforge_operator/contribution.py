@@ -10,6 +10,7 @@ from medforge_common.api import ConditionType as C
 from medforge_common.api import ContributionPhase as Phase
 from medforge_common.api import Reason as R
 from medforge_common.artifacts import CONTRIBUTION_FILES
+from medforge_common.attestation import SIGNATURE_FILE
 from medforge_common.contract import TrainPlan
 from medforge_common.result import finite_number, read_result
 from medforge_common.uris import S3Uri
@@ -98,6 +99,9 @@ def train_plan(obj: Obj, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPl
             "files": {f: jobs.put_ref(output_uri.join(f)) for f in OUTPUT_FILES},
         },
     }
+    if spec.get("signing"):
+        plan["signing"] = {"keyFile": datajob.SIGNING_KEY}
+        plan["output"]["files"][SIGNATURE_FILE] = jobs.put_ref(output_uri.join(SIGNATURE_FILE))
     if spec.get("privacy"):
         plan["privacy"] = spec["privacy"]  # the trainer stops before it spends more
     return plan
@@ -125,6 +129,7 @@ def training_job(obj: Obj, settings: Settings, base: basemodel.Resolved) -> JSON
         labels={jobs.LABEL_GENERATION: str(meta["generation"])},
         backoff_limit=int(obj["spec"].get("backoffLimit", 2)),
         active_deadline=obj["spec"].get("activeDeadlineSeconds"),
+        signing_key=True,
     )
 
 

@@ -13,6 +13,22 @@ from medforge_operator.settings import Settings
 
 JSON = dict[str, Any]
 DATA_MOUNT = "/data"
+SIGNING_DIR = "/var/run/medforge/signing"
+SIGNING_KEY = f"{SIGNING_DIR}/private.pem"
+
+
+def signing_wiring(spec: JSON) -> tuple[list[JSON], list[JSON]]:
+    """(volumes, mounts) for the hospital's signing key (spec.signing.keySecretRef): that one
+    Secret key, read-only, into the training Job only (evaluation Jobs never get it)."""
+    ref = (spec.get("signing") or {}).get("keySecretRef")
+    if not ref:
+        return [], []
+    item = {"key": ref.get("key", "private.pem"), "path": "private.pem"}
+    volume = {
+        "name": "signing-key",
+        "secret": {"secretName": ref["name"], "items": [item], "defaultMode": 0o440},
+    }
+    return [volume], [{"name": "signing-key", "mountPath": SIGNING_DIR, "readOnly": True}]
 
 
 def dataset_wiring(spec: JSON) -> tuple[JSON, list[JSON], list[JSON], list[JSON]]:
@@ -60,11 +76,15 @@ def data_job(
     backoff_limit: int,
     active_deadline: int | None,
     annotations: dict[str, str] | None = None,
+    signing_key: bool = False,
 ) -> JSON:
     """The Job, owned by `owner` (whose spec names the dataset and resources), in its namespace:
     the BaseModel's training image and limits apply. Raises ValueError naming the field."""
     spec = owner["spec"]
     _, env, volumes, mounts = dataset_wiring(spec)
+    if signing_key:
+        key_volumes, key_mounts = signing_wiring(spec)
+        volumes, mounts = volumes + key_volumes, mounts + key_mounts
     resources = basemodel.training_resources(
         spec.get("resources") or {}, base.training, "spec.resources"
     )

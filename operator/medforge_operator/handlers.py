@@ -8,7 +8,6 @@ module-level mutable state."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,7 +16,6 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -30,6 +28,7 @@ from medforge_operator import (
     CONTRIBUTIONS,
     EVALUATIONSETS,
     GROUP,
+    INSTITUTIONS,
     PRIVACYBUDGETS,
     VERSION,
     basemodel,
@@ -39,12 +38,13 @@ from medforge_operator import (
 from medforge_operator import reconcile_basemodel as rbase
 from medforge_operator import reconcile_composite as rcomp
 from medforge_operator import reconcile_contribution as rcon
-from medforge_operator.bodies import BaseModelBody, CompositeBody, ContributionBody, Obj
+from medforge_operator import reconcile_institution as rinst
+from medforge_operator.bodies import BaseModelBody, CompositeBody, ContributionBody, Obj, plain
 from medforge_operator.catalog import Catalog
 from medforge_operator.childwatch import ChildWatch
 from medforge_operator.evaluation import ANNOTATION_COMPOSITE
 from medforge_operator.kube import Kube
-from medforge_operator.leader import LeaderElection
+from medforge_operator.leader import LeaderElection, own_namespace
 from medforge_operator.metrics import (
     ACTIVE_WORKERS,
     RECONCILE_ERRORS,
@@ -156,6 +156,12 @@ def _composite_round(r: Runtime, obj: JSON) -> None:
     rcomp.reconcile(cast(CompositeBody, obj), r.kube, r.store, r.settings, r.event, r.catalog)
 
 
+def _institution_round(r: Runtime, obj: JSON) -> None:
+    """Any key change may change which inputs a composite accepts: they all look again."""
+    rinst.reconcile(obj, r.kube, r.store, r.catalog, r.settings.namespaces)
+    r.composites()
+
+
 @dataclass(frozen=True)
 class Kind:
     """How the work queue serves one kind: its label in metrics and its round (a new kind adds
@@ -170,6 +176,7 @@ KINDS: Mapping[str, Kind] = MappingProxyType(
         CONTRIBUTIONS: Kind("contribution", _contribution_round),
         BASEMODELS: Kind("basemodel", _basemodel_round),
         COMPOSITES: Kind("composite", _composite_round),
+        INSTITUTIONS: Kind("institution", _institution_round),
     }
 )
 
@@ -239,15 +246,6 @@ def step_down(r: Runtime) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def own_namespace() -> str:
-    """The pod's namespace (its ServiceAccount's), or "default" outside a cluster."""
-    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-    try:
-        return path.read_text().strip() or "default"
-    except OSError:
-        return "default"
-
-
 def _resync_pass(r: Runtime, full: bool) -> None:
     failed = r.failed.snapshot()
     seen: set[Key] = set()
@@ -265,6 +263,11 @@ def _resync_pass(r: Runtime, full: bool) -> None:
         key = (BASEMODELS, "", b["metadata"]["name"])
         seen.add(key)
         if not basemodel.settled(b) or key in failed:
+            r.enqueue(*key)
+    for i in r.kube.list_objects(INSTITUTIONS):
+        key = (INSTITUTIONS, "", i["metadata"]["name"])
+        seen.add(key)
+        if key in failed or not rinst.settled(i):
             r.enqueue(*key)
     r.failed.forget_all_but(failed, seen)  # objects deleted since their failure
 
@@ -293,16 +296,6 @@ def stop(memo: kopf.Memo, **_: Any) -> None:
         r.queue.stop()
     if r.leader is not None:
         r.leader.release()  # the standby takes over now, not after the Lease expires
-
-
-def plain(body: Any) -> JSON:
-    """A plain copy of a watched object, without what no round reads: managedFields and
-    kubectl's copy of the last applied spec (as large as the spec itself)."""
-    out: JSON = json.loads(json.dumps(dict(body)))
-    meta = out.get("metadata") or {}
-    meta.pop("managedFields", None)
-    (meta.get("annotations") or {}).pop("kubectl.kubernetes.io/last-applied-configuration", None)
-    return out
 
 
 # ----- LoRAContribution and its Jobs and pods -----
@@ -334,6 +327,18 @@ def basemodel_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
     r.observed.observe(BASEMODELS, type, obj)
     if type != "DELETED" and not basemodel.settled(obj):
         r.enqueue(BASEMODELS, "", body["metadata"]["name"])
+
+
+@kopf.on.event(GROUP, VERSION, INSTITUTIONS)
+def institution_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Keys registered, rotated or revoked (a deleted Institution: its keys are gone)."""
+    r, obj = rt(memo), plain(body)
+    r.observed.observe(INSTITUTIONS, type, obj)
+    r.catalog.institutions.forget()
+    if type == "DELETED":
+        r.composites()
+    elif not rinst.settled(obj):
+        r.enqueue(INSTITUTIONS, "", obj["metadata"]["name"], obj)
 
 
 @kopf.on.event(GROUP, VERSION, PRIVACYBUDGETS)

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -163,3 +164,12 @@ class LeaderElection(threading.Thread):
         except Exception as exc:  # it expires by itself anyway
             log.warning("could not release the lease: %s", exc)
         self.leading = False
+
+
+def own_namespace() -> str:
+    """The pod's namespace (its ServiceAccount's), or "default" outside a cluster."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return path.read_text().strip() or "default"
+    except OSError:
+        return "default"

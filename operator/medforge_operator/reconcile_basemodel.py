@@ -8,7 +8,17 @@ from typing import Any
 
 from medforge_common.api import BaseModelPhase, ConditionType, Reason
 from medforge_common.artifacts import MANIFEST_FILE
-from medforge_operator import BASEMODELS, basemodel, conditions, metrics
+from medforge_common.attestation import (
+    MAX_REVISION_SIGNATURE_BYTES,
+    SIGNATURE_FILE,
+    BadKey,
+    TrustedKey,
+    key_id,
+)
+from medforge_common.attestation import Reason as SignatureReason
+from medforge_common.manifest import Manifest
+from medforge_common.uris import S3Uri
+from medforge_operator import BASEMODELS, basemodel, conditions, metrics, signatures
 from medforge_operator.bodies import BaseModelBody, Obj
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.statuswrite import write_status
@@ -29,12 +39,18 @@ def reconcile(obj: BaseModelBody, kube: KubeApi, store: ForgeStore, event: Event
     try:
         digest = store.manifest_digest(prefix)
         manifest = store.verify_artifact(prefix, (obj.get("spec") or {}).get("digest") or digest)
+        signature = _signature(obj, store, prefix, manifest, digest)
+        if signature is not None and signature["state"] != signatures.VERIFIED:
+            o.invalid_reason = signature["state"]
+            raise VerificationFailed(f"spec.publicKey: {signature['message']}")
         metrics.verified("basemodel", sum(f.size for f in manifest.files))
         o.verified = {
             "digest": digest,
             "sizeBytes": sum(f.size for f in manifest.files),
             "files": [f.name for f in manifest.files],
         }
+        if signature is not None:
+            o.verified["signature"] = {k: signature[k] for k in ("state", "keyId")}
     except StoreUnreachable as exc:
         o.store_error = str(exc)
     except VerificationFailed as exc:
@@ -49,3 +65,24 @@ def reconcile(obj: BaseModelBody, kube: KubeApi, store: ForgeStore, event: Event
         kind = "Normal" if new["phase"] != BaseModelPhase.FAILED else "Warning"
         event(obj, kind, ready["reason"], ready["message"])
     return new
+
+
+def _signature(
+    obj: Obj, store: ForgeStore, prefix: S3Uri, manifest: Manifest, digest: str
+) -> JSON | None:
+    """The verdict on the model's bundle, for a BaseModel that names its signer's key."""
+    pem = str((obj.get("spec") or {}).get("publicKey") or "")
+    if not pem:
+        return None
+    try:
+        key = TrustedKey(key_id(pem), pem.encode(), obj["metadata"]["name"], "")
+    except BadKey as exc:
+        return {"state": SignatureReason.INVALID, "message": f"not a usable key ({exc})"}
+    try:
+        raw = store.read(prefix.join(SIGNATURE_FILE), MAX_REVISION_SIGNATURE_BYTES)
+    except ObjectMissing:
+        return {
+            "state": SignatureReason.UNSIGNED,
+            "message": f"no {SIGNATURE_FILE} beside the manifest",
+        }
+    return signatures.judge(raw, manifest, digest, [key], "spec.publicKey")

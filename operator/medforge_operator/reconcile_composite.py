@@ -157,6 +157,8 @@ def observe(
     except BaseModelUnusable as exc:
         o.base_problem = (exc.reason, exc.message)
     o.contribs = matching_contributions(obj, kube, s, cat)
+    if spec.get("requireSignatures"):
+        o.trust = cat.institutions.active_ids()
     pending = (obj.get("status") or {}).get("pendingRevision")
     reconcile_withdrawal.departures(obj, o, kube, at)
     if o.withdrawal is not None and o.withdrawal.cancel and pending:
@@ -184,7 +186,10 @@ def observe(
         uri = composite.output_prefix(store.bucket, obj, pending["revision"])
         verified = composite.verified_prefix(store.bucket, obj, pending["revision"])
         previous = ((obj.get("status") or {}).get("current") or {}).get("metrics") or {}
-        o.outcome = outcome(o.job, kube, store, meta["namespace"], uri, verified, spec, previous)
+        keys = cat.institutions.trusted(meta["namespace"]) if spec.get("signing") else []
+        o.outcome = outcome(
+            o.job, kube, store, meta["namespace"], uri, verified, spec, previous, keys
+        )
         o.outcome.uri, o.outcome.job_name = str(verified), job_name
         reconcile_evaluation.hand_over(obj, pending, o, kube, store, s, cat, at)
     return o

@@ -153,6 +153,11 @@ def _write(obj: Obj, kube: KubeApi, event: EventFn, old: JSON, o: contribution.O
             else "Normal"
         )
         event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
+        sig = (new.get("artifact") or {}).get("signature") or {}
+        if (obj.get("spec") or {}).get("signing") and sig.get("state") not in (None, "Verified"):
+            # Signed, yet not by a key its Institution lists: composites that require
+            # signatures will exclude it, so its hospital hears why now.
+            event(obj, "Warning", sig["state"], f"the adapter's signature: {sig.get('message')}")
     return new
 
 
@@ -195,7 +200,7 @@ def _follow(
     if job.get("status") and not jobstatus.never_started(job):
         o.pods = kube.job_pods(obj["metadata"]["namespace"], job)
         if jobstatus.job_state(job) == "Complete":
-            verify(obj, o, store)
+            verify(obj, o, store, cat.institutions.trusted)
 
 
 def _sign(

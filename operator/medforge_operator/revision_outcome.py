@@ -10,6 +10,8 @@ from medforge_common.api import (
     RevisionState,
 )
 from medforge_common.artifacts import RESULT_FILE
+from medforge_common.attestation import REVISION_PREDICATE, Reason, TrustedKey
+from medforge_common.manifest import Manifest
 from medforge_common.result import MAX_RESULT_FILE_BYTES, read_result
 from medforge_operator import (
     CONTRIBUTIONS,
@@ -17,6 +19,7 @@ from medforge_operator import (
     jobs,
     jobstatus,
     metrics,
+    signatures,
 )
 from medforge_operator.bodies import Obj
 from medforge_operator.kubeapi import KubeApi
@@ -54,9 +57,10 @@ def outcome(
     verified: Any,
     spec: JSON,
     previous: JSON,
+    keys: list[TrustedKey] | None = None,
 ) -> composite.Outcome:
     """How the pending revision's Job ended; `previous` holds the metrics recorded for the
-    revision it replaces, which the gate compares with."""
+    revision it replaces (the gate compares); `keys` the forge namespace's Active keys."""
     pods = kube.job_pods(ns, job)
     summary = jobstatus.pod_summary(pods)
     if jobstatus.job_state(job) == "Failed":
@@ -83,6 +87,7 @@ def outcome(
         if not isinstance(digest, str) or not digest.startswith("sha256:"):
             raise InvalidResult(f"{R.INVALID_RESULT}: artifact.digest is missing")
         manifest = store.verify_copy(uri, verified, digest)
+        signature = _forge_signature(store, uri, verified, manifest, digest, spec, keys, ns)
     except StoreUnreachable as exc:
         return composite.Outcome(R.STORE_UNREACHABLE, str(exc))
     except VerificationFailed as exc:
@@ -95,6 +100,37 @@ def outcome(
         )  # the merge's own output: no input explains it, so it never counts toward blame
     metrics.verified("composite", sum(f.size for f in manifest.files))
     result["artifact"]["files"] = [f.name for f in manifest.files]
+    return _judged(result, previous, spec, signature)
+
+
+def _forge_signature(
+    store: ForgeStore,
+    uri: Any,
+    verified: Any,
+    manifest: Manifest,
+    digest: str,
+    spec: JSON,
+    keys: list[TrustedKey] | None,
+    ns: str,
+) -> JSON | None:
+    """The verdict on the forge's bundle over the revision, where the composite signs."""
+    if not spec.get("signing"):
+        return None
+    who = f"{ns}'s Institution"
+    return signatures.contribution_signature(
+        store, uri, verified, manifest, digest, keys or [], who, REVISION_PREDICATE
+    )
+
+
+def _judged(result: JSON, previous: JSON, spec: JSON, signature: JSON | None) -> composite.Outcome:
+    """The verified revision before the gate: one whose files the forge's statement does not
+    cover (or that carries none, though the composite signs) is never served; UnknownSigner (no
+    Institution for the forge namespace yet) is recorded, not refused."""
+    if signature is not None:
+        if signature["state"] in (Reason.UNSIGNED, Reason.INVALID):
+            why = f"{signature['state']}: the forge's signature: {signature.get('message', '')}"
+            return composite.Outcome(RevisionState.FAILED, why)
+        result["artifact"]["signature"] = signature
     ok, message = composite.gate(result, previous, spec.get("gate"))
     message = jobs.redact_urls(message)
     state = RevisionState.ACCEPTED if ok else RevisionState.REJECTED

@@ -37,6 +37,7 @@ from medforge_common.artifacts import (
     MANIFEST_FILE,
     MIXTURE_FILE,
 )
+from medforge_common.attestation import SIGNATURE_FILE
 from medforge_common.uris import S3Uri, UriError, parse_uri
 from medforge_operator.bodies import Obj
 
@@ -101,10 +102,12 @@ def training_grant(
     out = contribution_output(
         bucket, meta["namespace"], meta["name"], meta["uid"], int(meta["generation"])
     )
+    # The signature's PUT only where the hospital signs (spec.signing): its own key, its Job.
+    signed = (SIGNATURE_FILE,) if (contribution.get("spec") or {}).get("signing") else ()
     return Grant(
         bucket,
         frozenset(_keys(base_uri, base_files)),
-        frozenset(out.join(f).key for f in CONTRIBUTION_FILES),
+        frozenset(out.join(f).key for f in (*CONTRIBUTION_FILES, *signed)),
     )
 
 
@@ -115,9 +118,12 @@ def merge_grant(
     base_uri: S3Uri,
     base_files: Iterable[str],
     inputs: Iterable[JSON],
+    signed: Iterable[JSON] = (),
 ) -> Grant:
     """`inputs`: the consenting, verified contributions this revision may read (the caller
-    checked consent); each is reached only at the verified copy of its current artifact."""
+    checked consent); each is reached only at the verified copy of its current artifact, and
+    the bundle beside it for those whose signature verified (`signed`). The forge's own
+    signature is one more PUT where the composite signs (spec.signing)."""
     meta = composite["metadata"]
     gets = _keys(base_uri, base_files)
     for c in inputs:
@@ -133,8 +139,16 @@ def merge_grant(
             bucket, meta["namespace"], meta["name"], meta["uid"], int(current["revision"])
         )
         gets |= _keys(prefix, [f for f in current.get("files") or [] if isinstance(f, str)])
+    for c in signed:
+        art, cm = c["status"]["artifact"], c["metadata"]
+        prefix = verified_contribution(
+            bucket, cm["namespace"], cm["name"], cm["uid"], str(art.get("digest", ""))
+        )
+        gets |= _keys(prefix, [SIGNATURE_FILE])
     out = revision_output(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
-    return Grant(bucket, frozenset(gets), frozenset(out.join(f).key for f in COMPOSITE_FILES))
+    sig = (SIGNATURE_FILE,) if (composite.get("spec") or {}).get("signing") else ()
+    puts = frozenset(out.join(f).key for f in (*COMPOSITE_FILES, *sig))
+    return Grant(bucket, frozenset(gets), puts)
 
 
 def evaluation_prefix(bucket: str, composite: Obj, revision: int, evaluation_set: Obj) -> S3Uri:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from medforge_common.api import Reason
 from medforge_common.artifacts import DISTILLED_FILE
+from medforge_common.attestation import TrustedKey
 from medforge_common.manifest import Manifest
 from medforge_operator import (
     CONTRIBUTIONS,
     contribution,
     jobs,
     metrics,
+    signatures,
 )
 from medforge_operator.bodies import Obj
 from medforge_operator.kubeapi import KubeApi
@@ -58,10 +61,16 @@ def _announced_digest(o: contribution.Observation, store: ForgeStore, prefix: An
         return None
 
 
-def verify(obj: Obj, o: contribution.Observation, store: ForgeStore) -> None:
+def verify(
+    obj: Obj,
+    o: contribution.Observation,
+    store: ForgeStore,
+    trusted: Callable[[str], list[TrustedKey]],
+) -> None:
     """Copy the upload into the operator's verified prefix and check the copy against the
-    manifest before the contribution becomes Ready. The termination message (the tenant's to
-    write) only announces a digest: it is parsed as untrusted input."""
+    manifest before the contribution becomes Ready, then its signature against the keys
+    `trusted` gives for its namespace. The termination message (the tenant's to write) only
+    announces a digest: it is parsed as untrusted input."""
     spec = obj["spec"]
     prefix = contribution.output_prefix(store.bucket, obj, o.generation)
     digest = _announced_digest(o, store, prefix)
@@ -97,9 +106,17 @@ def verify(obj: Obj, o: contribution.Observation, store: ForgeStore) -> None:
         metrics.verification_failed("contribution", Reason.INVALID_MANIFEST)
         o.verify_error = (Reason.INVALID_MANIFEST, f"manifest.json: {mismatch}")
         return
+    ns = obj["metadata"]["namespace"]
+    try:
+        signature = signatures.contribution_signature(
+            store, prefix, verified, manifest, digest, trusted(ns), f"namespace {ns}'s Institution"
+        )
+    except StoreUnreachable as exc:
+        o.verify_error = (Reason.STORE_UNREACHABLE, jobs.redact_urls(str(exc)))
+        return
     metrics.verified("contribution", sum(f.size for f in manifest.files))
     o.verified = {
-        "artifact": artifact_status(obj, verified, digest, manifest),
+        "artifact": {**artifact_status(obj, verified, digest, manifest), "signature": signature},
         "metrics": contribution.validation_metrics(manifest.meta.get("metrics")),
         "training": contribution.training_figures(manifest.meta.get("training")),
     }

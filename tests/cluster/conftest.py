@@ -199,3 +199,12 @@ def operator(
     time.sleep(1)
     yield op
     op.stop()
+
+
+@pytest.fixture
+def registered(cluster: ClusterAccess) -> Iterator[list[str]]:
+    """Institutions created by the test (cluster-scoped), deleted afterwards."""
+    names: list[str] = []
+    yield names
+    for n in names:
+        cluster.kubectl("delete", "institution", n, "--wait=false", check=False)

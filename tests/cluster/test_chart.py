@@ -471,7 +471,7 @@ def test_rendered_chart_is_valid_kubernetes_and_takes_the_platform_settings(forg
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(board["data"]["medforge.json"])["uid"] == "medforge-overview"
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    assert len(crds) == len(list((ROOT / "crds").glob("*.yaml"))) == 5
+    assert len(crds) == len(list((ROOT / "crds").glob("*.yaml"))) == 6
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
     no_crds = render("forge-system", forge, "--set", "crds.enabled=false")
     assert not any(d["kind"] == "CustomResourceDefinition" for d in no_crds)
@@ -483,6 +483,7 @@ CRD_NAMES = [
         "basemodels",
         "compositemodels",
         "evaluationsets",
+        "institutions",
         "loracontributions",
         "privacybudgets",
     )

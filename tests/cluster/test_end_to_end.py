@@ -1,7 +1,9 @@
 """The whole MedForge loop with the real programs: three hospitals train LoRA contributions with
 `medforge-train` on data in their own S3 buckets (credentials in their own Secrets), and a
 CompositeModel merges them with MedForge-Fusion through `medforge-merge`, revision after revision,
-scored on the distilled sets; everything driven by the operator through the process kubelet."""
+scored on the distilled sets; everything driven by the operator through the process kubelet. The
+hospitals and the forge sign with their registered keys, and the pulled revision's chain of
+custody checks offline."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import Forge, OperatorProcess, register_base_model
+from tests.cluster.test_cli import medforge
 from tests.cluster.test_composite import composite_doc, revision_state
 from tests.cluster.test_operator import condition, wait_phase
+from tests.cluster.test_signatures import institution, keypair, offline
 from tests.conftest import ClusterAccess
 from tests.merge_experiment import INSTITUTIONS
 from tests.train_helpers import make_dataset, prepare, tiny_clip
@@ -47,6 +51,7 @@ def real_operator(
 def contribution_doc(
     task: str, classes: list[str], base: tuple[str, str], data: str, endpoint: str, forge: str
 ) -> str:
+    """A hospital's contribution, signed with the key in its Secret `signing-key`."""
     return json.dumps(
         {
             "apiVersion": "medforge.io/v1alpha1",
@@ -55,6 +60,7 @@ def contribution_doc(
             "spec": {
                 "baseModel": {"name": base[0], "digest": base[1]},
                 "sharing": {"forges": [forge]},
+                "signing": {"keySecretRef": {"name": "signing-key"}},
                 "task": {"name": task, "classes": classes, "head": "clip-prompt"},
                 "dataset": {
                     "uri": data,
@@ -75,11 +81,24 @@ def contribution_doc(
     )
 
 
+def sign_for(cluster: ClusterAccess, ns: str, tmp: Path, registered: list[str]) -> None:
+    """A key pair for the institution working in `ns`: its private key in the Secret
+    `signing-key` there, its public key in an Institution (the platform team's)."""
+    key, public = keypair(tmp, ns)
+    cluster.kubectl(
+        "-n", ns, "create", "secret", "generic", "signing-key", f"--from-file=private.pem={key}"
+    )
+    registered.append(ns)
+    doc = institution(ns, ns, {"2026": (public, "Active")})
+    cluster.kubectl("apply", "-f", "-", input=doc)
+
+
 def test_three_hospitals_build_a_composite_with_fusion(
     cluster: ClusterAccess,
     forge_namespace: str,
     forge: Forge,
     real_operator: OperatorProcess,
+    registered: list[str],
     tmp_path: Path,
 ) -> None:
     namespace = forge_namespace
@@ -112,6 +131,7 @@ def test_three_hospitals_build_a_composite_with_fusion(
             f"--from-literal=AWS_ACCESS_KEY_ID={forge.access_key}",
             f"--from-literal=AWS_SECRET_ACCESS_KEY={forge.secret_key}",
         )
+        sign_for(cluster, ns, tmp_path, registered)
         bucket = f"{ns}-imaging"
         s3.create_bucket(Bucket=bucket)
         data = make_dataset(tmp_path / task, classes, 24, seed=i, style=style)
@@ -120,6 +140,7 @@ def test_three_hospitals_build_a_composite_with_fusion(
                 Bucket=bucket, Key=f"{task}/{p.relative_to(data).as_posix()}", Body=p.read_bytes()
             )
 
+    sign_for(cluster, namespace, tmp_path, registered)
     doc = composite_doc(
         base,
         tag,
@@ -127,6 +148,8 @@ def test_three_hospitals_build_a_composite_with_fusion(
         integration="incremental",
         minContributions=2,
         gate={"maxRegression": 1.0},
+        requireSignatures=True,
+        signing={"keySecretRef": {"name": "signing-key"}},
     )
     cluster.apply(namespace, doc)
     try:
@@ -143,6 +166,7 @@ def test_three_hospitals_build_a_composite_with_fusion(
             assert condition(st, "ArtifactVerified")["status"] == "True"
             assert st["metrics"]["accuracy"] > 0.5, st["metrics"]
             assert st["artifact"]["distilled"]["digest"].startswith("sha256:")
+            assert st["artifact"]["signature"]["state"] == "Verified", st["artifact"]
 
         st = revision_state(cluster, namespace, 1, "Accepted")
         cur = st["current"]
@@ -173,6 +197,19 @@ def test_three_hospitals_build_a_composite_with_fusion(
         # trains faster varies from run to run); colon arrived last.
         tasks = manifest["meta"]["tasks"]
         assert sorted(tasks[:2]) == ["breakhis", "lung"] and tasks[2] == "colon"
+        assert cur["signature"]["state"] == "Verified"
+        out, trust = tmp_path / "pulled", tmp_path / "trust.json"
+        pulled = medforge(cluster, forge, "composite", "pull", "forge", "-n", namespace,
+                          "--format", "raw", "-o", str(out))  # fmt: skip
+        assert pulled.returncode == 0, pulled.stderr
+        exported = medforge(cluster, forge, "institution", "export", "-o", str(trust))
+        assert exported.returncode == 0, exported.stderr
+        # The merged revision 2 holds colon's update only (incremental): its statement names
+        # colon; revision 1's inputs are in revision 1's own statement.
+        ok = offline("composite", "verify", "forge", "-n", namespace, "--dir", str(out),
+                     "--trust", str(trust), "--revision", "2")  # fmt: skip
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert f"input {spaces[2]}/colon: signed by {spaces[2]}" in ok.stdout
     except AssertionError:
         print(real_operator.tail(80))
         raise

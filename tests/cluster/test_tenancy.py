@@ -32,7 +32,7 @@ URL = re.compile(r"https?://[^\s\"']+")
 @pytest.fixture(scope="module")
 def tenant_roles(cluster: ClusterAccess, forge: Forge) -> None:
     """The chart's tenant ClusterRoles (medforge-contributor, -viewer, -forge-editor,
-    -data-protection)."""
+    -data-protection, -trust-reader)."""
     roles = [
         d
         for d in render("medforge-system", forge)
@@ -45,6 +45,7 @@ def tenant_roles(cluster: ClusterAccess, forge: Forge) -> None:
         "medforge-viewer",
         "medforge-forge-editor",
         "medforge-data-protection",
+        "medforge-trust-reader",
     }
     cluster.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(r) for r in roles))
 
@@ -359,6 +360,15 @@ def test_the_readme_can_i_table_holds(cluster: ClusterAccess, tenant_roles: None
             "auth", "can-i", *action.split(), "-n", ns, as_(ns, "officer"), check=False
         )
         assert out.stdout.strip() == expected, (action, out.stdout, out.stderr)
+    # Whoever verifies revisions offline reads the Institutions' public keys, cluster-wide
+    # (a ClusterRoleBinding), and can change none of them.
+    cluster.kubectl("create", "serviceaccount", "verifier", "-n", ns)
+    cluster.kubectl("create", "clusterrolebinding", f"{ns}-verifier",
+                    "--clusterrole=medforge-trust-reader", f"--serviceaccount={ns}:verifier")  # fmt: skip
+    for action, expected in (("list institutions.medforge.io", "yes"),
+                             ("patch institutions.medforge.io", "no")):  # fmt: skip
+        out = cluster.kubectl("auth", "can-i", *action.split(), as_(ns, "verifier"), check=False)
+        assert out.stdout.strip() == expected, (action, out.stdout, out.stderr)
     try:
         for action, *answers in table:
             args = action.split()
@@ -371,3 +381,4 @@ def test_the_readme_can_i_table_holds(cluster: ClusterAccess, tenant_roles: None
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
         role = f"medforge-operator-{ns}"
         cluster.kubectl("delete", "clusterrolebinding,clusterrole", role, check=False)
+        cluster.kubectl("delete", "clusterrolebinding", f"{ns}-verifier", check=False)

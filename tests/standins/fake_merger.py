@@ -32,6 +32,17 @@ def put(url: str, data: bytes) -> None:
         transfers.upload(url, Path(f.name), "output")
 
 
+def sign(cfg: dict, result: dict, files: dict[str, bytes]) -> None:  # type: ignore[type-arg]
+    from medforge_merger import attest, config  # imports torch: only where the forge signs
+
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        for name, data in files.items():
+            (work / name).write_bytes(data)
+        bundle = attest.sign_revision(config.parse(cfg), result, [work / n for n in files], work)
+        put(cfg["output"]["files"][bundle.name], bundle.read_bytes())
+
+
 def main() -> None:
     cfg = json.loads(Path(os.environ["MEDFORGE_JOB_CONFIG_FILE"]).read_text())
     h = hashlib.sha256()
@@ -95,7 +106,10 @@ def main() -> None:
         "composite",
         cfg["baseModel"]["digest"],
         [FileEntry("adapter.safetensors", hashlib.sha256(composite).hexdigest(), len(composite))],
-        {"strategy": cfg["strategy"].get("type")},
+        {
+            "strategy": cfg["strategy"].get("type"),
+            "inputs": [i for i in inputs if i["state"] == "Included"],
+        },
     )
     body = manifest.to_json().encode()
     put(cfg["output"]["files"]["adapter.safetensors"], composite)
@@ -113,6 +127,8 @@ def main() -> None:
         "integration": cfg["integration"],
         "merge": {"seconds": 0.25, "inputs": len(inputs), "searchEvaluations": 40},
     }
+    if cfg.get("signing"):  # the real merger's statement, over the stand-in's files
+        sign(cfg, result, {"adapter.safetensors": composite, "manifest.json": body})
     # The contract: the full result beside the composite, its digest in the termination
     # message (which holds 4 KiB: about 20 inputs' entries).
     full = json.dumps(result, sort_keys=True).encode()

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from medforge_common.attestation import SIGNATURE_FILE, sign_folder
 from medforge_common.manifest import FileEntry, Manifest, digest_of
 from medforge_ml import transfers
 
@@ -31,6 +32,16 @@ def put(url: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         transfers.upload(url, Path(f.name), "output")
+
+
+def sign(files: dict[str, bytes], key: Path) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "out"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        sign_folder(folder, key, Path(tmp) / SIGNATURE_FILE)
+        return (Path(tmp) / SIGNATURE_FILE).read_bytes()
 
 
 def main() -> None:
@@ -78,6 +89,16 @@ def main() -> None:
         raw["files"] = raw["files"] * 2
         body = json.dumps(raw).encode()
     out = cfg["output"]["files"]
+    key = (cfg.get("signing") or {}).get("keyFile")
+    if key:  # as the real trainer: the folder signed with the mounted key
+        signature = sign({"adapter.safetensors": adapter, "manifest.json": body}, Path(key))
+        if task.startswith("tamper-signed"):  # changed after signing, the manifest to match
+            adapter = adapter[::-1]
+            manifest.files = [
+                FileEntry("adapter.safetensors", hashlib.sha256(adapter).hexdigest(), len(adapter))
+            ]
+            body = manifest.to_json().encode()
+        put(out[SIGNATURE_FILE], signature)
     put(out["adapter.safetensors"], adapter[::-1] if task.startswith("corrupt") else adapter)
     put(out["manifest.json"], body)
     print(f"trained {task}: uploaded {len(adapter)} bytes")

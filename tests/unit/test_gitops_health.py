@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 
@@ -53,3 +54,26 @@ def test_the_docs_carry_each_check_verbatim() -> None:
         body = script.read_text().strip()
         indented = "\n".join(("      " + line) if line else "" for line in body.splitlines())
         assert indented in docs, f"docs/gitops.md lacks the current {script.name}"
+
+
+def test_an_institution_is_healthy_with_valid_keys_and_degraded_without() -> None:
+    from medforge_common.attestation import new_key_pair
+    from medforge_operator import institution
+
+    _, public = new_key_pair()
+    obj: dict[str, Any] = {
+        "kind": "Institution",
+        "metadata": {"name": "h", "generation": 1},
+        "spec": {"namespace": "h", "keys": [{"name": "k", "publicKey": public.decode()}]},
+    }
+    assert argocd_health(obj)["status"] == "Progressing"
+    obj["status"] = institution.status(obj, "t")
+    assert argocd_health(obj) == {"status": "Healthy", "message": "KeysValid: 1 active key(s)"}
+    obj["spec"]["keys"][0]["state"] = "Revoked"
+    obj["metadata"]["generation"] = 2
+    assert argocd_health(obj)["status"] == "Progressing"  # not seen yet
+    obj["status"] = institution.status(obj, "t")
+    health = argocd_health(obj)
+    assert health["status"] == "Degraded" and health["message"].startswith("NoActiveKey")
+    stalled = next(c for c in obj["status"]["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True"

@@ -325,7 +325,7 @@ def test_a_result_that_is_no_result_never_reaches_the_store() -> None:
         }
         done = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
         o = contribution.Observation(3, "lung-train-g3", job=done, pods=[pod])
-        verify_contribution.verify(lorac(), o, NoStore())  # type: ignore[arg-type]
+        verify_contribution.verify(lorac(), o, NoStore(), lambda ns: [])  # type: ignore[arg-type]
         assert o.verify_error is not None and o.verify_error[0] == "InvalidResult"
         assert field in o.verify_error[1]
         status = contribution.compute_status({}, o)

@@ -34,7 +34,14 @@ ENVIRONMENTS = {"operator": ("operator",), "ml": ("train", "merge")}
 # build instead of the first Job.
 SMOKE = {
     "operator": ("medforge_operator.__main__",),
-    "ml": ("medforge_trainer.__main__", "medforge_merger.__main__", "torch", "peft", "opacus"),
+    "ml": (
+        "medforge_trainer.__main__",
+        "medforge_merger.__main__",
+        "torch",
+        "peft",
+        "opacus",
+        "model_signing",
+    ),
 }
 
 OFFLINE_ENV = {

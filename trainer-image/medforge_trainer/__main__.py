@@ -6,6 +6,7 @@ non-zero exit and a one-line reason there."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from medforge_common.artifacts import (
     HEAD_FILE,
     MANIFEST_FILE,
 )
+from medforge_common.attestation import SIGNATURE_FILE, BadKey, private_key_id, sign_folder
 from medforge_common.manifest import Manifest
 from medforge_common.redact import redact
 from medforge_common.result import (
@@ -35,7 +37,7 @@ from medforge_ml.basemodel import prepare_model_dir
 from medforge_ml.errors import ModelError
 from medforge_ml.job import Ladder, Run, line, run_job
 from medforge_trainer import VERSION, config, dataset, distill, model, private, sources, train
-from medforge_trainer.errors import ConfigError
+from medforge_trainer.errors import ConfigError, TrainFailed
 
 JSON = dict[str, Any]
 
@@ -168,17 +170,40 @@ def _publish(
     work: Path,
     output_dir: Path | None,
 ) -> JSON:
-    """Upload the files and their manifest; the artifact part of the result."""
+    """Upload the files and their manifest (and their signature, when the hospital signs);
+    the artifact part of the result."""
     entries = [manifest.add_file(p) for p in out]
     manifest_path = work / MANIFEST_FILE
     manifest_path.write_text(manifest.to_json())
-    for p in [*out, manifest_path]:
+    files = [*out, manifest_path]
+    if cfg.signing_key:
+        files.append(sign(files, Path(cfg.signing_key), work))
+    for p in files:
         sources.upload(p.name, p, cfg, output_dir)
     return {
         "uri": cfg.output_uri or (str(output_dir) if output_dir else ""),
         "digest": manifest.digest(),
         "sizeBytes": sum(e.size for e in entries),
     }
+
+
+def sign(files: list[Path], key: Path, work: Path) -> Path:
+    """Sign exactly `files` (links in a folder of their own) with the hospital's key, in the
+    OpenSSF model-signing format; the bundle's path."""
+    folder = work / "signed"
+    folder.mkdir(exist_ok=True)
+    for p in files:
+        (folder / p.name).unlink(missing_ok=True)
+        os.link(p, folder / p.name)
+    out = work / SIGNATURE_FILE
+    try:
+        sign_folder(folder, key, out)
+        log(f"signed {len(files)} files with key {private_key_id(key.read_bytes())[:16]}")
+    except (OSError, BadKey) as exc:
+        raise TrainFailed(
+            f"signing the output with spec.signing.keySecretRef's key failed: {exc}"
+        ) from None
+    return out
 
 
 def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:

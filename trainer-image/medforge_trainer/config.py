@@ -83,6 +83,7 @@ class TrainConfig:
     output_uri: str = ""
     output_files: dict[str, str] = field(default_factory=dict)
     contribution: JSON = field(default_factory=dict)
+    signing_key: str = ""  # the mounted private key (signing.keyFile): sign the output folder
 
 
 def _obj(cfg: JSON, key: str, path: str) -> JSON:
@@ -293,4 +294,12 @@ def parse(cfg: Any) -> TrainConfig:
         output_uri=str(out.get("uri") or ""),
         output_files={str(k): str(v) for k, v in out_files.items()},
         contribution=_obj(cfg, "contribution", ""),
+        signing_key=_signing_key(cfg),
     )
+
+
+def _signing_key(cfg: JSON) -> str:
+    key = _obj(cfg, "signing", "").get("keyFile", "")
+    if not isinstance(key, str):
+        raise ConfigError("signing.keyFile: expected the private key's path")
+    return key

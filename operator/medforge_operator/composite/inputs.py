@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from medforge_common.api import ConditionType as C
@@ -15,6 +16,7 @@ from medforge_operator.conditions import get as get_condition
 from medforge_operator.conditions import is_true
 
 JSON = dict[str, Any]
+Trust = Mapping[str, frozenset[str]]
 
 
 def selector_string(sel: JSON | None) -> str:
@@ -101,11 +103,29 @@ def granted_privacy(c: JSON) -> JSON | None:
     return {k: grant[k] for k in ("epsilon", "delta") if k in grant}
 
 
-def _refused(composite: Obj, c: JSON, base_digest: str) -> str | None:
-    """A verdict on a Ready contribution: trained for another base model, or with a privacy
-    guarantee weaker than the composite requires (spec.privacy.maxEpsilon)."""
+def unsigned(c: JSON, trust: Trust) -> str | None:
+    """Why spec.requireSignatures refuses a contribution: the operator's verdict on its
+    signature (status.artifact.signature), or a signer whose key is not (or no longer) Active
+    for its namespace (`trust`: namespace to Active key ids, read this round)."""
+    art = c["status"].get("artifact") or {}
+    sig = art.get("signature") or {}
+    state = sig.get("state")
+    if state != "Verified":
+        known = {IR.SIGNATURE_INVALID.value, IR.UNKNOWN_SIGNER.value}
+        return IR(state) if state in known else IR.UNSIGNED
+    if sig.get("keyId") not in trust.get(c["metadata"]["namespace"], frozenset()):
+        return IR.UNKNOWN_SIGNER
+    return None
+
+
+def _refused(composite: Obj, c: JSON, base_digest: str, trust: Trust) -> str | None:
+    """A verdict on a Ready contribution: trained for another base model, with a privacy
+    guarantee weaker than the composite requires (spec.privacy.maxEpsilon), or without a
+    signature it requires (spec.requireSignatures)."""
     if (c["status"].get("artifact") or {}).get("baseModelDigest") != base_digest:
         return IR.BASE_MODEL_MISMATCH
+    if (composite.get("spec") or {}).get("requireSignatures") and (why := unsigned(c, trust)):
+        return why
     most = ((composite.get("spec") or {}).get("privacy") or {}).get("maxEpsilon")
     if most is not None:
         grant = granted_privacy(c)
@@ -122,12 +142,13 @@ def merging(pending: JSON) -> set[str]:
 
 
 def evaluate_inputs(
-    composite: Obj, contribs: list[JSON], base_digest: str | None
+    composite: Obj, contribs: list[JSON], base_digest: str | None, trust: Trust | None = None
 ) -> tuple[list[JSON], list[JSON]]:
     """(status.inputs, candidates): every contribution shared with this composite, with its
     state and a reason code (never another hospital's messages or URIs), and the Ready ones
     not merged yet, in the order they became Ready (the MedForge arrival order). Without a
-    usable base model (None) nothing is a candidate."""
+    usable base model (None) nothing is a candidate. An input already merged stays merged when
+    its key is revoked later: revocation refuses new merges, it does not rewrite history."""
     status = composite.get("status") or {}
     current = status.get("current") or {}
     merged = {i["digest"]: i for i in current.get("inputs") or []}
@@ -159,7 +180,7 @@ def evaluate_inputs(
             }
         elif base_digest is None:
             entry |= {"state": IS.PENDING, "reason": IR.BASE_MODEL_NOT_READY}
-        elif (refused := _refused(composite, c, base_digest)) is not None:
+        elif (refused := _refused(composite, c, base_digest, trust or {})) is not None:
             entry |= {"state": IS.EXCLUDED, "reason": refused}
         elif not has_verified_copy(c):
             entry |= {"state": IS.PENDING, "reason": IR.NOT_READY}

@@ -6,9 +6,10 @@ from typing import Any
 
 from medforge_common.api import ExitCode
 from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
+from medforge_common.attestation import SIGNATURE_FILE
 from medforge_common.contract import MergeInput, MergePlan
 from medforge_common.uris import S3Uri
-from medforge_operator import basemodel, jobs, names, signing
+from medforge_operator import basemodel, datajob, jobs, names, signing
 from medforge_operator.bodies import Obj
 from medforge_operator.composite.inputs import granted_privacy, key, ready_for
 from medforge_operator.composite.planning import Plan, effective_integration
@@ -87,7 +88,20 @@ def _plan_inputs(plan: Plan, bucket: str) -> list[MergeInput]:
         )
         if (grant := granted_privacy(c)) is not None:
             inputs[-1]["privacy"] = grant  # the ledger's figure, into the revision's manifest
+        if (signer := verified_signer(c)) is not None:
+            # The operator's verdict and its verified copy of the bundle: the forge's
+            # statement carries both, so the chain checks offline from the revision alone.
+            bundle = input_prefix(bucket, c).join(SIGNATURE_FILE)
+            inputs[-1]["signature"] = {**signer, "get": str(bundle)}
     return inputs
+
+
+def verified_signer(c: JSON) -> JSON | None:
+    """{institution, keyId} of a contribution whose signature the operator verified."""
+    sig = ((c.get("status") or {}).get("artifact") or {}).get("signature") or {}
+    if sig.get("state") != "Verified":
+        return None
+    return {"institution": sig.get("institution", ""), "keyId": sig.get("keyId", "")}
 
 
 def merge_plan(
@@ -122,6 +136,9 @@ def merge_plan(
             "files": {f: jobs.put_ref(output_uri.join(f)) for f in OUTPUT_FILES},
         },
     }
+    if spec.get("signing"):
+        cfg["signing"] = {"keyFile": datajob.SIGNING_KEY}
+        cfg["output"]["files"][SIGNATURE_FILE] = jobs.put_ref(output_uri.join(SIGNATURE_FILE))
     if current is not None:
         # Regressions are measured against the revision this one replaces, in either mode.
         cfg["previous"] = {"revision": current["revision"], "metrics": current.get("metrics", {})}
@@ -139,13 +156,16 @@ def merge_plan(
 
 
 def merge_grant(bucket: str, composite: Obj, plan: Plan, base: basemodel.Resolved) -> signing.Grant:
+    signed = [c for c in plan.all_inputs if verified_signer(c) is not None]
     return signing.merge_grant(
-        bucket, composite, plan.revision, base.uri, base.files, plan.all_inputs
+        bucket, composite, plan.revision, base.uri, base.files, plan.all_inputs, signed
     )
 
 
 def merge_job(composite: Obj, plan: Plan, settings: Settings, job_plan: MergePlan) -> JSON:
+    """The merge Job; the forge's signing key (spec.signing) is mounted into it, nowhere else."""
     meta, spec = composite["metadata"], composite["spec"]
+    key_volumes, key_mounts = datajob.signing_wiring(spec)
     return jobs.job_manifest(
         name=names.merge_job_name(meta["name"], plan.revision),
         namespace=meta["namespace"],
@@ -157,8 +177,8 @@ def merge_job(composite: Obj, plan: Plan, settings: Settings, job_plan: MergePla
         env=[],
         labels={jobs.LABEL_REVISION: str(plan.revision)},
         resources=spec.get("resources") or {},
-        volumes=[],
-        volume_mounts=[],
+        volumes=key_volumes,
+        volume_mounts=key_mounts,
         backoff_limit=1,
         active_deadline=None,
         ttl_seconds=settings.job_ttl_seconds,

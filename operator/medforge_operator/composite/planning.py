@@ -112,7 +112,7 @@ def next_plan(composite: Obj, o: Observation, at: str) -> Plan | None:
         inputs = replacement_inputs(status, o.contribs, o.base.digest)
         revision = int(status.get("revision") or 0) + 1
         return Plan(revision, [], inputs, replacement=True) if inputs else None
-    _, candidates = evaluate_inputs(composite, o.contribs, o.base.digest)
+    _, candidates = evaluate_inputs(composite, o.contribs, o.base.digest, o.trust)
     return plan_revision(composite, candidates, o.contribs)
 
 

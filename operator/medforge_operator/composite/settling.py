@@ -59,6 +59,8 @@ class Observation:
     base: basemodel.Resolved | None = None
     base_problem: tuple[str, str] | None = None
     contribs: list[JSON] = field(default_factory=list)
+    # spec.requireSignatures: each namespace's Active key ids, from the Institutions.
+    trust: dict[str, frozenset[str]] = field(default_factory=dict)
     started: JSON | None = None  # the pendingRevision of a merge Job created this round
     start_problem: tuple[str, str] | None = None
     # Inputs that left this round (deleted, consent withdrawn) and what that changes.
@@ -157,6 +159,7 @@ def finish_revision(
             "score": res.get("score"),
             "metrics": res.get("metrics", {}),
             "files": art.get("files", []),
+            **({"signature": art["signature"]} if art.get("signature") else {}),
         }
     if pending.get("replacement"):
         entry["replacement"] = True
@@ -209,6 +212,7 @@ def accepted_current(
         "completedAt": at,
         "inputCount": len(merged),
         "inputs": merged,
+        "signature": art.get("signature"),  # the forge's, as the operator verified it
         **merge_figures(res.get("merge")),
     }
 

@@ -48,7 +48,9 @@ def compute_status(old: JSON, composite: Obj, o: Observation, changes: JSON) -> 
     """The new status: `composite` carries the status after this round's changes (`changes`,
     the fields settle and a started revision set)."""
     status = composite.get("status") or {}
-    inputs, candidates = evaluate_inputs(composite, o.contribs, o.base.digest if o.base else None)
+    inputs, candidates = evaluate_inputs(
+        composite, o.contribs, o.base.digest if o.base else None, o.trust
+    )
     paused = bool(composite["spec"].get("paused"))
     phase, conds = conditions_for(status, paused, in_flight(status, o), problem_of(status, o))
     # Exclusions of adapters no contribution carries any more (deleted, retrained, no longer
