@@ -58,7 +58,7 @@ def reconcile(obj: BaseModelBody, kube: KubeApi, store: ForgeStore, event: Event
             o.missing = str(exc)
         else:
             o.invalid = str(exc)
-            metrics.verification_failed("basemodel", Reason.VERIFICATION_FAILED)
+            metrics.verification_failed("basemodel", o.invalid_reason or Reason.VERIFICATION_FAILED)
     new = basemodel.compute_status(old, o)
     if write_status(kube, BASEMODELS, obj, old, new) and old.get("phase") != new.get("phase"):
         ready = conditions.get(new["conditions"], ConditionType.READY) or {}

@@ -128,6 +128,8 @@ def _judged(result: JSON, previous: JSON, spec: JSON, signature: JSON | None) ->
     Institution for the forge namespace yet) is recorded, not refused."""
     if signature is not None:
         if signature["state"] in (Reason.UNSIGNED, Reason.INVALID):
+            if signature["state"] == Reason.UNSIGNED:  # SignatureInvalid is counted when judged
+                metrics.verification_failed("composite", Reason.UNSIGNED)
             why = f"{signature['state']}: the forge's signature: {signature.get('message', '')}"
             return composite.Outcome(RevisionState.FAILED, why)
         result["artifact"]["signature"] = signature

@@ -22,7 +22,7 @@ from medforge_common.attestation import (
 )
 from medforge_common.manifest import Manifest, ManifestError, digest_of
 from medforge_common.uris import S3Uri
-from medforge_operator import CONTRIBUTIONS
+from medforge_operator import CONTRIBUTIONS, metrics
 from medforge_operator.kubeapi import KubeApi
 from medforge_operator.store import ForgeStore, ObjectMissing, StoreUnreachable, VerificationFailed
 
@@ -75,8 +75,13 @@ def contribution_signature(
     except ObjectMissing:
         return {"state": Reason.UNSIGNED, "message": "no signature was uploaded"}
     except VerificationFailed as exc:
-        return {"state": Reason.INVALID, "message": str(exc)[:500]}
-    return judge(raw, manifest, digest, keys, who, predicate)
+        verdict = {"state": Reason.INVALID, "message": str(exc)[:500]}
+    else:
+        verdict = judge(raw, manifest, digest, keys, who, predicate)
+    if verdict["state"] == Reason.INVALID:  # bytes that are not what their signer signed
+        kind = "contribution" if predicate == MODEL_PREDICATE else "composite"
+        metrics.verification_failed(kind, Reason.INVALID)
+    return verdict
 
 
 def recheck(obj: JSON, kube: KubeApi, store: ForgeStore, keys: list[TrustedKey], who: str) -> bool:

@@ -107,9 +107,10 @@ def verify(
         o.verify_error = (Reason.INVALID_MANIFEST, f"manifest.json: {mismatch}")
         return
     ns = obj["metadata"]["namespace"]
+    who = f"namespace {ns}'s Institution"
     try:
         signature = signatures.contribution_signature(
-            store, prefix, verified, manifest, digest, trusted(ns), f"namespace {ns}'s Institution"
+            store, prefix, verified, manifest, digest, trusted(ns), who
         )
     except StoreUnreachable as exc:
         o.verify_error = (Reason.STORE_UNREACHABLE, jobs.redact_urls(str(exc)))

@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from medforge_common import attestation as at
 from medforge_localcluster.s3 import client
 from medforge_ml import synthetic
 from tests.builders import contribution
-from tests.cluster.conftest import Forge, base_model
+from tests.cluster.conftest import Forge, OperatorProcess, base_model
 from tests.cluster.test_cli import medforge
 from tests.cluster.test_composite import composite_doc
 from tests.cluster.test_operator import status, wait_phase
@@ -85,6 +86,7 @@ def offline(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_signatures_from_training_to_an_offline_check(
     cluster: ClusterAccess,
+    operator: OperatorProcess,
     namespace: str,
     forge_namespace: str,
     forge: Forge,
@@ -155,6 +157,12 @@ def test_signatures_from_training_to_an_offline_check(
         lambda: warned() if want <= warned() else None, 30, what="the signature warnings"
     )
     assert not any(w.startswith("plain:") for w in seen), seen
+    # Tampering is a security event for the platform team too (MedForgeVerificationFailures).
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics").read()
+    assert (
+        b'medforge_artifact_verification_failures_total{kind="contribution",'
+        b'reason="SignatureInvalid"}' in scraped
+    )
     # The key is mounted into the training Job only, never into the operator's view.
     job = json.loads(cluster.kubectl("get", "job", "good-train-g1", "-n", ns, "-o", "json").stdout)
     vols = job["spec"]["template"]["spec"]["volumes"]
