@@ -34,7 +34,7 @@ def test_every_example_applies_and_is_reconciled(
     cluster: ClusterAccess, applied: list[dict[str, object]]
 ) -> None:
     kinds = {str(d["kind"]) for d in applied}
-    assert {"BaseModel", "LoRAContribution", "CompositeModel", "Secret"} <= kinds
+    assert {"BaseModel", "LoRAContribution", "CompositeModel", "Secret", "Institution"} <= kinds
     listed = yaml.safe_load((EXAMPLES / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(
         p.name for p in EXAMPLES.glob("*.yaml") if p.name != "kustomization.yaml"
@@ -55,6 +55,16 @@ def test_every_example_applies_and_is_reconciled(
             return st if st.get("phase") and st.get("conditions") else None
 
         wait_until(reconciled, 60, what=f"{' '.join(args)} to be reconciled")
+    # The example keys are real EC public keys: each Institution is Ready.
+    for d in applied:
+        if d["kind"] == "Institution":
+            name = str(d["metadata"]["name"])  # type: ignore[index]
+
+            def keys_valid(name: str = name) -> dict[str, object] | None:
+                st: dict[str, object] = get_json(cluster, "institution", name).get("status") or {}
+                return st if st.get("activeKeys") == 1 else None
+
+            wait_until(keys_valid, 60, what=f"Institution {name} to read its key")
 
 
 def test_gitops_manifests_point_at_the_examples() -> None:
