@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from medforge_cli.errors import CliError
 from medforge_cli.models import MANIFEST, Progress, Store
 from medforge_common.api import RevisionState
 from medforge_common.attestation import MAX_REVISION_SIGNATURE_BYTES, SIGNATURE_FILE
-from medforge_common.chain import load_trust, trust_document
+from medforge_common.chain import trust_of
 from medforge_common.manifest import (
     Manifest,
     ManifestError,
@@ -144,16 +143,12 @@ def _verify(
     if args.trust:
         chain_trust = trust.read_trust(args.trust)
     else:
-        at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        try:
-            institutions = cl.objects("institution", None)
-        except CliError as exc:
-            raise CliError(
-                f"{exc}; to check the revision's signatures, pass --trust with a trust file "
-                "(`medforge institution export`, medforge-trust-reader), or --no-verify"
-            ) from None
-        doc = trust_document(institutions, at)
-        chain_trust = load_trust(json.dumps(doc).encode(), "the cluster's Institutions")
+        hint = (
+            "; to check the revision's signatures, pass --trust with a trust file "
+            "(`medforge institution export`, medforge-trust-reader), or --no-verify"
+        )
+        doc = trust.cluster_document(cl, models=False, hint=hint)
+        chain_trust = trust_of(doc, "the cluster's Institutions")
     report = trust.check(
         work, chain_trust, ns, name, argparse.Namespace(**{**vars(args), "revision": revision})
     )

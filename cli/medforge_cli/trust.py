@@ -17,17 +17,28 @@ from medforge_common.chain import ChainBroken, Trust, load_trust, trust_document
 JSON = dict[str, Any]
 
 
+def cluster_document(cl: Any, models: bool = True, hint: str = "") -> JSON:
+    """The trust document of the cluster's Institutions now (and its signed BaseModels'
+    keys); `hint` is added to the error when the user may not list Institutions."""
+    at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    signed: list[JSON] = []
+    if models:
+        try:
+            signed = cl.objects("basemodel", None)
+        except CliError as exc:  # Institutions are enough for revisions
+            print(f"note: BaseModels' keys left out: {exc}", file=sys.stderr)
+    try:
+        institutions = cl.objects("institution", None)
+    except CliError as exc:
+        raise CliError(f"{exc}{hint}") from None
+    return trust_document(institutions, at, signed)
+
+
 def export(args: argparse.Namespace) -> int:
     from medforge_cli.cluster import Cluster
 
     cl = Cluster.connect(args.kubeconfig, args.context)
-    at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    try:
-        models = cl.objects("basemodel", None)
-    except CliError as exc:  # Institutions are enough for revisions
-        print(f"note: BaseModels' keys left out: {exc}", file=sys.stderr)
-        models = []
-    doc = trust_document(cl.objects("institution", None), at, models)
+    doc = cluster_document(cl, hint="; reading them needs the medforge-trust-reader ClusterRole")
     text = json.dumps(doc, indent=2) + "\n"
     if args.output in (None, "-"):
         sys.stdout.write(text)

@@ -41,6 +41,9 @@ _HASHES: dict[int, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
 }
 
 
+VERIFIED = "Verified"  # the verdict on a signature that holds (status ...signature.state)
+
+
 class Reason:
     """Why a signature does not count (status reasons and composite input reasons)."""
 

@@ -102,6 +102,11 @@ def load_trust(raw: bytes, source: str) -> Trust:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ChainBroken("trust file", f"{source} is not JSON") from None
+    return trust_of(doc, source)
+
+
+def trust_of(doc: Any, source: str) -> Trust:
+    """A trust document (parsed, or as `trust_document` made it), checked the same way."""
     if not isinstance(doc, dict) or doc.get("kind") != TRUST_KIND:
         raise ChainBroken("trust file", f"{source} is not a {TRUST_KIND} document")
     if doc.get("version") != TRUST_VERSION:

@@ -11,6 +11,7 @@ from medforge_common.artifacts import MANIFEST_FILE
 from medforge_common.attestation import (
     MAX_REVISION_SIGNATURE_BYTES,
     SIGNATURE_FILE,
+    VERIFIED,
     BadKey,
     TrustedKey,
     key_id,
@@ -40,7 +41,7 @@ def reconcile(obj: BaseModelBody, kube: KubeApi, store: ForgeStore, event: Event
         digest = store.manifest_digest(prefix)
         manifest = store.verify_artifact(prefix, (obj.get("spec") or {}).get("digest") or digest)
         signature = _signature(obj, store, prefix, manifest, digest)
-        if signature is not None and signature["state"] != signatures.VERIFIED:
+        if signature is not None and signature["state"] != VERIFIED:
             o.invalid_reason = signature["state"]
             raise VerificationFailed(f"spec.publicKey: {signature['message']}")
         metrics.verified("basemodel", sum(f.size for f in manifest.files))

@@ -12,6 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from medforge_common.api import ConditionType, EventReason, Reason
 from medforge_common.api import ContributionPhase as Phase
+from medforge_common.attestation import VERIFIED
 from medforge_common.uris import UriError
 from medforge_operator import (
     CONTRIBUTIONS,
@@ -154,7 +155,7 @@ def _write(obj: Obj, kube: KubeApi, event: EventFn, old: JSON, o: contribution.O
         )
         event(obj, kind, ready["reason"], f"{new.get('phase')}: {ready['message']}".strip())
         sig = (new.get("artifact") or {}).get("signature") or {}
-        if (obj.get("spec") or {}).get("signing") and sig.get("state") not in (None, "Verified"):
+        if (obj.get("spec") or {}).get("signing") and sig.get("state") not in (None, VERIFIED):
             # Signed, yet not by a key its Institution lists: composites that require
             # signatures will exclude it, so its hospital hears why now.
             event(obj, "Warning", sig["state"], f"the adapter's signature: {sig.get('message')}")

@@ -117,7 +117,7 @@ def _forge_signature(
     if not spec.get("signing"):
         return None
     who = f"{ns}'s Institution"
-    return signatures.contribution_signature(
+    return signatures.artifact_signature(
         store, uri, verified, manifest, digest, keys or [], who, REVISION_PREDICATE
     )
 

@@ -14,6 +14,7 @@ from medforge_common.attestation import (
     MAX_SIGNATURE_BYTES,
     MODEL_PREDICATE,
     SIGNATURE_FILE,
+    VERIFIED,
     Reason,
     SignatureProblem,
     TrustedKey,
@@ -27,7 +28,6 @@ from medforge_operator.kubeapi import KubeApi
 from medforge_operator.store import ForgeStore, ObjectMissing, StoreUnreachable, VerificationFailed
 
 JSON = dict[str, Any]
-VERIFIED = "Verified"
 log = logging.getLogger("medforge.signatures")
 
 
@@ -57,7 +57,7 @@ def judge(
     }
 
 
-def contribution_signature(
+def artifact_signature(
     store: ForgeStore,
     upload: S3Uri,
     verified: S3Uri,

@@ -23,7 +23,7 @@ here, each with its own attacker test.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,12 +118,12 @@ def merge_grant(
     base_uri: S3Uri,
     base_files: Iterable[str],
     inputs: Iterable[JSON],
-    signed: Iterable[JSON] = (),
+    signed: Container[str] = (),
 ) -> Grant:
     """`inputs`: the consenting, verified contributions this revision may read (the caller
     checked consent); each is reached only at the verified copy of its current artifact, and
-    the bundle beside it for those whose signature verified (`signed`). The forge's own
-    signature is one more PUT where the composite signs (spec.signing)."""
+    the bundle beside it for those whose signature verified (`signed`: their digests). The
+    forge's own signature is one more PUT where the composite signs (spec.signing)."""
     meta = composite["metadata"]
     gets = _keys(base_uri, base_files)
     for c in inputs:
@@ -132,19 +132,14 @@ def merge_grant(
         prefix = verified_contribution(
             bucket, cm["namespace"], cm["name"], cm["uid"], str(art.get("digest", ""))
         )
-        gets |= _keys(prefix, [f for f in art.get("files") or [] if isinstance(f, str)])
+        files = [f for f in art.get("files") or [] if isinstance(f, str)]
+        gets |= _keys(prefix, [*files, *([SIGNATURE_FILE] if art.get("digest") in signed else [])])
     current = (composite.get("status") or {}).get("current") or {}
     if current.get("revision") is not None:
         prefix = verified_revision(
             bucket, meta["namespace"], meta["name"], meta["uid"], int(current["revision"])
         )
         gets |= _keys(prefix, [f for f in current.get("files") or [] if isinstance(f, str)])
-    for c in signed:
-        art, cm = c["status"]["artifact"], c["metadata"]
-        prefix = verified_contribution(
-            bucket, cm["namespace"], cm["name"], cm["uid"], str(art.get("digest", ""))
-        )
-        gets |= _keys(prefix, [SIGNATURE_FILE])
     out = revision_output(bucket, meta["namespace"], meta["name"], meta["uid"], revision)
     sig = (SIGNATURE_FILE,) if (composite.get("spec") or {}).get("signing") else ()
     puts = frozenset(out.join(f).key for f in (*COMPOSITE_FILES, *sig))

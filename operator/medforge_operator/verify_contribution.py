@@ -109,7 +109,7 @@ def verify(
     ns = obj["metadata"]["namespace"]
     who = f"namespace {ns}'s Institution"
     try:
-        signature = signatures.contribution_signature(
+        signature = signatures.artifact_signature(
             store, prefix, verified, manifest, digest, trusted(ns), who
         )
     except StoreUnreachable as exc:

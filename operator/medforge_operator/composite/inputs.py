@@ -10,6 +10,7 @@ from medforge_common.api import ConditionType as C
 from medforge_common.api import ContributionPhase
 from medforge_common.api import InputReason as IR
 from medforge_common.api import InputState as IS
+from medforge_common.attestation import VERIFIED
 from medforge_operator import contribution
 from medforge_operator.bodies import Obj
 from medforge_operator.conditions import get as get_condition
@@ -110,7 +111,7 @@ def unsigned(c: JSON, trust: Trust) -> str | None:
     art = c["status"].get("artifact") or {}
     sig = art.get("signature") or {}
     state = sig.get("state")
-    if state != "Verified":
+    if state != VERIFIED:
         known = {IR.SIGNATURE_INVALID.value, IR.UNKNOWN_SIGNER.value}
         return IR(state) if state in known else IR.UNSIGNED
     if sig.get("keyId") not in trust.get(c["metadata"]["namespace"], frozenset()):

@@ -6,7 +6,7 @@ from typing import Any
 
 from medforge_common.api import ExitCode
 from medforge_common.artifacts import COMPOSITE_FILES, MANIFEST_FILE
-from medforge_common.attestation import SIGNATURE_FILE
+from medforge_common.attestation import SIGNATURE_FILE, VERIFIED
 from medforge_common.contract import MergeInput, MergePlan
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, datajob, jobs, names, signing
@@ -99,7 +99,7 @@ def _plan_inputs(plan: Plan, bucket: str) -> list[MergeInput]:
 def verified_signer(c: JSON) -> JSON | None:
     """{institution, keyId} of a contribution whose signature the operator verified."""
     sig = ((c.get("status") or {}).get("artifact") or {}).get("signature") or {}
-    if sig.get("state") != "Verified":
+    if sig.get("state") != VERIFIED:
         return None
     return {"institution": sig.get("institution", ""), "keyId": sig.get("keyId", "")}
 
@@ -156,7 +156,7 @@ def merge_plan(
 
 
 def merge_grant(bucket: str, composite: Obj, plan: Plan, base: basemodel.Resolved) -> signing.Grant:
-    signed = [c for c in plan.all_inputs if verified_signer(c) is not None]
+    signed = {c["status"]["artifact"]["digest"] for c in plan.all_inputs if verified_signer(c)}
     return signing.merge_grant(
         bucket, composite, plan.revision, base.uri, base.files, plan.all_inputs, signed
     )
