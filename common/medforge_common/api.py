@@ -114,6 +114,12 @@ class Reason(StrEnum):
     # Differential privacy (spec.privacy, PrivacyBudget): refused at admission, no Job made.
     PRIVACY_REQUIRED = "PrivacyRequired"  # the dataset is under a budget: spec.privacy needed
     PRIVACY_BUDGET_EXCEEDED = "PrivacyBudgetExceeded"  # the budget has not that much left
+    # spec.startFrom: the revision a contribution trains from (no Job is made until it fits).
+    PARENT_NOT_FOUND = "ParentNotFound"  # no such composite or revision (yet): checked again
+    PARENT_NOT_PUBLISHED = "ParentNotPublished"  # spec.publish does not reach this namespace
+    PARENT_NOT_CONSENTED = "ParentNotConsented"  # an input did not set spec.sharing.publish
+    PARENT_NOT_ACCEPTED = "ParentNotAccepted"  # the revision was rejected, failed or withdrawn
+    PARENT_IS_MIXTURE = "ParentIsMixture"  # an output-level mixture is no model to train on
     # A BaseModel's way.
     NOT_UPLOADED = "NotUploaded"
     VERIFICATION_FAILED = "VerificationFailed"
@@ -169,6 +175,12 @@ class InputReason(StrEnum):
     UNSIGNED = "Unsigned"
     SIGNATURE_INVALID = "SignatureInvalid"
     UNKNOWN_SIGNER = "UnknownSigner"
+    # spec.startFrom: merged relative to its parent revision, in that composite only.
+    PARENT_ELSEWHERE = "ParentElsewhere"  # it started from another composite's revision
+    PARENT_TOO_STALE = "ParentTooStale"  # older than spec.branches.maxStaleness allows
+    PARENT_IS_MIXTURE = "ParentIsMixture"  # this composite is a mixture
+    # Its parent revision held an input since withdrawn (spec.withdrawal.cascade).
+    PARENT_WITHDRAWN = "ParentWithdrawn"
 
 
 class EventReason(StrEnum):
@@ -185,3 +197,5 @@ class EventReason(StrEnum):
     SITE_REGRESSION = "SiteRegression"  # on a set, in its namespace: its images regressed
     # On a set: some of its files have the name and size of files the hospital trained on.
     TRAINING_OVERLAP = "TrainingOverlap"
+    # On a contribution trained from a revision that held a withdrawn input: train again.
+    PARENT_WITHDRAWN = "ParentWithdrawn"

@@ -42,6 +42,8 @@ class MergeInput(TypedDict):
     privacy: NotRequired[JSON]  # the (epsilon, delta) the operator's ledger granted
     # The operator's verdict {institution, keyId} and its verified copy of the bundle (get).
     signature: NotRequired[JSON]
+    # Trained from a revision (spec.startFrom): {revision, digest, stale}; merged relative to it.
+    parent: NotRequired[JSON]
 
 
 class RevisionRef(TypedDict):
@@ -70,6 +72,7 @@ class MergePlan(TypedDict):
     current: NotRequired[RevisionRef]  # the revision merged into (incremental)
     evaluation: NotRequired[list[JSON]]
     signing: NotRequired[JSON]  # spec.signing: {keyFile}, the forge's mounted private key
+    branches: NotRequired[JSON]  # spec.branches.rank: branch inputs re-compressed to it
 
 
 class ContributionRef(TypedDict):
@@ -91,6 +94,8 @@ class TrainPlan(TypedDict):
     output: OutputRef
     privacy: NotRequired[JSON]  # spec.privacy: epsilon, delta, maxGradNorm, accountant
     signing: NotRequired[JSON]  # spec.signing: {keyFile}, the mounted private key's path
+    # spec.startFrom, resolved: {composite, revision, digest, files: [{name, get}]}
+    startFrom: NotRequired[JSON]
 
 
 class ResultFileRef(TypedDict):

@@ -49,6 +49,8 @@ class MergeConfig:
     # (composite, strategy as written, the parent revision) for the signed statement.
     signing_key: str | None = None
     record: JSON = field(default_factory=dict)
+    # spec.branches.rank: inputs merged relative to their parent re-compressed to this rank.
+    branch_rank: int | None = None
 
     @property
     def base_digest(self) -> str:
@@ -155,8 +157,20 @@ def _inputs(cfg: JSON) -> list[JSON]:
         # A digest that its manifest does not match refuses that input alone (a verdict on
         # it, reported), not the whole merge.
         _files(item, path)
+        if item.get("parent") is not None:
+            _parent(item["parent"], f"{path}parent.")
         out.append(item)
     return out
+
+
+def _parent(parent: Any, path: str) -> None:
+    """An input trained from a composite revision (spec.startFrom): which one, and how many
+    revisions the composite has moved on since (its staleness)."""
+    if not isinstance(parent, dict):
+        raise ConfigError(f"{path[:-1]}: expected {{revision, digest, stale}}")
+    _int(parent, "revision", path, 0, 1, 2**31)
+    _digest(parent, path)
+    _int(parent, "stale", path, 0, 0, 2**31)
 
 
 def _current(cfg: JSON) -> JSON | None:
@@ -215,4 +229,12 @@ def parse(raw: Any) -> MergeConfig:
         output_files=dict(out_files),
         signing_key=key if isinstance(key, str) else None,
         record=record,
+        branch_rank=_branch_rank(raw),
     )
+
+
+def _branch_rank(raw: JSON) -> int | None:
+    branches = _obj(raw, "branches", "")
+    if branches.get("rank") is None:
+        return None
+    return _int(branches, "rank", "branches.", 0, 1, 4096)

@@ -110,6 +110,8 @@ def read_inputs(cfg: MergeConfig, work: Path, report: list[JSON], scorer: Scorer
         entry = {"namespace": item["namespace"], "name": item["name"], "digest": item["digest"]}
         if item.get("new") is False:
             entry["new"] = False  # merged before (a full revision): never blamed for a regression
+        if isinstance(item.get("parent"), dict):  # trained from a revision: merged relative to it
+            entry["parent"] = {k: item["parent"][k] for k in ("revision", "digest", "stale")}
         granted = item.get("privacy")
         if isinstance(granted, dict):  # the operator's ledger: the revision's manifest keeps it
             entry["privacy"] = {k: granted[k] for k in ("epsilon", "delta") if k in granted}

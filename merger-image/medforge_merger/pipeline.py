@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medforge_common import gate, strategy
-from medforge_common.api import InputState, Reason
+from medforge_common.api import InputReason, InputState, Reason
 from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE, RESULT_FILE
 from medforge_common.contract import ResultReference
 from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_dir
 from medforge_common.result import failure_line, result_reference
 from medforge_common.strategy import Family
-from medforge_merger import attest, blame
+from medforge_merger import attest, blame, stacking
 from medforge_merger.adapters import Adapter, InputRejected, load_adapter
 from medforge_merger.config import MergeConfig
 from medforge_merger.inputs import (
@@ -124,6 +124,30 @@ def _current(cfg: MergeConfig, work: Path, scorer: Scorer | None) -> Adapter | N
 
 
 def _merge(
+    cfg: MergeConfig, use: Loaded, current: Adapter | None, scorer: Scorer | None, work: Path
+) -> Merged:
+    """The inputs that start from the base model merged by the strategy (into the current
+    revision, incremental), then those trained from a revision added to that exactly."""
+    base = [u for u in use if not u[2].get("parent")]
+    relative = [u[0] for u in use if u[2].get("parent")]
+    if not relative:
+        return _merge_base(cfg, base, current, scorer, work)
+    if base:
+        merged = _merge_base(cfg, base, current, scorer, work)
+        onto: Path | None = work / ADAPTER_FILE
+    else:
+        merged = Merged([], [], 0)
+        onto = current.path if current is not None else None
+    out = work / ADAPTER_FILE
+    rank = stacking.stack_onto(onto, relative, out, cfg.branch_rank)
+    if scorer is not None:
+        scorer.exact(relative, out)
+    meta = merged.meta | ({"branchRank": cfg.branch_rank} if cfg.branch_rank else {})
+    files = [out, *(p for p in merged.files if p.name != ADAPTER_FILE)]
+    return Merged(files, merged.coefficients + [1.0] * len(relative), rank, meta)
+
+
+def _merge_base(
     cfg: MergeConfig, use: Loaded, current: Adapter | None, scorer: Scorer | None, work: Path
 ) -> Merged:
     s = cfg.strategy  # its scale may be searched below
@@ -282,6 +306,18 @@ def _merge_and_blame(
     return (*attempt(use), use)
 
 
+def _parents_fit(cfg: MergeConfig, use: Loaded, report_: list[JSON]) -> Loaded:
+    """Inputs trained from a revision, last (their updates go on top) and never into a mixture:
+    an output-level mixture is no single model to have learnt on."""
+    relative = [u for u in use if u[2].get("parent")]
+    if cfg.strategy.type == "mixture":
+        for _, _, e in relative:
+            why = "trained from a revision, which a mixture cannot merge relative to"
+            exclude(report_, e, why, code=InputReason.PARENT_IS_MIXTURE)
+        relative = []
+    return [u for u in use if not u[2].get("parent")] + relative
+
+
 def run(cfg: MergeConfig, work: Path, output_dir: Path | None) -> JSON:
     """Verify and screen the inputs, merge, score (finding whom a regression is due to),
     upload; the result JSON."""
@@ -290,6 +326,7 @@ def run(cfg: MergeConfig, work: Path, output_dir: Path | None) -> JSON:
     report_: list[JSON] = []
     current = _current(cfg, work, scorer)
     use = compatible(read_inputs(cfg, work, report_, scorer), current, report_)
+    use = _parents_fit(cfg, use, report_)
     if not use:
         raise NoUsableInput(report_)
     t0 = time.monotonic()

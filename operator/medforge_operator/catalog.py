@@ -191,6 +191,7 @@ class Catalog:
     """The lookups a round needs beyond its own object, built once in main."""
 
     def __init__(self, kube: KubeApi, store: ForgeStore, settings: Settings) -> None:
+        self.kube = kube  # single objects read as they are now (a startFrom's composite)
         self.namespaces = Namespaces(kube, settings)
         self.base_models = BaseModels(kube)
         self.institutions = Institutions(kube)

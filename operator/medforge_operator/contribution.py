@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medforge_common.api import ConditionType as C
 from medforge_common.api import ContributionPhase as Phase
@@ -28,6 +28,9 @@ from medforge_operator.conditions import (
 from medforge_operator.datajob import dataset_wiring
 from medforge_operator.jobstatus import PodSummary
 from medforge_operator.settings import Settings
+
+if TYPE_CHECKING:  # branching reads composites, which read contributions
+    from medforge_operator.branching import Parent
 
 JSON = dict[str, Any]
 OUTPUT_FILES = CONTRIBUTION_FILES
@@ -69,11 +72,16 @@ def has_verified_copy(obj: Obj) -> bool:
     return uri.startswith("s3://") and uri.split("/", 3)[-1] == want
 
 
-def training_grant(bucket: str, obj: Obj, base: basemodel.Resolved) -> signing.Grant:
-    return signing.training_grant(bucket, obj, base.uri, base.files)
+def training_grant(
+    bucket: str, obj: Obj, base: basemodel.Resolved, parent: Parent | None = None
+) -> signing.Grant:
+    keys = parent.keys(bucket) if parent is not None else set()
+    return signing.training_grant(bucket, obj, base.uri, base.files, keys)
 
 
-def train_plan(obj: Obj, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPlan:
+def train_plan(
+    obj: Obj, base: basemodel.Resolved, output_uri: S3Uri, parent: Parent | None = None
+) -> TrainPlan:
     """The training Job's config with store URIs in place of URLs, derived from the object and
     its verified BaseModel only (signed when the Job may start, inside the training grant;
     see medforge_operator.signing)."""
@@ -104,6 +112,8 @@ def train_plan(obj: Obj, base: basemodel.Resolved, output_uri: S3Uri) -> TrainPl
         plan["output"]["files"][SIGNATURE_FILE] = jobs.put_ref(output_uri.join(SIGNATURE_FILE))
     if spec.get("privacy"):
         plan["privacy"] = spec["privacy"]  # the trainer stops before it spends more
+    if parent is not None:  # the revision resolved when the Job was made, never re-read
+        plan["startFrom"] = parent.plan(output_uri.bucket)
     return plan
 
 
@@ -207,9 +217,12 @@ def announced_digest(result: Any) -> str:
     return digest
 
 
-def manifest_matches_spec(meta: Any, spec: JSON, files: list[str] | None = None) -> str | None:
-    """Why a verified manifest does not describe this contribution's task, if it does not. Its
-    files are the contract's alone (what else would become status is the tenant's choice)."""
+def manifest_matches_spec(
+    meta: Any, spec: JSON, files: list[str] | None = None, parent: JSON | None = None
+) -> str | None:
+    """Why a verified manifest does not describe this contribution's task (and the revision
+    its Job was given, `parent`), if it does not. Its files are the contract's alone (what
+    else would become status is the tenant's choice)."""
     task = spec.get("task") or {}
     unknown = sorted(set(files or []) - set(OUTPUT_FILES) - {"manifest.json"})
     if unknown:
@@ -222,6 +235,10 @@ def manifest_matches_spec(meta: Any, spec: JSON, files: list[str] | None = None)
         )
     if meta.get("classes") != list(task.get("classes") or []):
         return "meta.classes differ from spec.task.classes (names and order)"
+    if meta.get("parent") != (parent or None):
+        # Merged relative to a revision it did not learn on, an update would be wrong there.
+        want = f"{parent['composite']} revision {parent['revision']}" if parent else "none"
+        return f"meta.parent is not the revision the Job was given ({want})"
     return None
 
 
@@ -323,6 +340,8 @@ def compute_status(old: JSON, o: Observation) -> JSON:
         status["job"] = summary
     if o.record and o.record.get("baseModel"):
         status["baseModel"] = dict(o.record["baseModel"])  # what the operator gave the Job
+    if o.record and o.record.get("parent"):
+        status["startFrom"] = dict(o.record["parent"])  # the revision it trains from
     if old.get("usedBy"):
         status["usedBy"] = old["usedBy"]  # written by the composites that merged it
     if o.privacy:

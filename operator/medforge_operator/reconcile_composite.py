@@ -94,7 +94,7 @@ def reconcile(
     before = apply_changes(old, changes)
     changes |= composite.settle(before, o, int(spec.get("historyLimit", 10)), at)
     settled = {**fresh, "status": apply_changes(old, changes)}
-    changes |= composite.abandoned_rebuild(settled["status"], o, at)
+    changes |= composite.abandoned_rebuild(settled, o, at)
     settled = {**fresh, "status": apply_changes(old, changes)}
     plan = composite.next_plan(settled, o, at)
     if plan is not None and o.base is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -15,9 +16,11 @@ from medforge_common.api import ContributionPhase as Phase
 from medforge_common.attestation import VERIFIED
 from medforge_common.uris import UriError
 from medforge_operator import (
+    COMPOSITES,
     CONTRIBUTIONS,
     PRIVACYBUDGETS,
     basemodel,
+    branching,
     conditions,
     contribution,
     jobs,
@@ -131,6 +134,7 @@ def recorded_job(status: JSON, job_name: str) -> JSON | None:
         "uid": job["uid"],
         "planDigest": job.get("planDigest"),
         "baseModel": status.get("baseModel") or {},
+        **({"parent": status["startFrom"]} if status.get("startFrom") else {}),
     }
 
 
@@ -169,10 +173,11 @@ def _stale_plan(obj: Obj, o: contribution.Observation, store: ForgeStore, cat: C
         return False
     try:
         base = _base(obj, cat, None)
-    except BaseModelUnusable:
+        parent = _parent(obj, cat, (o.record or {}).get("parent"))
+    except (BaseModelUnusable, branching.ParentRefused, ValueError):
         return False  # nothing better to replace it with yet
     out = contribution.output_prefix(store.bucket, obj, int(obj["metadata"]["generation"]))
-    plan = contribution.train_plan(obj, base, out)
+    plan = contribution.train_plan(obj, base, out, parent)
     return jobs.plan_digest(plan) != (o.record or {}).get("planDigest")
 
 
@@ -181,6 +186,33 @@ def _base(obj: Obj, cat: Catalog, pin: str | None) -> basemodel.Resolved:
     return cat.base_models.resolve(
         str(ref.get("name", "")), pin or ref.get("digest"), "spec.baseModel"
     )
+
+
+def _parent(obj: Obj, cat: Catalog, recorded: JSON | None = None) -> branching.Parent | None:
+    """The revision spec.startFrom names, resolved now (latest: the one served), or the one
+    recorded when the Job was made: the same revision and digest, or ParentRefused."""
+    req = branching.requested(obj["spec"])
+    if req is None:
+        return None
+    if recorded:
+        req = replace(req, revision=int(recorded.get("revision") or 0) or None)
+    ns = obj["metadata"]["namespace"]
+    kube = cat.kube
+    parent = branching.resolve(
+        req,
+        ns,
+        kube.get_object(COMPOSITES, req.namespace, req.name),
+        cat.namespaces.labels(ns) or {},
+        lambda n, m, d: branching.consented(kube.get_object(CONTRIBUTIONS, n, m), d),
+        str((obj["spec"].get("baseModel") or {}).get("name", "")),
+    )
+    if recorded and parent.record() != recorded:
+        raise branching.ParentRefused(
+            Reason.PARENT_NOT_FOUND,
+            f"spec.startFrom: {req.composite} revision {req.revision} is not the one the Job "
+            "was given (the composite was made again); the next generation resolves it afresh",
+        )
+    return parent
 
 
 def _follow(
@@ -213,12 +245,15 @@ def _sign(
     recorded_base = ((o.record or {}).get("baseModel") or {}).get("digest")
     try:
         base = _base(obj, cat, recorded_base)
+        parent = _parent(obj, cat, (o.record or {}).get("parent"))
         out = contribution.output_prefix(store.bucket, obj, o.generation)
-        plan = contribution.train_plan(obj, base, out)
-        grant = contribution.training_grant(store.bucket, obj, base)
+        plan = contribution.train_plan(obj, base, out, parent)
+        grant = contribution.training_grant(store.bucket, obj, base, parent)
         cat.configs.ensure(o.job or {}, plan, grant, contribution.url_lifetime(obj["spec"], s))
-    except BaseModelUnusable as exc:
+    except (BaseModelUnusable, branching.ParentRefused) as exc:
         o.build_error = (exc.reason, exc.message)
+    except ValueError as exc:
+        o.build_error = (Reason.INVALID_SPEC, str(exc))
     except signing.SigningRefused as exc:
         log.warning("%s/%s: %s", obj["metadata"]["namespace"], obj["metadata"]["name"], exc)
         o.build_error = (Reason.SIGNING_REFUSED, str(exc))
@@ -286,12 +321,13 @@ def _create_job(
         return None, False
     try:
         base = _base(obj, cat, None)
+        parent = _parent(obj, cat)
         output = contribution.output_prefix(store.bucket, obj, o.generation)
-        plan = contribution.train_plan(obj, base, output)
+        plan = contribution.train_plan(obj, base, output, parent)
         if not _admitted(obj, kube, o):
             return None, False
         job, created = kube.create_job(contribution.training_job(obj, s, base))
-    except BaseModelUnusable as exc:
+    except (BaseModelUnusable, branching.ParentRefused) as exc:
         o.build_error = (exc.reason, exc.message)
         return None, False
     except (UriError, ValueError) as exc:
@@ -313,6 +349,7 @@ def _create_job(
         "uid": job["metadata"]["uid"],
         "planDigest": jobs.plan_digest(plan),
         "baseModel": {"name": base.name, "digest": base.digest},
+        **({"parent": parent.record()} if parent is not None else {}),
     }
     return job, True
 

@@ -42,7 +42,8 @@ def departures(obj: Obj, o: composite.Observation, kube: KubeApi, at: str) -> No
         )
         for d in gone
     ]
-    o.withdrawal = composite.withdraw(status, o.departures, at)
+    cascade = composite.cascades(obj.get("spec") or {})
+    o.withdrawal = composite.withdraw(status, o.departures, at, cascade)
 
 
 def cancel(obj: Obj, pending: JSON, kube: KubeApi, cat: Catalog) -> None:
@@ -108,6 +109,21 @@ def tell(obj: Obj, o: composite.Observation, event: EventFn) -> None:
             EventReason.WITHDRAWN,
             f"{me}: this contribution left ({d.reason}); no new revision will hold it, and its "
             "files are erased once a replacement is accepted",
+        )
+    for i in o.withdrawal.cascaded if o.withdrawal is not None else []:
+        parent = (i.get("parent") or {}).get("revision")
+        target = {
+            "apiVersion": "medforge.io/v1alpha1",
+            "kind": "LoRAContribution",
+            "metadata": {"namespace": i["namespace"], "name": i["name"]},
+        }
+        event(
+            target,
+            "Warning",
+            EventReason.PARENT_WITHDRAWN,
+            f"{me}: revision {parent}, which this contribution trained from, held an input that "
+            "left; the replacement merges without this update: train again from the "
+            "replacement (spec.startFrom revision latest, once it is served)",
         )
     if o.withdrawal is not None and o.withdrawal.cancel:
         event(

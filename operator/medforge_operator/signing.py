@@ -8,7 +8,8 @@ verified status, and every key in it must also lie inside the grant built here, 
 from the same trusted sources:
 
 - a training Job: PUT its own output files (`contributions/<ns>/<name>/<uid>/<generation>/`,
-  the contribution's uid and generation only); GET the verified BaseModel's files;
+  the contribution's uid and generation only); GET the verified BaseModel's files, and with
+  spec.startFrom the manifest and merged update of the revision published to it;
 - a merge Job: PUT its own revision's files (`composites/<ns>/<name>/<uid>/rev-<N>/`); GET the
   verified BaseModel's files, the verified copies of the consenting inputs' artifacts, and the
   composite's own revision it builds on.
@@ -17,8 +18,7 @@ from the same trusted sources:
   GET the verified BaseModel's files, the candidate's and the served revision's model files
   (not their tasks file), and the hospital's own verified contributions' head and fingerprints.
 
-Later features (contributions that start from a revision, signing keys) extend the grants
-here, each with its own attacker test.
+Later features extend the grants here, each with its own attacker test.
 """
 
 from __future__ import annotations
@@ -96,8 +96,14 @@ def _keys(prefix: S3Uri, files: Iterable[str]) -> set[str]:
 
 
 def training_grant(
-    bucket: str, contribution: Obj, base_uri: S3Uri, base_files: Iterable[str]
+    bucket: str,
+    contribution: Obj,
+    base_uri: S3Uri,
+    base_files: Iterable[str],
+    parent_keys: Iterable[str] = (),
 ) -> Grant:
+    """`parent_keys`: the manifest and merged update of the revision it starts from
+    (spec.startFrom, resolved by medforge_operator.branching: published to its namespace)."""
     meta = contribution["metadata"]
     out = contribution_output(
         bucket, meta["namespace"], meta["name"], meta["uid"], int(meta["generation"])
@@ -106,7 +112,7 @@ def training_grant(
     signed = (SIGNATURE_FILE,) if (contribution.get("spec") or {}).get("signing") else ()
     return Grant(
         bucket,
-        frozenset(_keys(base_uri, base_files)),
+        frozenset(_keys(base_uri, base_files) | set(parent_keys)),
         frozenset(out.join(f).key for f in (*CONTRIBUTION_FILES, *signed)),
     )
 

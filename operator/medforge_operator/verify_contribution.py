@@ -76,7 +76,6 @@ def verify(
     digest = _announced_digest(o, store, prefix)
     if digest is None:
         return
-    expected_base = ((o.record or {}).get("baseModel") or {}).get("digest", "")
     verified = contribution.verified_prefix(store.bucket, obj, digest)
     try:
         manifest = store.verify_copy(prefix, verified, digest)
@@ -90,21 +89,9 @@ def verify(
         metrics.verification_failed("contribution", bad)
         o.verify_error = (bad, jobs.redact_urls(str(exc)))
         return
-    if manifest.base_model_digest != expected_base:
-        metrics.verification_failed("contribution", Reason.BASE_MODEL_MISMATCH)
-        o.verify_error = (
-            Reason.BASE_MODEL_MISMATCH,
-            f"the adapter was trained for base model "
-            f"{manifest.base_model_digest[:19]}..., not BaseModel "
-            f"{spec['baseModel']['name']}'s {expected_base[:19]}...",
-        )
-        return
-    mismatch = contribution.manifest_matches_spec(
-        manifest.meta, spec, [f.name for f in manifest.files]
-    )
-    if mismatch is not None:
-        metrics.verification_failed("contribution", Reason.INVALID_MANIFEST)
-        o.verify_error = (Reason.INVALID_MANIFEST, f"manifest.json: {mismatch}")
+    if (problem := _manifest_problem(spec, o, manifest)) is not None:
+        metrics.verification_failed("contribution", problem[0])
+        o.verify_error = problem
         return
     ns = obj["metadata"]["namespace"]
     who = f"namespace {ns}'s Institution"
@@ -117,14 +104,42 @@ def verify(
         return
     metrics.verified("contribution", sum(f.size for f in manifest.files))
     o.verified = {
-        "artifact": {**artifact_status(obj, verified, digest, manifest), "signature": signature},
+        "artifact": {
+            **artifact_status(obj, verified, digest, manifest, (o.record or {}).get("parent")),
+            "signature": signature,
+        },
         "metrics": contribution.validation_metrics(manifest.meta.get("metrics")),
         "training": contribution.training_figures(manifest.meta.get("training")),
     }
 
 
-def artifact_status(obj: Obj, verified: Any, digest: str, manifest: Manifest) -> JSON:
-    """status.artifact: where the verified copy lies and what it holds, from the manifest."""
+def _manifest_problem(
+    spec: JSON, o: contribution.Observation, manifest: Manifest
+) -> tuple[str, str] | None:
+    """(reason, message) when the verified manifest is not for the base model, task and
+    parent revision the Job was given."""
+    expected_base = ((o.record or {}).get("baseModel") or {}).get("digest", "")
+    if manifest.base_model_digest != expected_base:
+        return (
+            Reason.BASE_MODEL_MISMATCH,
+            f"the adapter was trained for base model "
+            f"{manifest.base_model_digest[:19]}..., not BaseModel "
+            f"{spec['baseModel']['name']}'s {expected_base[:19]}...",
+        )
+    mismatch = contribution.manifest_matches_spec(
+        manifest.meta, spec, [f.name for f in manifest.files], (o.record or {}).get("parent")
+    )
+    if mismatch is not None:
+        return Reason.INVALID_MANIFEST, f"manifest.json: {mismatch}"
+    return None
+
+
+def artifact_status(
+    obj: Obj, verified: Any, digest: str, manifest: Manifest, parent: JSON | None = None
+) -> JSON:
+    """status.artifact: where the verified copy lies and what it holds, from the manifest;
+    `parent`: the revision the operator gave the Job (spec.startFrom), which the manifest
+    was checked to name."""
     spec, meta = obj["spec"], manifest.meta
     lora = spec.get("lora") or {}
     rank = meta.get("rank")
@@ -142,6 +157,7 @@ def artifact_status(obj: Obj, verified: Any, digest: str, manifest: Manifest) ->
         else lora.get("targetModules"),
         "baseModelDigest": manifest.base_model_digest,
         "task": spec["task"]["name"],
+        "parent": dict(parent) if parent else None,
     }
     if DISTILLED_FILE in artifact["files"]:
         d = next(f for f in manifest.files if f.name == DISTILLED_FILE)

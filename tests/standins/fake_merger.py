@@ -43,6 +43,14 @@ def sign(cfg: dict, result: dict, files: dict[str, bytes]) -> None:  # type: ign
         put(cfg["output"]["files"][bundle.name], bundle.read_bytes())
 
 
+def included(entry: dict, item: dict) -> dict:  # type: ignore[type-arg]
+    """As the real merger: an input trained from a revision is added relative to it (its
+    coefficient 1, its parent recorded)."""
+    if item.get("parent"):
+        return entry | {"state": "Included", "coefficient": 1.0, "parent": item["parent"]}
+    return entry | {"state": "Included", "coefficient": 0.5}
+
+
 def main() -> None:
     cfg = json.loads(Path(os.environ["MEDFORGE_JOB_CONFIG_FILE"]).read_text())
     h = hashlib.sha256()
@@ -91,7 +99,7 @@ def main() -> None:
             for name, m in previous.items():
                 metrics[name] = {**m, "accuracy": round(float(m["accuracy"]) - 0.3, 4)}
                 regression[name] = 0.3
-        inputs.append(entry | {"state": "Included", "coefficient": 0.5})
+        inputs.append(included(entry, i))
     if not any(i["state"] == "Included" for i in inputs):
         # The contract: a verdict on every input is exit 3 with one JSON line, the report in
         # result.json.

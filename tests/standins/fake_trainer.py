@@ -44,6 +44,19 @@ def sign(files: dict[str, bytes], key: Path) -> bytes:
         return (Path(tmp) / SIGNATURE_FILE).read_bytes()
 
 
+def read_parent(parent: dict) -> None:  # type: ignore[type-arg]
+    """As the real trainer: the revision's update, checked against its digest; the stand-in
+    fails if it is given anything but the manifest and the update."""
+    given = {f["name"]: f["url"] for f in parent["files"]}
+    if set(given) != {"manifest.json", "adapter.safetensors"}:
+        fail(f"startFrom: given {sorted(given)}, not the manifest and update only")
+    with urllib.request.urlopen(given["manifest.json"], timeout=30) as r:
+        if digest_of(r.read()) != parent["digest"]:
+            fail("startFrom: the revision was replaced")
+    with urllib.request.urlopen(given["adapter.safetensors"], timeout=30) as r:
+        r.read()
+
+
 def main() -> None:
     cfg = json.loads(Path(os.environ["MEDFORGE_JOB_CONFIG_FILE"]).read_text())
     task = cfg["task"]["name"]
@@ -60,6 +73,9 @@ def main() -> None:
         assert (
             os.environ["DATASET_AWS_ACCESS_KEY_ID"] and os.environ["DATASET_AWS_SECRET_ACCESS_KEY"]
         )
+    parent = cfg.get("startFrom")
+    if parent:
+        read_parent(parent)
     c = cfg["contribution"]
     adapter = (
         hashlib.sha256(f"{c['namespace']}/{c['name']}/{c['generation']}".encode()).digest() * 64
@@ -78,6 +94,13 @@ def main() -> None:
             "training": {"imagesPerSecond": 250.0, "seconds": 1.5, "loss": 0.42, "epochs": 1},
         },
     )
+    if parent:  # a "lie-parent" task names a revision its Job was not given
+        lie = 1 if task.startswith("lie-parent") else 0
+        manifest.meta["parent"] = {
+            "composite": parent["composite"],
+            "revision": parent["revision"] + lie,
+            "digest": parent["digest"],
+        }
     if task.startswith("float-epochs"):  # a figure of the wrong type for the CRD
         manifest.meta["training"]["epochs"] = 3.5
     if task.startswith("wrong-task"):  # a manifest for another task than the spec's

@@ -33,6 +33,7 @@ from medforge_common.result import (
     finite_number,
     job_parser,
 )
+from medforge_ml import composite
 from medforge_ml.basemodel import prepare_model_dir
 from medforge_ml.errors import ModelError
 from medforge_ml.job import Ladder, Run, line, run_job
@@ -63,6 +64,11 @@ def _prepare(cfg: config.TrainConfig, work: Path) -> Prepared:
     base_dir = sources.fetch_base_model(cfg, work / "base")
     log(f"base model {cfg.base_digest[:19]}... verified")
     base, tokenizer, base_config = model.load_base(base_dir)
+    if cfg.parent is not None:  # spec.startFrom: the revision's update folded into the weights
+        parent = sources.fetch_parent(cfg.parent, cfg.base_digest, work / "parent")
+        (updates,) = composite.read_updates(parent)
+        composite.add_updates(base, updates[1])
+        log(f"started from {cfg.parent.composite} revision {cfg.parent.revision} (verified)")
     size, mean, std = model.image_settings(base_dir, base_config)
     root = sources.materialize_dataset(cfg.dataset, work / "data")
     data = dataset.load(
@@ -145,6 +151,7 @@ def _manifest_meta(
             "epochs": cfg.training.epochs,
             "batchSize": int(stats["batchSize"]),
             "learningRate": cfg.training.learning_rate,
+            **({"proximalMu": cfg.training.proximal_mu} if cfg.training.proximal_mu else {}),
             "device": device,
             "imagesPerSecond": round(stats["imagesPerSecond"], 2),
             "imagesPerSecondAfterFirstEpoch": _finite(stats["imagesPerSecondAfterFirstEpoch"], 2),
@@ -160,7 +167,13 @@ def _manifest_meta(
         },
         "baseModelType": p.base_config.get("model_type"),
         "tool": f"medforge-train {VERSION}",
+        **({"parent": _parent(cfg.parent)} if cfg.parent is not None else {}),
     }
+
+
+def _parent(parent: config.ParentSettings) -> JSON:
+    """What the adapter is relative to: the merger adds it to this revision's update."""
+    return {"composite": parent.composite, "revision": parent.revision, "digest": parent.digest}
 
 
 def _publish(
@@ -222,7 +235,10 @@ def run(cfg: config.TrainConfig, work: Path, output_dir: Path | None) -> JSON:
             clf, p.data.train, cfg.training, cfg.privacy, rt, norm, log
         )
     else:
-        stats = train.train(clf, p.data.train, cfg.training, rt, norm, log, started=started)
+        scale = cfg.lora.alpha / cfg.lora.rank
+        stats = train.train(
+            clf, p.data.train, cfg.training, rt, norm, log, started=started, lora_scale=scale
+        )
     log(
         f"trained at batch size {int(stats['batchSize'])}: first step after "
         f"{stats['secondsToFirstStep']:.1f} s, {stats['imagesPerSecond']:.1f} img/s"

@@ -6,12 +6,14 @@ with local paths (`baseModel.path`, `dataset.path`, `--output-dir`)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from medforge_trainer.errors import ConfigError
 
 JSON = dict[str, Any]
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 HEADS = ("clip-prompt", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE = ("auto", "always", "never")  # torch.compile: auto = on a GPU only
@@ -35,6 +37,9 @@ class TrainingSettings:
     precision: str = "auto"
     weight_decay: float = 0.0
     compile: str = "auto"
+    # FedProx's mu: (mu / 2) * ||dW||^2 of the adapter's update added to the loss, which keeps
+    # it near its starting point (the base model, or the revision of spec.startFrom).
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,18 @@ class DatasetSettings:
 
 
 @dataclass(frozen=True)
+class ParentSettings:
+    """spec.startFrom as the operator resolved it: the composite revision to train on top of
+    (its verified files by URL, or a pulled folder by hand)."""
+
+    composite: str  # namespace/name
+    revision: int
+    digest: str  # sha256 of the revision's manifest.json
+    files: tuple[JSON, ...] = ()
+    path: str | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     task: str
     classes: tuple[str, ...]
@@ -84,6 +101,7 @@ class TrainConfig:
     output_files: dict[str, str] = field(default_factory=dict)
     contribution: JSON = field(default_factory=dict)
     signing_key: str = ""  # the mounted private key (signing.keyFile): sign the output folder
+    parent: ParentSettings | None = None
 
 
 def _obj(cfg: JSON, key: str, path: str) -> JSON:
@@ -210,11 +228,12 @@ def _training(cfg: JSON) -> TrainingSettings:
         batch_size=(
             None if batch is None else _num(tr, "batchSize", "training", 32, 1, 4096, integer=True)
         ),
-        learning_rate=_num(tr, "learningRate", "training", 1e-4, 0.0, 1.0, lo_open=True),
+        learning_rate=_num(tr, "learningRate", "training", 1e-4, 0.0, 1.0),  # 0: a control run
         seed=_num(tr, "seed", "training", 0, 0, 2**32 - 1, integer=True),
         precision=precision,
         weight_decay=_num(tr, "weightDecay", "training", 0.0, 0.0, 1.0),
         compile=compile_,
+        proximal_mu=_num(tr, "proximalMu", "training", 0.0, 0.0, 1000.0),
     )
 
 
@@ -240,6 +259,11 @@ def _privacy(cfg: JSON, distillation: DistillSettings) -> PrivacySettings | None
     if accountant not in ACCOUNTANTS:
         raise ConfigError(
             f"privacy.accountant: {accountant!r} is not one of {', '.join(ACCOUNTANTS)}"
+        )
+    if (_obj(cfg, "training", "").get("proximalMu") or 0) > 0:
+        raise ConfigError(
+            "training.proximalMu: not available with privacy (DP-SGD clips per-sample "
+            "gradients of the loss alone); set one or the other"
         )
     if distillation.images_per_class > 0:
         # The distilled set is optimised on the raw images without noise: releasing it would
@@ -295,7 +319,29 @@ def parse(cfg: Any) -> TrainConfig:
         output_files={str(k): str(v) for k, v in out_files.items()},
         contribution=_obj(cfg, "contribution", ""),
         signing_key=_signing_key(cfg),
+        parent=_parent(cfg),
     )
+
+
+def _parent(cfg: JSON) -> ParentSettings | None:
+    raw = _obj(cfg, "startFrom", "")
+    if not raw:
+        return None
+    composite, revision, digest = raw.get("composite"), raw.get("revision"), raw.get("digest")
+    if not isinstance(composite, str) or composite.count("/") != 1:
+        raise ConfigError("startFrom.composite: expected namespace/name of a CompositeModel")
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+        raise ConfigError(f"startFrom.revision: expected a revision number, got {revision!r}")
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise ConfigError("startFrom.digest: expected sha256:<64 hex digits> of its manifest.json")
+    files, path = raw.get("files") or [], raw.get("path")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) for f in files
+    ):
+        raise ConfigError("startFrom.files: expected a list of {name, url} or {name, path}")
+    if not files and not isinstance(path, str):
+        raise ConfigError("startFrom: give files (set by the operator) or path (a pulled revision)")
+    return ParentSettings(composite, revision, digest, tuple(files), path if not files else None)
 
 
 def _signing_key(cfg: JSON) -> str:

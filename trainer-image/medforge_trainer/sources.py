@@ -10,9 +10,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from medforge_common.artifacts import ADAPTER_FILE, MANIFEST_FILE, MIXTURE_FILE
+from medforge_common.manifest import Manifest, ManifestError, digest_of, verify_file
 from medforge_ml import transfers
-from medforge_ml.basemodel import fetch_model_dir
-from medforge_trainer.config import DatasetSettings, TrainConfig
+from medforge_ml.basemodel import fetch_model_dir, get_file
+from medforge_trainer.config import DatasetSettings, ParentSettings, TrainConfig
 from medforge_trainer.errors import TrainFailed
 
 
@@ -20,6 +22,49 @@ def fetch_base_model(cfg: TrainConfig, dest: Path) -> Path:
     """The base model's directory, every file checked against the manifest whose sha256 is
     baseModel.digest. Returns the directory to load from."""
     return fetch_model_dir(cfg.base_digest, list(cfg.base_files), cfg.base_path, dest)
+
+
+def fetch_parent(parent: ParentSettings, base_digest: str, dest: Path) -> Path:
+    """The revision to train from (spec.startFrom), every file checked against the manifest
+    whose sha256 the operator verified; refused when it was merged for another base model or
+    is an output-level mixture (several models, none to train on). Returns its directory."""
+    where = f"startFrom {parent.composite} revision {parent.revision}"
+    directory = Path(parent.path) if parent.path is not None else dest
+    given = {str(f["name"]): f for f in parent.files}
+    if parent.path is None:
+        dest.mkdir(parents=True, exist_ok=True)
+        if MANIFEST_FILE not in given:
+            raise TrainFailed(f"{where}: its manifest.json is not among startFrom.files")
+        get_file(given[MANIFEST_FILE], dest / MANIFEST_FILE, f"{where} manifest.json")
+    raw = (directory / MANIFEST_FILE).read_bytes()
+    if digest_of(raw) != parent.digest:
+        raise TrainFailed(
+            f"{where}: manifest.json is {digest_of(raw)[:19]}..., not startFrom.digest "
+            f"{parent.digest[:19]}...; the revision was replaced"
+        )
+    try:
+        manifest = Manifest.from_json(raw.decode(), f"{where} manifest.json")
+        if manifest.base_model_digest != base_digest:
+            raise TrainFailed(f"{where} was merged for another base model than baseModel.digest")
+        if any(e.name == MIXTURE_FILE for e in manifest.files):
+            raise TrainFailed(
+                f"{where} is an output-level mixture: no single model to train on "
+                "(start from a composite that merges weights)"
+            )
+        # The merged update only: the revision's tasks file holds every hospital's distilled
+        # set and head, which no hospital is given.
+        wanted = [e for e in manifest.files if e.name == ADAPTER_FILE]
+        if not wanted:
+            raise TrainFailed(f"{where}: its manifest lists no {ADAPTER_FILE}")
+        for entry in wanted:
+            if parent.path is None:
+                if entry.name not in given:
+                    raise TrainFailed(f"{where}: {entry.name} is listed but not given")
+                get_file(given[entry.name], dest / entry.name, f"{where} {entry.name}")
+            verify_file(directory / entry.name, entry)
+    except (ManifestError, UnicodeDecodeError) as exc:
+        raise TrainFailed(f"{where}: {exc}") from exc
+    return directory
 
 
 def s3_client(endpoint: str | None, access_key: str | None, secret_key: str | None) -> Any:

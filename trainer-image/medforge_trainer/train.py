@@ -186,17 +186,26 @@ class Stepper:
     that fails (at the first step, where it happens) leaves the eager model training."""
 
     def __init__(
-        self, model: nn.Module, opt: Any, rt: Runtime, norm: Normalize, log: Callable[[str], None]
+        self,
+        model: nn.Module,
+        opt: Any,
+        rt: Runtime,
+        norm: Normalize,
+        log: Callable[[str], None],
+        penalty: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.opt, self.rt, self.norm, self.log = model, opt, rt, norm, log
         self.forward = compiled(model, rt, log)
         self.loss_fn = nn.CrossEntropyLoss()
         self.first = True
+        self.penalty = penalty
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.rt.autocast():
             logits = self.forward(self.norm(x))
         loss: torch.Tensor = self.loss_fn(logits.float(), y)
+        if self.penalty is not None:
+            loss = loss + self.penalty()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         self.opt.step()
@@ -286,6 +295,24 @@ class Progress:
         }
 
 
+def proximal(model: nn.Module, mu: float, scale: float) -> Callable[[], torch.Tensor] | None:
+    """FedProx's term over the adapter: (mu / 2) * sum over adapted layers of
+    ||scale * B A||_F^2, the squared distance in weight space from where training started
+    (a fresh LoRA adds nothing at first). None when mu is 0."""
+    if mu <= 0:
+        return None
+    params = dict(model.named_parameters())
+    pairs = [
+        (p, params[n.replace(".lora_A.", ".lora_B.")]) for n, p in params.items() if ".lora_A." in n
+    ]
+
+    def term() -> torch.Tensor:
+        total = sum(((b @ a) ** 2).sum() for a, b in pairs)
+        return (mu / 2) * scale**2 * torch.as_tensor(total)
+
+    return term
+
+
 def train(
     model: nn.Module,
     data: Split,
@@ -295,13 +322,16 @@ def train(
     log: Callable[[str], None] = print,
     log_every: int = 10,
     started: float | None = None,
+    lora_scale: float = 1.0,
 ) -> dict[str, float]:
-    """Cross-entropy on the logits (softmax is inside the loss, never before it). `started`
+    """Cross-entropy on the logits (softmax is inside the loss, never before it), plus
+    FedProx's term when settings.proximal_mu is set (`lora_scale`: alpha / rank). `started`
     (time.perf_counter()) is when the job began, for the time to the first step."""
     params = [p for p in model.parameters() if p.requires_grad]
     batch = pick_batch_size(model, data, settings, rt, norm)
     feed = Feeder(data, rt, batch)
-    step = Stepper(model, optimizer(params, settings, rt), rt, norm, log)
+    penalty = proximal(model, settings.proximal_mu, lora_scale)
+    step = Stepper(model, optimizer(params, settings, rt), rt, norm, log, penalty)
     gen = torch.Generator().manual_seed(settings.seed)
     n = len(data.labels)
     progress = Progress(

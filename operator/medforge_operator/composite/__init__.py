@@ -5,6 +5,7 @@ All pure functions; the reconciler (reconcile_composite) observes and writes."""
 
 from __future__ import annotations
 
+from medforge_operator.composite.branches import cascades
 from medforge_operator.composite.inputs import (
     JSON,
     evaluate_inputs,
@@ -87,6 +88,7 @@ __all__ = [
     "after_revision",
     "artifact_refs",
     "build_status",
+    "cascades",
     "compute_status",
     "conditions_for",
     "departed",

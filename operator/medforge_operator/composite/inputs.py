@@ -13,6 +13,7 @@ from medforge_common.api import InputState as IS
 from medforge_common.attestation import VERIFIED
 from medforge_operator import contribution
 from medforge_operator.bodies import Obj
+from medforge_operator.composite import branches
 from medforge_operator.conditions import get as get_condition
 from medforge_operator.conditions import is_true
 
@@ -120,11 +121,14 @@ def unsigned(c: JSON, trust: Trust) -> str | None:
 
 
 def _refused(composite: Obj, c: JSON, base_digest: str, trust: Trust) -> str | None:
-    """A verdict on a Ready contribution: trained for another base model, with a privacy
-    guarantee weaker than the composite requires (spec.privacy.maxEpsilon), or without a
-    signature it requires (spec.requireSignatures)."""
+    """A verdict on a Ready contribution: trained for another base model, from a revision this
+    composite cannot merge it relative to (composite.branches), with a privacy guarantee
+    weaker than the composite requires (spec.privacy.maxEpsilon), or without a signature it
+    requires (spec.requireSignatures)."""
     if (c["status"].get("artifact") or {}).get("baseModelDigest") != base_digest:
         return IR.BASE_MODEL_MISMATCH
+    if (why := branches.refusal(composite, c)) is not None:
+        return why
     if (composite.get("spec") or {}).get("requireSignatures") and (why := unsigned(c, trust)):
         return why
     most = ((composite.get("spec") or {}).get("privacy") or {}).get("maxEpsilon")

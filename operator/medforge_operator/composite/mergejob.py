@@ -11,6 +11,7 @@ from medforge_common.contract import MergeInput, MergePlan
 from medforge_common.uris import S3Uri
 from medforge_operator import basemodel, datajob, jobs, names, signing
 from medforge_operator.bodies import Obj
+from medforge_operator.composite import branches
 from medforge_operator.composite.inputs import granted_privacy, key, ready_for
 from medforge_operator.composite.planning import Plan, effective_integration
 from medforge_operator.settings import Settings
@@ -69,7 +70,7 @@ def merge_inputs(
     return [c for c in found if c["status"]["artifact"]["digest"] in new_digests], found
 
 
-def _plan_inputs(plan: Plan, bucket: str) -> list[MergeInput]:
+def _plan_inputs(plan: Plan, bucket: str, status: JSON) -> list[MergeInput]:
     inputs: list[MergeInput] = []
     new = {c["status"]["artifact"]["digest"] for c in plan.new}
     for c in plan.all_inputs:
@@ -86,6 +87,8 @@ def _plan_inputs(plan: Plan, bucket: str) -> list[MergeInput]:
                 "files": artifact_refs(input_prefix(bucket, c), art.get("files", [])),
             }
         )
+        if (parent := branches.merge_entry(status, c)) is not None:
+            inputs[-1]["parent"] = parent  # merged relative to the revision it learnt on
         if (grant := granted_privacy(c)) is not None:
             inputs[-1]["privacy"] = grant  # the ledger's figure, into the revision's manifest
         if (signer := verified_signer(c)) is not None:
@@ -118,7 +121,7 @@ def merge_plan(
     # A withdrawal's replacement merges afresh, whatever the strategy.
     incremental = effective_integration(spec) == "incremental" and bool(current)
     incremental = incremental and not plan.replacement
-    inputs = _plan_inputs(plan, bucket)
+    inputs = _plan_inputs(plan, bucket, status)
     cfg: MergePlan = {
         "kind": "merge",
         "composite": {
@@ -139,6 +142,8 @@ def merge_plan(
     if spec.get("signing"):
         cfg["signing"] = {"keyFile": datajob.SIGNING_KEY}
         cfg["output"]["files"][SIGNATURE_FILE] = jobs.put_ref(output_uri.join(SIGNATURE_FILE))
+    if (spec.get("branches") or {}).get("rank"):
+        cfg["branches"] = {"rank": int(spec["branches"]["rank"])}
     if current is not None:
         # Regressions are measured against the revision this one replaces, in either mode.
         cfg["previous"] = {"revision": current["revision"], "metrics": current.get("metrics", {})}

@@ -11,7 +11,7 @@ from medforge_common.strategy import DEFAULT as DEFAULT_STRATEGY
 from medforge_common.strategy import STRATEGIES, Traits
 from medforge_operator import isolation
 from medforge_operator.bodies import Obj
-from medforge_operator.composite import withdrawal
+from medforge_operator.composite import branches, withdrawal
 from medforge_operator.composite.inputs import evaluate_inputs, has_verified_copy, ready_for
 from medforge_operator.composite.settling import Observation, in_flight
 
@@ -37,14 +37,17 @@ def effective_integration(spec: JSON, registry: Mapping[str, Traits] = STRATEGIE
     return str(spec.get("integration", "incremental"))
 
 
-def replacement_inputs(status: JSON, contribs: list[JSON], base_digest: str) -> list[JSON]:
+def replacement_inputs(composite: Obj, contribs: list[JSON], base_digest: str) -> list[JSON]:
     """The contributions a withdrawal's replacement merges: status.rebuild's inputs, in their
-    order, that are still Ready with their verified copy for the base model."""
+    order, that are still Ready with their verified copy for the base model (and, trained
+    from a revision, still mergeable relative to it: not withdrawn with cascade)."""
+    status = composite.get("status") or {}
     wanted = list((status.get("rebuild") or {}).get("inputs") or [])
     by_digest = {}
     for c in contribs:
         digest = ((c.get("status") or {}).get("artifact") or {}).get("digest")
-        if digest in wanted and ready_for(c, base_digest) and has_verified_copy(c):
+        usable = digest in wanted and ready_for(c, base_digest) and has_verified_copy(c)
+        if usable and branches.refusal(composite, c) is None:
             by_digest[digest] = c
     return [by_digest[d] for d in wanted if d in by_digest]
 
@@ -109,21 +112,23 @@ def next_plan(composite: Obj, o: Observation, at: str) -> Plan | None:
         # A withdrawal goes first, paused or not: the forge cannot hold a hospital in.
         if status.get("pendingRevision"):
             return None
-        inputs = replacement_inputs(status, o.contribs, o.base.digest)
+        inputs = replacement_inputs(composite, o.contribs, o.base.digest)
         revision = int(status.get("revision") or 0) + 1
         return Plan(revision, [], inputs, replacement=True) if inputs else None
     _, candidates = evaluate_inputs(composite, o.contribs, o.base.digest, o.trust)
     return plan_revision(composite, candidates, o.contribs)
 
 
-def abandoned_rebuild(status: JSON, o: Observation, at: str) -> JSON:
-    """Status fields when a withdrawal's replacement has nothing left to merge."""
+def abandoned_rebuild(composite: Obj, o: Observation, at: str) -> JSON:
+    """Status fields when a withdrawal's replacement has nothing left to merge (`composite`
+    carries the settled status)."""
+    status = composite.get("status") or {}
     if (
         not status.get("rebuild")
         or status.get("pendingRevision")
         or o.base is None
         or o.base_problem
-        or replacement_inputs(status, o.contribs, o.base.digest)
+        or replacement_inputs(composite, o.contribs, o.base.digest)
     ):
         return {}
     return withdrawal.abandon(status, at)

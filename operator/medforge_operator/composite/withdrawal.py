@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from medforge_common.api import RevisionState
@@ -170,6 +170,9 @@ class Withdrawal:
 
     changes: JSON
     cancel: bool = False
+    # Inputs trained from a revision now withdrawn (spec.startFrom, withdrawal.cascade): they
+    # leave the replacement, and their hospitals are told to train again from it.
+    cascaded: list[JSON] = field(default_factory=list)
 
 
 def _mark(
@@ -198,10 +201,21 @@ def _mark(
     return out, marked
 
 
-def withdraw(status: JSON, gone: list[Departure], at: str) -> Withdrawal:
+def _branches_of_withdrawn(history: list[JSON], inputs: list[JSON]) -> list[JSON]:
+    """The inputs trained from a revision that is now Withdrawn (spec.startFrom)."""
+    gone = {e.get("revision") for e in history if e.get("state") == RevisionState.WITHDRAWN}
+    return [
+        i
+        for i in inputs
+        if isinstance(i.get("parent"), dict) and i["parent"].get("revision") in gone
+    ]
+
+
+def withdraw(status: JSON, gone: list[Departure], at: str, cascade: bool = True) -> Withdrawal:
     """Mark every revision that holds a departed input Withdrawn; serve the newest accepted
     revision without it (or nothing); plan the replacement (the remaining inputs of the revision
-    served, in their order) and stop a pending merge that reads it."""
+    served, in their order, less those trained from a withdrawn revision when `cascade`) and
+    stop a pending merge that reads it."""
     if not gone:
         return Withdrawal({})
     digests = {d.digest for d in gone}
@@ -209,9 +223,12 @@ def withdraw(status: JSON, gone: list[Departure], at: str) -> Withdrawal:
     changes: JSON = {"history": history}
     current = status.get("current")
     rebuild = status.get("rebuild")
+    cascaded: list[JSON] = []
     if current and any(i.get("digest") in digests for i in current.get("inputs") or []):
         changes["current"] = fallback(history, current)
-        left = [i["digest"] for i in current.get("inputs") or [] if i.get("digest") not in digests]
+        remaining = [i for i in current.get("inputs") or [] if i.get("digest") not in digests]
+        cascaded = _branches_of_withdrawn(history, remaining) if cascade else []
+        left = [i["digest"] for i in remaining if i not in cascaded]
         rebuild = {"inputs": left, "since": at} if left else None
     elif rebuild:
         left = [d for d in rebuild.get("inputs") or [] if d not in digests]
@@ -247,7 +264,7 @@ def withdraw(status: JSON, gone: list[Departure], at: str) -> Withdrawal:
         for w in _records(status)
     ]
     changes["withdrawals"] = [*new_records, *older][:RECORDS_KEPT]
-    return Withdrawal(changes, cancel)
+    return Withdrawal(changes, cancel, cascaded)
 
 
 def _erasable(w: JSON, at: str) -> JSON:
