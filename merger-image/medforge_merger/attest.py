@@ -65,6 +65,8 @@ def predicate(cfg: MergeConfig, result: JSON, work: Path) -> JSON:
         row |= {"coefficient": entry.get("coefficient"), "new": bool(item.get("new", True))}
         if isinstance(item.get("privacy"), dict):
             row["privacy"] = item["privacy"]
+        if isinstance(item.get("parent"), dict):  # trained from a revision: added relative to it
+            row["parent"] = item["parent"]
         sig = item.get("signature")
         if isinstance(sig, dict):
             row["signer"] = {k: sig.get(k, "") for k in ("institution", "keyId")}
