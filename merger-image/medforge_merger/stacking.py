@@ -45,8 +45,9 @@ def _combined(own: Array | st.Factors | None, updates: list[st.Factors], rank: i
         total = own + sum((u.dense() for u in updates), np.zeros_like(own))
         if rank is None:
             return total
-        own = st.Factors(total, np.eye(total.shape[1], dtype=np.float32))  # svd'd below
-        updates = []
+        u, sv, vh = np.linalg.svd(total.astype(np.float64), full_matrices=False)
+        r = min(rank, int(sv.shape[0]))
+        return st.Factors((u[:, :r] * sv[:r]).astype(np.float32), vh[:r].astype(np.float32))
     layers = ([own] if own is not None else []) + updates
     if rank is not None:
         return st.svd(layers, [1.0] * len(layers), rank)

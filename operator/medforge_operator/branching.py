@@ -82,8 +82,9 @@ class Parent:
             "files": [{"name": f, "get": str(prefix.join(f))} for f in self.given()]
         }
 
-    def keys(self, bucket: str) -> set[str]:
-        return {self.prefix(bucket).join(f).key for f in self.given()}
+    def ident(self) -> tuple[str, str, str, int]:
+        """What the signing policy builds the revision's two keys from, itself."""
+        return self.namespace, self.name, self.uid, self.revision
 
 
 def requested(spec: JSON) -> Request | None:
@@ -114,6 +115,24 @@ def _revision(status: JSON, number: int | None) -> JSON | None:
     return next((e for e in status.get("history") or [] if e.get("revision") == number), None)
 
 
+def _kept(status: JSON, recorded: JSON | None) -> JSON | None:
+    """The revision a running Job was given, once the history no longer lists it: what the
+    operator recorded (its files: the two a Job reads), unless a withdrawal names it."""
+    if not recorded:
+        return None
+    number = recorded.get("revision")
+    for w in status.get("withdrawals") or []:
+        if isinstance(w, dict) and number in (w.get("revisions") or []):
+            return {"revision": number, "state": RevisionState.WITHDRAWN}
+    return {
+        "revision": number,
+        "state": RevisionState.ACCEPTED,
+        "digest": recorded.get("digest"),
+        "files": [MANIFEST_FILE, ADAPTER_FILE],
+        "kept": True,  # consent was checked when the Job was made
+    }
+
+
 def resolve(
     req: Request,
     namespace: str,
@@ -121,21 +140,21 @@ def resolve(
     labels: dict[str, str],
     consents: Callable[[str, str, str], bool],
     base_model: str,
+    recorded: JSON | None = None,
 ) -> Parent:
     """The parent revision for a contribution in `namespace` (its labels `labels`) that trains
     on BaseModel `base_model`, or ParentRefused. `consents(ns, name, digest)` tells whether a
-    revision's input consented to publication."""
-    if composite is None:
-        raise ParentRefused(
-            R.PARENT_NOT_FOUND, f"spec.startFrom: no CompositeModel {req.composite}"
-        )
-    spec, status = composite.get("spec") or {}, composite.get("status") or {}
+    revision's input consented to publication; `recorded`: the revision its Job was given
+    (status.startFrom), when signing again."""
+    spec, status = (composite or {}).get("spec") or {}, (composite or {}).get("status") or {}
     selector = (spec.get("publish") or {}).get("namespaceSelector")
-    if selector is None or not selector_matches(selector, labels):
+    if composite is None or selector is None or not selector_matches(selector, labels):
+        # One answer for both: a hospital learns nothing of composites it may not train from.
         raise ParentRefused(
             R.PARENT_NOT_PUBLISHED,
-            f"spec.startFrom: {req.composite} does not publish its revisions to namespace "
-            f"{namespace} (its spec.publish.namespaceSelector, set by the forge's owners)",
+            f"spec.startFrom: {req.composite} does not exist or does not publish its revisions "
+            f"to namespace {namespace} (its spec.publish.namespaceSelector, set by the forge's "
+            "owners)",
         )
     if (spec.get("baseModel") or {}).get("name") != base_model:
         raise ValueError(
@@ -143,7 +162,7 @@ def resolve(
             f"{(spec.get('baseModel') or {}).get('name')!r}, not spec.baseModel.name {base_model!r}"
         )
     which = f"revision {req.revision}" if req.revision is not None else "its latest revision"
-    entry = _revision(status, req.revision)
+    entry = _revision(status, req.revision) or _kept(status, recorded)
     if entry is None:
         raise ParentRefused(
             R.PARENT_NOT_FOUND, f"spec.startFrom: {req.composite} has no {which} (yet)"
@@ -162,13 +181,11 @@ def resolve(
             "mixture: no single model to train on",
         )
     sources = [p for s in entry.get("inputs") or [] if (p := parse_source(str(s))) is not None]
-    refusing = sum(1 for p in sources if not consents(*p))
-    if refusing or not sources:
+    if not entry.get("kept") and (not sources or not all(consents(*p) for p in sources)):
         raise ParentRefused(
             R.PARENT_NOT_CONSENTED,
-            f"spec.startFrom: {refusing or 'some'} of the {len(sources)} inputs of "
-            f"{req.composite} revision {entry['revision']} did not consent to publication "
-            "(spec.sharing.publish)",
+            f"spec.startFrom: not every input of {req.composite} revision {entry['revision']} "
+            "consented to publication (spec.sharing.publish); it cannot be given",
         )
     meta = composite["metadata"]
     return Parent(

@@ -75,8 +75,9 @@ def has_verified_copy(obj: Obj) -> bool:
 def training_grant(
     bucket: str, obj: Obj, base: basemodel.Resolved, parent: Parent | None = None
 ) -> signing.Grant:
-    keys = parent.keys(bucket) if parent is not None else set()
-    return signing.training_grant(bucket, obj, base.uri, base.files, keys)
+    return signing.training_grant(
+        bucket, obj, base.uri, base.files, parent.ident() if parent is not None else None
+    )
 
 
 def train_plan(

@@ -174,7 +174,10 @@ def _stale_plan(obj: Obj, o: contribution.Observation, store: ForgeStore, cat: C
     try:
         base = _base(obj, cat, None)
         parent = _parent(obj, cat, (o.record or {}).get("parent"))
-    except (BaseModelUnusable, branching.ParentRefused, ValueError):
+    except branching.ParentRefused as exc:
+        # Its revision was withdrawn (or rejected) while the Job waited: made again from now.
+        return exc.reason == Reason.PARENT_NOT_ACCEPTED
+    except (BaseModelUnusable, ValueError):
         return False  # nothing better to replace it with yet
     out = contribution.output_prefix(store.bucket, obj, int(obj["metadata"]["generation"]))
     plan = contribution.train_plan(obj, base, out, parent)
@@ -205,6 +208,7 @@ def _parent(obj: Obj, cat: Catalog, recorded: JSON | None = None) -> branching.P
         cat.namespaces.labels(ns) or {},
         lambda n, m, d: branching.consented(kube.get_object(CONTRIBUTIONS, n, m), d),
         str((obj["spec"].get("baseModel") or {}).get("name", "")),
+        recorded,
     )
     if recorded and parent.record() != recorded:
         raise branching.ParentRefused(

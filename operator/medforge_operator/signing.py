@@ -100,11 +100,15 @@ def training_grant(
     contribution: Obj,
     base_uri: S3Uri,
     base_files: Iterable[str],
-    parent_keys: Iterable[str] = (),
+    parent: tuple[str, str, str, int] | None = None,
 ) -> Grant:
-    """`parent_keys`: the manifest and merged update of the revision it starts from
-    (spec.startFrom, resolved by medforge_operator.branching: published to its namespace)."""
+    """`parent`: (namespace, name, uid, revision) of the composite revision it starts from
+    (spec.startFrom, resolved by medforge_operator.branching: published to its namespace);
+    of that revision only its verified manifest and merged update, never its tasks file."""
     meta = contribution["metadata"]
+    gets = _keys(base_uri, base_files)
+    if parent is not None:
+        gets |= _keys(verified_revision(bucket, *parent), [ADAPTER_FILE])
     out = contribution_output(
         bucket, meta["namespace"], meta["name"], meta["uid"], int(meta["generation"])
     )
@@ -112,7 +116,7 @@ def training_grant(
     signed = (SIGNATURE_FILE,) if (contribution.get("spec") or {}).get("signing") else ()
     return Grant(
         bucket,
-        frozenset(_keys(base_uri, base_files) | set(parent_keys)),
+        frozenset(gets),
         frozenset(out.join(f).key for f in (*CONTRIBUTION_FILES, *signed)),
     )
 

@@ -112,6 +112,14 @@ def test_stacking_writes_over_its_own_input_and_keeps_dense_layers(tmp_path: Pat
         dense0[f"{m0}.delta.weight"].double() + dense(t, m0, 16 / 3),
     )
     assert not list(tmp_path.glob("*.stacking"))  # no temporary file left behind
+    # A dense layer re-compressed: the truncated SVD of its sum, as factors.
+    save_file(dense0, str(onto))
+    stacking.stack_onto(onto, [ad], tmp_path / "r.safetensors", rank=4)
+    got = load(tmp_path / "r.safetensors")
+    exact = dense0[f"{m0}.delta.weight"].double() + dense(t, m0, 16 / 3)
+    u, sv, vh = torch.linalg.svd(exact)
+    assert got[f"{m0}.lora_A.weight"].shape == (4, 24)
+    assert close(delta(tmp_path / "r.safetensors", m0), (u[:, :4] * sv[:4]) @ vh[:4], 1e-5)
 
 
 def test_a_mixture_refuses_branches_and_the_config_names_a_bad_parent(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_latest_is_the_served_revision_and_a_number_pins_one() -> None:
 @pytest.mark.parametrize(
     ("composite", "kw", "reason"),
     [
-        (None, {}, Reason.PARENT_NOT_FOUND),
+        (None, {}, Reason.PARENT_NOT_PUBLISHED),  # whether it exists is not told either
         (comp({}, publish=PUBLISH), {}, Reason.PARENT_NOT_FOUND),  # nothing served yet
         (forge(publish=None), {}, Reason.PARENT_NOT_PUBLISHED),  # publishes to no one
         (forge(), {"labels": {"other": "x"}}, Reason.PARENT_NOT_PUBLISHED),
@@ -223,6 +223,7 @@ def test_a_withdrawal_cascades_to_the_branches_of_the_revisions_it_withdraws() -
     w = withdrawal.withdraw(status, gone, "t9")
     assert w.changes["rebuild"]["inputs"] == [B]
     assert [i["name"] for i in w.cascaded] == ["c"]
+    assert w.changes["excluded"] == {C: IR.PARENT_WITHDRAWN}  # stays out past the history
     kept = withdrawal.withdraw(status, gone, "t9", cascade=False)
     assert kept.changes["rebuild"]["inputs"] == [B, C] and kept.cascaded == []
     # And the branch is refused as an input while its parent stays withdrawn.
@@ -261,3 +262,34 @@ def test_a_contributions_round_records_the_revision_or_says_why_not() -> None:
     )
     assert new["startFrom"] == {"composite": "forge/f", "revision": 1, "digest": R1}
     assert [j["metadata"]["name"] for j in kube.created] == ["b-train-g1"]
+
+
+def test_what_the_history_no_longer_shows_is_not_forgotten() -> None:
+    """The history keeps spec.historyLimit entries: a parent older than it counts as stale by
+    every revision since, a withdrawal record still refuses it, a running Job's recorded
+    revision is still signed, and a revision of an earlier composite of the same name is
+    refused."""
+    status = forge()["status"] | {"current": {"revision": 9, "digest": R2, "files": FILES}}
+    status["history"] = history(
+        (9, RevisionState.ACCEPTED, R2, []), (8, RevisionState.REJECTED, R1, [])
+    )
+    assert branches.staleness(status, 2) == 1 + 5  # 9 accepted, 3 to 7 trimmed
+    assert branches.staleness(status, 9) == 0
+    gone = forge() | {"status": status | {"withdrawals": [{"revisions": [2]}]}}
+    assert branches.refusal(gone, branch("x", C, 2, R1)) == IR.PARENT_WITHDRAWN
+    recorded = {"composite": "forge/f", "revision": 3, "digest": R1}
+    req = branching.Request("forge", "f", 3)
+    f = forge() | {"status": status}
+    parent = branching.resolve(
+        req, "lab", f, {"medforge.io/member": "true"}, consenting, "clip", recorded
+    )
+    assert parent.record() == recorded and parent.given() == [
+        "manifest.json",
+        "adapter.safetensors",
+    ]
+    with pytest.raises(branching.ParentRefused) as err:
+        branching.resolve(req, "lab", gone | {"status": gone["status"] | {"withdrawals": [{"revisions": [3]}]}},
+                          {"medforge.io/member": "true"}, consenting, "clip", recorded)  # fmt: skip
+    assert err.value.reason == Reason.PARENT_NOT_ACCEPTED
+    other = branch("y", C, 9, "sha256:" + "9" * 64)  # revision 9 of a composite made again
+    assert branches.refusal(f, other) == IR.PARENT_ELSEWHERE

@@ -21,17 +21,17 @@ def parent_of(c: JSON) -> JSON | None:
 
 def staleness(status: JSON, revision: int) -> int:
     """How many accepted revisions the composite served after `revision` (0: it is the one
-    served now)."""
+    served now). Revisions older than the kept history count as accepted: an old parent is
+    never taken for a fresher one than it is."""
     current = (status.get("current") or {}).get("revision")
-    if current is None:
+    if current is None or int(current) <= revision:
         return 0
-    accepted = {
-        int(e["revision"])
-        for e in status.get("history") or []
-        if e.get("state") == RevisionState.ACCEPTED and isinstance(e.get("revision"), int)
-    }
-    newer = [r for r in accepted if revision < r <= int(current)]
-    return max(len(newer), 1 if int(current) > revision else 0)
+    kept = [e for e in status.get("history") or [] if isinstance(e.get("revision"), int)]
+    accepted = {int(e["revision"]) for e in kept if e.get("state") == RevisionState.ACCEPTED}
+    newer = len([r for r in accepted if revision < r <= int(current)])
+    oldest = min((int(e["revision"]) for e in kept), default=int(current))
+    unseen = max(0, oldest - revision - 1)  # trimmed from status.history
+    return max(newer + unseen, 1)
 
 
 def cascades(spec: JSON) -> bool:
@@ -40,9 +40,27 @@ def cascades(spec: JSON) -> bool:
 
 
 def withdrawn(status: JSON, revision: int) -> bool:
-    return any(
+    """Whether `revision` was withdrawn: its history entry, or a withdrawal record (kept
+    longer than the history) that names it."""
+    if any(
         e.get("revision") == revision and e.get("state") == RevisionState.WITHDRAWN
         for e in status.get("history") or []
+    ):
+        return True
+    return any(
+        revision in (w.get("revisions") or [])
+        for w in status.get("withdrawals") or []
+        if isinstance(w, dict)
+    )
+
+
+def _other_revision(status: JSON, parent: JSON) -> bool:
+    """The parent names a revision number whose recorded digest is another: a revision of an
+    earlier composite of the same name."""
+    number, digest = parent.get("revision"), parent.get("digest")
+    entries = [*(status.get("history") or []), status.get("current") or {}]
+    return any(
+        e.get("revision") == number and e.get("digest") not in (None, digest) for e in entries
     )
 
 
@@ -55,6 +73,8 @@ def refusal(composite: Obj, c: JSON) -> str | None:
     meta, spec = composite["metadata"], composite.get("spec") or {}
     status = composite.get("status") or {}
     if parent.get("composite") != f"{meta['namespace']}/{meta['name']}":
+        return IR.PARENT_ELSEWHERE
+    if _other_revision(status, parent):
         return IR.PARENT_ELSEWHERE
     if (spec.get("strategy") or {}).get("type") == "mixture":
         return IR.PARENT_IS_MIXTURE

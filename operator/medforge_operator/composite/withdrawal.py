@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from medforge_common.api import RevisionState
+from medforge_common.api import InputReason, RevisionState
 from medforge_common.api import WithdrawalReason as WR
 
 JSON = dict[str, Any]
@@ -25,6 +25,7 @@ ERASING = "Erasing"  # nothing served needs the input's files: erased after the 
 ERASED = "Erased"
 DEFAULT_RETENTION = "0s"
 DEFAULT_DEADLINE = "1h"
+PARENT_WITHDRAWN = InputReason.PARENT_WITHDRAWN.value
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -264,6 +265,10 @@ def withdraw(status: JSON, gone: list[Departure], at: str, cascade: bool = True)
         for w in _records(status)
     ]
     changes["withdrawals"] = [*new_records, *older][:RECORDS_KEPT]
+    if cascaded:  # recorded, so that they stay out when the history no longer shows why
+        changes["excluded"] = dict(status.get("excluded") or {}) | {
+            str(i["digest"]): PARENT_WITHDRAWN for i in cascaded
+        }
     return Withdrawal(changes, cancel, cascaded)
 
 
