@@ -59,7 +59,7 @@ def test_a_hospital_branches_from_the_latest_revision(
     assert not cluster.kubectl("get", "jobs", "-n", lab, "-o", "name").stdout.strip()
     for name, start_, why in (
         ("far", {"composite": f"{ns}/forge", "revision": 9}, "ParentNotFound"),
-        ("none", {"composite": f"{ns}/nothing"}, "ParentNotFound"),
+        ("none", {"composite": f"{ns}/nothing"}, "ParentNotPublished"),
     ):
         cluster.apply(lab, contribution(name, base, task="colon", startFrom=start_, sharing=shared))
         reason(cluster, lab, name, why)
