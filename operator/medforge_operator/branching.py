@@ -58,7 +58,6 @@ class Parent:
     uid: str
     revision: int
     digest: str
-    files: tuple[str, ...]
 
     def record(self) -> JSON:
         """status.startFrom, and the manifest's meta.parent the trainer must write."""
@@ -73,7 +72,7 @@ class Parent:
 
     def given(self) -> list[str]:
         """The files a training Job reads: the manifest and the merged update."""
-        return [MANIFEST_FILE, *[f for f in self.files if f == ADAPTER_FILE]]
+        return [MANIFEST_FILE, ADAPTER_FILE]
 
     def plan(self, bucket: str) -> JSON:
         """The training plan's startFrom (store URIs, signed inside the training grant)."""
@@ -189,7 +188,7 @@ def resolve(
         )
     meta = composite["metadata"]
     return Parent(
-        meta["namespace"], meta["name"], meta["uid"], int(entry["revision"]), entry["digest"], files
+        meta["namespace"], meta["name"], meta["uid"], int(entry["revision"]), entry["digest"]
     )
 
 

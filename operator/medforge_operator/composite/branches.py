@@ -3,7 +3,6 @@ medforge_operator.branching): which it merges, relative to which revision, and h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from medforge_common.api import InputReason as IR
@@ -98,12 +97,3 @@ def merge_entry(status: JSON, c: JSON) -> JSON | None:
         "digest": str(parent.get("digest", "")),
         "stale": staleness(status, revision),
     }
-
-
-def branches_of(inputs: Iterable[JSON], revisions: set[int]) -> list[JSON]:
-    """The inputs (status.current.inputs entries) trained from one of `revisions`."""
-    return [
-        i
-        for i in inputs
-        if isinstance(i.get("parent"), dict) and i["parent"].get("revision") in revisions
-    ]

@@ -25,7 +25,6 @@ ERASING = "Erasing"  # nothing served needs the input's files: erased after the 
 ERASED = "Erased"
 DEFAULT_RETENTION = "0s"
 DEFAULT_DEADLINE = "1h"
-PARENT_WITHDRAWN = InputReason.PARENT_WITHDRAWN.value
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -267,7 +266,7 @@ def withdraw(status: JSON, gone: list[Departure], at: str, cascade: bool = True)
     changes["withdrawals"] = [*new_records, *older][:RECORDS_KEPT]
     if cascaded:  # recorded, so that they stay out when the history no longer shows why
         changes["excluded"] = dict(status.get("excluded") or {}) | {
-            str(i["digest"]): PARENT_WITHDRAWN for i in cascaded
+            str(i["digest"]): InputReason.PARENT_WITHDRAWN for i in cascaded
         }
     return Withdrawal(changes, cancel, cascaded)
 
